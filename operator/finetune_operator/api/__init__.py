@@ -1,0 +1,1 @@
+"""The FineTuneJob API: typed models, the CRD generated from them, and manifest validation."""

@@ -1,0 +1,1262 @@
+"""FineTuneJob, API version ``finetune.io/v1alpha1``: the one typed definition of the API.
+
+The CRD schema (``finetune crd``), ``finetune validate``, the operator and the trainer configuration
+all derive from these models. Every field carries a description (shown by ``kubectl explain``),
+a default where one is sensible, and bounds. Cross-field rules are :class:`~.base.Rule` objects,
+enforced both by the API server (CEL) and in Python.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, ConfigDict, Field
+
+from .base import Rule, SpecModel
+
+GROUP = "finetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+CATEGORIES = ["finetune"]
+
+#: Longest FineTuneJob name: children are named after the job plus a suffix (e.g. ``-workers``) and
+#: pod hostnames ``<name>-workers-<index>`` must stay within a 63-character DNS label.
+MAX_NAME_LENGTH = 50
+
+# --------------------------------------------------------------------------------------------------
+# Reusable constrained types
+# --------------------------------------------------------------------------------------------------
+
+_SCHEMES = "s3|gs|gcs|az|abfs|abfss|file"
+#: Object storage or filesystem location: ``s3://bucket/key``, ``gs://…``, ``az://…``, ``file:///p``,
+#: or an absolute path (a mounted volume).
+STORAGE_URI_PATTERN = rf"^(({_SCHEMES})://[^\s/][^\s]*|/[^\s]*)$"
+#: Data may also be a path relative to the manifest (``finetune run``) or the image's working dir.
+DATA_URI_PATTERN = rf"^(({_SCHEMES})://[^\s/][^\s]*|/[^\s]*|\.{{0,2}}/?[A-Za-z0-9_][^\s:]*)$"
+#: A model: a storage location, a Hugging Face Hub id (``org/name`` or ``name``), a local path, or
+#: ``pkg://<python-package>`` for model files shipped inside an installed Python package.
+MODEL_URI_PATTERN = rf"^(({_SCHEMES}|pkg)://[^\s/][^\s]*|/[^\s]*|\.{{0,2}}/?[A-Za-z0-9_][^\s:]*)$"
+#: A resource quantity, as in Kubernetes (``500m``, ``4``, ``16Gi``).
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+#: Human wording of the patterns above, used in error messages instead of the regular expression.
+PATTERN_HINTS = {
+    STORAGE_URI_PATTERN: "must be s3://, gs://, az://, file:// or an absolute path",
+    DATA_URI_PATTERN: "must be a path, file://, s3://, gs:// or az://",
+    MODEL_URI_PATTERN: "must be a Hub id (org/name), s3://, gs://, az://, file://, pkg:// or a path",
+    QUANTITY_PATTERN: "must be a Kubernetes quantity such as 4, 500m or 16Gi",
+    DNS_SUBDOMAIN_PATTERN: "must be a lower-case DNS subdomain name",
+    DNS_LABEL_PATTERN: "must be a DNS label: lower case letters, digits and '-', starting with a letter",
+    ENV_NAME_PATTERN: "must be a valid environment variable name",
+}
+
+StorageUri = Annotated[str, Field(pattern=STORAGE_URI_PATTERN, max_length=2048)]
+DataUri = Annotated[str, Field(pattern=DATA_URI_PATTERN, max_length=2048)]
+ModelUri = Annotated[str, Field(pattern=MODEL_URI_PATTERN, max_length=2048)]
+KubeName = Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
+ModuleName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\s]+$")]
+
+
+def _check_quantity(value: int | str) -> str:
+    return str(value)
+
+
+#: A Kubernetes resource quantity. Written as a number or a string (``4``, ``"500m"``, ``"16Gi"``).
+Quantity = Annotated[
+    int | Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)],
+    AfterValidator(_check_quantity),
+]
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.model
+# --------------------------------------------------------------------------------------------------
+
+
+class ModelSpec(SpecModel):
+    """The pretrained model to start from, and how to load it."""
+
+    uri: ModelUri = Field(
+        description=(
+            "Where the base model comes from: a Hugging Face Hub id (`org/name`), an object-storage "
+            "prefix (`s3://`, `gs://`, `az://`), `file://` or a mounted path, or `pkg://<package>` for "
+            "model files shipped inside an installed Python package."
+        ),
+    )
+    revision: str | None = Field(
+        default=None,
+        max_length=255,
+        pattern=r"^[^\s]+$",
+        description="Hub revision (branch, tag or commit sha). Only used for Hub ids.",
+    )
+    gguf_file: str | None = Field(
+        default=None,
+        max_length=255,
+        pattern=r"^[^\s/][^\s]*\.gguf$",
+        description="Name of a GGUF file inside `uri`; the weights are dequantized at load time.",
+    )
+    dtype: Precision = Field(
+        default="auto",
+        description="Data type the weights are loaded in. `auto` keeps the checkpoint's own dtype.",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Allow the model repository to run its own Python code. Leave off unless you trust it.",
+    )
+    attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        default="auto",
+        description="Attention implementation. `auto` picks the fastest one the hardware supports.",
+    )
+    add_tokens: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list,
+        max_length=1024,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description=(
+            "Tokens to add to the tokenizer. The embedding matrix is resized and the new rows are "
+            "trained, also under PEFT methods."
+        ),
+    )
+    chat_template: str | None = Field(
+        default=None,
+        max_length=65536,
+        description="A Jinja chat template that replaces the tokenizer's own (used by the `chat` format).",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.task
+# --------------------------------------------------------------------------------------------------
+
+
+class ClassificationParams(SpecModel):
+    """Parameters of sequence classification."""
+
+    num_labels: int = Field(ge=2, le=100000, description="Number of classes.")
+    labels: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        default=None,
+        max_length=100000,
+        description="Class names, in label-id order. The label column may hold these names or ids.",
+    )
+    multi_label: bool = Field(
+        default=False, description="Each example may belong to several classes (sigmoid + BCE loss)."
+    )
+    class_weights: list[Annotated[float, Field(gt=0, le=1e6)]] | None = Field(
+        default=None,
+        max_length=100000,
+        description="Per-class loss weights, in label-id order, to counter class imbalance.",
+    )
+    balance_class_weights: bool = Field(
+        default=False,
+        description="Weight each class by the inverse of its frequency in the training data.",
+    )
+    resampling: Literal["none", "oversample", "undersample"] = Field(
+        default="none",
+        description="Resample the training data so classes are seen equally often.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.classWeights) || size(self.classWeights) == self.numLabels",
+            message="spec.task.classification.classWeights must have numLabels entries",
+            check=lambda m: m.class_weights is None or len(m.class_weights) == m.num_labels,
+            field=".classWeights",
+        ),
+        Rule(
+            cel="!has(self.labels) || size(self.labels) == self.numLabels",
+            message="spec.task.classification.labels must have numLabels entries",
+            check=lambda m: m.labels is None or len(m.labels) == m.num_labels,
+            field=".labels",
+        ),
+        Rule(
+            cel="!(has(self.classWeights) && self.balanceClassWeights)",
+            message=("spec.task.classification.balanceClassWeights and classWeights are mutually exclusive"),
+            check=lambda m: not (m.class_weights is not None and m.balance_class_weights),
+            field=".balanceClassWeights",
+        ),
+    )
+
+
+class QAParams(SpecModel):
+    """Parameters of extractive question answering (answer spans in a context)."""
+
+    doc_stride: int = Field(
+        default=128, ge=0, le=8192, description="Overlap, in tokens, between windows of a long context."
+    )
+    max_answer_length: int = Field(default=30, ge=1, le=4096, description="Longest answer span considered, in tokens.")
+
+
+class DPOParams(SpecModel):
+    """Parameters of Direct Preference Optimization."""
+
+    beta: float = Field(default=0.1, gt=0, le=100, description="Strength of the implicit KL penalty to the reference.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(default="sigmoid", description="DPO loss variant.")
+    reference_model: ModelUri | None = Field(
+        default=None,
+        description="Reference model. Default: the base model (for PEFT methods, the adapter disabled).",
+    )
+
+
+class RewardParams(SpecModel):
+    """Parameters of reward-model training on preference pairs."""
+
+    center_rewards_coefficient: float | None = Field(
+        default=None, ge=0, le=100, description="Weight of a penalty that keeps rewards centred on zero."
+    )
+
+
+class RLParams(SpecModel):
+    """Parameters of online reinforcement learning against a reward model."""
+
+    algorithm: Literal["ppo", "grpo", "rloo"] = Field(default="grpo", description="Online RL algorithm.")
+    reward_model: ModelUri = Field(description="The reward model that scores generated completions.")
+    num_generations: int = Field(
+        default=4, ge=1, le=256, description="Completions sampled per prompt (GRPO/RLOO group size)."
+    )
+    max_new_tokens: int = Field(default=128, ge=1, le=32768, description="Longest generated completion, in tokens.")
+    temperature: float = Field(default=1.0, gt=0, le=10, description="Sampling temperature.")
+    kl_coef: float = Field(default=0.04, ge=0, le=100, description="Weight of the KL penalty to the reference policy.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.algorithm == 'ppo' || self.numGenerations >= 2",
+            message="spec.task.rl.numGenerations must be at least 2 for grpo and rloo",
+            check=lambda m: m.algorithm == "ppo" or m.num_generations >= 2,
+            field=".numGenerations",
+        ),
+    )
+
+
+class DistillParams(SpecModel):
+    """Parameters of knowledge distillation from a teacher model."""
+
+    teacher: ModelUri = Field(description="The teacher model (same tokenizer as the student).")
+    temperature: float = Field(
+        default=2.0, gt=0, le=100, description="Softmax temperature of teacher and student logits."
+    )
+    alpha: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Weight of the distillation loss; 1 - alpha weighs the ordinary label loss.",
+    )
+
+
+TaskType = Literal["sft", "pretrain", "classification", "qa", "reward", "dpo", "rl", "distill"]
+CAUSAL_LM_TASKS = ("sft", "pretrain")
+
+
+def _params_only_for(task: str, field: str) -> Rule:
+    return Rule(
+        cel=f"!has(self.{field}) || self.type == '{task}'",
+        message=f"spec.task.{field} is only allowed when spec.task.type is {task}",
+        check=lambda m: getattr(m, _snake(field)) is None or m.type == task,
+        field=f".{field}",
+    )
+
+
+def _params_required_for(task: str, field: str) -> Rule:
+    return Rule(
+        cel=f"self.type != '{task}' || has(self.{field})",
+        message=f"spec.task.{field} is required when spec.task.type is {task}",
+        check=lambda m: m.type != task or getattr(m, _snake(field)) is not None,
+        field=".type",
+    )
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+class TaskSpec(SpecModel):
+    """What the model learns: the training objective and its parameters."""
+
+    type: TaskType = Field(
+        default="sft",
+        description=(
+            "Training objective: `sft` (supervised fine-tuning), `pretrain` (continual pre-training on "
+            "raw text), `classification`, `qa` (extractive question answering), `reward` (reward "
+            "model), `dpo`, `rl` (online RL against a reward model) or `distill`."
+        ),
+    )
+    classification: ClassificationParams | None = Field(
+        default=None, description="Classification parameters; required for `classification`."
+    )
+    qa: QAParams | None = Field(default=None, description="Extractive QA parameters.")
+    dpo: DPOParams | None = Field(default=None, description="DPO parameters.")
+    reward: RewardParams | None = Field(default=None, description="Reward-model parameters.")
+    rl: RLParams | None = Field(default=None, description="Online RL parameters; required for `rl`.")
+    distill: DistillParams | None = Field(default=None, description="Distillation parameters; required for `distill`.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        _params_required_for("classification", "classification"),
+        _params_required_for("rl", "rl"),
+        _params_required_for("distill", "distill"),
+        _params_only_for("classification", "classification"),
+        _params_only_for("qa", "qa"),
+        _params_only_for("dpo", "dpo"),
+        _params_only_for("reward", "reward"),
+        _params_only_for("rl", "rl"),
+        _params_only_for("distill", "distill"),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.method
+# --------------------------------------------------------------------------------------------------
+
+
+class LoRAParams(SpecModel):
+    """Low-rank adapter parameters, shared by `lora`, `qlora` and `adalora`."""
+
+    r: int = Field(default=16, ge=1, le=4096, description="Rank of the update matrices.")
+    alpha: float = Field(default=32, gt=0, le=65536, description="Scaling numerator (update * alpha / r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[ModuleName] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=256,
+        description=(
+            "Module names (or suffixes) to adapt, e.g. `q_proj`, `v_proj`; `all-linear` adapts every "
+            "linear layer except the output head."
+        ),
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases are trained.")
+    use_rslora: bool = Field(default=False, description="Rank-stabilised scaling (alpha / sqrt(r)).")
+    use_dora: bool = Field(default=False, description="Weight-decomposed LoRA (DoRA).")
+    modules_to_save: list[ModuleName] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Modules trained in full and saved with the adapter (e.g. a classification head).",
+    )
+
+
+class QuantizationParams(SpecModel):
+    """4-bit quantization of the frozen base model (QLoRA)."""
+
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
+    double_quant: bool = Field(
+        default=True, description="Quantize the quantization constants too (saves ~0.4 bit/param)."
+    )
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16", description="Data type the 4-bit weights are dequantized to for matmuls."
+    )
+
+
+class PrefixParams(SpecModel):
+    """Prefix tuning: trained key/value prefixes in every attention layer."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1, le=4096, description="Length of the prefix.")
+    projection: bool = Field(
+        default=False, description="Reparameterize the prefix through an MLP (more stable, more memory)."
+    )
+
+
+class PromptParams(SpecModel):
+    """Prompt tuning: trained soft-prompt embeddings prepended to the input."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1, le=4096, description="Length of the soft prompt.")
+    init_text: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="Initialize the soft prompt from the embeddings of this text instead of randomly.",
+    )
+
+
+class IA3Params(SpecModel):
+    """(IA)³: trained rescaling vectors on attention and feed-forward activations."""
+
+    target_modules: list[ModuleName] | None = Field(
+        default=None,
+        max_length=256,
+        description="Modules to rescale. Default: the model family's key, value and down projections.",
+    )
+    feedforward_modules: list[ModuleName] | None = Field(
+        default=None,
+        max_length=256,
+        description="Which of `targetModules` are feed-forward layers (scaled on their input).",
+    )
+
+
+class AdaLoRAParams(SpecModel):
+    """AdaLoRA: LoRA whose rank budget is reallocated during training by importance."""
+
+    init_r: int = Field(default=12, ge=1, le=4096, description="Initial rank of every adapted matrix.")
+    target_r: int = Field(default=8, ge=1, le=4096, description="Average rank after budget pruning.")
+    tinit: int = Field(default=0, ge=0, description="Warm-up steps before the budget starts to shrink.")
+    tfinal: int = Field(default=0, ge=0, description="Final steps trained at the target budget.")
+    delta_t: int = Field(default=1, ge=1, description="Steps between two budget reallocations.")
+    beta1: float = Field(default=0.85, gt=0, lt=1, description="EMA factor of importance sensitivity.")
+    beta2: float = Field(default=0.85, gt=0, lt=1, description="EMA factor of importance uncertainty.")
+    orth_reg_weight: float = Field(default=0.5, ge=0, le=100, description="Weight of the orthogonality regularizer.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.targetR <= self.initR",
+            message="spec.method.adalora.targetR must not exceed initR",
+            check=lambda m: m.target_r <= m.init_r,
+            field=".targetR",
+        ),
+    )
+
+
+class FreezeSpec(SpecModel):
+    """Partial fine-tuning: train only part of the network (method `full`)."""
+
+    head_only: bool = Field(default=False, description="Train only the output head.")
+    last_layers: int | None = Field(
+        default=None,
+        ge=1,
+        le=10000,
+        description="Train only the last N transformer blocks, plus the final norm and the head.",
+    )
+    patterns: list[Annotated[str, Field(min_length=1, max_length=512)]] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Regular expressions; parameters whose names match are frozen.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!(self.headOnly && has(self.lastLayers))",
+            message="spec.method.freeze.headOnly and lastLayers are mutually exclusive",
+            check=lambda m: not (m.head_only and m.last_layers is not None),
+            field=".lastLayers",
+        ),
+    )
+
+
+MethodType = Literal["full", "lora", "qlora", "prefix", "prompt", "ia3", "adalora"]
+PEFT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3", "adalora")
+
+
+def _method_params_only_for(methods: tuple[str, ...], field: str) -> Rule:
+    listed = ", ".join(methods)
+    cel_methods = ", ".join(f"'{m}'" for m in methods)
+    return Rule(
+        cel=f"!has(self.{field}) || self.type in [{cel_methods}]",
+        message=f"spec.method.{field} is only allowed when spec.method.type is one of: {listed}",
+        check=lambda m: getattr(m, _snake(field)) is None or m.type in methods,
+        field=f".{field}",
+    )
+
+
+class MethodSpec(SpecModel):
+    """Which parameters are trained: the full model, part of it, or a parameter-efficient adapter."""
+
+    type: MethodType = Field(
+        default="lora",
+        description=(
+            "`full` (all parameters, or those left by `freeze`), `lora`, `qlora` (LoRA on a 4-bit "
+            "base), `prefix`, `prompt`, `ia3` or `adalora`."
+        ),
+    )
+    lora: LoRAParams = Field(
+        default_factory=LoRAParams,
+        description="Adapter parameters of `lora`, `qlora` and `adalora` (ignored by other methods).",
+    )
+    quantization: QuantizationParams | None = Field(
+        default=None, description="4-bit quantization of the base model (`qlora`; defaults apply)."
+    )
+    prefix: PrefixParams | None = Field(default=None, description="Prefix-tuning parameters.")
+    prompt: PromptParams | None = Field(default=None, description="Prompt-tuning parameters.")
+    ia3: IA3Params | None = Field(default=None, description="(IA)³ parameters.")
+    adalora: AdaLoRAParams | None = Field(default=None, description="AdaLoRA budget schedule.")
+    freeze: FreezeSpec | None = Field(default=None, description="Train only part of the network (method `full` only).")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        _method_params_only_for(("qlora",), "quantization"),
+        _method_params_only_for(("prefix",), "prefix"),
+        _method_params_only_for(("prompt",), "prompt"),
+        _method_params_only_for(("ia3",), "ia3"),
+        _method_params_only_for(("adalora",), "adalora"),
+        _method_params_only_for(("full",), "freeze"),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.data
+# --------------------------------------------------------------------------------------------------
+
+
+class DataSource(SpecModel):
+    """A dataset file or directory of files."""
+
+    uri: DataUri = Field(
+        description=(
+            "File or directory: a local path (relative paths resolve against the manifest's directory "
+            "in `finetune run`), `file://`, `s3://`, `gs://` or `az://`."
+        ),
+    )
+    file_type: Literal["auto", "jsonl", "json", "parquet", "csv"] = Field(
+        default="auto", description="File type; `auto` decides by file extension."
+    )
+    max_samples: int | None = Field(default=None, ge=1, description="Use at most this many records (the first ones).")
+
+
+class ColumnMapping(SpecModel):
+    """Names of the dataset columns each format reads."""
+
+    prompt: str = Field(default="prompt", max_length=256, description="Prompt (promptCompletion, rl).")
+    completion: str = Field(default="completion", max_length=256, description="Completion (promptCompletion).")
+    messages: str = Field(
+        default="messages",
+        max_length=256,
+        description="List of {role, content} messages (chat).",
+    )
+    text: str = Field(default="text", max_length=256, description="Raw text (text, classification).")
+    label: str = Field(default="label", max_length=256, description="Class label (classification).")
+    question: str = Field(default="question", max_length=256, description="Question (qa).")
+    context: str = Field(default="context", max_length=256, description="Context passage (qa).")
+    answers: str = Field(
+        default="answers",
+        max_length=256,
+        description="Answers as {text: [...], answer_start: [...]} (qa).",
+    )
+    chosen: str = Field(default="chosen", max_length=256, description="Preferred response (preference).")
+    rejected: str = Field(default="rejected", max_length=256, description="Dispreferred response (preference).")
+
+
+DataFormat = Literal["promptCompletion", "chat", "text", "classification", "qa", "preference"]
+
+
+class DataSpec(SpecModel):
+    """Training and evaluation data, and how it is turned into token sequences."""
+
+    train: DataSource = Field(description="Training data.")
+    eval: DataSource | None = Field(default=None, description="Evaluation data (held out).")
+    eval_split: float = Field(
+        default=0.0,
+        ge=0,
+        le=0.5,
+        description="Fraction of the training data held out for evaluation when `eval` is not given.",
+    )
+    format: DataFormat = Field(
+        default="promptCompletion",
+        description=(
+            "Record format: `promptCompletion`, `chat` (multi-turn messages, rendered with the chat "
+            "template), `text` (raw text, packed into blocks), `classification`, `qa` or `preference` "
+            "(prompt, chosen, rejected)."
+        ),
+    )
+    columns: ColumnMapping = Field(
+        default_factory=ColumnMapping, description="Column names, when they differ from the defaults."
+    )
+    system_prompt: str | None = Field(
+        default=None,
+        max_length=65536,
+        description="System message prepended to chat conversations that have none.",
+    )
+    max_seq_length: int = Field(
+        default=1024, ge=16, le=1048576, description="Longest token sequence; longer ones are truncated."
+    )
+    packing: bool = Field(
+        default=False,
+        description=(
+            "Pack several samples into each sequence of maxSeqLength tokens; attention does not cross "
+            "sample boundaries."
+        ),
+    )
+    completion_only_loss: bool = Field(
+        default=True,
+        description="Compute the loss only on completion / assistant tokens, not on prompts.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!(has(self.eval) && self.evalSplit > 0.0)",
+            message="spec.data.eval and spec.data.evalSplit are mutually exclusive",
+            check=lambda m: not (m.eval is not None and m.eval_split > 0),
+            field=".evalSplit",
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.training
+# --------------------------------------------------------------------------------------------------
+
+EvalMetric = Literal["loss", "perplexity", "accuracy", "f1", "exactMatch"]
+
+
+def _default_eval_metrics() -> list[EvalMetric]:
+    return ["loss", "perplexity"]
+
+
+class EvaluationSpec(SpecModel):
+    """Periodic evaluation on the eval data."""
+
+    every_steps: int | None = Field(
+        default=None, ge=1, description="Evaluate every N optimizer steps (and at the end)."
+    )
+    metrics: list[EvalMetric] = Field(
+        default_factory=_default_eval_metrics,
+        min_length=1,
+        max_length=8,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Metrics to compute; accuracy/f1 need classification, exactMatch needs qa.",
+    )
+
+
+class EarlyStoppingSpec(SpecModel):
+    """Stop when an evaluation metric stops improving."""
+
+    metric: Literal["evalLoss", "perplexity", "accuracy", "f1", "exactMatch"] = Field(
+        default="evalLoss", description="Metric watched."
+    )
+    mode: Literal["min", "max"] = Field(default="min", description="Whether lower or higher is better.")
+    patience: int = Field(default=3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
+    threshold: float = Field(default=0.0, ge=0, description="Smallest change that counts as an improvement.")
+
+
+class EWCSpec(SpecModel):
+    """Elastic weight consolidation: penalize moving weights the base model's task relied on."""
+
+    strength: float = Field(gt=0, le=1e9, description="EWC λ: weight of the Fisher-weighted penalty.")
+    fisher_samples: int = Field(
+        default=256, ge=1, le=1000000, description="Samples used to estimate the Fisher information."
+    )
+    fisher_data: DataSource | None = Field(
+        default=None,
+        description="Data for the Fisher estimate (general text). Default: the replay data, else train.",
+    )
+
+
+class ReplaySpec(SpecModel):
+    """Experience replay: mix general data into training to limit forgetting."""
+
+    source: DataSource = Field(description="General-domain data to replay.")
+    ratio: float = Field(default=0.1, gt=0, lt=1, description="Fraction of each batch drawn from the replay data.")
+
+
+class ForgettingSpec(SpecModel):
+    """Controls against catastrophic forgetting of the base model's abilities."""
+
+    ewc: EWCSpec | None = Field(default=None, description="Elastic weight consolidation.")
+    replay: ReplaySpec | None = Field(default=None, description="Replay of general data.")
+    general_eval: DataSource | None = Field(
+        default=None,
+        description="General text whose perplexity is reported before and after training.",
+    )
+
+
+class TrainingSpec(SpecModel):
+    """Optimization hyperparameters."""
+
+    epochs: float | None = Field(
+        default=None, gt=0, le=10000, description="Passes over the training data (xor maxSteps)."
+    )
+    max_steps: int | None = Field(
+        default=None, ge=1, le=100000000, description="Optimizer steps to train (xor epochs)."
+    )
+    learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        default="cosine", description="Learning-rate schedule after warm-up."
+    )
+    warmup_steps: int | None = Field(default=None, ge=0, description="Linear warm-up steps (xor warmupRatio).")
+    warmup_ratio: float | None = Field(
+        default=None, ge=0, le=1, description="Warm-up as a fraction of all steps (xor warmupSteps)."
+    )
+    per_device_batch_size: int = Field(default=4, ge=1, le=65536, description="Sequences per device per forward pass.")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=65536, description="Forward passes accumulated per optimizer step."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass to save memory."
+    )
+    precision: Precision = Field(
+        default="auto",
+        description="Mixed-precision mode. `auto`: bf16 where the accelerator supports it, else fp32.",
+    )
+    weight_decay: float = Field(default=0.0, ge=0, le=10, description="Decoupled weight decay.")
+    dropout: float | None = Field(default=None, ge=0, lt=1, description="Override the model's dropout probabilities.")
+    max_grad_norm: float = Field(
+        default=1.0, ge=0, le=1e6, description="Clip the global gradient norm (0 disables clipping)."
+    )
+    optimizer: Literal["adamw", "adamw8bit", "pagedAdamw8bit", "pagedAdamw32bit", "adafactor", "sgd"] = Field(
+        default="adamw", description="Optimizer. Paged and 8-bit variants need CUDA."
+    )
+    seed: int = Field(default=42, ge=0, le=4294967295, description="Seed of every random generator.")
+    log_every_steps: int = Field(default=10, ge=1, le=1000000, description="Report loss and throughput every N steps.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Periodic evaluation.")
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default=None, description="Stop when the watched metric stops improving; the best model is kept."
+    )
+    forgetting: ForgettingSpec | None = Field(
+        default=None, description="Controls against catastrophic forgetting (EWC, replay)."
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="has(self.epochs) != has(self.maxSteps)",
+            message="exactly one of spec.training.epochs or spec.training.maxSteps must be set",
+            check=lambda m: (m.epochs is None) != (m.max_steps is None),
+            field=".maxSteps",
+        ),
+        Rule(
+            cel="!(has(self.warmupSteps) && has(self.warmupRatio))",
+            message="spec.training.warmupSteps and spec.training.warmupRatio are mutually exclusive",
+            check=lambda m: not (m.warmup_steps is not None and m.warmup_ratio is not None),
+            field=".warmupRatio",
+        ),
+        Rule(
+            cel="!has(self.earlyStopping) || has(self.evaluation.everySteps)",
+            message="spec.training.earlyStopping needs spec.training.evaluation.everySteps",
+            check=lambda m: m.early_stopping is None or m.evaluation.every_steps is not None,
+            field=".earlyStopping",
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.distributed
+# --------------------------------------------------------------------------------------------------
+
+
+class ConfigMapKeyRef(SpecModel):
+    """A key of a ConfigMap in the job's namespace."""
+
+    name: KubeName = Field(description="ConfigMap name.")
+    key: str = Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key within the ConfigMap.")
+
+
+class DeepSpeedSpec(SpecModel):
+    """DeepSpeed ZeRO: shard optimizer state, gradients and parameters across ranks."""
+
+    zero_stage: int = Field(
+        default=2, ge=0, le=3, description="ZeRO stage: 1 optimizer state, 2 + gradients, 3 + parameters."
+    )
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        default="none", description="Keep optimizer state in host memory."
+    )
+    offload_params: Literal["none", "cpu"] = Field(
+        default="none", description="Keep parameters in host memory (ZeRO-3 only)."
+    )
+    config: ConfigMapKeyRef | None = Field(
+        default=None,
+        description=(
+            "A complete DeepSpeed JSON config to use instead of the generated one (`auto` values are "
+            "filled from the spec)."
+        ),
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.offloadParams == 'none' || self.zeroStage == 3",
+            message="spec.distributed.deepspeed.offloadParams needs zeroStage 3",
+            check=lambda m: m.offload_params == "none" or m.zero_stage == 3,
+            field=".offloadParams",
+        ),
+        Rule(
+            cel="self.offloadOptimizer == 'none' || self.zeroStage >= 1",
+            message="spec.distributed.deepspeed.offloadOptimizer needs zeroStage 1 or higher",
+            check=lambda m: m.offload_optimizer == "none" or m.zero_stage >= 1,
+            field=".offloadOptimizer",
+        ),
+    )
+
+
+class DistributedSpec(SpecModel):
+    """How training is spread over nodes and processes."""
+
+    nodes: int = Field(default=1, ge=1, le=4096, description="Number of nodes (pods) in the gang.")
+    procs_per_node: int | Literal["auto"] = Field(
+        default="auto",
+        description="Training processes per node; `auto` = resources.gpusPerNode (1 on CPU).",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        default="auto", description="Collective backend; `auto` = nccl with GPUs, gloo without."
+    )
+    rendezvous_port: int = Field(
+        default=29500, ge=1024, le=65535, description="Port of the torchrun rendezvous on node 0."
+    )
+    deepspeed: DeepSpeedSpec | None = Field(default=None, description="Enable DeepSpeed ZeRO.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="type(self.procsPerNode) == string ? self.procsPerNode == 'auto' : "
+            "(self.procsPerNode >= 1 && self.procsPerNode <= 1024)",
+            message="spec.distributed.procsPerNode must be 'auto' or an integer from 1 to 1024",
+            check=lambda m: m.procs_per_node == "auto" or 1 <= int(m.procs_per_node) <= 1024,
+            field=".procsPerNode",
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.resources
+# --------------------------------------------------------------------------------------------------
+
+
+class Toleration(SpecModel):
+    """A pod toleration, as in the Kubernetes core API."""
+
+    key: str | None = Field(default=None, max_length=316, description="Taint key; empty matches all.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Match operator.")
+    value: str | None = Field(default=None, max_length=63, description="Taint value (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated before eviction."
+    )
+
+
+class LocalObjectReference(SpecModel):
+    """A reference to an object in the same namespace."""
+
+    name: KubeName = Field(description="Name of the object.")
+
+
+class SecretKeySelector(SpecModel):
+    """A key of a Secret in the job's namespace."""
+
+    name: KubeName = Field(description="Secret name.")
+    key: str = Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key within the Secret.")
+
+
+class EnvVarSource(SpecModel):
+    """Where an environment variable's value comes from."""
+
+    secret_key_ref: SecretKeySelector | None = Field(default=None, description="A key of a Secret.")
+    config_map_key_ref: ConfigMapKeyRef | None = Field(default=None, description="A key of a ConfigMap.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="has(self.secretKeyRef) != has(self.configMapKeyRef)",
+            message="spec.resources.env[].valueFrom needs exactly one of secretKeyRef or configMapKeyRef",
+            check=lambda m: (m.secret_key_ref is None) != (m.config_map_key_ref is None),
+        ),
+    )
+
+
+class EnvVar(SpecModel):
+    """An extra environment variable for the trainer container."""
+
+    name: str = Field(max_length=256, pattern=ENV_NAME_PATTERN, description="Variable name.")
+    value: str | None = Field(default=None, max_length=32768, description="Literal value.")
+    value_from: EnvVarSource | None = Field(default=None, description="Value read from a Secret or ConfigMap.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!(has(self.value) && has(self.valueFrom))",
+            message="spec.resources.env[].value and valueFrom are mutually exclusive",
+            check=lambda m: not (m.value is not None and m.value_from is not None),
+            field=".valueFrom",
+        ),
+    )
+
+
+class ResourcesSpec(SpecModel):
+    """Compute resources and scheduling of each node's pod."""
+
+    gpus_per_node: int = Field(default=1, ge=0, le=64, description="Accelerators requested per node.")
+    gpu_resource_name: str = Field(
+        default="nvidia.com/gpu",
+        max_length=253,
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$",
+        description="Extended resource name of the accelerator.",
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit per node, e.g. `8`.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit per node, e.g. `64Gi`.")
+    shared_memory: Quantity = Field(
+        default="2Gi",
+        description="Size of the memory-backed /dev/shm volume used by the collective backend and loaders.",
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Node labels the pods must match.",
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Taints the pods tolerate.")
+    affinity: dict[str, Any] | None = Field(
+        default=None,
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description=(
+            "Pod affinity, in the Kubernetes core API's form; passed verbatim to the pod template, "
+            "where the API server validates it (its schema is too deep to repeat here)."
+        ),
+    )
+    priority_class_name: KubeName | None = Field(default=None, description="PriorityClass of the pods.")
+    image: str | None = Field(
+        default=None,
+        max_length=1024,
+        pattern=r"^[^\s]+$",
+        description="Trainer image override. Default: the image the operator was configured with.",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Image pull policy."
+    )
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, max_length=16, description="Secrets for pulling the image."
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list, max_length=256, description="Extra environment variables for the trainer."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.checkpoint, spec.output, spec.metrics, spec.runPolicy
+# --------------------------------------------------------------------------------------------------
+
+
+class CredentialsRef(SpecModel):
+    """A Secret holding object-storage credentials, injected as environment variables."""
+
+    name: KubeName = Field(description="Secret name, in the job's namespace.")
+    access_key_id_key: str = Field(
+        default="AWS_ACCESS_KEY_ID", max_length=253, description="Key holding the access key id."
+    )
+    secret_access_key_key: str = Field(
+        default="AWS_SECRET_ACCESS_KEY", max_length=253, description="Key holding the secret key."
+    )
+    session_token_key: str | None = Field(
+        default=None, max_length=253, description="Key holding a session token, if any."
+    )
+
+
+class CheckpointSpec(SpecModel):
+    """Durable checkpoints and automatic resume."""
+
+    uri: StorageUri | None = Field(
+        default=None,
+        description=(
+            "Checkpoint root (`s3://`, `gs://`, `az://`, `file://` or a mounted path); checkpoints go "
+            "to `<uri>/<namespace>/<job>/checkpoint-<step>/`. Without it there is no resume."
+        ),
+    )
+    every_steps: int | None = Field(default=None, ge=1, description="Checkpoint every N optimizer steps.")
+    every_minutes: float | None = Field(
+        default=30, gt=0, le=100000, description="Checkpoint at least this often, in minutes."
+    )
+    keep_last: int = Field(default=3, ge=1, le=1000, description="Committed checkpoints kept (plus the best).")
+    keep_best: bool = Field(default=True, description="Also keep the checkpoint with the best eval metric.")
+    save_on_preemption: bool = Field(
+        default=True, description="On SIGTERM, save full state within the grace period, then exit."
+    )
+    grace_period_seconds: int = Field(
+        default=120, ge=5, le=86400, description="Time given to the save on preemption (pod grace period)."
+    )
+    resume: Literal["auto", "never"] = Field(
+        default="auto", description="`auto`: continue from the newest committed checkpoint, if any."
+    )
+    credentials: CredentialsRef | None = Field(default=None, description="Secret with object-storage credentials.")
+    endpoint_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description="Endpoint of an S3-compatible store (MinIO, Ceph, …).",
+    )
+    region: str | None = Field(default=None, max_length=64, description="Object-storage region.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.uri) || has(self.everySteps) || has(self.everyMinutes)",
+            message="spec.checkpoint needs everySteps or everyMinutes when uri is set",
+            check=lambda m: m.uri is None or m.every_steps is not None or m.every_minutes is not None,
+            field=".everySteps",
+        ),
+    )
+
+
+class OutputSpec(SpecModel):
+    """What the job leaves behind when it succeeds."""
+
+    uri: StorageUri | None = Field(
+        default=None,
+        description="Where the result is written. Default: `<checkpoint.uri>/<namespace>/<job>/output`.",
+    )
+    save: Literal["auto", "adapter", "merged", "both"] = Field(
+        default="auto",
+        description=(
+            "`adapter` (PEFT weights only), `merged` (adapter merged into the base model), or `both`. "
+            "`auto`: adapter for PEFT methods, the full model for `full`."
+        ),
+    )
+
+
+class MetricsSpec(SpecModel):
+    """Prometheus metrics exported by every trainer rank."""
+
+    enabled: bool = Field(default=True, description="Serve /metrics on every rank.")
+    port: int = Field(default=9410, ge=1024, le=65535, description="Port of the first rank; rank r serves on port + r.")
+
+
+class RunPolicy(SpecModel):
+    """Lifecycle: retries, deadline, clean-up and queueing."""
+
+    backoff_limit: int = Field(
+        default=3, ge=0, le=1000, description="Gang restarts after retriable failures before giving up."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the job when it has run this long."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the finished FineTuneJob (and its children) after this long."
+    )
+    suspend: bool = Field(default=False, description="Hold the job without pods; set false to start.")
+    queue_name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Kueue LocalQueue to submit to (label `kueue.x-k8s.io/queue-name`).",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# spec
+# --------------------------------------------------------------------------------------------------
+
+
+class FineTuneJobSpec(SpecModel):
+    """Desired state of a FineTuneJob: what to train, on what, how, and where results go."""
+
+    model: ModelSpec = Field(description="Base model to fine-tune.")
+    task: TaskSpec = Field(default_factory=TaskSpec, description="Training objective.")
+    method: MethodSpec = Field(default_factory=MethodSpec, description="Which parameters are trained.")
+    data: DataSpec = Field(description="Training and evaluation data.")
+    training: TrainingSpec = Field(
+        description="Optimization hyperparameters; the length of training (epochs or maxSteps) is required."
+    )
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="Nodes, processes and DeepSpeed.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Per-node resources.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoints and automatic resume.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Result artifacts.")
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Prometheus metrics.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadline, TTL, queue.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!(self.method.type in ['prefix', 'prompt']) || self.task.type in ['sft', 'pretrain']",
+            message="spec.method.type prefix and prompt need a causal-LM task (spec.task.type sft or pretrain)",
+            check=lambda s: s.method.type not in ("prefix", "prompt") or s.task.type in CAUSAL_LM_TASKS,
+            field=".method.type",
+        ),
+        Rule(
+            cel="self.method.type != 'qlora' || self.model.dtype != 'fp32'",
+            message=(
+                "spec.method.type qlora needs spec.model.dtype auto, bf16 or fp16 "
+                "(the non-quantized modules are kept in 16 bits)"
+            ),
+            check=lambda s: s.method.type != "qlora" or s.model.dtype != "fp32",
+            field=".model.dtype",
+        ),
+        Rule(
+            cel="self.method.type != 'qlora' || !has(self.distributed.deepspeed) "
+            "|| self.distributed.deepspeed.zeroStage < 3",
+            message="spec.method.type qlora cannot be combined with spec.distributed.deepspeed.zeroStage 3",
+            check=lambda s: (
+                s.method.type != "qlora" or s.distributed.deepspeed is None or s.distributed.deepspeed.zero_stage < 3
+            ),
+            field=".distributed.deepspeed.zeroStage",
+        ),
+        Rule(
+            cel="(self.task.type in ['dpo', 'reward']) == (self.data.format == 'preference')",
+            message="spec.task.type dpo and reward need spec.data.format preference, and only they use it",
+            check=lambda s: (s.task.type in ("dpo", "reward")) == (s.data.format == "preference"),
+            field=".data.format",
+        ),
+        Rule(
+            cel="(self.task.type == 'classification') == (self.data.format == 'classification')",
+            message="spec.task.type classification needs spec.data.format classification, and only it uses it",
+            check=lambda s: (s.task.type == "classification") == (s.data.format == "classification"),
+            field=".data.format",
+        ),
+        Rule(
+            cel="(self.task.type == 'qa') == (self.data.format == 'qa')",
+            message="spec.task.type qa needs spec.data.format qa, and only it uses it",
+            check=lambda s: (s.task.type == "qa") == (s.data.format == "qa"),
+            field=".data.format",
+        ),
+        Rule(
+            cel="self.task.type != 'pretrain' || self.data.format == 'text'",
+            message="spec.task.type pretrain needs spec.data.format text",
+            check=lambda s: s.task.type != "pretrain" or s.data.format == "text",
+            field=".data.format",
+        ),
+        Rule(
+            cel="self.task.type != 'rl' || self.data.format in ['promptCompletion', 'chat']",
+            message="spec.task.type rl needs prompts: spec.data.format promptCompletion or chat",
+            check=lambda s: s.task.type != "rl" or s.data.format in ("promptCompletion", "chat"),
+            field=".data.format",
+        ),
+        Rule(
+            cel="!self.data.packing || self.task.type in ['sft', 'pretrain', 'distill']",
+            message="spec.data.packing is only supported for spec.task.type sft, pretrain and distill",
+            check=lambda s: not s.data.packing or s.task.type in ("sft", "pretrain", "distill"),
+            field=".data.packing",
+        ),
+        Rule(
+            cel="!(has(self.training.earlyStopping) || has(self.training.evaluation.everySteps)) "
+            "|| has(self.data.eval) || self.data.evalSplit > 0.0",
+            message="spec.training evaluation and earlyStopping need spec.data.eval or spec.data.evalSplit",
+            check=lambda s: (
+                (s.training.early_stopping is None and s.training.evaluation.every_steps is None)
+                or s.data.eval is not None
+                or s.data.eval_split > 0
+            ),
+            field=".data.eval",
+        ),
+        Rule(
+            cel="self.method.type != 'full' || !(self.output.save in ['adapter', 'both'])",
+            message="spec.output.save adapter and both need a PEFT method, not spec.method.type full",
+            check=lambda s: s.method.type != "full" or s.output.save not in ("adapter", "both"),
+            field=".output.save",
+        ),
+        Rule(
+            cel="!(self.resources.gpusPerNode == 0 && self.distributed.backend == 'nccl')",
+            message="spec.distributed.backend nccl needs spec.resources.gpusPerNode of at least 1",
+            check=lambda s: not (s.resources.gpus_per_node == 0 and s.distributed.backend == "nccl"),
+            field=".distributed.backend",
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# status
+# --------------------------------------------------------------------------------------------------
+
+Phase = Literal["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
+
+
+class Condition(SpecModel):
+    """A condition, following the Kubernetes API conventions."""
+
+    type: str = Field(max_length=316, description="Condition type, e.g. Running, Succeeded, Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="Status of the condition.")
+    reason: str = Field(
+        max_length=1024,
+        pattern=CONDITION_REASON_PATTERN,
+        description="Machine-readable reason in CamelCase, e.g. OOMKilled, Preempted.",
+    )
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    last_transition_time: datetime = Field(description="When the status last changed.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the condition was set for."
+    )
+
+
+class Progress(SpecModel):
+    """Training progress, reported by rank 0."""
+
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
+    percent: float | None = Field(default=None, ge=0, le=100, description="step / totalSteps, in percent.")
+    summary: str | None = Field(default=None, max_length=64, description="Short progress text, e.g. `120/500 (24%)`.")
+    epoch: float | None = Field(default=None, ge=0, description="Fractional epoch.")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    eval_loss: float | None = Field(default=None, description="Latest evaluation loss.")
+    learning_rate: float | None = Field(default=None, ge=0, description="Current learning rate.")
+    tokens_per_second: float | None = Field(default=None, ge=0, description="Training throughput.")
+    eta_seconds: float | None = Field(default=None, ge=0, description="Estimated time to completion.")
+    last_checkpoint_step: int | None = Field(default=None, ge=0, description="Step of the newest committed checkpoint.")
+    updated_at: datetime | None = Field(default=None, description="When this progress was reported.")
+
+
+class CheckpointRecord(SpecModel):
+    """A committed checkpoint."""
+
+    step: int = Field(ge=0, description="Optimizer step of the checkpoint.")
+    uri: str = Field(max_length=4096, description="Location of the checkpoint.")
+    time: datetime = Field(description="When it was committed.")
+
+
+class Artifact(SpecModel):
+    """A result of the job, with a digest to verify it."""
+
+    kind: Literal["adapter", "merged", "model", "manifest"] = Field(description="What the artifact is.")
+    uri: str = Field(max_length=4096, description="Location of the artifact.")
+    sha256: str = Field(pattern=r"^[a-f0-9]{64}$", description="SHA-256 of the artifact's file manifest.")
+    bytes: int = Field(ge=0, description="Total size in bytes.")
+
+
+class FailureInfo(SpecModel):
+    """The most recent failure of a trainer container."""
+
+    exit_code: int | None = Field(default=None, description="Exit code of the failing container.")
+    reason: str = Field(max_length=1024, description="Reason, e.g. OOMKilled, Preempted, InvalidData.")
+    message: str = Field(default="", max_length=32768, description="Last message of the container.")
+    time: datetime | None = Field(default=None, description="When the failure was observed.")
+
+
+class FineTuneJobStatus(SpecModel):
+    """Observed state of a FineTuneJob, derived by the operator from the Job and its pods."""
+
+    phase: Phase | None = Field(default=None, description="Lifecycle phase.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        description="Conditions: Created, Running, Restarting, Succeeded, Failed, Suspended.",
+    )
+    start_time: datetime | None = Field(default=None, description="When training pods first started.")
+    completion_time: datetime | None = Field(default=None, description="When the job finished.")
+    restarts: int = Field(default=0, ge=0, description="Gang restarts so far.")
+    progress: Progress | None = Field(default=None, description="Training progress.")
+    checkpoints: list[CheckpointRecord] = Field(
+        default_factory=list, max_length=1000, description="Committed checkpoints, oldest first."
+    )
+    artifacts: list[Artifact] = Field(default_factory=list, max_length=64, description="Results written by the job.")
+    last_failure: FailureInfo | None = Field(default=None, description="The most recent failure.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation this status was derived from."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The object
+# --------------------------------------------------------------------------------------------------
+
+
+class ObjectMeta(SpecModel):
+    """The part of Kubernetes object metadata a FineTuneJob manifest sets."""
+
+    model_config = ConfigDict(**{**SpecModel.model_config, "extra": "allow"})
+
+    name: str = Field(
+        max_length=MAX_NAME_LENGTH,
+        pattern=DNS_LABEL_PATTERN,
+        description="Job name: a DNS label (lower case, starts with a letter).",
+    )
+    namespace: str | None = Field(
+        default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="Namespace."
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
+
+
+class FineTuneJob(SpecModel):
+    """A distributed fine-tuning run of a language model."""
+
+    api_version: Literal["finetune.io/v1alpha1"] = Field(
+        default="finetune.io/v1alpha1", alias="apiVersion", description="API version."
+    )
+    kind: Literal["FineTuneJob"] = Field(default="FineTuneJob", description="Kind.")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    spec: FineTuneJobSpec = Field(description="Desired state.")
+    status: FineTuneJobStatus | None = Field(default=None, description="Observed state.")
+
+
+#: CEL rules on the CRD's root, the only place CEL can read metadata.name. In Python the same limits
+#: are ObjectMeta.name's max_length and pattern.
+ROOT_VALIDATIONS: list[dict[str, str]] = [
+    {
+        "rule": f"!has(self.metadata.name) || size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+        "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters (child names add suffixes)",
+    },
+    {
+        "rule": f"!has(self.metadata.name) || self.metadata.name.matches('{DNS_LABEL_PATTERN}')",
+        "message": "metadata.name must be a DNS label starting with a letter (it names a Service)",
+    },
+]
