@@ -1,0 +1,190 @@
+"""Fixtures for end-to-end tests against a real control plane (hack/testcluster.py).
+
+The `cluster` fixture builds the binaries (or reuses the cache), starts etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler and kwok in a temporary directory, and stops them at the
+end of the session. When anything cannot be built or started the tests FAIL: they never skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TESTCLUSTER = REPO / "hack" / "testcluster.py"
+E2E_DIR = Path(__file__).resolve().parent
+
+BUILD_TIMEOUT_S = float(os.environ.get("FINETUNE_TESTCLUSTER_BUILD_TIMEOUT", "3600"))
+UP_TIMEOUT_S = 300.0
+DOWN_TIMEOUT_S = 120.0
+
+T = TypeVar("T")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e is an `e2e` test."""
+    for item in items:
+        if E2E_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+class KubectlError(AssertionError):
+    def __init__(self, args: list[str], returncode: int, stdout: str, stderr: str):
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(
+            f"kubectl {' '.join(args)} exited {returncode}\nstderr: {stderr.strip()}\nstdout: {stdout[-2000:]}"
+        )
+
+
+def _run_testcluster(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(TESTCLUSTER), *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stderr or b"")[-6000:] if isinstance(e.stderr, bytes) else (e.stderr or "")[-6000:]
+        pytest.fail(f"`{' '.join(cmd)}` did not finish within {timeout:.0f}s\n{out}", pytrace=False)
+    if proc.returncode != 0:
+        pytest.fail(
+            f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr[-8000:]}\n{proc.stdout[-2000:]}",
+            pytrace=False,
+        )
+    return proc
+
+
+@dataclass
+class Cluster:
+    dir: Path
+    kubeconfig: Path
+    kubectl_path: Path
+    helm_path: Path
+    server: str
+    ca_file: Path
+
+    def kubectl(
+        self,
+        *args: str,
+        input: str | None = None,
+        timeout: float = 60.0,
+        check: bool = True,
+        kubeconfig: Path | None = None,
+    ) -> str:
+        """Run kubectl with the admin kubeconfig (or `kubeconfig`); return stdout.
+
+        Raises KubectlError (with stderr) on a non-zero exit when `check`.
+        """
+        cmd = [str(self.kubectl_path), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
+        try:
+            proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"kubectl {' '.join(args)} did not finish within {timeout:.0f}s") from e
+        if check and proc.returncode != 0:
+            raise KubectlError(list(args), proc.returncode, proc.stdout, proc.stderr)
+        return proc.stdout
+
+    def kubectl_result(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        """Like kubectl() but never raises on a non-zero exit; returns the CompletedProcess."""
+        kubeconfig = kw.pop("kubeconfig", None) or self.kubeconfig
+        timeout = kw.pop("timeout", 60.0)
+        cmd = [str(self.kubectl_path), f"--kubeconfig={kubeconfig}", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+    def get_json(self, *args: str, namespace: str | None = None) -> Any:
+        ns = ["-n", namespace] if namespace else []
+        return json.loads(self.kubectl("get", *args, *ns, "-o", "json"))
+
+    def apply(self, manifest: str | dict[str, Any], namespace: str | None = None) -> str:
+        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+        ns = ["-n", namespace] if namespace else []
+        return self.kubectl("apply", *ns, "-f", "-", input=text)
+
+    def helm(self, *args: str, timeout: float = 120.0) -> str:
+        cmd = [str(self.helm_path), f"--kubeconfig={self.kubeconfig}", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} exited {proc.returncode}\n{proc.stderr}")
+        return proc.stdout
+
+    @staticmethod
+    def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.25) -> T:
+        """Poll fn until it returns a truthy value (returned); fail after `timeout` seconds.
+
+        Exceptions raised by fn count as 'not yet' and the last one is shown on timeout.
+        """
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while True:
+            try:
+                value = fn()
+                if value:
+                    return value
+                last = value
+            except Exception as e:  # a poll: anything but success means 'not yet'
+                last = e
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+            time.sleep(interval)
+
+    def write_token_kubeconfig(self, path: Path, token: str) -> Path:
+        """A kubeconfig that authenticates with `token` only (no client certificate)."""
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "c", "cluster": {"server": self.server, "certificate-authority": str(self.ca_file)}}],
+            "users": [{"name": "u", "user": {"token": token}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "c",
+        }
+        path.write_text(json.dumps(cfg))
+        path.chmod(0o600)
+        return path
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    t0 = time.monotonic()
+    _run_testcluster("build", timeout=BUILD_TIMEOUT_S)
+    paths = json.loads(_run_testcluster("paths", timeout=60).stdout)
+    d = tmp_path_factory.mktemp("testcluster")
+    nodes = os.environ.get("FINETUNE_TESTCLUSTER_NODES", "3")
+    _run_testcluster("up", "--dir", str(d), "--nodes", nodes, timeout=UP_TIMEOUT_S)
+    try:
+        state = json.loads((d / "testcluster.json").read_text())
+        c = Cluster(
+            dir=d,
+            kubeconfig=d / "kubeconfig",
+            kubectl_path=Path(paths["kubectl"]),
+            helm_path=Path(paths["helm"]),
+            server=state["server"],
+            ca_file=d / "pki" / "ca.crt",
+        )
+        sys.stderr.write(f"\n[e2e] cluster up in {time.monotonic() - t0:.1f}s; logs in {d / 'logs'}\n")
+        yield c
+    finally:
+        _run_testcluster("down", "--dir", str(d), timeout=DOWN_TIMEOUT_S)
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace per test, deleted (without waiting) afterwards."""
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    # Pods are refused until the ServiceAccount controller created the namespace's `default` SA.
+    cluster.wait_for(
+        f"ServiceAccount {name}/default",
+        lambda: cluster.kubectl_result("get", "serviceaccount", "default", "-n", name).returncode == 0,
+        timeout=30,
+    )
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
