@@ -820,26 +820,44 @@ def up(d: Path, nodes: int = 2, timeout: float = 120.0) -> State:
 
         pki = d / "pki"
         make_pki(pki)
-        names = ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
-        state = State(dir=d, ports=dict(zip(names, free_ports(len(names)), strict=True)), nodes=nodes)
-        state.started_at = time.time()
-        server = f"https://127.0.0.1:{state.ports['apiserver']}"
-        kcfg = d / "kubeconfigs"
-        kcfg.mkdir()
-        write_kubeconfig(d / "kubeconfig", server, pki, "admin")
-        for user in ("kube-controller-manager", "kube-scheduler", "kwok"):
-            write_kubeconfig(kcfg / f"{user}.kubeconfig", server, pki, user)
-        log(f"pki and kubeconfigs ready in {time.monotonic() - t_built:.1f}s; ports {state.ports}")
-
-        try:
-            _start_all(state, bins, stages, pki, server, nodes, timeout)
-        except BaseException:
-            log("start failed; stopping what was started")
-            with contextlib.suppress(ClusterError):
-                stop_processes(state.procs)
-            raise
+        log(f"pki ready in {time.monotonic() - t_built:.1f}s")
+        attempts = 2  # a second try only when a port picked as free was taken before we bound it
+        for attempt in range(1, attempts + 1):
+            state = _prepare(d, pki, nodes)
+            server = f"https://127.0.0.1:{state.ports['apiserver']}"
+            try:
+                _start_all(state, bins, stages, pki, server, nodes, timeout)
+                break
+            except BaseException as e:
+                log("start failed; stopping what was started")
+                with contextlib.suppress(ClusterError):
+                    stop_processes(state.procs)
+                port_clash = any("address already in use" in tail(p.log, 200) for p in state.procs)
+                if not (isinstance(e, ClusterError) and port_clash and attempt < attempts):
+                    raise
+                log(f"a port was taken by someone else; retrying with new ports ({e.__class__.__name__})")
+                logs = d / "logs"
+                if logs.is_dir():
+                    logs.rename(d / f"logs.attempt{attempt}")
         log(f"cluster up in {time.monotonic() - t0:.1f}s; export KUBECONFIG={d / 'kubeconfig'}")
         return state
+
+
+def _prepare(d: Path, pki: Path, nodes: int) -> State:
+    """Fresh ports, kubeconfigs and empty data directories for one start attempt."""
+    for sub in ("etcd-data", "kubeconfigs", "serving-certs", "kwok-home"):
+        shutil.rmtree(d / sub, ignore_errors=True)
+    names = ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
+    state = State(dir=d, ports=dict(zip(names, free_ports(len(names)), strict=True)), nodes=nodes)
+    state.started_at = time.time()
+    server = f"https://127.0.0.1:{state.ports['apiserver']}"
+    kcfg = d / "kubeconfigs"
+    kcfg.mkdir()
+    write_kubeconfig(d / "kubeconfig", server, pki, "admin")
+    for user in ("kube-controller-manager", "kube-scheduler", "kwok"):
+        write_kubeconfig(kcfg / f"{user}.kubeconfig", server, pki, user)
+    log(f"ports {state.ports}")
+    return state
 
 
 def _start_all(
