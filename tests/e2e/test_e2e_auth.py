@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,3 +63,38 @@ def test_service_account_token_audience_is_enforced(cluster: Cluster, namespace:
     kcfg = cluster.write_token_kubeconfig(tmp_path / "aud.kubeconfig", token)
     res = cluster.kubectl_result("auth", "whoami", kubeconfig=kcfg)
     assert res.returncode != 0 and "unauthorized" in res.stderr.lower(), res.stderr
+
+
+def test_controller_manager_signs_legacy_tokens_and_publishes_root_ca(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    # The token controller (--service-account-private-key-file) fills service-account-token Secrets.
+    cluster.kubectl("create", "serviceaccount", "legacy", "-n", namespace)
+    cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/service-account-token",
+            "metadata": {"name": "legacy-token", "annotations": {"kubernetes.io/service-account.name": "legacy"}},
+        },
+        namespace,
+    )
+
+    def filled() -> dict | None:
+        secret: dict = cluster.get_json("secret", "legacy-token", namespace=namespace)
+        return secret if secret.get("data", {}).get("token") else None
+
+    secret = cluster.wait_for("the token controller to fill legacy-token", filled, timeout=30)
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert base64.b64decode(secret["data"]["ca.crt"]) == cluster.ca_file.read_bytes()
+    kcfg = cluster.write_token_kubeconfig(tmp_path / "legacy.kubeconfig", token)
+    whoami = json.loads(cluster.kubectl("auth", "whoami", "-o", "json", kubeconfig=kcfg))
+    assert whoami["status"]["userInfo"]["username"] == f"system:serviceaccount:{namespace}:legacy"
+
+    # The root CA publisher (--root-ca-file) puts the cluster CA into every namespace.
+    cm = cluster.wait_for(
+        "ConfigMap kube-root-ca.crt",
+        lambda: cluster.get_json("configmap", "kube-root-ca.crt", namespace=namespace),
+        timeout=30,
+    )
+    assert cm["data"]["ca.crt"] == cluster.ca_file.read_text()

@@ -141,6 +141,10 @@ def test_indexed_job_of_four_completes(cluster: Cluster, namespace: str) -> None
         assert p["status"]["phase"] == "Succeeded"
         assert p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
 
+    # Deleting the Job lets the garbage collector remove its pods.
+    cluster.kubectl("delete", "job", "indexed", "-n", namespace, "--cascade=background")
+    cluster.wait_for("the GC to delete the Job's pods", lambda: not _job_pods(cluster, namespace, "indexed"), 60)
+
 
 def test_pod_marked_for_failure_fails_with_exit_code_and_reason(cluster: Cluster, namespace: str) -> None:
     cluster.apply(
