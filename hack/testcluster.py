@@ -293,7 +293,12 @@ def ensure_component(comp: Component) -> tuple[str, float]:
             if comp.dir.exists():
                 shutil.rmtree(comp.dir)
             tmp.rename(comp.dir)
+            (cache_root() / f"{comp.name}-{comp.version}.failed-build.log").unlink(missing_ok=True)
         except BaseException:
+            failed_log = cache_root() / f"{comp.name}-{comp.version}.failed-build.log"
+            with contextlib.suppress(OSError):
+                shutil.copyfile(tmp / "build.log", failed_log)
+                log(f"build log kept in {failed_log}")
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return "built", time.monotonic() - t0
