@@ -12,7 +12,7 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 # Installing is a no-op when everything is already there; pip's cache makes reinstalls cheap.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev,trainer]'
 
 echo "== ruff"
 .venv/bin/ruff check .

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .api import crd as crd_module
-from .api.validation import InvalidSpec, is_finetunejob, read_documents, validate_document
+from .api.validation import InvalidSpec, is_finetunejob, load_jobs, read_documents, validate_document
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,3 +70,38 @@ def crd(output: Path | None) -> None:
         click.echo(text, nl=False)
     else:
         output.write_text(text, encoding="utf-8")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--job", "job_name", help="Name of the FineTuneJob to run when the file holds several.")
+@click.option("--nproc", type=click.IntRange(min=1), help="Training processes (default: procsPerNode, or 1 on CPU).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where checkpoints, outputs and logs go (default: runs/<job name>).",
+)
+def run(manifest: Path, job_name: str | None, nproc: int | None, workdir: Path | None) -> None:
+    """Train a FineTuneJob on this machine (CPU or local GPUs) under torchrun."""
+    from .local_run import run_local
+
+    try:
+        jobs = load_jobs(manifest)
+    except InvalidSpec as exc:
+        for error in exc.errors:
+            click.echo(str(error), err=True)
+        sys.exit(2)
+    if job_name:
+        jobs = [j for j in jobs if j.metadata.name == job_name]
+    if len(jobs) != 1:
+        names = ", ".join(j.metadata.name for j in jobs) or "none"
+        click.echo(f"{manifest}: expected one FineTuneJob (use --job NAME); found {names}", err=True)
+        sys.exit(2)
+    job = jobs[0]
+    if job.spec.distributed.nodes > 1:
+        click.echo(
+            f"note: spec.distributed.nodes is {job.spec.distributed.nodes}; running on this machine only", err=True
+        )
+    workdir = workdir or Path("runs") / job.metadata.name
+    click.echo(f"finetune: running {job.metadata.name} in {workdir}", err=True)
+    sys.exit(run_local(job, manifest=manifest, workdir=workdir, nproc=nproc))

@@ -666,7 +666,7 @@ class TrainingSpec(SpecModel):
     )
     warmup_steps: int | None = Field(default=None, ge=0, description="Linear warm-up steps (xor warmupRatio).")
     warmup_ratio: float | None = Field(
-        default=None, ge=0, le=1, description="Warm-up as a fraction of all steps (xor warmupSteps)."
+        default=None, ge=0, lt=1, description="Warm-up as a fraction of all steps (xor warmupSteps)."
     )
     per_device_batch_size: int = Field(default=4, ge=1, le=65536, description="Sequences per device per forward pass.")
     gradient_accumulation_steps: int = Field(
@@ -1095,6 +1095,12 @@ class FineTuneJobSpec(SpecModel):
             cel="!self.data.packing || self.task.type in ['sft', 'pretrain', 'distill']",
             message="spec.data.packing is only supported for spec.task.type sft, pretrain and distill",
             check=lambda s: not s.data.packing or s.task.type in ("sft", "pretrain", "distill"),
+            field=".data.packing",
+        ),
+        Rule(
+            cel="!self.data.packing || !(self.method.type in ['prefix', 'prompt'])",
+            message="spec.data.packing cannot be combined with spec.method.type prefix or prompt",
+            check=lambda s: not s.data.packing or s.method.type not in ("prefix", "prompt"),
             field=".data.packing",
         ),
         Rule(

@@ -1,0 +1,105 @@
+"""The trainer's configuration, derived from a FineTuneJob by one pure function.
+
+The operator (which renders it into a ConfigMap) and ``finetune run`` (which writes it to the work
+directory) both call :func:`build_trainer_config`, so a job trains the same way in a cluster and on a
+laptop. The trainer reads nothing else: no environment lookups decide *what* to train, only *where*
+this process sits in the gang (torchrun's RANK/WORLD_SIZE/...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from .api.base import SpecModel
+from .api.v1alpha1 import FineTuneJob, FineTuneJobSpec
+
+CONFIG_VERSION = 1
+
+#: Exit codes of the trainer, shared by the trainer (which exits with them) and the operator (whose
+#: Job podFailurePolicy fails at once on the permanent ones and retries the others).
+EXIT_OK = 0
+EXIT_INVALID_CONFIG = 2  #: bad config or data: permanent, retrying cannot help
+EXIT_INVALID_DATA = 3  #: a dataset record is malformed: permanent
+EXIT_PREEMPTED = 85  #: SIGTERM handled and full state committed: retriable, resumes from there
+EXIT_NONFINITE_LOSS = 4  #: loss became NaN/inf: permanent; the last good checkpoint is kept
+PERMANENT_EXIT_CODES = (EXIT_INVALID_CONFIG, EXIT_INVALID_DATA, EXIT_NONFINITE_LOSS)
+
+
+class JobIdentity(SpecModel):
+    """Which FineTuneJob this trainer runs for."""
+
+    namespace: str = Field(description="Namespace of the FineTuneJob ('local' for `finetune run`).")
+    name: str = Field(description="Name of the FineTuneJob.")
+
+
+class TrainerConfig(SpecModel):
+    """Everything the trainer needs, resolved: the spec plus where things live."""
+
+    version: Literal[1] = Field(default=1, description="Config format version.")
+    job: JobIdentity = Field(description="The job this run belongs to.")
+    spec: FineTuneJobSpec = Field(description="The FineTuneJob spec, validated.")
+    base_dir: str | None = Field(
+        default=None, description="Directory that relative data and model paths resolve against."
+    )
+    checkpoint_dir: str | None = Field(
+        default=None, description="This job's checkpoint prefix: <checkpoint.uri>/<namespace>/<name>."
+    )
+    output_dir: str = Field(description="Where the results (adapter / merged model) are written.")
+    work_dir: str = Field(description="Local scratch space: downloaded models and data, logs.")
+    spec_hash: str = Field(description="sha256 of the spec; recorded in checkpoints to detect changed jobs.")
+
+    def dumps(self) -> str:
+        return json.dumps(self.model_dump(by_alias=True, exclude_none=True, mode="json"), indent=2, sort_keys=True)
+
+
+def spec_hash(spec: FineTuneJobSpec) -> str:
+    canonical = json.dumps(spec.model_dump(by_alias=True, mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def build_trainer_config(
+    job: FineTuneJob,
+    *,
+    namespace: str | None = None,
+    base_dir: str | Path | None = None,
+    default_storage: str | None = None,
+    work_dir: str | Path = "/tmp/finetune",
+) -> TrainerConfig:
+    """Derive the trainer config from a FineTuneJob.
+
+    ``default_storage`` is used for checkpoints and outputs when the spec names none (``finetune run``
+    passes its work directory). ``base_dir`` is where relative paths resolve (the manifest's directory).
+    """
+    ns = namespace or job.metadata.namespace or "default"
+    name = job.metadata.name
+    spec = job.spec
+    checkpoint_root = spec.checkpoint.uri or default_storage
+    checkpoint_dir = _join(checkpoint_root, ns, name) if checkpoint_root else None
+    if spec.output.uri:
+        output_dir = spec.output.uri
+    elif checkpoint_dir:
+        output_dir = _join(checkpoint_dir, "output")
+    else:
+        output_dir = str(Path(work_dir) / "output")
+    return TrainerConfig(
+        job=JobIdentity(namespace=ns, name=name),
+        spec=spec,
+        base_dir=str(base_dir) if base_dir is not None else None,
+        checkpoint_dir=checkpoint_dir,
+        output_dir=output_dir,
+        work_dir=str(work_dir),
+        spec_hash=spec_hash(spec),
+    )
+
+
+def load_trainer_config(path: str | Path) -> TrainerConfig:
+    return TrainerConfig.model_validate_json(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,85 @@
+"""Fixtures for CPU training tests: a tiny model built from a config, data, and a `finetune run` driver."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny
+
+RUN_TIMEOUT = 600
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/trainer" in str(item.fspath):
+            item.add_marker(pytest.mark.trainer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny-model-tied"), tie_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def train_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", tiny.prompt_completion_rows(400))
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    output: str
+    workdir: Path
+
+    @property
+    def losses(self) -> list[float]:
+        return tiny.train_losses(self.workdir)
+
+    def summary(self) -> dict[str, Any]:
+        import json
+
+        return dict(json.loads((self.workdir / "summary.json").read_text()))
+
+
+@pytest.fixture
+def finetune_run(tmp_path: Path) -> Callable[..., RunResult]:
+    """Run `finetune run MANIFEST` as a user does (a subprocess, torchrun underneath)."""
+
+    def run(manifest: dict[str, Any], *extra: str, name: str | None = None) -> RunResult:
+        job_file = tiny.write_manifest(tmp_path / f"{name or manifest['metadata']['name']}.yaml", manifest)
+        workdir = tmp_path / f"run-{manifest['metadata']['name']}"
+        exe = Path(sys.executable).with_name("finetune")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(
+            [str(exe), "run", str(job_file), "--workdir", str(workdir), *extra],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            env=env,
+            check=False,
+        )
+        return RunResult(proc.returncode, proc.stdout + proc.stderr, workdir)
+
+    return run
+
+
+def assert_loss_falls(result: RunResult, steps: int = 20) -> None:
+    assert result.returncode == 0, result.output[-6000:]
+    losses = result.losses
+    assert len(losses) >= steps, f"expected {steps} logged steps, got {len(losses)}"
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first * 0.97, f"loss did not fall: first5 {first:.4f} last5 {last:.4f} ({losses})"

@@ -1,0 +1,62 @@
+"""Every method trains ≥20 steps with falling loss through `finetune run`, and writes its outputs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import RunResult, assert_loss_falls
+from finetune_trainer.outputs import sha256_file
+from tiny import job_manifest
+
+METHODS: dict[str, dict[str, Any]] = {
+    "full": {"method": {"type": "full"}, "training__learningRate": 1e-3},
+    "freeze-head-only": {"method": {"type": "full", "freeze": {"headOnly": True}}, "training__learningRate": 1e-2},
+    "freeze-last-layer": {"method": {"type": "full", "freeze": {"lastLayers": 1}}, "training__learningRate": 1e-3},
+    "lora": {},
+    "qlora": {
+        "method": {
+            "type": "qlora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "quantization": {"computeDtype": "fp32"},
+        },
+        "model__dtype": "bf16",
+    },
+    "prefix": {"method": {"type": "prefix", "prefix": {"numVirtualTokens": 8}}, "training__learningRate": 5e-2},
+    "prompt": {
+        "method": {"type": "prompt", "prompt": {"numVirtualTokens": 8, "initText": "what color"}},
+        "training__learningRate": 3e-2,
+    },
+    "ia3": {"method": {"type": "ia3"}, "training__learningRate": 3e-2},
+    "adalora": {
+        "method": {
+            "type": "adalora",
+            "lora": {"alpha": 16, "dropout": 0.0},
+            "adalora": {"initR": 8, "targetR": 4, "tinit": 2, "tfinal": 4, "deltaT": 2},
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_trains_and_saves(
+    method: str, tiny_model: Path, train_jsonl: Path, finetune_run: Callable[..., RunResult]
+) -> None:
+    manifest = job_manifest(method, tiny_model, train_jsonl, **METHODS[method])
+    result = finetune_run(manifest)
+    assert_loss_falls(result)
+    summary = result.summary()
+    assert summary["steps"] == 20
+    assert summary["artifacts"], summary
+    output = result.workdir / "storage" / "local" / method / "output"
+    manifest_file = output / "manifest.json"
+    files = json.loads(manifest_file.read_text())["files"]
+    for entry in files:
+        assert sha256_file(output / entry["path"]) == entry["sha256"]
+    for artifact in summary["artifacts"]:
+        assert artifact["sha256"] == sha256_file(manifest_file)
+    kinds = {a["kind"] for a in summary["artifacts"]}
+    assert kinds == ({"model"} if method.startswith(("full", "freeze")) else {"adapter"})

@@ -1,0 +1,63 @@
+"""AdaLoRA: LoRA in SVD form whose rank budget is reallocated by importance during training.
+
+Supports the initial and target ranks and the budget schedule: ``tinit`` warm-up steps at the initial
+budget, a cubic decrease to the target budget until ``tfinal`` steps before the end, reallocation
+every ``deltaT`` steps, the importance EMA factors ``beta1``/``beta2``, and the orthogonality
+regularizer weight. Alpha, dropout and target modules come from ``spec.method.lora``. The budget is
+updated after every optimizer step, before gradients are cleared. Rows of added tokens are trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_operator.api.v1alpha1 import AdaLoRAParams
+from peft import AdaLoraConfig, TaskType, get_peft_model
+from transformers import PreTrainedModel, TrainerCallback
+
+from ..errors import ConfigError
+from . import added_tokens
+from .context import MethodContext
+from .lora import target_modules
+
+
+def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
+    params = ctx.spec.method.adalora or AdaLoRAParams()
+    lora = ctx.spec.method.lora
+    if params.tinit + params.tfinal >= ctx.total_steps:
+        raise ConfigError(
+            f"spec.method.adalora: tinit + tfinal ({params.tinit + params.tfinal}) must be below the "
+            f"{ctx.total_steps} training steps"
+        )
+    config = AdaLoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        init_r=params.init_r,
+        target_r=params.target_r,
+        tinit=params.tinit,
+        tfinal=params.tfinal,
+        deltaT=params.delta_t,
+        beta1=params.beta1,
+        beta2=params.beta2,
+        orth_reg_weight=params.orth_reg_weight,
+        total_step=ctx.total_steps,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules(lora),
+    )
+    peft_model = get_peft_model(model, config)
+    added_tokens.attach(peft_model.get_base_model(), ctx.new_token_ids)
+    return peft_model  # type: ignore[no-any-return]
+
+
+class BudgetSchedule(TrainerCallback):
+    """Calls AdaLoRA's update_and_allocate after each optimizer step, while gradients still exist."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.model.base_model.update_and_allocate(state.global_step)
+
+
+def callbacks(model: PreTrainedModel, ctx: MethodContext) -> list[TrainerCallback]:
+    return [BudgetSchedule(model)]

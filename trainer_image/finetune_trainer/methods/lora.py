@@ -1,0 +1,41 @@
+"""LoRA: low-rank update matrices on the chosen linear layers; the base model stays frozen.
+
+Supports rank, alpha, dropout, target modules (names or ``all-linear``), bias training, rank-stabilised
+scaling (rsLoRA), DoRA, and ``modulesToSave`` (modules trained in full and saved with the adapter).
+Rows of added tokens are trained. Works with DDP, DeepSpeed ZeRO 1-3 and gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+from finetune_operator.api.v1alpha1 import LoRAParams
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers import PreTrainedModel
+
+from . import added_tokens
+from .context import MethodContext
+
+
+def target_modules(params: LoRAParams) -> list[str] | str:
+    modules = list(params.target_modules)
+    return "all-linear" if modules == ["all-linear"] else modules
+
+
+def lora_config(params: LoRAParams) -> LoraConfig:
+    """The peft config of the spec's LoRA parameters (shared by `lora` and `qlora`)."""
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=params.r,
+        lora_alpha=params.alpha,
+        lora_dropout=params.dropout,
+        target_modules=target_modules(params),
+        bias=params.bias,
+        use_rslora=params.use_rslora,
+        use_dora=params.use_dora,
+        modules_to_save=list(params.modules_to_save) or None,
+    )
+
+
+def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
+    peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora))
+    added_tokens.attach(peft_model.get_base_model(), ctx.new_token_ids)
+    return peft_model  # type: ignore[no-any-return]

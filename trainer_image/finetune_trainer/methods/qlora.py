@@ -1,0 +1,51 @@
+"""QLoRA: LoRA on a base model quantized to 4 bits by bitsandbytes.
+
+Supports the nf4 and fp4 data types, double quantization of the quantization constants, the compute
+dtype of the dequantized matmuls, k-bit training preparation (norms in fp32, input gradients enabled),
+and the paged 8-bit AdamW optimizer on CUDA (``training.optimizer: pagedAdamw8bit``). Gradient
+checkpointing is non-reentrant, which DDP needs. Cannot be combined with ZeRO-3 (refused by the spec).
+A merged output dequantizes the 4-bit base first, so the merged model computes what the adapter was
+trained against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from finetune_operator.api.v1alpha1 import QuantizationParams
+from peft import get_peft_model, prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig, PreTrainedModel
+
+from . import added_tokens
+from .context import MethodContext
+from .lora import lora_config
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def quantization(ctx: MethodContext) -> QuantizationParams:
+    return ctx.spec.method.quantization or QuantizationParams()
+
+
+def load_kwargs(ctx: MethodContext) -> dict[str, Any]:
+    q = quantization(ctx)
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=COMPUTE_DTYPES[q.compute_dtype],
+        )
+    }
+
+
+def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=ctx.spec.training.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora))
+    added_tokens.attach(peft_model.get_base_model(), ctx.new_token_ids)
+    return peft_model  # type: ignore[no-any-return]

@@ -1,0 +1,138 @@
+"""Load the base model and its tokenizer from wherever ``spec.model.uri`` points.
+
+Supported sources: a local directory (or ``file://``), an object-storage prefix (``s3://``, ``gs://``,
+``az://``; copied once into the local cache by one rank per node while the others wait), a Hugging
+Face Hub id (with ``revision``), ``pkg://<package>`` for model files shipped inside an installed Python
+package, and GGUF files (``ggufFile``; dequantized at load). ``trustRemoteCode`` stays off unless the
+spec asks. ``addTokens`` grows the tokenizer and the embeddings; the methods make the new rows
+trainable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from finetune_operator.api.v1alpha1 import ModelSpec
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import storage
+from .distributed import World, local_main_first
+from .errors import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+#: ChatML, used when neither the tokenizer nor the spec brings a chat template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelSourceError(ConfigError):
+    """The model named in spec.model cannot be found or read."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model location resolved to what ``from_pretrained`` takes."""
+
+    path: str  #: a local directory, or a Hub id
+    revision: str | None
+    gguf_file: str | None
+    is_local: bool
+
+
+def _package_dir(name: str) -> Path:
+    # find_spec locates the package without importing it (a model package may import heavy things).
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(f"spec.model.uri: Python package '{name}' is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_source(model: ModelSpec, *, base_dir: str | None, cache_dir: str | Path, world: World) -> ModelSource:
+    """Turn spec.model into a local directory (downloading if needed) or a Hub id."""
+    uri = model.uri
+    if uri.startswith("pkg://"):
+        package, _, sub = uri[len("pkg://") :].partition("/")
+        path = _package_dir(package) / sub if sub else _package_dir(package)
+        return ModelSource(str(path), None, model.gguf_file, True)
+    if storage.is_remote(uri):
+        with local_main_first(world):
+            local = storage.download(uri, Path(cache_dir) / "models")
+        return ModelSource(str(local), None, model.gguf_file, True)
+    local_path = storage.local_path(uri, base_dir)
+    if uri.startswith(("file://", "/", "./", "../")) or os.path.isdir(local_path):
+        if not os.path.isdir(local_path):
+            raise ModelSourceError(f"spec.model.uri: directory {local_path} does not exist")
+        return ModelSource(local_path, None, model.gguf_file, True)
+    return ModelSource(uri, model.revision, model.gguf_file, False)
+
+
+def _common_kwargs(source: ModelSource, model: ModelSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    if source.revision:
+        kwargs["revision"] = source.revision
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    return kwargs
+
+
+def load_tokenizer(source: ModelSource, model: ModelSpec) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **_common_kwargs(source, model))
+    if model.chat_template:
+        tokenizer.chat_template = model.chat_template
+    elif not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.add_tokens:
+        tokenizer.add_tokens(list(model.add_tokens))
+    return tokenizer
+
+
+def dropout_overrides(source: ModelSource, model: ModelSpec, dropout: float | None) -> dict[str, float]:
+    """Config overrides that set every dropout probability of the model's config to ``dropout``."""
+    if dropout is None:
+        return {}
+    config = AutoConfig.from_pretrained(source.path, **_common_kwargs(source, model))
+    names = [k for k, v in config.to_dict().items() if isinstance(v, float) and ("dropout" in k or k.endswith("pdrop"))]
+    return dict.fromkeys(names, dropout)
+
+
+def load_causal_lm(
+    source: ModelSource,
+    model: ModelSpec,
+    *,
+    dtype: torch.dtype | str,
+    overrides: dict[str, Any] | None = None,
+    **extra: Any,
+) -> PreTrainedModel:
+    """Load a causal LM. ``extra`` carries method-specific arguments (QLoRA's quantization_config)."""
+    kwargs = {**_common_kwargs(source, model), **(overrides or {}), **extra, "dtype": dtype}
+    if model.attention != "auto":
+        kwargs["attn_implementation"] = model.attention
+    loaded: PreTrainedModel = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    return loaded
+
+
+def grow_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Resize embeddings to the tokenizer; return the ids of the added rows (empty when none)."""
+    old = model.get_input_embeddings().weight.shape[0]
+    new = len(tokenizer)
+    if new <= old:
+        return []
+    model.resize_token_embeddings(new, mean_resizing=True)
+    return list(range(old, new))
+
+
+def model_dtype(requested: str) -> torch.dtype | str:
+    """The dtype weights are loaded in; `auto` keeps the checkpoint's own."""
+    return "auto" if requested == "auto" else DTYPES[requested]

@@ -1,0 +1,159 @@
+"""Write what a job leaves behind — an adapter and/or a merged model — with a manifest of digests.
+
+Layout under the output location::
+
+    adapter/        PEFT adapter (+ added_tokens.safetensors, tokenizer) — PEFT methods
+    merged/         the full model with the adapter folded in (or the trained model, for `full`)
+    manifest.json   every file: path, bytes, sha256
+
+The artifact digest reported in status is the sha256 of ``manifest.json`` itself, so one value
+verifies every byte. Outputs go to a local staging directory first and are uploaded afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import storage
+from .methods import added_tokens
+
+ADDED_TOKENS_FILE = "added_tokens.safetensors"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    kind: str  #: adapter | merged | model
+    uri: str
+    sha256: str
+    bytes: int
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(root: Path) -> dict[str, Any]:
+    files = [
+        {"path": str(p.relative_to(root)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    ]
+    manifest = {"files": files, "bytes": sum(f["bytes"] for f in files)}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+    return manifest
+
+
+def save_strategy(spec: FineTuneJobSpec) -> tuple[bool, bool]:
+    """(save adapter, save merged) for the spec's output.save."""
+    save = spec.output.save
+    if spec.method.type == "full":
+        return False, True
+    if save == "auto":
+        return True, False
+    return save in ("adapter", "both"), save in ("merged", "both")
+
+
+def _save_model(model: PreTrainedModel, directory: Path) -> None:
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    except (ValueError, RuntimeError):
+        # Models loaded from GGUF refuse save_pretrained; rebuild a plain model from the config and
+        # the same weights, which saves as ordinary safetensors.
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(directory, safe_serialization=True)
+
+
+def dequantized_copy(peft_model: Any) -> Any:
+    """A float copy of a 4-bit PEFT model: same adapter on the dequantized base (for merging)."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    config = peft_model.peft_config[peft_model.active_adapter]
+    adapter_state = get_peft_model_state_dict(peft_model)
+    base = peft_model.unload()
+    base.dequantize()
+    fresh = get_peft_model(base, config)
+    set_peft_model_state_dict(fresh, adapter_state)
+    return fresh
+
+
+def merged_model(model: Any, *, quantized: bool) -> PreTrainedModel:
+    """The adapter folded into the base weights (added-token rows too)."""
+    if quantized:
+        model = dequantized_copy(model)
+    rows = added_tokens.find(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if rows is not None:
+        rows.merge_into(base)
+        delattr(base, added_tokens.ATTRIBUTE)
+    merged: PreTrainedModel = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    return merged
+
+
+def save_outputs(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: FineTuneJobSpec,
+    *,
+    staging: Path,
+    destination: str,
+) -> list[Artifact]:
+    """Save the spec's outputs into ``staging``, copy them to ``destination``, return the artifacts."""
+    want_adapter, want_merged = save_strategy(spec)
+    staging.mkdir(parents=True, exist_ok=True)
+    saved: list[tuple[str, str]] = []  # (artifact kind, folder)
+    if want_adapter:
+        adapter_dir = staging / "adapter"
+        model.save_pretrained(adapter_dir, safe_serialization=True)
+        rows = added_tokens.find(model)
+        if rows is not None:
+            save_file(rows.state(), str(adapter_dir / ADDED_TOKENS_FILE))
+        tokenizer.save_pretrained(adapter_dir)
+        saved.append(("adapter", "adapter"))
+    if want_merged:
+        merged_dir = staging / "merged"
+        merged = merged_model(model, quantized=spec.method.type == "qlora")
+        _save_model(merged, merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+        saved.append(("model" if spec.method.type == "full" else "merged", "merged"))
+    manifest = write_manifest(staging)
+    digest = sha256_file(staging / "manifest.json")
+    storage.upload(staging, destination)
+    artifacts = []
+    for kind, folder in saved:
+        size = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith(folder + "/"))
+        artifacts.append(Artifact(kind, f"{destination.rstrip('/')}/{folder}", digest, size))
+    return artifacts
+
+
+def load_adapter_for_inference(base: PreTrainedModel, adapter_dir: str | Path) -> Any:
+    """Base model + a saved adapter (with its added-token rows), as the job's output describes it."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    extra = adapter_dir / ADDED_TOKENS_FILE
+    if extra.exists():
+        state = load_file(str(extra))
+        first = int(state["first"][0])
+        count = state["input_delta"].shape[0]
+        rows = added_tokens.AddedTokenRows(model.get_base_model(), list(range(first, first + count)))
+        with torch.no_grad():
+            rows.input_delta.copy_(state["input_delta"])
+            if rows.output_delta is not None:
+                rows.output_delta.copy_(state["output_delta"])
+        setattr(model.get_base_model(), added_tokens.ATTRIBUTE, rows)
+    return model

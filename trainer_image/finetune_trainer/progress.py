@@ -1,0 +1,93 @@
+"""Progress reporting from rank 0: a progress line (bar, step/total, loss, tokens/s, ETA) and a log.
+
+Every log event is appended to ``metrics.jsonl`` in the work directory (``finetune report`` reads it);
+the terminal shows one line per event, redrawn in place on a TTY.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from transformers import TrainerCallback
+
+from .distributed import World
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def bar(fraction: float, width: int = 20) -> str:
+    filled = min(width, round(fraction * width))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+class TokenCounter:
+    """Anything with a running ``tokens`` count (the data collator)."""
+
+    tokens: int
+
+
+class ProgressReporter(TrainerCallback):
+    def __init__(self, world: World, counter: TokenCounter, metrics_path: Path, stream: TextIO | None = None):
+        self.world = world
+        self.counter = counter
+        self.metrics_path = metrics_path
+        self.stream = stream or sys.stderr
+        self.start = time.monotonic()
+        self.start_tokens = 0
+        self.total_steps = 0
+        self.latest: dict[str, Any] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start = time.monotonic()
+        self.start_step = state.global_step
+        self.start_tokens = self.counter.tokens
+        self.total_steps = state.max_steps
+
+    def snapshot(self, step: int) -> dict[str, Any]:
+        elapsed = time.monotonic() - self.start
+        done = step - getattr(self, "start_step", 0)
+        tokens = (self.counter.tokens - self.start_tokens) * self.world.world_size
+        tps = tokens / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else None
+        return {"tokens_per_second": tps, "eta_seconds": eta, "elapsed_seconds": elapsed}
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not self.world.is_main or not logs:
+            return
+        record = {"time": time.time(), "step": state.global_step, "epoch": state.epoch, **logs}
+        if "loss" in logs:
+            record.update(self.snapshot(state.global_step))
+        record["total_steps"] = self.total_steps
+        self.latest.update({k: v for k, v in record.items() if v is not None})
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, default=float) + "\n")
+        self.stream.write(self.line(record) + "\n")
+        self.stream.flush()
+
+    def line(self, record: dict[str, Any]) -> str:
+        step, total = record["step"], max(self.total_steps, 1)
+        parts = [f"{bar(step / total)} {step}/{total}"]
+        if "loss" in record:
+            parts.append(f"loss {record['loss']:.4f}")
+        if "learning_rate" in record:
+            parts.append(f"lr {record['learning_rate']:.2e}")
+        for key in sorted(k for k in record if k.endswith(("_loss", "_perplexity")) and k != "loss"):
+            value = record[key]
+            if isinstance(value, float) and math.isfinite(value):
+                parts.append(f"{key} {value:.4f}")
+        if record.get("tokens_per_second"):
+            parts.append(f"{record['tokens_per_second']:,.0f} tok/s")
+        if record.get("eta_seconds") is not None:
+            parts.append(f"eta {format_duration(record['eta_seconds'])}")
+        return " | ".join(parts)

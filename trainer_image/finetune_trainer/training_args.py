@@ -1,0 +1,143 @@
+"""transformers TrainingArguments and the DeepSpeed config, derived from the spec."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from finetune_operator.api.v1alpha1 import DeepSpeedSpec, FineTuneJobSpec
+from transformers import TrainingArguments
+
+from . import storage
+from .errors import ConfigError
+
+OPTIMIZERS = {
+    "adamw": "adamw_torch",
+    "adamw8bit": "adamw_bnb_8bit",
+    "pagedAdamw8bit": "paged_adamw_8bit",
+    "pagedAdamw32bit": "paged_adamw_32bit",
+    "adafactor": "adafactor",
+    "sgd": "sgd",
+}
+CUDA_ONLY_OPTIMIZERS = ("adamw8bit", "pagedAdamw8bit", "pagedAdamw32bit")
+BEST_METRICS = {
+    "evalLoss": "eval_loss",
+    "perplexity": "eval_perplexity",
+    "accuracy": "eval_accuracy",
+    "f1": "eval_f1",
+    "exactMatch": "eval_exact_match",
+}
+
+
+def deepspeed_config(ds: DeepSpeedSpec, *, base_dir: str | None = None) -> dict[str, Any]:
+    """The generated DeepSpeed config; `auto` values are filled by transformers from the arguments.
+
+    With ``deepspeed.config`` the user's JSON is used instead; ``finetune run`` resolves the ConfigMap
+    reference to a file ``<base_dir>/<name>/<key>`` and the operator mounts it at the same place.
+    """
+    if ds.config is not None:
+        path = storage.local_path(f"{ds.config.name}/{ds.config.key}", base_dir)
+        loaded: dict[str, Any] = json.loads(Path(path).read_text(encoding="utf-8"))
+        return loaded
+    zero: dict[str, Any] = {
+        "stage": ds.zero_stage,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
+    if ds.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.zero_stage == 3:
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": "auto",
+                # transformers sets this to 10 x hidden_size, so even small models are partitioned.
+                "stage3_param_persistence_threshold": "auto",
+                "stage3_gather_16bit_weights_on_model_save": True,
+            }
+        )
+        if ds.offload_params == "cpu":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+    }
+
+
+def precision_flags(precision: str, *, cuda: bool) -> dict[str, bool]:
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def training_arguments(
+    spec: FineTuneJobSpec, *, output_dir: str | Path, base_dir: str | None, has_eval: bool
+) -> TrainingArguments:
+    """TrainingArguments for the spec. Build it before the model: ZeRO-3 partitions at load time."""
+    t = spec.training
+    cuda = torch.cuda.is_available()
+    if t.optimizer in CUDA_ONLY_OPTIMIZERS and not cuda:
+        raise ConfigError(f"spec.training.optimizer {t.optimizer} needs CUDA (bitsandbytes paged/8-bit states)")
+    evaluate = has_eval and t.evaluation.every_steps is not None
+    scheduler = t.scheduler
+    warmup: float = t.warmup_steps if t.warmup_steps is not None else (t.warmup_ratio or 0.0)
+    if scheduler == "constant" and warmup:
+        scheduler = "constant_with_warmup"  # type: ignore[assignment]
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": t.per_device_batch_size,
+        "per_device_eval_batch_size": t.per_device_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": scheduler,
+        "warmup_steps": warmup,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "optim": OPTIMIZERS[t.optimizer],
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "logging_steps": t.log_every_steps,
+        "logging_first_step": True,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None,
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "use_cpu": not cuda,
+        "ddp_backend": None if spec.distributed.backend == "auto" else spec.distributed.backend,
+        "save_strategy": "no",
+        "eval_strategy": "steps" if evaluate else "no",
+        **precision_flags(t.precision, cuda=cuda),
+    }
+    if t.max_steps is not None:
+        kwargs["max_steps"] = t.max_steps
+    else:
+        kwargs["num_train_epochs"] = t.epochs
+    if evaluate:
+        kwargs["eval_steps"] = t.evaluation.every_steps
+    if t.early_stopping is not None and evaluate:
+        # The best model is kept and loaded at the end: checkpoints at every evaluation.
+        kwargs.update(
+            save_strategy="steps",
+            save_steps=t.evaluation.every_steps,
+            save_total_limit=spec.checkpoint.keep_last,
+            load_best_model_at_end=True,
+            metric_for_best_model=BEST_METRICS[t.early_stopping.metric],
+            greater_is_better=t.early_stopping.mode == "max",
+            save_only_model=False,
+        )
+    if spec.distributed.deepspeed is not None:
+        if not cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        kwargs["deepspeed"] = deepspeed_config(spec.distributed.deepspeed, base_dir=base_dir)
+    return TrainingArguments(**kwargs)
