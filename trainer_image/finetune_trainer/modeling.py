@@ -120,7 +120,21 @@ def load_causal_lm(
     if model.attention != "auto":
         kwargs["attn_implementation"] = model.attention
     loaded: PreTrainedModel = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    if source.gguf_file:
+        loaded = _plain_copy(loaded)
     return loaded
+
+
+def _plain_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A GGUF model is dequantized at load, but still flagged as quantized, which transformers refuses
+    to train or save. Rebuild it as a plain model holding the same (dequantized) weights."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain
 
 
 def grow_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

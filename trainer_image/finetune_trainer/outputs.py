@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import storage
 from .methods import added_tokens
@@ -64,17 +64,6 @@ def save_strategy(spec: FineTuneJobSpec) -> tuple[bool, bool]:
     if save == "auto":
         return True, False
     return save in ("adapter", "both"), save in ("merged", "both")
-
-
-def _save_model(model: PreTrainedModel, directory: Path) -> None:
-    try:
-        model.save_pretrained(directory, safe_serialization=True)
-    except (ValueError, RuntimeError):
-        # Models loaded from GGUF refuse save_pretrained; rebuild a plain model from the config and
-        # the same weights, which saves as ordinary safetensors.
-        plain = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
-        plain.load_state_dict(model.state_dict())
-        plain.save_pretrained(directory, safe_serialization=True)
 
 
 def dequantized_copy(peft_model: Any) -> Any:
@@ -126,7 +115,7 @@ def save_outputs(
     if want_merged:
         merged_dir = staging / "merged"
         merged = merged_model(model, quantized=spec.method.type == "qlora")
-        _save_model(merged, merged_dir)
+        merged.save_pretrained(merged_dir, safe_serialization=True)
         tokenizer.save_pretrained(merged_dir)
         saved.append(("model" if spec.method.type == "full" else "merged", "merged"))
     manifest = write_manifest(staging)

@@ -76,8 +76,8 @@ class ProgressReporter(TrainerCallback):
         self.stream.flush()
 
     def line(self, record: dict[str, Any]) -> str:
-        step, total = record["step"], max(self.total_steps, 1)
-        parts = [f"{bar(step / total)} {step}/{total}"]
+        step, total = record["step"], self.total_steps
+        parts = [f"{bar(step / total)} {step}/{total}" if total else "before training"]
         if "loss" in record:
             parts.append(f"loss {record['loss']:.4f}")
         if "learning_rate" in record:

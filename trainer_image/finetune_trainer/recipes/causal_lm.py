@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finetune_operator.api.v1alpha1 import DataSpec
 from finetune_operator.trainer_config import TrainerConfig
-from transformers import PrinterCallback, Trainer
+from transformers import PrinterCallback, Trainer, set_seed
 from transformers.trainer_utils import EvalLoopOutput
 
 from .. import distributed, methods, modeling, storage
@@ -51,8 +52,7 @@ class CausalLMTrainer(Trainer):
         return output
 
 
-def _examples(records: list[Record], tokenizer: Any, config: TrainerConfig, *, for_training: bool) -> list[Example]:
-    data = config.spec.data
+def _examples(records: list[Record], tokenizer: Any, data: DataSpec, *, for_training: bool) -> list[Example]:
     if for_training and data.packing:
         if data.format == "text":
             return pack_documents(records, tokenizer, data)
@@ -98,12 +98,15 @@ def run(config: TrainerConfig) -> dict[str, Any]:
     # 3. Tokenizer, examples, model, method.
     source = modeling.resolve_source(spec.model, base_dir=config.base_dir, cache_dir=work / "cache", world=world)
     tokenizer = modeling.load_tokenizer(source, spec.model)
-    train_examples = _examples(train_records, tokenizer, config, for_training=True)
-    eval_examples = _examples(eval_records, tokenizer, config, for_training=False)
-    general_examples = _examples(general_records, tokenizer, config, for_training=False)
+    train_examples = _examples(train_records, tokenizer, data, for_training=True)
+    eval_examples = _examples(eval_records, tokenizer, data, for_training=False)
+    # General text is plain text whatever the task's format.
+    general_data = data.model_copy(update={"format": "text"})
+    general_examples = _examples(general_records, tokenizer, general_data, for_training=False)
     total_steps = planned_steps(config, len(train_examples), world.world_size)
 
     ctx = methods.MethodContext(spec=spec, tokenizer=tokenizer, total_steps=total_steps)
+    set_seed(spec.training.seed)  # the same initial adapter weights on every rank and every run
     model = modeling.load_causal_lm(
         source,
         spec.model,
@@ -140,7 +143,12 @@ def run(config: TrainerConfig) -> dict[str, Any]:
     trainer.remove_callback(PrinterCallback)  # our ProgressReporter prints instead
 
     # 4. Train, measuring held-out and general perplexity before and after.
-    summary: dict[str, Any] = {"job": config.job.model_dump(), "method": spec.method.type, "task": spec.task.type}
+    summary: dict[str, Any] = {
+        "job": config.job.model_dump(),
+        "method": spec.method.type,
+        "task": spec.task.type,
+        "world_size": world.world_size,
+    }
     before = _evaluate(trainer, eval_examples, general_examples)
     result = trainer.train()
     after = _evaluate(trainer, eval_examples, general_examples)

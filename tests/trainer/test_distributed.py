@@ -1,0 +1,45 @@
+"""Two CPU ranks under torchrun (gloo): DDP with LoRA and full, DeepSpeed ZeRO-2 and ZeRO-3, QLoRA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import RunResult, assert_loss_falls
+from tiny import job_manifest
+
+CASES: dict[str, dict[str, Any]] = {
+    "ddp-lora": {},
+    "ddp-full": {"method": {"type": "full"}, "training__learningRate": 1e-3},
+    "zero2-lora": {"distributed__deepspeed": {"zeroStage": 2}},
+    "zero3-full": {
+        "method": {"type": "full"},
+        "training__learningRate": 1e-3,
+        "distributed__deepspeed": {"zeroStage": 3},
+    },
+    "zero3-lora": {"distributed__deepspeed": {"zeroStage": 3}},
+    "ddp-qlora": {
+        "method": {
+            "type": "qlora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "quantization": {"computeDtype": "fp32"},
+        },
+        "model__dtype": "bf16",
+        "training__gradientCheckpointing": True,
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks(case: str, tiny_model: Path, train_jsonl: Path, finetune_run: Callable[..., RunResult]) -> None:
+    manifest = job_manifest(case, tiny_model, train_jsonl, **CASES[case])
+    result = finetune_run(manifest, "--nproc", "2")
+    assert_loss_falls(result)
+    summary = result.summary()
+    assert summary["world_size"] == 2
+    if "zero3" in case:
+        # ZeRO-3 really partitioned the parameters: each rank holds only its shard.
+        assert summary["zero3_partitioned_parameters"] > 0, summary
+    assert summary["artifacts"]
