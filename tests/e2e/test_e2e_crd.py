@@ -152,3 +152,33 @@ def test_cel_rule_epochs_xor_max_steps_is_enforced(
         cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(bad))
         for key in only:
             del training[key]
+
+
+def _invalid_table() -> list[tuple[str, dict[str, Any], str, str]]:
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "unit"))
+    from test_api_validation import INVALID
+
+    return INVALID
+
+
+@pytest.mark.parametrize(
+    ("case", "changes", "path"), [c[:3] for c in _invalid_table()], ids=[c[0] for c in _invalid_table()]
+)
+def test_api_server_refuses_what_python_refuses(
+    cluster: Cluster, crd: dict[str, Any], case: str, changes: dict[str, Any], path: str
+) -> None:
+    """Parity of the two enforcements: every manifest `finetune validate` refuses, the API server
+    refuses too (schema bounds or CEL), and its error names the same field."""
+    from test_api_validation import mutate
+
+    manifest = mutate(changes)
+    result = cluster.kubectl_result(
+        "apply", "--dry-run=server", "--validate=strict", "-n", "default", "-f", "-", input=json.dumps(manifest)
+    )
+    assert result.returncode != 0, f"{case}: the API server accepted a manifest Python refuses"
+    if case == "wrong-api-version":
+        assert "no matches for kind" in result.stderr, result.stderr
+        return
+    assert path in result.stderr, f"{case}: the API server's error does not name {path}:\n{result.stderr}"

@@ -59,17 +59,18 @@ class RunResult:
 def finetune_run(tmp_path: Path) -> Callable[..., RunResult]:
     """Run `finetune run MANIFEST` as a user does (a subprocess, torchrun underneath)."""
 
-    def run(manifest: dict[str, Any], *extra: str, name: str | None = None) -> RunResult:
+    def run(
+        manifest: dict[str, Any], *extra: str, name: str | None = None, env: dict[str, str] | None = None
+    ) -> RunResult:
         job_file = tiny.write_manifest(tmp_path / f"{name or manifest['metadata']['name']}.yaml", manifest)
         workdir = tmp_path / f"run-{manifest['metadata']['name']}"
         exe = Path(sys.executable).with_name("finetune")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.run(
             [str(exe), "run", str(job_file), "--workdir", str(workdir), *extra],
             capture_output=True,
             text=True,
             timeout=RUN_TIMEOUT,
-            env=env,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             check=False,
         )
         return RunResult(proc.returncode, proc.stdout + proc.stderr, workdir)

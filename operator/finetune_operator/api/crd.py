@@ -95,8 +95,9 @@ def _default_of(model: type[BaseModel], name: str) -> tuple[bool, Any]:
     else:
         value = field.default
     if isinstance(value, BaseModel):
-        # An empty object: the API server then fills in the nested defaults.
-        return True, {}
+        # The object with every nested default written out: the API server validates a default
+        # against the CEL rules as it stands, without filling in nested defaults first.
+        return True, value.model_dump(by_alias=True, exclude_none=True, mode="json")
     if isinstance(value, (list, dict)) and not value:
         return False, None
     return True, value

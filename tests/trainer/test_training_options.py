@@ -1,0 +1,103 @@
+"""Hyperparameters reach transformers as the spec says; early stopping keeps and loads the best model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import RunResult
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_trainer.errors import ConfigError
+from finetune_trainer.training_args import deepspeed_config, training_arguments
+from tiny import job_manifest, read_metrics
+
+
+def spec(**training: Any) -> FineTuneJobSpec:
+    return FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "org/m"},
+            "data": {"train": {"uri": "t.jsonl"}, "evalSplit": 0.1},
+            "training": {"maxSteps": 10, **training},
+        }
+    )
+
+
+def test_hyperparameters_map_to_training_arguments(tmp_path: Path) -> None:
+    args = training_arguments(
+        spec(
+            learningRate=1e-4,
+            scheduler="linear",
+            warmupRatio=0.1,
+            perDeviceBatchSize=3,
+            gradientAccumulationSteps=4,
+            weightDecay=0.01,
+            maxGradNorm=0.5,
+            seed=5,
+            gradientCheckpointing=True,
+            evaluation={"everySteps": 5},
+            optimizer="adafactor",
+        ),
+        output_dir=tmp_path,
+        base_dir=None,
+        has_eval=True,
+    )
+    assert (args.learning_rate, args.lr_scheduler_type.value, args.warmup_steps) == (1e-4, "linear", 0.1)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (3, 4)
+    assert (args.weight_decay, args.max_grad_norm, args.seed, args.max_steps) == (0.01, 0.5, 5, 10)
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert (args.eval_strategy.value, args.eval_steps, args.optim.value) == ("steps", 5, "adafactor")
+    constant = training_arguments(
+        spec(scheduler="constant", warmupSteps=3), output_dir=tmp_path, base_dir=None, has_eval=False
+    )
+    assert (constant.lr_scheduler_type.value, constant.warmup_steps, constant.eval_strategy.value) == (
+        "constant_with_warmup",
+        3,
+        "no",
+    )
+
+
+def test_cuda_only_optimizer_is_refused_on_cpu(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="pagedAdamw8bit needs CUDA"):
+        training_arguments(spec(optimizer="pagedAdamw8bit"), output_dir=tmp_path, base_dir=None, has_eval=False)
+
+
+def test_deepspeed_config_follows_the_spec() -> None:
+    s = FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "m"},
+            "data": {"train": {"uri": "t"}},
+            "training": {"epochs": 1},
+            "distributed": {"deepspeed": {"zeroStage": 3, "offloadOptimizer": "cpu", "offloadParams": "cpu"}},
+        }
+    )
+    assert s.distributed.deepspeed is not None
+    zero = deepspeed_config(s.distributed.deepspeed)["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert zero["stage3_param_persistence_threshold"] == "auto"
+
+
+def test_early_stopping_loads_the_best_model(
+    tiny_model: Path, train_jsonl: Path, finetune_run: Callable[..., RunResult]
+) -> None:
+    manifest = job_manifest(
+        "early-stop",
+        tiny_model,
+        train_jsonl,
+        data__evalSplit=0.1,
+        training__evaluation={"everySteps": 2},
+        # No later evaluation can beat the first by 10 nats: training stops after `patience` evaluations.
+        training__earlyStopping={"metric": "evalLoss", "patience": 1, "threshold": 10.0},
+    )
+    result = finetune_run(manifest)
+    assert result.returncode == 0, result.output[-5000:]
+    summary = result.summary()
+    assert summary["steps"] <= 4 < 20
+    evals = {m["step"]: m["eval_loss"] for m in read_metrics(result.workdir) if "eval_loss" in m and m["step"] > 0}
+    best_step = min(evals, key=lambda step: evals[step])
+    assert summary["best_checkpoint"].endswith(f"checkpoint-{best_step}")
+    # The best model was loaded at the end: evaluating it again gives the best evaluation's loss.
+    assert abs(summary["after"]["eval_loss"] - evals[best_step]) < 1e-5
+    assert "eval_perplexity" in summary["after"]
