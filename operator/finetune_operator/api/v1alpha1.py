@@ -904,6 +904,16 @@ class ResourcesSpec(SpecModel):
     env: list[EnvVar] = Field(
         default_factory=list, max_length=256, description="Extra environment variables for the trainer."
     )
+    pod_labels: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Extra labels on the trainer pods (the operator's own finetune.io/* labels win).",
+    )
+    pod_annotations: dict[str, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Extra annotations on the trainer pods (e.g. for a service mesh or log shipper).",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
