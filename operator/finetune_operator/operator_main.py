@@ -1,0 +1,72 @@
+"""``finetune-operator``: run the operator in a cluster (service account) or outside (kubeconfig)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import kopf
+from prometheus_client import start_http_server
+
+from . import builders, k8s_io
+
+DEFAULT_METRICS_PORT = 8080
+DEFAULT_HEALTH_PORT = 8081
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__)
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], help="Watch this namespace (repeatable).")
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="Watch every namespace (default).")
+    parser.add_argument(
+        "--trainer-image",
+        default=builders.OperatorSettings.trainer_image,
+        help="Image of the trainer pods (a job's spec.resources.image overrides it).",
+    )
+    parser.add_argument(
+        "--image-pull-policy",
+        choices=["Always", "IfNotPresent", "Never"],
+        help="Override every job's spec.resources.imagePullPolicy.",
+    )
+    parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="Prometheus /metrics port.")
+    parser.add_argument(
+        "--health-port", type=int, default=DEFAULT_HEALTH_PORT, help="Liveness/readiness endpoint port (/healthz)."
+    )
+    parser.add_argument("--kubeconfig", help="Kubeconfig outside a cluster (default: KUBECONFIG, ~/.kube/config).")
+    parser.add_argument("--verbose", "-v", action="store_true", help="Debug logging.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from . import handlers  # registers the kopf handlers
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
+    k8s_io.load_config(args.kubeconfig)
+    handlers.State.kube = k8s_io.Kube()
+    handlers.State.settings = builders.OperatorSettings(
+        trainer_image=args.trainer_image, image_pull_policy=args.image_pull_policy
+    )
+    start_http_server(args.metrics_port)
+
+    @kopf.on.startup()
+    def configure(settings: kopf.OperatorSettings, **_: object) -> None:
+        # Our CRD's status schema has no room for kopf's bookkeeping: keep it in annotations.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.finetune.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.finetune.io")
+        # The operator posts its own events on phase transitions; not one per handler run.
+        settings.posting.enabled = False
+        settings.watching.server_timeout = 300
+        settings.execution.max_workers = 16
+
+    kopf.run(
+        standalone=True,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""The operator against a real control plane: FineTuneJob → training gang → status, through failures.
+
+The operator runs as a local process with the admin kubeconfig; kwok plays the kubelets, and pod
+annotations (hack/testcluster/README.md) decide when a trainer pod completes or fails and with which
+exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import Cluster
+
+REPO = Path(__file__).resolve().parents[2]
+HOLD = "testcluster.finetune.io/hold"
+A = "testcluster.finetune.io/"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Operator:
+    def __init__(self, cluster: Cluster, log: Path):
+        self.cluster = cluster
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = 0
+
+    def start(self) -> None:
+        self.metrics_port, health = _free_port(), _free_port()
+        exe = Path(sys.executable).with_name("finetune-operator")
+        env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig)}
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        self.proc = subprocess.Popen(
+            [
+                str(exe),
+                "--all-namespaces",
+                "--trainer-image",
+                "trainer:e2e",
+                "--metrics-port",
+                str(self.metrics_port),
+                "--health-port",
+                str(health),
+            ],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.cluster.wait_for("the operator's /healthz", lambda: self._healthy(health), timeout=60)
+
+    def _healthy(self, port: int) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, f"operator exited; see {self.log}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+            return r.status == 200
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def crd_installed(cluster: Cluster) -> None:
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    cluster.wait_for("FineTuneJob CRD served", lambda: cluster.kubectl_result("get", "ftj", "-A").returncode == 0)
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Cluster, crd_installed: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    op = Operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+    yield op
+    op.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def ns(cluster: Cluster) -> Iterator[str]:
+    name = f"ftj-{uuid.uuid4().hex[:8]}"
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+def manifest(name: str, *, nodes: int = 2, hold: bool = True, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": {"uri": "org/model"},
+        "data": {"train": {"uri": "s3://data/train.jsonl"}},
+        "training": {"maxSteps": 100},
+        "distributed": {"nodes": nodes, "procsPerNode": 2},
+        "resources": {"gpusPerNode": 2, "podAnnotations": {HOLD: "true"} if hold else {}},
+        "checkpoint": {"uri": "s3://ckpt", "credentials": {"name": "s3-creds"}},
+    }
+    for key, value in spec.items():
+        body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
+    return {"apiVersion": "finetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+
+
+def status(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
+    out: dict[str, Any] = cluster.get_json("ftj", name, namespace=ns).get("status") or {}
+    return out
+
+
+def wait_phase(cluster: Cluster, ns: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    return cluster.wait_for(
+        f"{ns}/{name} phase {phase}",
+        lambda: (s := status(cluster, ns, name)).get("phase") == phase and s,
+        timeout=timeout,
+    )
+
+
+def pods(cluster: Cluster, ns: str, job: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = cluster.get_json("pods", "-l", f"job-name={job}", namespace=ns)["items"]
+    return sorted(items, key=lambda p: p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
+
+
+def running_pods(cluster: Cluster, ns: str, job: str, n: int) -> list[dict[str, Any]]:
+    return cluster.wait_for(
+        f"{n} running pods of {ns}/{job}",
+        lambda: len(ps := [p for p in pods(cluster, ns, job) if p["status"].get("phase") == "Running"]) == n and ps,
+        timeout=60,
+    )
+
+
+def annotate(cluster: Cluster, ns: str, pod: str, *pairs: str) -> None:
+    cluster.kubectl("annotate", "--overwrite", "-n", ns, "pod", pod, *pairs)
+
+
+def release(cluster: Cluster, ns: str, job: str) -> None:
+    for p in pods(cluster, ns, job):
+        annotate(cluster, ns, p["metadata"]["name"], f"{HOLD}-")
+
+
+def fail(cluster: Cluster, ns: str, pod: str, code: int, reason: str = "Error", message: str = "") -> None:
+    annotate(
+        cluster,
+        ns,
+        pod,
+        f"{A}fail=true",
+        f"{A}exit-code={code}",
+        f"{A}reason={reason}",
+        f"{A}message={message}",
+        f"{HOLD}-",
+    )
+
+
+def test_create_run_succeed(cluster: Cluster, operator: Operator, ns: str) -> None:
+    cluster.apply(manifest("llm"), namespace=ns)
+    job = cluster.wait_for("Job llm-a0", lambda: cluster.get_json("job", "llm-a0", namespace=ns), timeout=30)
+    for kind, name in [
+        ("configmap", "llm-config"),
+        ("service", "llm"),
+        ("serviceaccount", "llm-trainer"),
+        ("role", "llm-trainer"),
+        ("rolebinding", "llm-trainer"),
+    ]:
+        obj = cluster.get_json(kind, name, namespace=ns)
+        assert obj["metadata"]["ownerReferences"][0]["name"] == "llm"
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    running = running_pods(cluster, ns, "llm-a0", 2)
+    for index, p in enumerate(running):
+        assert p["spec"]["hostname"] == f"llm-a0-{index}" and p["spec"]["subdomain"] == "llm"
+        env = {e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]}
+        assert env["MASTER_ADDR"] == "llm-a0-0.llm" and env["FINETUNE_JOB_NAME"] == "llm"
+        assert p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == str(index)
+    s = wait_phase(cluster, ns, "llm", "Running")
+    assert s["startTime"] and s["observedGeneration"] == 1
+    release(cluster, ns, "llm-a0")
+    s = wait_phase(cluster, ns, "llm", "Succeeded")
+    assert s["completionTime"] and s["restarts"] == 0
+    kinds = {c["type"]: c["status"] for c in s["conditions"]}
+    assert kinds == {"Created": "True", "Running": "False", "Succeeded": "True"}
+    columns = cluster.kubectl("get", "ftj", "llm", "-n", ns)
+    assert "Succeeded" in columns
+    events = cluster.get_json("events", "--field-selector", "involvedObject.name=llm", namespace=ns)["items"]
+    assert {"Creating", "AllPodsRunning", "Completed"} <= {e["reason"] for e in events}
+    assert "finetune_operator_jobs_created_total" in operator.metrics()
+
+
+def test_retriable_failure_restarts_the_gang(cluster: Cluster, operator: Operator, ns: str) -> None:
+    cluster.apply(manifest("llm", runPolicy={"backoffLimit": 2}), namespace=ns)
+    first = running_pods(cluster, ns, "llm-a0", 2)
+    fail(cluster, ns, first[1]["metadata"]["name"], 137, "OOMKilled", "CUDA out of memory")
+    s = cluster.wait_for("restart count 1", lambda: (x := status(cluster, ns, "llm")).get("restarts") == 1 and x)
+    assert s["lastFailure"]["reason"] == "OOMKilled" and s["lastFailure"]["exitCode"] == 137
+    second = running_pods(cluster, ns, "llm-a1", 2)
+    assert {p["spec"]["hostname"] for p in second} == {"llm-a1-0", "llm-a1-1"}
+    assert cluster.kubectl_result("get", "job", "llm-a0", "-n", ns).returncode != 0, "the failed gang was not replaced"
+    release(cluster, ns, "llm-a1")
+    s = wait_phase(cluster, ns, "llm", "Succeeded")
+    assert s["restarts"] == 1
+    restarting = next(c for c in s["conditions"] if c["type"] == "Restarting")
+    assert restarting["status"] == "False" and restarting["reason"] == "Succeeded"
+
+
+def test_permanent_exit_code_fails_at_once(cluster: Cluster, operator: Operator, ns: str) -> None:
+    cluster.apply(manifest("llm"), namespace=ns)
+    first = running_pods(cluster, ns, "llm-a0", 2)
+    fail(cluster, ns, first[0]["metadata"]["name"], 3, "Error", "train.jsonl:7: missing column completion")
+    s = wait_phase(cluster, ns, "llm", "Failed")
+    failed = next(c for c in s["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidData" and "train.jsonl:7" in failed["message"]
+    assert s["restarts"] == 0 and s["lastFailure"]["exitCode"] == 3
+
+
+def test_backoff_exhausted_fails(cluster: Cluster, operator: Operator, ns: str) -> None:
+    cluster.apply(manifest("llm", runPolicy={"backoffLimit": 0}), namespace=ns)
+    first = running_pods(cluster, ns, "llm-a0", 2)
+    fail(cluster, ns, first[0]["metadata"]["name"], 1)
+    s = wait_phase(cluster, ns, "llm", "Failed")
+    assert next(c for c in s["conditions"] if c["type"] == "Failed")["reason"] == "BackoffLimitExceeded"
+
+
+def test_suspend_and_resume(cluster: Cluster, operator: Operator, ns: str) -> None:
+    cluster.apply(manifest("llm", runPolicy={"suspend": True}), namespace=ns)
+    wait_phase(cluster, ns, "llm", "Suspended")
+    assert cluster.get_json("job", "llm-a0", namespace=ns)["spec"]["suspend"] is True
+    assert pods(cluster, ns, "llm-a0") == []
+    cluster.kubectl("patch", "ftj", "llm", "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    running_pods(cluster, ns, "llm-a0", 2)
+    wait_phase(cluster, ns, "llm", "Running")
+    cluster.kubectl("patch", "ftj", "llm", "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    wait_phase(cluster, ns, "llm", "Suspended")
+    cluster.wait_for("pods gone after suspend", lambda: pods(cluster, ns, "llm-a0") == [], timeout=60)
+
+
+def test_deadline_exceeded(cluster: Cluster, operator: Operator, ns: str) -> None:
+    cluster.apply(manifest("llm", runPolicy={"activeDeadlineSeconds": 4}), namespace=ns)
+    s = wait_phase(cluster, ns, "llm", "Failed", timeout=60)
+    assert next(c for c in s["conditions"] if c["type"] == "Failed")["reason"] == "DeadlineExceeded"
+
+
+def test_ttl_deletes_finished_job_and_children(cluster: Cluster, operator: Operator, ns: str) -> None:
+    cluster.apply(manifest("llm", hold=False, runPolicy={"ttlSecondsAfterFinished": 2}), namespace=ns)
+    cluster.wait_for(
+        "the finished FineTuneJob deleted by its TTL",
+        lambda: cluster.kubectl_result("get", "ftj", "llm", "-n", ns).returncode != 0,
+        timeout=60,
+    )
+    for kind in ("configmap", "service", "serviceaccount", "role", "rolebinding", "job"):
+        cluster.wait_for(
+            f"{kind}s of llm garbage-collected",
+            lambda kind=kind: not cluster.get_json(kind, "-l", "finetune.io/job=llm", namespace=ns)["items"],
+            timeout=60,
+        )
+
+
+def test_delete_removes_every_child(cluster: Cluster, operator: Operator, ns: str) -> None:
+    cluster.apply(manifest("llm"), namespace=ns)
+    running_pods(cluster, ns, "llm-a0", 2)
+    cluster.kubectl("delete", "ftj", "llm", "-n", ns, "--wait=false")
+    for kind in ("configmap", "service", "serviceaccount", "role", "rolebinding", "job", "pod"):
+        cluster.wait_for(
+            f"{kind}s of llm garbage-collected",
+            lambda kind=kind: not cluster.get_json(kind, "-l", "finetune.io/job=llm", namespace=ns)["items"],
+            timeout=90,
+        )
+
+
+def test_same_name_in_two_namespaces(cluster: Cluster, operator: Operator, ns: str) -> None:
+    other = f"{ns}-b"
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": other}})
+    try:
+        cluster.apply(manifest("twin"), namespace=ns)
+        cluster.apply(manifest("twin", runPolicy={"backoffLimit": 0}), namespace=other)
+        running_pods(cluster, ns, "twin-a0", 2)
+        other_pods = running_pods(cluster, other, "twin-a0", 2)
+        fail(cluster, other, other_pods[0]["metadata"]["name"], 1)
+        wait_phase(cluster, other, "twin", "Failed")
+        release(cluster, ns, "twin-a0")
+        wait_phase(cluster, ns, "twin", "Succeeded")
+        assert status(cluster, other, "twin")["phase"] == "Failed"
+    finally:
+        cluster.kubectl("delete", "namespace", other, "--wait=false")
+
+
+def test_restricted_pod_security_admits_trainer_pods(cluster: Cluster, operator: Operator, ns: str) -> None:
+    cluster.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted", "--overwrite")
+    cluster.apply(manifest("llm"), namespace=ns)
+    running = running_pods(cluster, ns, "llm-a0", 2)
+    volumes = {v["name"]: v for v in running[0]["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+
+
+def test_operator_killed_mid_creation_converges_without_duplicates(
+    cluster: Cluster, operator: Operator, ns: str
+) -> None:
+    op = operator
+    names = [f"burst-{i}" for i in range(12)]
+    # No GPUs: a dozen gangs must fit on the kwok nodes beside what earlier tests leave behind.
+    burst = [manifest(n, nodes=1, resources={"gpusPerNode": 0}) for n in names]
+    cluster.apply({"apiVersion": "v1", "kind": "List", "items": burst}, namespace=ns)
+    # Kill it while it is part-way through: some jobs have children, some do not yet.
+    cluster.wait_for(
+        "the operator to start creating children",
+        lambda: (
+            len(
+                cluster.get_json("configmaps", "-l", "app.kubernetes.io/managed-by=finetune-operator", namespace=ns)[
+                    "items"
+                ]
+            )
+            >= 1
+        ),
+        timeout=30,
+    )
+    op.kill(signal.SIGKILL)
+    partial = len(cluster.get_json("jobs", namespace=ns)["items"])
+    op.start()  # the same operator, restarted: the module's later tests go on with it
+    try:
+        for name in names:
+            wait_phase(cluster, ns, name, "Running", timeout=120)
+        for kind in ("jobs", "configmaps", "services", "serviceaccounts", "roles", "rolebindings"):
+            items = cluster.get_json(kind, "-l", "app.kubernetes.io/managed-by=finetune-operator", namespace=ns)[
+                "items"
+            ]
+            owners = [i["metadata"]["labels"]["finetune.io/job"] for i in items]
+            assert sorted(owners) == sorted(names), f"{kind}: {owners}"
+        assert partial <= len(names)
+    finally:
+        assert op.proc is not None and op.proc.poll() is None, "the restarted operator died"
+
+
+def test_operator_metrics(operator: Operator) -> None:
+    text = operator.metrics()
+    for name in (
+        "finetune_operator_jobs",
+        "finetune_operator_jobs_created_total",
+        "finetune_operator_reconcile_duration_seconds_bucket",
+        "finetune_operator_jobs_restarted_total",
+    ):
+        assert name in text, name
+    assert json.dumps(text)  # served as text, parseable

@@ -1,0 +1,130 @@
+"""FineTuneJob → children, without a cluster."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from finetune_operator import builders
+from finetune_operator.api.validation import validate_object
+from finetune_operator.api.v1alpha1 import FineTuneJob
+from finetune_operator.trainer_config import PERMANENT_EXIT_CODES, TrainerConfig
+
+UID = "0f7c6a4e-1111-2222-3333-444455556666"
+SETTINGS = builders.OperatorSettings(trainer_image="registry.example/trainer:1.2.3")
+
+
+def ftj(**spec: Any) -> FineTuneJob:
+    base: dict[str, Any] = {
+        "model": {"uri": "org/model"},
+        "data": {"train": {"uri": "s3://b/train.jsonl"}},
+        "training": {"maxSteps": 10},
+        "distributed": {"nodes": 2, "procsPerNode": 4},
+        "resources": {"gpusPerNode": 4, "cpu": 16, "memory": "128Gi"},
+        "checkpoint": {"uri": "s3://ckpt", "credentials": {"name": "s3-creds"}, "endpointUrl": "http://minio:9000"},
+    }
+    base.update(spec)
+    return validate_object(
+        {"apiVersion": "finetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "llm"}, "spec": base}
+    )
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_indexed_job_wires_a_torchrun_gang() -> None:
+    job = builders.job(ftj(), "ml", UID, 0, SETTINGS)
+    spec = job["spec"]
+    assert job["metadata"]["name"] == "llm-a0"
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (
+        "Indexed", 2, 2, 0
+    )
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "llm" and pod["restartPolicy"] == "Never"
+    [container] = pod["containers"]
+    assert container["image"] == "registry.example/trainer:1.2.3"
+    argv = container["command"]
+    assert argv[:3] == ["python", "-m", "finetune_trainer.launch"]
+    assert {"--nnodes=2", "--nproc-per-node=4", "--node-rank=$(JOB_COMPLETION_INDEX)",
+            "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"} <= set(argv)
+    assert argv[-4:] == ["-m", "finetune_trainer", "--config", "/etc/finetune/trainer-config.json"]
+    env = env_of(container)
+    # Rank 0's stable hostname through the headless Service.
+    assert env["MASTER_ADDR"] == "llm-a0-0.llm" and env["MASTER_PORT"] == "29500"
+    assert env["FINETUNE_JOB_NAME"] == "llm" and env["FINETUNE_METRICS_PORT"] == "9410"
+    assert env["FINETUNE_JOB_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "4", "cpu": "16", "memory": "128Gi"}
+    assert [p["containerPort"] for p in container["ports"]] == [29500, 9410, 9411, 9412, 9413]
+
+
+def test_pods_meet_the_restricted_pod_security_standard() -> None:
+    pod = builders.job(ftj(), "ml", UID, 0, SETTINGS)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = pod["containers"][0]["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+
+
+def test_pod_failure_policy_fails_fast_on_permanent_codes_and_counts_disruptions() -> None:
+    rules = builders.job(ftj(), "ml", UID, 0, SETTINGS)["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob"
+    assert rules[0]["onExitCodes"]["values"] == sorted(PERMANENT_EXIT_CODES)
+    assert rules[1] == {"action": "Count", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+
+
+def test_scheduling_fields_queue_and_suspend_pass_through() -> None:
+    job = builders.job(
+        ftj(
+            resources={
+                "gpusPerNode": 8, "nodeSelector": {"pool": "h100"}, "priorityClassName": "training",
+                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {}}},
+                "imagePullSecrets": [{"name": "regcred"}], "image": "mine:1",
+                "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+                "podAnnotations": {"sidecar.istio.io/inject": "false"},
+            },
+            runPolicy={"queueName": "gpu-queue"},
+        ),
+        "ml", UID, 2, SETTINGS,
+    )
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "h100"} and pod["priorityClassName"] == "training"
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["affinity"] and pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["containers"][0]["image"] == "mine:1"
+    assert env_of(pod["containers"][0])["NCCL_DEBUG"] == "INFO"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    # Kueue admits a queued Job by unsuspending it.
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["name"] == "llm-a2"
+    assert job["spec"]["template"]["metadata"]["labels"]["finetune.io/attempt"] == "2"
+    assert job["spec"]["template"]["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+
+
+def test_children_are_owned_and_the_role_is_least_privilege() -> None:
+    kids = {c["kind"]: c for c in builders.children(ftj(), "ml", UID, SETTINGS)}
+    assert set(kids) == {"ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding"}
+    for child in kids.values():
+        [owner] = child["metadata"]["ownerReferences"]
+        assert owner == {"apiVersion": "finetune.io/v1alpha1", "kind": "FineTuneJob", "name": "llm", "uid": UID,
+                         "controller": True, "blockOwnerDeletion": True}
+    assert kids["Role"]["rules"] == [
+        {"apiGroups": ["finetune.io"], "resources": ["finetunejobs/status"], "resourceNames": ["llm"],
+         "verbs": ["get", "patch"]}
+    ]
+    assert kids["Service"]["spec"]["clusterIP"] == "None"
+    assert kids["Service"]["spec"]["publishNotReadyAddresses"] is True
+    config = TrainerConfig.model_validate(json.loads(kids["ConfigMap"]["data"]["trainer-config.json"]))
+    assert config.job.namespace == "ml" and config.checkpoint_dir == "s3://ckpt/ml/llm"
+
+
+def test_no_wildcards_and_no_shell() -> None:
+    job = builders.job(ftj(), "ml", UID, 0, SETTINGS)
+    text = json.dumps([job, *builders.children(ftj(), "ml", UID, SETTINGS)])
+    assert '"*"' not in text
+    assert "sh" not in job["spec"]["template"]["spec"]["containers"][0]["command"][:2]
