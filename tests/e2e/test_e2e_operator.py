@@ -8,12 +8,7 @@ exit code.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,75 +17,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from conftest import Cluster
+    from conftest import Cluster, Operator
 
 REPO = Path(__file__).resolve().parents[2]
 HOLD = "testcluster.finetune.io/hold"
 A = "testcluster.finetune.io/"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Operator:
-    def __init__(self, cluster: Cluster, log: Path):
-        self.cluster = cluster
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.metrics_port = 0
-
-    def start(self) -> None:
-        self.metrics_port, health = _free_port(), _free_port()
-        exe = Path(sys.executable).with_name("finetune-operator")
-        env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig)}
-        env.pop("KUBERNETES_SERVICE_HOST", None)
-        self.proc = subprocess.Popen(
-            [
-                str(exe),
-                "--all-namespaces",
-                "--trainer-image",
-                "trainer:e2e",
-                "--metrics-port",
-                str(self.metrics_port),
-                "--health-port",
-                str(health),
-            ],
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        self.cluster.wait_for("the operator's /healthz", lambda: self._healthy(health), timeout=60)
-
-    def _healthy(self, port: int) -> bool:
-        assert self.proc is not None and self.proc.poll() is None, f"operator exited; see {self.log}"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-            return r.status == 200
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            return r.read().decode()
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def crd_installed(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    cluster.wait_for("FineTuneJob CRD served", lambda: cluster.kubectl_result("get", "ftj", "-A").returncode == 0)
-
-
-@pytest.fixture(scope="module")
-def operator(cluster: Cluster, crd_installed: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    op = Operator(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
-    op.start()
-    yield op
-    op.kill(signal.SIGTERM)
 
 
 @pytest.fixture
@@ -349,3 +280,25 @@ def test_operator_metrics(operator: Operator) -> None:
     ):
         assert name in text, name
     assert json.dumps(text)  # served as text, parseable
+
+
+def test_immutable_fields_are_refused_and_mutable_ones_accepted(cluster: Cluster, crd_installed: None, ns: str) -> None:
+    cluster.apply(manifest("llm", runPolicy={"suspend": True}), namespace=ns)
+    for patch, field in [
+        ({"model": {"uri": "org/other-model"}}, "spec.model"),
+        ({"method": {"type": "full"}}, "spec.method"),
+        ({"training": {"maxSteps": 5}}, "spec.training"),
+        ({"distributed": {"nodes": 4}}, "spec.distributed"),
+        ({"checkpoint": {"uri": "s3://elsewhere"}}, "spec.checkpoint.uri"),
+    ]:
+        result = cluster.kubectl_result(
+            "patch", "ftj", "llm", "-n", ns, "--type=merge", "-p", json.dumps({"spec": patch})
+        )
+        assert result.returncode != 0, f"{field} changed"
+        assert f"{field} cannot change after the job is created" in result.stderr, result.stderr
+    for patch in [
+        {"runPolicy": {"suspend": False, "backoffLimit": 7}},
+        {"resources": {"podLabels": {"team": "nlp"}}},
+        {"output": {"uri": "s3://models/llm"}},
+    ]:
+        cluster.kubectl("patch", "ftj", "llm", "-n", ns, "--type=merge", "-p", json.dumps({"spec": patch}))

@@ -161,7 +161,10 @@ class _Converter:
         if "description" in node:
             out["description"] = node["description"]
         for key, value in node.items():
-            if key.startswith("x-kubernetes-"):
+            if key == "x-kubernetes-validations":
+                # Field-level rules (e.g. immutability) join the rules of the field's model.
+                out[key] = [*out.get(key, []), *value]
+            elif key.startswith("x-kubernetes-"):
                 out[key] = value
         return out
 

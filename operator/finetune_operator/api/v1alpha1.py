@@ -32,15 +32,15 @@ MAX_NAME_LENGTH = 50
 # Reusable constrained types
 # --------------------------------------------------------------------------------------------------
 
-_SCHEMES = "s3|gs|gcs|az|abfs|abfss|file"
+_SCHEMES = "s3|gs|gcs|az|abfs|abfss|file"  # file:// may also be followed by an absolute path
 #: Object storage or filesystem location: ``s3://bucket/key``, ``gs://…``, ``az://…``, ``file:///p``,
 #: or an absolute path (a mounted volume).
-STORAGE_URI_PATTERN = rf"^(({_SCHEMES})://[^\s/][^\s]*|/[^\s]*)$"
+STORAGE_URI_PATTERN = rf"^(({_SCHEMES})://[^\s/][^\s]*|file://[^\s]+|/[^\s]*)$"
 #: Data may also be a path relative to the manifest (``finetune run``) or the image's working dir.
-DATA_URI_PATTERN = rf"^(({_SCHEMES})://[^\s/][^\s]*|/[^\s]*|\.{{0,2}}/?[A-Za-z0-9_][^\s:]*)$"
+DATA_URI_PATTERN = rf"^(({_SCHEMES})://[^\s/][^\s]*|file://[^\s]+|/[^\s]*|\.{{0,2}}/?[A-Za-z0-9_][^\s:]*)$"
 #: A model: a storage location, a Hugging Face Hub id (``org/name`` or ``name``), a local path, or
 #: ``pkg://<python-package>`` for model files shipped inside an installed Python package.
-MODEL_URI_PATTERN = rf"^(({_SCHEMES}|pkg)://[^\s/][^\s]*|/[^\s]*|\.{{0,2}}/?[A-Za-z0-9_][^\s:]*)$"
+MODEL_URI_PATTERN = rf"^(({_SCHEMES}|pkg)://[^\s/][^\s]*|file://[^\s]+|/[^\s]*|\.{{0,2}}/?[A-Za-z0-9_][^\s:]*)$"
 #: A resource quantity, as in Kubernetes (``500m``, ``4``, ``16Gi``).
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -76,6 +76,19 @@ Quantity = Annotated[
 ]
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+def immutable(path: str) -> dict[str, Any]:
+    """A CEL transition rule: the field keeps the value it was created with.
+
+    Only the API server can enforce it (it needs the old object); ``finetune validate`` checks one
+    manifest at a time.
+    """
+    return {
+        "x-kubernetes-validations": [
+            {"rule": "self == oldSelf", "message": f"{path} cannot change after the job is created"}
+        ]
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1032,16 +1045,38 @@ class RunPolicy(SpecModel):
 class FineTuneJobSpec(SpecModel):
     """Desired state of a FineTuneJob: what to train, on what, how, and where results go."""
 
-    model: ModelSpec = Field(description="Base model to fine-tune.")
-    task: TaskSpec = Field(default_factory=TaskSpec, description="Training objective.")
-    method: MethodSpec = Field(default_factory=MethodSpec, description="Which parameters are trained.")
-    data: DataSpec = Field(description="Training and evaluation data.")
-    training: TrainingSpec = Field(
-        description="Optimization hyperparameters; the length of training (epochs or maxSteps) is required."
+    model: ModelSpec = Field(description="Base model to fine-tune.", json_schema_extra=immutable("spec.model"))
+    task: TaskSpec = Field(
+        default_factory=TaskSpec, description="Training objective.", json_schema_extra=immutable("spec.task")
     )
-    distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="Nodes, processes and DeepSpeed.")
+    method: MethodSpec = Field(
+        default_factory=MethodSpec,
+        description="Which parameters are trained.",
+        json_schema_extra=immutable("spec.method"),
+    )
+    data: DataSpec = Field(description="Training and evaluation data.", json_schema_extra=immutable("spec.data"))
+    training: TrainingSpec = Field(
+        description="Optimization hyperparameters; the length of training (epochs or maxSteps) is required.",
+        json_schema_extra=immutable("spec.training"),
+    )
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec,
+        description="Nodes, processes and DeepSpeed.",
+        json_schema_extra=immutable("spec.distributed"),
+    )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Per-node resources.")
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoints and automatic resume.")
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec,
+        description="Checkpoints and automatic resume.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.uri) == has(oldSelf.uri) && (!has(self.uri) || self.uri == oldSelf.uri)",
+                    "message": "spec.checkpoint.uri cannot change after the job is created",
+                }
+            ]
+        },
+    )
     output: OutputSpec = Field(default_factory=OutputSpec, description="Result artifacts.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Prometheus metrics.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadline, TTL, queue.")
