@@ -55,8 +55,12 @@ def _record_phase(namespace: str, name: str, phase: str | None) -> None:
         metrics.JOBS_BY_PHASE.labels(namespace=namespace, phase=ph).set(count)
 
 
-def reconcile(namespace: str, name: str) -> float | None:
-    """Bring one FineTuneJob's children and status in line with its spec. Returns a requeue delay."""
+def reconcile(namespace: str, name: str, *, ensure_children: bool = True) -> float | None:
+    """Bring one FineTuneJob's children and status in line with its spec. Returns a requeue delay.
+
+    Child events (a pod started, a Job finished) skip re-checking the long-lived children: the
+    FineTuneJob's own triggers (create, update, resume, the periodic timer) do that.
+    """
     kube = State.kube
     assert kube is not None, "operator not started"
     with _lock(namespace, name), metrics.RECONCILE_SECONDS.time():
@@ -72,8 +76,9 @@ def reconcile(namespace: str, name: str) -> float | None:
             _invalid(kube, body, status, str(exc))
             raise kopf.PermanentError(f"invalid spec: {exc}") from None
         uid = body["metadata"]["uid"]
-        for child in builders.children(ftj, namespace, uid, State.settings):
-            kube.ensure(child)
+        if ensure_children:
+            for child in builders.children(ftj, namespace, uid, State.settings):
+                kube.ensure(child)
         observed = Observed(
             ftj=ftj,
             generation=int(body["metadata"].get("generation") or 0),
@@ -181,7 +186,7 @@ def _wake(namespace: str, name: str) -> None:
     with State.locks_guard:
         State.wakeups.pop((namespace, name), None)
     try:
-        _schedule(namespace, name, reconcile(namespace, name))
+        _schedule(namespace, name, reconcile(namespace, name, ensure_children=False))
     except (ApiException, kopf.PermanentError):
         log.exception("scheduled reconcile of %s/%s failed; the periodic timer retries it", namespace, name)
 
@@ -215,7 +220,7 @@ def _owner_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> 
     an error here is logged by kopf and the FineTuneJob's own timer reconciles it again."""
     owner = labels.get(builders.LABEL_JOB)
     if namespace and owner:
-        _schedule(namespace, owner, reconcile(namespace, owner))
+        _schedule(namespace, owner, reconcile(namespace, owner, ensure_children=False))
 
 
 CHILD_LABELS: dict[str, Any] = {

@@ -36,6 +36,7 @@ def _counted(verb: str, resource: str) -> Callable[[Callable[..., T]], Callable[
     def wrap(fn: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> T:
+            metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
             try:
                 return fn(*args, **kwargs)
             except ApiException as exc:
@@ -133,16 +134,24 @@ class Kube:
             ),
             "ServiceAccount": (
                 _counted("create", "serviceaccounts")(core.create_namespaced_service_account),
-                core.read_namespaced_service_account,
+                _counted("get", "serviceaccounts")(core.read_namespaced_service_account),
                 None,
             ),
-            "Role": (_counted("create", "roles")(rbac.create_namespaced_role), rbac.read_namespaced_role, None),
+            "Role": (
+                _counted("create", "roles")(rbac.create_namespaced_role),
+                _counted("get", "roles")(rbac.read_namespaced_role),
+                None,
+            ),
             "RoleBinding": (
                 _counted("create", "rolebindings")(rbac.create_namespaced_role_binding),
-                rbac.read_namespaced_role_binding,
+                _counted("get", "rolebindings")(rbac.read_namespaced_role_binding),
                 None,
             ),
-            "Job": (_counted("create", "jobs")(batch.create_namespaced_job), batch.read_namespaced_job, None),
+            "Job": (
+                _counted("create", "jobs")(batch.create_namespaced_job),
+                _counted("get", "jobs")(batch.read_namespaced_job),
+                None,
+            ),
         }
         return table[kind]
 

@@ -15,6 +15,11 @@ RECONCILE_SECONDS = Histogram(
     "Time to reconcile one FineTuneJob.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+API_REQUESTS = Counter(
+    "finetune_operator_api_requests_total",
+    "Kubernetes API requests made by the reconciler (kopf's watches and bookkeeping not included).",
+    ["verb", "resource"],
+)
 API_ERRORS = Counter(
     "finetune_operator_api_errors_total", "Kubernetes API errors (other than 404/409).", ["verb", "resource", "code"]
 )

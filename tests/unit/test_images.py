@@ -43,3 +43,23 @@ def test_dockerfile_is_pinned_non_root_and_runs_the_launcher(repo: Path) -> None
     assert argv[:2] == ["python", "-m"]
     module = importlib.util.find_spec(argv[2])
     assert module is not None and module.origin and module.origin.endswith("launch.py")
+
+
+def test_operator_image_is_pinned_non_root_and_runs_the_console_script(repo: Path) -> None:
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (repo / "operator" / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    for spec in project["dependencies"]:
+        req = Requirement(spec)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins and req.specifier.contains(pins[name]), f"{name}: run hack/lock-operator.sh"
+    assert "torch" not in pins, "the operator image must stay small"
+    text = (repo / "operator" / "Dockerfile").read_text()
+    assert re.search(r"^FROM [\w./-]+:\d+\.\d+\.\d+[\w.-]*$", text, re.M)
+    user = re.findall(r"^USER (\d+)(?::\d+)?$", text, re.M)
+    assert user and int(user[-1]) > 0
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])", text, re.M).group(1))  # type: ignore[union-attr]
+    assert entry == ["finetune-operator"] and project["scripts"]["finetune-operator"]

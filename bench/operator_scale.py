@@ -1,0 +1,205 @@
+"""Operator at scale: N FineTuneJobs on a real control plane with M kwok nodes.
+
+Starts hack/testcluster (built from source, cached), the operator as a local process, then creates N
+single-node FineTuneJobs as fast as the API server takes them and measures, from watch events:
+
+- apply → Job created latency, p50 and p99 (goal: p99 ≤ 1 s);
+- apply → all of a job's pods Running, p50 and p99, and the time until every job runs;
+- the operator's resident memory at the end (goal: ≤ 150 MB at 1,000 jobs);
+- API requests per job: the reconciler's own (finetune_operator_api_requests_total), and every
+  request the API server served during the run (all clients: operator, kwok, controllers) per job.
+
+    .venv/bin/python bench/operator_scale.py [--jobs 200] [--nodes 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def apiserver_requests(kubectl: list[str]) -> float:
+    text = subprocess.run([*kubectl, "get", "--raw", "/metrics"], capture_output=True, text=True, check=True).stdout
+    return sum(float(m.group(1)) for m in re.finditer(r"^apiserver_request_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+def operator_requests(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(
+        float(m.group(1)) for m in re.finditer(r"^finetune_operator_api_requests_total\{[^}]*\} (\S+)$", text, re.M)
+    )
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def manifest(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "org/model"},
+            "data": {"train": {"uri": "s3://data/train.jsonl"}},
+            "training": {"maxSteps": 100},
+            "distributed": {"nodes": 1, "procsPerNode": 1},
+            "resources": {"gpusPerNode": 0, "podAnnotations": {"testcluster.finetune.io/hold": "true"}},
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--nodes", type=int, default=50)
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+
+    from kubernetes import client, config, watch
+    from urllib3.exceptions import ProtocolError
+
+    work = Path(tempfile.mkdtemp(prefix="bench-operator-"))
+    testcluster = [sys.executable, str(REPO / "hack" / "testcluster.py")]
+    subprocess.run([*testcluster, "build"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*testcluster, "up", "--dir", str(work / "cluster"), "--nodes", str(args.nodes)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    kubeconfig = work / "cluster" / "kubeconfig"
+    paths = json.loads(subprocess.run([*testcluster, "paths"], capture_output=True, text=True, check=True).stdout)
+    kubectl = [paths["kubectl"], f"--kubeconfig={kubeconfig}"]
+    operator = None
+    try:
+        subprocess.run(
+            [*kubectl, "apply", "--server-side", "-f", str(REPO / "crds")], check=True, stdout=subprocess.DEVNULL
+        )
+        subprocess.run(
+            [*kubectl, "wait", "--for=condition=Established", "crd/finetunejobs.finetune.io"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        ns = "scale"
+        subprocess.run([*kubectl, "create", "namespace", ns], check=True, stdout=subprocess.DEVNULL)
+        metrics_port, health_port = 18080, 18081
+        operator = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("finetune-operator")),
+                "--all-namespaces",
+                "--metrics-port",
+                str(metrics_port),
+                "--health-port",
+                str(health_port),
+            ],
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+            stdout=(work / "operator.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the operator did not become healthy in 60 s") from None
+                time.sleep(0.2)
+
+        config.load_kube_config(config_file=str(kubeconfig))
+        batch, core, custom = client.BatchV1Api(), client.CoreV1Api(), client.CustomObjectsApi()
+        applied: dict[str, float] = {}
+        job_seen: dict[str, float] = {}
+        running: dict[str, float] = {}
+        stop = threading.Event()
+
+        def watch_jobs() -> None:
+            with contextlib.suppress(ProtocolError):  # the stream ends when the cluster goes down
+                _watch_jobs()
+
+        def watch_pods() -> None:
+            with contextlib.suppress(ProtocolError):
+                _watch_pods()
+
+        def _watch_jobs() -> None:
+            for event in watch.Watch().stream(batch.list_namespaced_job, ns, timeout_seconds=int(args.timeout)):
+                owner = event["object"].metadata.labels.get("finetune.io/job")
+                if owner and owner not in job_seen:
+                    job_seen[owner] = time.monotonic()
+                if stop.is_set():
+                    return
+
+        def _watch_pods() -> None:
+            for event in watch.Watch().stream(core.list_namespaced_pod, ns, timeout_seconds=int(args.timeout)):
+                pod = event["object"]
+                owner = pod.metadata.labels.get("finetune.io/job")
+                if owner and pod.status.phase == "Running" and owner not in running:
+                    running[owner] = time.monotonic()
+                if stop.is_set():
+                    return
+
+        for target in (watch_jobs, watch_pods):
+            threading.Thread(target=target, daemon=True).start()
+        time.sleep(1.0)  # let both watches establish before the first create
+        api_before, op_before = apiserver_requests(kubectl), operator_requests(metrics_port)
+        started = time.monotonic()
+        for i in range(args.jobs):
+            name = f"job-{i:04d}"
+            custom.create_namespaced_custom_object("finetune.io", "v1alpha1", ns, "finetunejobs", manifest(name))
+            applied[name] = time.monotonic()
+        create_seconds = time.monotonic() - started
+        deadline = time.monotonic() + args.timeout
+        while len(running) < args.jobs and time.monotonic() < deadline:
+            time.sleep(0.5)
+        stop.set()
+        all_running = max(running.values(), default=float("nan")) - started
+        api_after, op_after = apiserver_requests(kubectl), operator_requests(metrics_port)
+        created = [job_seen[n] - applied[n] for n in applied if n in job_seen]
+        to_running = [running[n] - applied[n] for n in applied if n in running]
+        print(f"{args.jobs} FineTuneJobs on {args.nodes} kwok nodes (created in {create_seconds:.1f} s)")
+        print(
+            f"apply -> Job created: p50 {statistics.median(created):.3f} s, p99 {quantile(created, 0.99):.3f} s "
+            f"({len(created)}/{args.jobs}; goal p99 <= 1 s)"
+        )
+        print(
+            f"apply -> pods Running: p50 {statistics.median(to_running):.3f} s, p99 {quantile(to_running, 0.99):.3f}"
+            f" s; all {len(to_running)} running after {all_running:.1f} s"
+        )
+        print(f"operator RSS: {rss_mb(operator.pid):.0f} MB (goal <= 150 MB at 1,000 jobs)")
+        print(
+            f"API requests per job: reconciler {(op_after - op_before) / args.jobs:.1f}; "
+            f"API server total, all clients {(api_after - api_before) / args.jobs:.1f}"
+        )
+    finally:
+        if operator is not None:
+            operator.terminate()
+            operator.wait(timeout=30)
+        subprocess.run([*testcluster, "down", "--dir", str(work / "cluster")], check=False, stdout=subprocess.DEVNULL)
+
+
+if __name__ == "__main__":
+    main()
