@@ -972,7 +972,11 @@ class CheckpointSpec(SpecModel):
         default=120, ge=5, le=86400, description="Time given to the save on preemption (pod grace period)."
     )
     resume: Literal["auto", "never"] = Field(
-        default="auto", description="`auto`: continue from the newest committed checkpoint, if any."
+        default="auto",
+        description=(
+            "`auto`: continue from the newest committed checkpoint, if any (one written by a different spec "
+            "fails the job). `never`: start from scratch; this job's earlier checkpoints are deleted."
+        ),
     )
     credentials: CredentialsRef | None = Field(default=None, description="Secret with object-storage credentials.")
     endpoint_url: str | None = Field(
@@ -1013,7 +1017,12 @@ class MetricsSpec(SpecModel):
     """Prometheus metrics exported by every trainer rank."""
 
     enabled: bool = Field(default=True, description="Serve /metrics on every rank.")
-    port: int = Field(default=9410, ge=1024, le=65535, description="Port of the first rank; rank r serves on port + r.")
+    port: int = Field(
+        default=9410,
+        ge=1024,
+        le=65535,
+        description="Port of local rank 0 on every node; local rank r serves on port + r.",
+    )
 
 
 class RunPolicy(SpecModel):
