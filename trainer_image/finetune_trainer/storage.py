@@ -23,14 +23,14 @@ def is_remote(uri: str) -> bool:
     return uri.split("://", 1)[0] in REMOTE_SCHEMES if "://" in uri else False
 
 
-def storage_options(uri: str) -> dict[str, Any]:
-    """fsspec options for a URI, from the environment."""
+def storage_options(uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> dict[str, Any]:
+    """fsspec options for a URI, from the environment (``endpoint_url``/``region`` win when given)."""
     if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         options: dict[str, Any] = {}
         if endpoint:
             options["endpoint_url"] = endpoint
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             options["client_kwargs"] = {"region_name": region}
         return options
@@ -46,10 +46,12 @@ def local_path(uri: str, base_dir: str | None = None) -> str:
     return uri
 
 
-def filesystem(uri: str, base_dir: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(
+    uri: str, base_dir: str | None = None, *, endpoint_url: str | None = None, region: str | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the in-filesystem path of a URI."""
     if is_remote(uri):
-        fs, path = url_to_fs(uri, **storage_options(uri))
+        fs, path = url_to_fs(uri, **storage_options(uri, endpoint_url=endpoint_url, region=region))
         return fs, path
     return fsspec.filesystem("file"), local_path(uri, base_dir)
 
