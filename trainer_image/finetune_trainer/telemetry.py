@@ -1,0 +1,307 @@
+"""Prometheus metrics, served by every rank: ``/metrics`` on port ``spec.metrics.port + local rank``.
+
+``FINETUNE_METRICS_PORT`` overrides the base port (the operator sets it; local runs and tests use it),
+``FINETUNE_METRICS_ADDRESS`` the listen address (default all interfaces). Every series carries the
+labels ``namespace``, ``job`` (the FineTuneJob) and ``rank`` (global rank). Scrape with
+``honor_labels: true``, or Prometheus renames our ``job`` label to ``exported_job``.
+
+===============================================  =========  ===============================================
+metric                                           type       meaning
+===============================================  =========  ===============================================
+finetune_train_loss                              gauge      latest logged training loss (mean over ranks)
+finetune_eval_loss                               gauge      latest evaluation loss
+finetune_learning_rate                           gauge      current learning rate
+finetune_global_step                             gauge      optimizer steps done (goes back on resume)
+finetune_total_steps                             gauge      optimizer steps planned
+finetune_epoch                                   gauge      fractional epoch
+finetune_tokens_per_second                       gauge      this rank's training tokens/s (last 20 steps);
+                                                            sum over ranks for the job's throughput
+finetune_samples_per_second                      gauge      this rank's training samples/s (last 20 steps)
+finetune_step_duration_seconds                   histogram  wall time of one optimizer step on this rank
+finetune_accelerator_memory_allocated_bytes      gauge      CUDA memory allocated by torch; on CPU the
+                                                            process's resident set size (RSS)
+finetune_accelerator_memory_peak_bytes           gauge      CUDA peak allocated; on CPU the peak RSS
+finetune_checkpoint_save_duration_seconds        histogram  writing a checkpoint to local disk
+finetune_checkpoint_upload_duration_seconds      histogram  uploading it (uploading ranks: local rank 0)
+finetune_checkpoint_size_bytes                   gauge      bytes this node uploaded for the last checkpoint
+finetune_checkpoint_uploaded_bytes_total         counter    bytes uploaded by this node
+finetune_checkpoint_upload_failures_total        counter    uploads that failed (training went on)
+finetune_last_checkpoint_step                    gauge      step of the newest committed checkpoint (rank 0,
+                                                            and every rank after a resume)
+finetune_last_checkpoint_timestamp_seconds       gauge      when it was committed (Unix time)
+finetune_preemptions_total                       counter    SIGTERMs received by this process
+finetune_model_flops_utilization_ratio           gauge      MFU: tokens/s x 6 x parameters / peak FLOP/s;
+                                                            only for dense models on an accelerator whose
+                                                            peak is known (table below, or
+                                                            FINETUNE_PEAK_FLOPS), absent otherwise
+===============================================  =========  ===============================================
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+LABELS = ("namespace", "job", "rank")
+STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+CHECKPOINT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+#: Peak dense (no sparsity) bf16/fp16 tensor FLOP/s per device, from the vendors' datasheets. Matched
+#: in order against torch.cuda.get_device_name(): more specific names first.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+)
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def peak_flops() -> float | None:
+    """Peak FLOP/s of this process's accelerator: FINETUNE_PEAK_FLOPS, else the table; None on CPU."""
+    override = os.environ.get("FINETUNE_PEAK_FLOPS")
+    if override:
+        return float(override)
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for needle, flops in PEAK_FLOPS:
+        if needle in name:
+            return flops
+    return None
+
+
+def flops_per_token(model: Any) -> float | None:
+    """6 x parameters (forward + backward) for dense causal LMs; None for mixture-of-experts models."""
+    config = getattr(model, "config", None)
+    if config is not None and any(getattr(config, key, None) for key in MOE_CONFIG_KEYS):
+        return None
+    params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+    return 6.0 * params if params else None
+
+
+def memory_bytes() -> tuple[int, int]:
+    """(allocated, peak): CUDA memory of this process's device, or the process's RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return rss, max(peak, rss)
+
+
+def metrics_port(spec_port: int, local_rank: int) -> int:
+    return int(os.environ.get("FINETUNE_METRICS_PORT") or spec_port) + local_rank
+
+
+class TrainingMetrics:
+    """The trainer's Prometheus metrics for one rank (own registry: nothing global is touched)."""
+
+    def __init__(self, *, namespace: str, job: str, rank: int):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.labels = {"namespace": namespace, "job": job, "rank": str(rank)}
+        self._lock = threading.Lock()
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, LABELS, registry=r)
+
+        self.train_loss = gauge("finetune_train_loss", "Latest logged training loss (mean over ranks).")
+        self.eval_loss = gauge("finetune_eval_loss", "Latest evaluation loss.")
+        self.learning_rate = gauge("finetune_learning_rate", "Current learning rate.")
+        self.global_step = gauge("finetune_global_step", "Optimizer steps done.")
+        self.total_steps = gauge("finetune_total_steps", "Optimizer steps planned.")
+        self.epoch = gauge("finetune_epoch", "Fractional epoch.")
+        self.tokens_per_second = gauge("finetune_tokens_per_second", "Training tokens per second on this rank.")
+        self.samples_per_second = gauge("finetune_samples_per_second", "Training samples per second on this rank.")
+        self.step_duration = Histogram(
+            "finetune_step_duration_seconds", "Wall time of one optimizer step.", LABELS, registry=r,
+            buckets=STEP_BUCKETS,
+        )  # fmt: skip
+        self.memory_allocated = gauge(
+            "finetune_accelerator_memory_allocated_bytes", "Accelerator memory allocated (CPU: process RSS)."
+        )
+        self.memory_peak = gauge(
+            "finetune_accelerator_memory_peak_bytes", "Peak accelerator memory allocated (CPU: peak RSS)."
+        )
+        self.checkpoint_save = Histogram(
+            "finetune_checkpoint_save_duration_seconds", "Writing a checkpoint to local disk.", LABELS,
+            registry=r, buckets=CHECKPOINT_BUCKETS,
+        )  # fmt: skip
+        self.checkpoint_upload = Histogram(
+            "finetune_checkpoint_upload_duration_seconds", "Uploading a checkpoint to its store.", LABELS,
+            registry=r, buckets=CHECKPOINT_BUCKETS,
+        )  # fmt: skip
+        self.checkpoint_size = gauge("finetune_checkpoint_size_bytes", "Bytes this node uploaded, last checkpoint.")
+        self.uploaded_bytes = Counter(
+            "finetune_checkpoint_uploaded_bytes", "Checkpoint bytes uploaded by this node.", LABELS, registry=r
+        )
+        self.upload_failures = Counter(
+            "finetune_checkpoint_upload_failures", "Checkpoint uploads that failed.", LABELS, registry=r
+        )
+        self.last_checkpoint_step = gauge("finetune_last_checkpoint_step", "Step of the newest committed checkpoint.")
+        self.last_checkpoint_time = gauge(
+            "finetune_last_checkpoint_timestamp_seconds", "When the newest checkpoint was committed (Unix time)."
+        )
+        self.preemptions = Counter("finetune_preemptions", "SIGTERMs received by this process.", LABELS, registry=r)
+        self._mfu: Gauge | None = None
+        # Series that exist from the start (zero), so dashboards and alerts see them before any event.
+        for metric in (self.preemptions, self.uploaded_bytes, self.upload_failures):
+            metric.labels(**self.labels)
+        self.step_duration.labels(**self.labels)
+
+    def set(self, gauge: Gauge, value: float | None) -> None:
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            gauge.labels(**self.labels).set(value)
+
+    def set_mfu(self, value: float) -> None:
+        with self._lock:
+            if self._mfu is None:
+                self._mfu = Gauge(
+                    "finetune_model_flops_utilization_ratio",
+                    "Model FLOPs utilization: achieved / peak FLOP/s (6 x parameters per token).",
+                    LABELS,
+                    registry=self.registry,
+                )
+        self._mfu.labels(**self.labels).set(value)
+
+    def observe_save(self, seconds: float) -> None:
+        self.checkpoint_save.labels(**self.labels).observe(seconds)
+
+    def observe_upload(self, seconds: float, nbytes: int) -> None:
+        self.checkpoint_upload.labels(**self.labels).observe(seconds)
+        self.checkpoint_size.labels(**self.labels).set(nbytes)
+        self.uploaded_bytes.labels(**self.labels).inc(nbytes)
+
+    def upload_failed(self) -> None:
+        self.upload_failures.labels(**self.labels).inc()
+
+    def committed(self, step: int, timestamp: float) -> None:
+        self.set(self.last_checkpoint_step, step)
+        self.set(self.last_checkpoint_time, timestamp)
+
+    def preempted(self) -> None:
+        self.preemptions.labels(**self.labels).inc()
+
+    def serve(self, port: int, address: str | None = None) -> bool:
+        address = address or os.environ.get("FINETUNE_METRICS_ADDRESS") or "0.0.0.0"
+        try:
+            start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:  # a taken port must not stop the training
+            log.warning("metrics: cannot listen on %s:%d (%s); metrics are not served", address, port, exc)
+            return False
+        log.info("metrics: serving on %s:%d/metrics", address, port)
+        return True
+
+
+class ThroughputWindow:
+    """Tokens/s and samples/s over the last ``size`` optimizer steps."""
+
+    def __init__(self, size: int = 20):
+        self.steps: deque[tuple[float, int, int]] = deque(maxlen=size)
+
+    def add(self, seconds: float, tokens: int, samples: int) -> None:
+        if seconds > 0:
+            self.steps.append((seconds, tokens, samples))
+
+    def rates(self) -> tuple[float, float] | None:
+        seconds = sum(s for s, _, _ in self.steps)
+        if not self.steps or seconds <= 0:
+            return None
+        return sum(t for _, t, _ in self.steps) / seconds, sum(n for _, _, n in self.steps) / seconds
+
+
+class TelemetryCallback(TrainerCallback):
+    """Feeds :class:`TrainingMetrics` from the Trainer's events, on every rank.
+
+    ``counter`` is the data collator (running ``tokens`` and ``samples`` counts). The throughput of a
+    step is what the collator handed out between two step ends, over the time between them; time
+    and tokens spent in evaluation and checkpointing are left out (the mark is reset after them).
+    """
+
+    def __init__(self, metrics: TrainingMetrics, counter: Any):
+        self.metrics = metrics
+        self.counter = counter
+        self.window = ThroughputWindow()
+        self.flops_per_token: float | None = None
+        self.peak_flops: float | None = None
+        self._step_started: float | None = None
+        self._mark()
+
+    def _mark(self) -> None:
+        self._mark_time = time.monotonic()
+        self._mark_tokens = getattr(self.counter, "tokens", 0)
+        self._mark_samples = getattr(self.counter, "samples", 0)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        m = self.metrics
+        m.set(m.total_steps, state.max_steps)
+        m.set(m.global_step, state.global_step)
+        self.peak_flops = peak_flops()
+        if self.peak_flops and model is not None:
+            self.flops_per_token = flops_per_token(model)
+        self._mark()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._step_started = time.monotonic()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        if self._step_started is not None:
+            m.step_duration.labels(**m.labels).observe(now - self._step_started)
+        tokens = getattr(self.counter, "tokens", 0)
+        samples = getattr(self.counter, "samples", 0)
+        self.window.add(now - self._mark_time, tokens - self._mark_tokens, samples - self._mark_samples)
+        self._mark_time, self._mark_tokens, self._mark_samples = now, tokens, samples
+        rates = self.window.rates()
+        if rates is not None:
+            m.set(m.tokens_per_second, rates[0])
+            m.set(m.samples_per_second, rates[1])
+            if self.flops_per_token and self.peak_flops:
+                m.set_mfu(rates[0] * self.flops_per_token / self.peak_flops)
+        m.set(m.global_step, state.global_step)
+        m.set(m.total_steps, state.max_steps)
+        m.set(m.epoch, state.epoch)
+        allocated, peak = memory_bytes()
+        m.set(m.memory_allocated, allocated)
+        m.set(m.memory_peak, peak)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not logs:
+            return
+        m = self.metrics
+        if "loss" in logs:
+            m.set(m.train_loss, float(logs["loss"]))
+        if "learning_rate" in logs:
+            m.set(m.learning_rate, float(logs["learning_rate"]))
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **_: Any) -> None:
+        if metrics and "eval_loss" in metrics:
+            self.metrics.set(self.metrics.eval_loss, float(metrics["eval_loss"]))
+        self._mark()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._mark()
