@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +27,9 @@ log = logging.getLogger("finetune_operator")
 PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 #: Seconds between two periodic reconciles of every FineTuneJob (deadlines, TTL, missed events).
 TIMER_INTERVAL = 30.0
+#: Seconds a child event waits, so that the events of one gang's pods are reconciled together.
+CHILD_EVENT_DELAY = 0.3
+MIN_DELAY = 0.1
 
 
 class State:
@@ -36,7 +40,7 @@ class State:
     locks: dict[tuple[str, str], threading.Lock] = {}
     locks_guard = threading.Lock()
     phases: dict[tuple[str, str], str] = {}
-    wakeups: dict[tuple[str, str], threading.Timer] = {}
+    wakeups: dict[tuple[str, str], tuple[threading.Timer, float]] = {}
 
 
 def _lock(namespace: str, name: str) -> threading.Lock:
@@ -165,20 +169,22 @@ def _run(namespace: str, name: str) -> None:
 
 
 def _schedule(namespace: str, name: str, delay: float | None) -> None:
-    """Reconcile again after ``delay`` seconds (a TTL or deadline falls due, an old gang is stopping).
-
-    One pending wake-up per job; the periodic timer covers anything longer than its interval.
-    """
+    """Reconcile again after ``delay`` seconds (a burst of child events settles, a TTL or deadline
+    falls due, an old gang is stopping). One pending wake-up per job, the earliest asked for; the
+    periodic timer covers anything longer than its interval."""
     if delay is None or delay >= TIMER_INTERVAL:
         return
     key = (namespace, name)
+    due = time.monotonic() + max(delay, MIN_DELAY)
     with State.locks_guard:
         pending = State.wakeups.get(key)
-        if pending is not None and pending.is_alive():
-            return
-        wakeup = threading.Timer(max(delay, 0.2), _wake, args=key)
+        if pending is not None and pending[0].is_alive():
+            if pending[1] <= due:
+                return
+            pending[0].cancel()
+        wakeup = threading.Timer(due - time.monotonic(), _wake, args=key)
         wakeup.daemon = True
-        State.wakeups[key] = wakeup
+        State.wakeups[key] = (wakeup, due)
         wakeup.start()
 
 
@@ -216,11 +222,11 @@ def periodic(namespace: str | None, name: str, **_: Any) -> None:
 
 
 def _owner_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    """A Job or pod of a FineTuneJob changed: reconcile its owner. Event handlers are not retried;
-    an error here is logged by kopf and the FineTuneJob's own timer reconciles it again."""
+    """A Job or pod of a FineTuneJob changed: reconcile its owner shortly. The pods of a gang change
+    together; waiting a moment turns a burst of their events into one reconcile."""
     owner = labels.get(builders.LABEL_JOB)
     if namespace and owner:
-        _schedule(namespace, owner, reconcile(namespace, owner, ensure_children=False))
+        _schedule(namespace, owner, CHILD_EVENT_DELAY)
 
 
 CHILD_LABELS: dict[str, Any] = {

@@ -258,3 +258,12 @@ def operator(cluster: Cluster, crd_installed: None, tmp_path_factory: pytest.Tem
     op.start()
     yield op
     op.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def ns(cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace for one test, deleted (without waiting) afterwards."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false")

@@ -14,12 +14,9 @@ import os
 import re
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pytest
 from conftest import free_port
 
 if TYPE_CHECKING:
@@ -28,14 +25,6 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "trainer"))
 import tiny  # noqa: E402
-
-
-@pytest.fixture
-def ns(cluster: Cluster) -> Iterator[str]:
-    name = f"contract-{uuid.uuid4().hex[:6]}"
-    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
 
 
 class Mounts:

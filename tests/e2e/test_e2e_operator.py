@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import json
 import signal
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import pytest
 
 if TYPE_CHECKING:
     from conftest import Cluster, Operator
@@ -22,14 +18,6 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 HOLD = "testcluster.finetune.io/hold"
 A = "testcluster.finetune.io/"
-
-
-@pytest.fixture
-def ns(cluster: Cluster) -> Iterator[str]:
-    name = f"ftj-{uuid.uuid4().hex[:8]}"
-    cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
 
 
 def manifest(name: str, *, nodes: int = 2, hold: bool = True, **spec: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from conftest import RunResult, assert_loss_falls
-from tiny import job_manifest
+from tiny import QLORA, job_manifest
 
 CASES: dict[str, dict[str, Any]] = {
     "ddp-lora": {},
@@ -21,12 +21,7 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "zero3-lora": {"distributed__deepspeed": {"zeroStage": 3}},
     "ddp-qlora": {
-        "method": {
-            "type": "qlora",
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "quantization": {"computeDtype": "fp32"},
-        },
-        "model__dtype": "bf16",
+        **QLORA,
         "training__gradientCheckpointing": True,
     },
 }

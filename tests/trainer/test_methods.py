@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import RunResult, assert_loss_falls
 from finetune_trainer.outputs import sha256_file
-from tiny import job_manifest
+from tiny import QLORA, job_manifest
 
 METHODS: dict[str, dict[str, Any]] = {
     "full": {"method": {"type": "full"}, "training__learningRate": 1e-3},
@@ -18,12 +18,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "freeze-last-layer": {"method": {"type": "full", "freeze": {"lastLayers": 1}}, "training__learningRate": 1e-3},
     "lora": {},
     "qlora": {
-        "method": {
-            "type": "qlora",
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "quantization": {"computeDtype": "fp32"},
-        },
-        "model__dtype": "bf16",
+        **QLORA,
     },
     "prefix": {"method": {"type": "prefix", "prefix": {"numVirtualTokens": 8}}, "training__learningRate": 5e-2},
     "prompt": {

@@ -11,7 +11,7 @@ import torch
 from conftest import RunResult, assert_loss_falls
 from finetune_trainer.outputs import ADDED_TOKENS_FILE, load_adapter_for_inference
 from safetensors.torch import load_file
-from tiny import job_manifest, prompt_completion_rows, write_jsonl
+from tiny import QLORA, job_manifest, prompt_completion_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 
@@ -79,12 +79,7 @@ def test_qlora_merge_dequantizes_the_base(
         "qlora-merge",
         tiny_model,
         train_jsonl,
-        method={
-            "type": "qlora",
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "quantization": {"computeDtype": "fp32"},
-        },
-        model__dtype="bf16",
+        **QLORA,
         output__save="both",
     )
     result = finetune_run(manifest)

@@ -178,3 +178,14 @@ def read_metrics(workdir: Path) -> list[dict[str, Any]]:
 
 def train_losses(workdir: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(workdir) if "loss" in m]
+
+
+#: QLoRA on the tiny model: bf16 weights around the 4-bit base, fp32 compute on CPU.
+QLORA = {
+    "method": {
+        "type": "qlora",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "quantization": {"computeDtype": "fp32"},
+    },
+    "model__dtype": "bf16",
+}

@@ -26,7 +26,7 @@ def test_lock_pins_every_requirement_within_its_range(repo: Path) -> None:
     for spec in project["dependencies"] + project["optional-dependencies"]["trainer"]:
         req = Requirement(spec)
         name = req.name.lower().replace("_", "-")
-        assert name in pins, f"{name} is not in requirements.lock: run hack/lock-trainer.sh"
+        assert name in pins, f"{name} is not in requirements.lock: run hack/lock.sh trainer"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {req}"
 
 
@@ -55,7 +55,7 @@ def test_operator_image_is_pinned_non_root_and_runs_the_console_script(repo: Pat
     for spec in project["dependencies"]:
         req = Requirement(spec)
         name = req.name.lower().replace("_", "-")
-        assert name in pins and req.specifier.contains(pins[name]), f"{name}: run hack/lock-operator.sh"
+        assert name in pins and req.specifier.contains(pins[name]), f"{name}: run hack/lock.sh operator"
     assert "torch" not in pins, "the operator image must stay small"
     text = (repo / "operator" / "Dockerfile").read_text()
     assert re.search(r"^FROM [\w./-]+:\d+\.\d+\.\d+[\w.-]*$", text, re.M)
