@@ -38,7 +38,10 @@ def test_indexed_job_wires_a_torchrun_gang() -> None:
     spec = job["spec"]
     assert job["metadata"]["name"] == "llm-a0"
     assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (
-        "Indexed", 2, 2, 0
+        "Indexed",
+        2,
+        2,
+        0,
     )
     pod = spec["template"]["spec"]
     assert pod["subdomain"] == "llm" and pod["restartPolicy"] == "Never"
@@ -46,8 +49,13 @@ def test_indexed_job_wires_a_torchrun_gang() -> None:
     assert container["image"] == "registry.example/trainer:1.2.3"
     argv = container["command"]
     assert argv[:3] == ["python", "-m", "finetune_trainer.launch"]
-    assert {"--nnodes=2", "--nproc-per-node=4", "--node-rank=$(JOB_COMPLETION_INDEX)",
-            "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"} <= set(argv)
+    assert {
+        "--nnodes=2",
+        "--nproc-per-node=4",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+    } <= set(argv)
     assert argv[-4:] == ["-m", "finetune_trainer", "--config", "/etc/finetune/trainer-config.json"]
     env = env_of(container)
     # Rank 0's stable hostname through the headless Service.
@@ -81,16 +89,22 @@ def test_scheduling_fields_queue_and_suspend_pass_through() -> None:
     job = builders.job(
         ftj(
             resources={
-                "gpusPerNode": 8, "nodeSelector": {"pool": "h100"}, "priorityClassName": "training",
+                "gpusPerNode": 8,
+                "nodeSelector": {"pool": "h100"},
+                "priorityClassName": "training",
                 "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
                 "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {}}},
-                "imagePullSecrets": [{"name": "regcred"}], "image": "mine:1",
+                "imagePullSecrets": [{"name": "regcred"}],
+                "image": "mine:1",
                 "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
                 "podAnnotations": {"sidecar.istio.io/inject": "false"},
             },
             runPolicy={"queueName": "gpu-queue"},
         ),
-        "ml", UID, 2, SETTINGS,
+        "ml",
+        UID,
+        2,
+        SETTINGS,
     )
     pod = job["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"pool": "h100"} and pod["priorityClassName"] == "training"
@@ -111,11 +125,21 @@ def test_children_are_owned_and_the_role_is_least_privilege() -> None:
     assert set(kids) == {"ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding"}
     for child in kids.values():
         [owner] = child["metadata"]["ownerReferences"]
-        assert owner == {"apiVersion": "finetune.io/v1alpha1", "kind": "FineTuneJob", "name": "llm", "uid": UID,
-                         "controller": True, "blockOwnerDeletion": True}
+        assert owner == {
+            "apiVersion": "finetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "name": "llm",
+            "uid": UID,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
     assert kids["Role"]["rules"] == [
-        {"apiGroups": ["finetune.io"], "resources": ["finetunejobs/status"], "resourceNames": ["llm"],
-         "verbs": ["get", "patch"]}
+        {
+            "apiGroups": ["finetune.io"],
+            "resources": ["finetunejobs/status"],
+            "resourceNames": ["llm"],
+            "verbs": ["get", "patch"],
+        }
     ]
     assert kids["Service"]["spec"]["clusterIP"] == "None"
     assert kids["Service"]["spec"]["publishNotReadyAddresses"] is True

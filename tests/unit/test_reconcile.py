@@ -41,13 +41,30 @@ def job(attempt: int, *, condition: str | None = None, reason: str = "", suspend
     }
 
 
-def pod(attempt: int, index: int, phase: str, *, exit_code: int | None = None, reason: str = "Error",
-        message: str = "", disrupted: bool = False) -> dict[str, Any]:
+def pod(
+    attempt: int,
+    index: int,
+    phase: str,
+    *,
+    exit_code: int | None = None,
+    reason: str = "Error",
+    message: str = "",
+    disrupted: bool = False,
+) -> dict[str, Any]:
     status: dict[str, Any] = {"phase": phase}
     if exit_code is not None:
         status["containerStatuses"] = [
-            {"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "reason": reason, "message": message,
-                                                         "finishedAt": timestamp(NOW)}}}
+            {
+                "name": "trainer",
+                "state": {
+                    "terminated": {
+                        "exitCode": exit_code,
+                        "reason": reason,
+                        "message": message,
+                        "finishedAt": timestamp(NOW),
+                    }
+                },
+            }
         ]
     if disrupted:
         status["conditions"] = [{"type": "DisruptionTarget", "status": "True"}]
@@ -61,8 +78,9 @@ def pod(attempt: int, index: int, phase: str, *, exit_code: int | None = None, r
     }
 
 
-def run(spec: Any, status: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]],
-        now: datetime = NOW) -> Plan:
+def run(
+    spec: Any, status: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]], now: datetime = NOW
+) -> Plan:
     return plan(Observed(ftj=spec, generation=3, status=status, jobs=jobs, pods=pods, now=now))
 
 
@@ -81,8 +99,9 @@ def test_all_pods_running_is_running_and_stable() -> None:
     first = run(ftj(), {"phase": "Pending"}, [job(0)], [pod(0, 0, "Running"), pod(0, 1, "Running")])
     assert first.status["phase"] == "Running" and first.status["startTime"] == timestamp(NOW)
     assert first.create_job is None and not first.delete_jobs
-    again = run(ftj(), first.status, [job(0)], [pod(0, 0, "Running"), pod(0, 1, "Running")],
-                now=NOW + timedelta(minutes=5))
+    again = run(
+        ftj(), first.status, [job(0)], [pod(0, 0, "Running"), pod(0, 1, "Running")], now=NOW + timedelta(minutes=5)
+    )
     # Level-triggered: the same observations give the same status; no transition, no event.
     assert again.status == {**first.status}
     assert again.events == []
@@ -104,8 +123,9 @@ def test_complete_job_succeeds() -> None:
 
 def test_retriable_failure_restarts_the_gang_then_creates_the_next_attempt() -> None:
     failed = [pod(0, 0, "Failed", exit_code=1, message="RuntimeError: NCCL timeout"), pod(0, 1, "Running")]
-    p = run(ftj(backoffLimit=2), {"phase": "Running"}, [job(0, condition="Failed", reason="BackoffLimitExceeded")],
-            failed)
+    p = run(
+        ftj(backoffLimit=2), {"phase": "Running"}, [job(0, condition="Failed", reason="BackoffLimitExceeded")], failed
+    )
     assert p.status["phase"] == "Restarting" and p.status["restarts"] == 1
     assert p.delete_jobs == ["llm-a0"] and p.create_job is None
     assert p.status["lastFailure"]["exitCode"] == 1
@@ -119,29 +139,49 @@ def test_retriable_failure_restarts_the_gang_then_creates_the_next_attempt() -> 
 
 
 def test_preemption_and_oom_are_named() -> None:
-    preempted = run(ftj(), {"phase": "Running"}, [job(0, condition="Failed", reason="BackoffLimitExceeded")],
-                    [pod(0, 0, "Failed", exit_code=85)])
+    preempted = run(
+        ftj(),
+        {"phase": "Running"},
+        [job(0, condition="Failed", reason="BackoffLimitExceeded")],
+        [pod(0, 0, "Failed", exit_code=85)],
+    )
     assert preempted.status["lastFailure"]["reason"] == "Preempted"
     assert cond(preempted, "Restarting")["reason"] == "Preempted"
-    evicted = run(ftj(), {"phase": "Running"}, [job(0, condition="Failed", reason="BackoffLimitExceeded")],
-                  [pod(0, 1, "Failed", exit_code=137, reason="Error", disrupted=True)])
+    evicted = run(
+        ftj(),
+        {"phase": "Running"},
+        [job(0, condition="Failed", reason="BackoffLimitExceeded")],
+        [pod(0, 1, "Failed", exit_code=137, reason="Error", disrupted=True)],
+    )
     assert evicted.status["lastFailure"]["reason"] == "Preempted"
-    oom = run(ftj(), {"phase": "Running"}, [job(0, condition="Failed", reason="BackoffLimitExceeded")],
-              [pod(0, 0, "Failed", exit_code=137, reason="OOMKilled")])
+    oom = run(
+        ftj(),
+        {"phase": "Running"},
+        [job(0, condition="Failed", reason="BackoffLimitExceeded")],
+        [pod(0, 0, "Failed", exit_code=137, reason="OOMKilled")],
+    )
     assert oom.status["lastFailure"]["reason"] == "OOMKilled"
 
 
 def test_permanent_exit_code_fails_without_restart() -> None:
-    p = run(ftj(), {"phase": "Running"}, [job(0, condition="Failed", reason="PodFailurePolicy")],
-            [pod(0, 0, "Failed", exit_code=3, message="train.jsonl:7: missing column 'completion'")])
+    p = run(
+        ftj(),
+        {"phase": "Running"},
+        [job(0, condition="Failed", reason="PodFailurePolicy")],
+        [pod(0, 0, "Failed", exit_code=3, message="train.jsonl:7: missing column 'completion'")],
+    )
     assert p.status["phase"] == "Failed" and p.status["restarts"] == 0 and p.create_job is None
     failed = cond(p, "Failed")
     assert failed["reason"] == "InvalidData" and "train.jsonl:7" in failed["message"]
 
 
 def test_backoff_exhausted_fails() -> None:
-    p = run(ftj(backoffLimit=1), {"phase": "Restarting", "restarts": 1},
-            [job(1, condition="Failed", reason="BackoffLimitExceeded")], [pod(1, 0, "Failed", exit_code=1)])
+    p = run(
+        ftj(backoffLimit=1),
+        {"phase": "Restarting", "restarts": 1},
+        [job(1, condition="Failed", reason="BackoffLimitExceeded")],
+        [pod(1, 0, "Failed", exit_code=1)],
+    )
     assert p.status["phase"] == "Failed" and cond(p, "Failed")["reason"] == "BackoffLimitExceeded"
 
 
@@ -151,8 +191,12 @@ def test_deadline_exceeded_fails_and_deletes_the_job() -> None:
     assert p.status["phase"] == "Failed" and cond(p, "Failed")["reason"] == "DeadlineExceeded"
     assert p.delete_jobs == ["llm-a0"]
     # The Job of a later attempt gets only the time that is left.
-    fresh = run(ftj(activeDeadlineSeconds=600), {"phase": "Restarting", "restarts": 1,
-                                                 "startTime": timestamp(NOW - timedelta(seconds=100))}, [], [])
+    fresh = run(
+        ftj(activeDeadlineSeconds=600),
+        {"phase": "Restarting", "restarts": 1, "startTime": timestamp(NOW - timedelta(seconds=100))},
+        [],
+        [],
+    )
     assert fresh.create_job == 1 and fresh.active_deadline_seconds == 500
 
 
