@@ -62,6 +62,20 @@ def spec_hash(spec: FineTuneJobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+#: The spec sections that decide what a checkpoint holds and how training continues from it. They are
+#: immutable once the job exists; the others (runPolicy, resources, output, metrics, checkpoint
+#: cadence) may change between attempts — suspending and resuming a job must not orphan its checkpoints.
+CHECKPOINT_HASH_FIELDS = frozenset({"model", "task", "method", "data", "training", "distributed"})
+
+
+def checkpoint_hash(spec: FineTuneJobSpec) -> str:
+    """sha256 of the training-defining part of the spec, recorded in every checkpoint's manifest:
+    a checkpoint is resumed only by a spec with the same value."""
+    dumped = spec.model_dump(by_alias=True, mode="json", include=set(CHECKPOINT_HASH_FIELDS))
+    canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 

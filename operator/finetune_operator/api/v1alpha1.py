@@ -974,8 +974,9 @@ class CheckpointSpec(SpecModel):
     resume: Literal["auto", "never"] = Field(
         default="auto",
         description=(
-            "`auto`: continue from the newest committed checkpoint, if any (one written by a different spec "
-            "fails the job). `never`: start from scratch; this job's earlier checkpoints are deleted."
+            "`auto`: continue from the newest committed checkpoint, if any (one written for a different "
+            "model, task, method, data, training or distributed spec fails the job). `never`: start from "
+            "scratch; this job's earlier checkpoints are deleted."
         ),
     )
     credentials: CredentialsRef | None = Field(default=None, description="Secret with object-storage credentials.")
