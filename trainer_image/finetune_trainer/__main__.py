@@ -1,20 +1,50 @@
 """``python -m finetune_trainer --config FILE``: the trainer's entry point, launched by torchrun.
 
-Exit codes (shared with the operator's podFailurePolicy): 0 done; 2 invalid config; 3 invalid data
-(every bad record printed as file:line); 4 non-finite loss; 85 preempted with state saved.
+Exit codes (shared with the operator's podFailurePolicy, defined in finetune_operator.trainer_config):
+
+==  ================================================================================================
+0   done: outputs written
+2   invalid configuration (permanent), including a checkpoint written by a different spec
+3   invalid data (permanent): every bad record printed as file:line
+4   non-finite loss (permanent): the loss became NaN/inf; the last good checkpoint is kept
+85  preempted (retriable): SIGTERM handled, the state at the current step committed; resumes there
+==  ================================================================================================
+
+The reason of a failure is printed and, when the file exists (Kubernetes' default
+``terminationMessagePath``), written to ``/dev/termination-log`` (``FINETUNE_TERMINATION_LOG``
+overrides the path).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from finetune_operator.trainer_config import EXIT_INVALID_CONFIG, EXIT_INVALID_DATA, load_trainer_config
+from finetune_operator.trainer_config import (
+    EXIT_INVALID_CONFIG,
+    EXIT_INVALID_DATA,
+    EXIT_NONFINITE_LOSS,
+    EXIT_PREEMPTED,
+    load_trainer_config,
+)
 from pydantic import ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteLoss, Preempted
 from .records import DataError
+
+
+def termination_message(text: str) -> None:
+    """Leave the reason where Kubernetes reads it into the container's status (best effort)."""
+    path = os.environ.get("FINETUNE_TERMINATION_LOG", "/dev/termination-log")
+    if int(os.environ.get("RANK", "0")) != 0 or not os.path.exists(path):
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text[-4000:])
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         causal_lm.run(config)
     except DataError as exc:
         print(f"invalid data:\n{exc}", file=sys.stderr)
+        termination_message(f"invalid data:\n{exc}")
         return EXIT_INVALID_DATA
     except ConfigError as exc:
         print(f"invalid configuration: {exc}", file=sys.stderr)
+        termination_message(f"invalid configuration: {exc}")
         return EXIT_INVALID_CONFIG
+    except NonFiniteLoss as exc:
+        print(f"non-finite loss: {exc}", file=sys.stderr)
+        termination_message(f"non-finite loss: {exc}")
+        return EXIT_NONFINITE_LOSS
+    except Preempted as exc:
+        termination_message(f"preempted: {exc}")
+        return EXIT_PREEMPTED
     finally:
         distributed.teardown()
     return 0

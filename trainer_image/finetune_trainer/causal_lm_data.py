@@ -197,14 +197,16 @@ class ExampleDataset(torch.utils.data.Dataset[dict[str, list[int]]]):
 class CausalLMCollator:
     """Pads unpacked rows; flattens packed rows (those with position_ids) into one padding-free row.
 
-    Counts the real (non-padding) tokens it hands out, for throughput reporting.
+    Counts the real (non-padding) tokens and the rows it hands out, for throughput reporting.
     """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
         self.tokens = 0
+        self.samples = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        self.samples += len(features)
         if all("position_ids" in f for f in features):
             ids = [t for f in features for t in f["input_ids"]]
             positions = [p for f in features for p in f["position_ids"]]

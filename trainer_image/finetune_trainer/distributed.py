@@ -6,9 +6,12 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,14 @@ class World:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def nodes(self) -> int:
+        return max(self.world_size // max(self.local_world_size, 1), 1)
+
+    @property
+    def node_rank(self) -> int:
+        return self.rank // max(self.local_world_size, 1)
 
 
 def backend(requested: str) -> str:
@@ -86,3 +97,21 @@ def teardown() -> None:
         with contextlib.suppress(RuntimeError):
             dist.barrier()
         dist.destroy_process_group()
+
+
+def agree(flags: list[bool], device: Any = "cpu") -> list[bool]:
+    """Each flag is true everywhere if it is true on any rank (one tiny all-reduce; free when alone)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(flags)
+    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s object on every rank (pickled; for small decisions only)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

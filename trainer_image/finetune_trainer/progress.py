@@ -1,7 +1,8 @@
 """Progress reporting from rank 0: a progress line (bar, step/total, loss, tokens/s, ETA) and a log.
 
 Every log event is appended to ``metrics.jsonl`` in the work directory (``finetune report`` reads it);
-the terminal shows one line per event, redrawn in place on a TTY.
+the terminal shows one line per event, redrawn in place on a TTY; ``sink`` (the FineTuneJob status
+reporter in a cluster) receives every record too.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,8 +39,17 @@ class TokenCounter:
 
 
 class ProgressReporter(TrainerCallback):
-    def __init__(self, world: World, counter: TokenCounter, metrics_path: Path, stream: TextIO | None = None):
+    def __init__(
+        self,
+        world: World,
+        counter: TokenCounter,
+        metrics_path: Path,
+        stream: TextIO | None = None,
+        sink: Callable[[dict[str, Any]], None] | None = None,
+    ):
         self.world = world
+        self.sink = sink
+        self.last_checkpoint_step: int | None = None
         self.counter = counter
         self.metrics_path = metrics_path
         self.stream = stream or sys.stderr
@@ -68,12 +79,16 @@ class ProgressReporter(TrainerCallback):
         if "loss" in logs:
             record.update(self.snapshot(state.global_step))
         record["total_steps"] = self.total_steps
+        if self.last_checkpoint_step is not None:
+            record["last_checkpoint_step"] = self.last_checkpoint_step
         self.latest.update({k: v for k, v in record.items() if v is not None})
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with self.metrics_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
         self.stream.write(self.line(record) + "\n")
         self.stream.flush()
+        if self.sink is not None:
+            self.sink(record)
 
     def line(self, record: dict[str, Any]) -> str:
         step, total = record["step"], self.total_steps
@@ -90,4 +105,6 @@ class ProgressReporter(TrainerCallback):
             parts.append(f"{record['tokens_per_second']:,.0f} tok/s")
         if record.get("eta_seconds") is not None:
             parts.append(f"eta {format_duration(record['eta_seconds'])}")
+        if record.get("last_checkpoint_step") is not None:
+            parts.append(f"ckpt {record['last_checkpoint_step']}")
         return " | ".join(parts)

@@ -80,9 +80,18 @@ def precision_flags(precision: str, *, cuda: bool) -> dict[str, bool]:
 
 
 def training_arguments(
-    spec: FineTuneJobSpec, *, output_dir: str | Path, base_dir: str | None, has_eval: bool
+    spec: FineTuneJobSpec,
+    *,
+    output_dir: str | Path,
+    base_dir: str | None,
+    has_eval: bool,
+    checkpoint_store: bool = False,
 ) -> TrainingArguments:
-    """TrainingArguments for the spec. Build it before the model: ZeRO-3 partitions at load time."""
+    """TrainingArguments for the spec. Build it before the model: ZeRO-3 partitions at load time.
+
+    Checkpoints are saved into ``output_dir`` (local staging). With ``checkpoint_store`` the trainer's
+    CheckpointCallback decides when to save and the store rotates them, so transformers deletes none.
+    """
     t = spec.training
     cuda = torch.cuda.is_available()
     if t.optimizer in CUDA_ONLY_OPTIMIZERS and not cuda:
@@ -107,6 +116,8 @@ def training_arguments(
         "data_seed": t.seed,
         "logging_steps": t.log_every_steps,
         "logging_first_step": True,
+        # A NaN/inf loss must show (and stop the run with exit code 4), not be papered over.
+        "logging_nan_inf_filter": False,
         "gradient_checkpointing": t.gradient_checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None,
         "report_to": "none",
@@ -130,7 +141,7 @@ def training_arguments(
         kwargs.update(
             save_strategy="steps",
             save_steps=t.evaluation.every_steps,
-            save_total_limit=spec.checkpoint.keep_last,
+            save_total_limit=None if checkpoint_store else spec.checkpoint.keep_last,
             load_best_model_at_end=True,
             metric_for_best_model=BEST_METRICS[t.early_stopping.metric],
             greater_is_better=t.early_stopping.mode == "max",

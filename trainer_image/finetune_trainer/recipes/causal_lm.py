@@ -8,7 +8,12 @@ output contract (adapter and/or merged model with a sha256 manifest).
 
 The order matters: data is read and checked first (no accelerator memory is touched before every
 record is known to be good), then the TrainingArguments are built (ZeRO-3 must exist before the model
-is instantiated), then the model is loaded and the method applied.
+is instantiated), then the resume decision is taken (a checkpoint of another spec fails the run before
+any model is loaded), then the model is loaded and the method applied.
+
+Around the training: Prometheus metrics on every rank (``telemetry``), SIGTERM handling, periodic
+checkpoints to the store and automatic resume (``checkpointing``), and progress into the FineTuneJob's
+status from rank 0 when running in a cluster (``status``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from finetune_operator.trainer_config import TrainerConfig
 from transformers import PrinterCallback, Trainer, set_seed
 from transformers.trainer_utils import EvalLoopOutput
 
-from .. import distributed, methods, modeling, storage
+from .. import checkpointing, distributed, methods, modeling, storage
 from ..causal_lm_data import (
     CausalLMCollator,
     Example,
@@ -34,14 +39,25 @@ from ..causal_lm_data import (
     pack_documents,
     split_eval,
 )
+from ..checkpoint_store import Manifest, describe
 from ..outputs import save_outputs
 from ..progress import ProgressReporter
 from ..records import Record, load_checked
+from ..status import StatusReporter
+from ..telemetry import TelemetryCallback, TrainingMetrics, metrics_port
 from ..training_args import training_arguments
 
 
 class CausalLMTrainer(Trainer):
-    """transformers' Trainer, with perplexity reported next to every evaluation loss."""
+    """transformers' Trainer, with perplexity reported next to every evaluation loss and timed saves."""
+
+    telemetry: TrainingMetrics | None = None
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        started = time.monotonic()
+        super()._save_checkpoint(model, trial)
+        if self.telemetry is not None:
+            self.telemetry.observe_save(time.monotonic() - started)
 
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> EvalLoopOutput:
         output = super().evaluation_loop(*args, **kwargs)
@@ -72,10 +88,62 @@ def planned_steps(config: TrainerConfig, rows: int, world_size: int) -> int:
     return math.ceil(t.epochs * per_epoch)
 
 
+def start_metrics(config: TrainerConfig, world: distributed.World) -> TrainingMetrics | None:
+    if not config.spec.metrics.enabled:
+        return None
+    metrics = TrainingMetrics(namespace=config.job.namespace, job=config.job.name, rank=world.rank)
+    metrics.serve(metrics_port(config.spec.metrics.port, world.local_rank))
+    return metrics
+
+
+def _zero_stage(args: Any) -> int | None:
+    ds = args.deepspeed
+    if isinstance(ds, dict):
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        return int(stage) if isinstance(stage, int) else None
+    return None
+
+
+def _status_sink(status: StatusReporter) -> Any:
+    def sink(record: dict[str, Any]) -> None:
+        status.update(
+            step=record.get("step"),
+            totalSteps=record.get("total_steps"),
+            epoch=record.get("epoch"),
+            loss=record.get("loss"),
+            evalLoss=record.get("eval_loss"),
+            learningRate=record.get("learning_rate"),
+            tokensPerSecond=record.get("tokens_per_second"),
+            etaSeconds=record.get("eta_seconds"),
+            lastCheckpointStep=record.get("last_checkpoint_step"),
+        )
+
+    return sink
+
+
 def run(config: TrainerConfig) -> dict[str, Any]:
     """Train; return the run summary (also written to <work_dir>/summary.json by rank 0)."""
-    spec = config.spec
     world = distributed.World.from_env()
+    telemetry = start_metrics(config, world)
+    preemption = checkpointing.Preemption(save=config.spec.checkpoint.save_on_preemption, metrics=telemetry)
+    preemption.install()
+    status = StatusReporter.from_env() if world.is_main else None
+    try:
+        return _run(config, world, telemetry, preemption, status)
+    finally:
+        preemption.in_training = False
+        if status is not None:
+            status.close()
+
+
+def _run(
+    config: TrainerConfig,
+    world: distributed.World,
+    telemetry: TrainingMetrics | None,
+    preemption: checkpointing.Preemption,
+    status: StatusReporter | None,
+) -> dict[str, Any]:
+    spec = config.spec
     work = Path(config.work_dir)
     started = time.time()
 
@@ -91,11 +159,24 @@ def run(config: TrainerConfig) -> dict[str, Any]:
 
     # 2. Process group and TrainingArguments before the model (ZeRO-3 partitions at load time).
     distributed.init(world, spec.distributed.backend, deepspeed=spec.distributed.deepspeed is not None)
+    store = checkpointing.open_store(config)
     args = training_arguments(
-        spec, output_dir=work / "hf-checkpoints", base_dir=config.base_dir, has_eval=bool(eval_records)
+        spec,
+        output_dir=work / "hf-checkpoints",
+        base_dir=config.base_dir,
+        has_eval=bool(eval_records),
+        checkpoint_store=store is not None,
     )
 
-    # 3. Tokenizer, examples, model, method.
+    # 3. Resume: rank 0 picks the newest committed checkpoint (refusing one of another spec); every
+    # node downloads it into the local staging directory, where transformers restores from.
+    zero_stage = _zero_stage(args)
+    plan = checkpointing.plan_resume(config, world, store, zero_stage) if store else checkpointing.ResumePlan()
+    resume_dir = checkpointing.fetch(plan, store, Path(args.output_dir), world) if store else None
+    if status is not None and plan.kept is not None:
+        status.set_checkpoints(describe(plan.kept))
+
+    # 4. Tokenizer, examples, model, method.
     source = modeling.resolve_source(spec.model, base_dir=config.base_dir, cache_dir=work / "cache", world=world)
     tokenizer = modeling.load_tokenizer(source, spec.model)
     train_examples = _examples(train_records, tokenizer, data, for_training=True)
@@ -119,8 +200,47 @@ def run(config: TrainerConfig) -> dict[str, Any]:
     model = methods.apply(model, ctx)
 
     collator = CausalLMCollator(tokenizer.pad_token_id)
-    reporter = ProgressReporter(world, collator, work / "metrics.jsonl")
-    callbacks = [reporter, *methods.callbacks(model, ctx)]
+    reporter = ProgressReporter(
+        world, collator, work / "metrics.jsonl", sink=_status_sink(status) if status is not None else None
+    )
+    if plan.manifest is not None:
+        reporter.last_checkpoint_step = plan.manifest.step
+        if telemetry is not None:
+            telemetry.committed(plan.manifest.step, plan.manifest.committed_at)
+    best = checkpointing.best_metric(spec, has_eval=bool(eval_examples))
+    holder: dict[str, Trainer] = {}
+
+    def on_commit(manifest: Manifest, kept: list[Manifest]) -> None:
+        reporter.last_checkpoint_step = manifest.step
+        if status is not None:
+            status.set_checkpoints(describe(kept))
+
+    uploader = None
+    if store is not None and world.is_local_main:
+        uploader = checkpointing.Uploader(
+            store,
+            world=world,
+            keep_last=spec.checkpoint.keep_last,
+            best=best,
+            zero_stage=zero_stage,
+            metrics=telemetry,
+            on_commit=on_commit if world.is_main else None,
+            protected=lambda: {holder["trainer"].state.best_model_checkpoint} if "trainer" in holder else set(),
+        )
+    checkpoint_callback = checkpointing.CheckpointCallback(
+        spec,
+        world=world,
+        store=store,
+        uploader=uploader,
+        preemption=preemption,
+        best=best,
+        resumed=plan.manifest,
+        best_so_far=plan.best,
+        metrics=telemetry,
+    )
+    callbacks: list[Any] = [reporter, checkpoint_callback, *methods.callbacks(model, ctx)]
+    if telemetry is not None:
+        callbacks.append(TelemetryCallback(telemetry, collator))
     if spec.training.early_stopping is not None and args.load_best_model_at_end:
         from transformers import EarlyStoppingCallback
 
@@ -141,8 +261,11 @@ def run(config: TrainerConfig) -> dict[str, Any]:
     )
 
     trainer.remove_callback(PrinterCallback)  # our ProgressReporter prints instead
+    trainer.telemetry = telemetry
+    checkpoint_callback.trainer = trainer
+    holder["trainer"] = trainer
 
-    # 4. Train, measuring held-out and general perplexity before and after.
+    # 5. Train, measuring held-out and general perplexity before and after.
     summary: dict[str, Any] = {
         "job": config.job.model_dump(),
         "method": spec.method.type,
@@ -150,11 +273,17 @@ def run(config: TrainerConfig) -> dict[str, Any]:
         "world_size": world.world_size,
     }
     before = _evaluate(trainer, eval_examples, general_examples)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_dir)
+    preemption.in_training = False  # from here on SIGTERM exits at once: the final checkpoint is committed
+    if uploader is not None:
+        uploader.wait()
+    distributed.barrier()
     after = _evaluate(trainer, eval_examples, general_examples)
     summary.update(
         train_loss=result.training_loss,
         steps=trainer.state.global_step,
+        resumed_from_step=plan.manifest.step if plan.manifest else None,
+        last_checkpoint=(uploader.committed.uri if uploader and uploader.committed else None),
         before=before,
         after=after,
         tokens_per_second=reporter.latest.get("tokens_per_second"),
@@ -163,7 +292,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:
         zero3_partitioned_parameters=sum(1 for p in model.parameters() if hasattr(p, "ds_id") and p.numel() == 0),
     )
 
-    # 5. Outputs (rank 0 writes; ZeRO-3 gathers the full weights first).
+    # 6. Outputs (rank 0 writes; ZeRO-3 gathers the full weights first).
     if spec.distributed.deepspeed is not None and spec.distributed.deepspeed.zero_stage == 3:
         trainer.save_model(str(work / "zero3-gathered"))
     if world.is_main:

@@ -1,0 +1,197 @@
+"""A real Prometheus scrapes a running 2-rank training; then SIGTERM preempts it.
+
+Prometheus (Debian's package; hack/test.sh installs it) scrapes both ranks every second on loopback.
+Its HTTP API must return every training metric for the job. Then the launcher gets SIGTERM, as a pod's
+first process does: the ranks agree on a step, commit a checkpoint within the grace period and exit
+with 85; keepLast kept the newest checkpoints and the best one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import live
+import pytest
+import tiny
+from tiny import job_manifest
+
+GRACE = 30
+EXPECTED = {
+    "finetune_train_loss",
+    "finetune_eval_loss",
+    "finetune_learning_rate",
+    "finetune_global_step",
+    "finetune_total_steps",
+    "finetune_epoch",
+    "finetune_tokens_per_second",
+    "finetune_samples_per_second",
+    "finetune_step_duration_seconds_bucket",
+    "finetune_step_duration_seconds_count",
+    "finetune_accelerator_memory_allocated_bytes",
+    "finetune_accelerator_memory_peak_bytes",
+    "finetune_checkpoint_save_duration_seconds_bucket",
+    "finetune_checkpoint_upload_duration_seconds_bucket",
+    "finetune_checkpoint_size_bytes",
+    "finetune_checkpoint_uploaded_bytes_total",
+    "finetune_checkpoint_upload_failures_total",
+    "finetune_last_checkpoint_step",
+    "finetune_last_checkpoint_timestamp_seconds",
+    "finetune_preemptions_total",
+    "finetune_model_flops_utilization_ratio",
+}
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free on loopback (rank r serves on p + r)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise AssertionError("no two consecutive free ports on loopback")
+
+
+class Prometheus:
+    def __init__(self, url: str):
+        self.url = url
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        q = urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(f"{self.url}/api/v1/query?{q}", timeout=5) as response:
+            body = json.loads(response.read())
+        assert body["status"] == "success", body
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[tuple[Prometheus, int]]:
+    """A Prometheus on loopback scraping two metrics ports (returned), every second, honoring our labels."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is not installed: hack/test.sh installs Debian's package (apt-get install prometheus)"
+    targets = free_port_pair()
+    web = free_port_pair()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [
+                    {
+                        "job_name": "trainer",
+                        "honor_labels": True,
+                        "static_configs": [{"targets": [f"127.0.0.1:{targets}", f"127.0.0.1:{targets + 1}"]}],
+                    }
+                ],
+            }
+        )
+    )
+    log = (tmp_path / "prometheus.log").open("w")
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{web}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    server = Prometheus(f"http://127.0.0.1:{web}")
+    try:
+        live.wait_for("Prometheus to be ready", lambda: server.query("up") is not None, timeout=60, interval=0.2)
+        yield server, targets
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_prometheus_scrapes_every_metric_then_sigterm_commits_and_exits_85(
+    prometheus: tuple[Prometheus, int],
+    s3_endpoint: str,
+    s3_env: dict[str, str],
+    tiny_model: Path,
+    train_jsonl: Path,
+    tmp_path: Path,
+) -> None:
+    server, port = prometheus
+    s3 = live.s3_client(s3_endpoint)
+    bucket = f"metrics-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    job = job_manifest(
+        "scraped",
+        tiny_model,
+        train_jsonl,
+        data__evalSplit=0.1,
+        training__maxSteps=100000,  # runs until preempted
+        training__evaluation={"everySteps": 3},
+        checkpoint={
+            "uri": f"s3://{bucket}/ckpt",
+            "everySteps": 4,
+            "keepLast": 2,
+            "keepBest": True,
+            "gracePeriodSeconds": GRACE,
+        },
+    )
+    env = {**s3_env, "FINETUNE_METRICS_PORT": str(port), "FINETUNE_PEAK_FLOPS": "1e12"}
+    run = live.start(tmp_path, job, "--nproc", "2", env=env)
+    try:
+        selector = '{job="scraped", namespace="local", __name__=~"finetune_.+"}'
+
+        def names() -> set[str] | None:
+            found = {s["metric"]["__name__"] for s in server.query(selector)}
+            return found if found >= EXPECTED else None
+
+        live.wait_for(f"Prometheus to have every metric {sorted(EXPECTED)}", names, timeout=240, interval=0.5)
+        ranks = {s["metric"]["rank"] for s in server.query('finetune_global_step{job="scraped"}')}
+        assert ranks == {"0", "1"}
+        [total] = server.query('finetune_total_steps{job="scraped", rank="0"}')
+        assert float(total["value"][1]) == 100000
+        [mfu] = server.query('finetune_model_flops_utilization_ratio{job="scraped", rank="0"}')
+        assert 0 < float(mfu["value"][1]) < 1
+
+        signalled_at, signalled_step = time.time(), run.logged_step()
+        run.launcher().send_signal(signal.SIGTERM)
+        code = run.wait(timeout=GRACE + 60)
+        exited_at = time.time()
+    finally:
+        run.kill()
+    assert code == 85, f"exit {code}\n{run.output[-4000:]}"
+    assert exited_at - signalled_at < GRACE, f"exit took {exited_at - signalled_at:.1f}s"
+    prefix = "ckpt/local/scraped"
+    committed = live.committed_steps(s3, bucket, prefix)
+    newest = live.manifest(s3, bucket, prefix, committed[-1])
+    commit_time = datetime.fromisoformat(newest["time"]).timestamp()
+    assert newest["step"] >= signalled_step, (newest, signalled_step)
+    assert signalled_at - 1 <= commit_time <= exited_at + 1, (newest["time"], signalled_at, exited_at)
+    assert f"preempted at step {newest['step']}: checkpoint-{newest['step']} committed" in run.output
+
+    # keepLast 2 plus the best: the best evaluation's step was made durable and survived rotation.
+    evals = {m["step"]: m["eval_loss"] for m in tiny.read_metrics(run.workdir) if "eval_loss" in m and m["step"] > 0}
+    best_step = min(evals, key=lambda s: evals[s])
+    assert best_step in committed and set(committed[-2:]) | {best_step} == set(committed), (committed, evals)

@@ -1,0 +1,463 @@
+"""When to checkpoint, how a checkpoint reaches the store, how a run resumes, and how it stops.
+
+- **Periodic** checkpoints every ``spec.checkpoint.everySteps`` optimizer steps and/or every
+  ``everyMinutes`` (rank 0's clock decides), at every evaluation that improves the best metric (when
+  ``keepBest``), and at the last step. Every rank must take part in a save, so after every optimizer
+  step the ranks agree on three flags with one tiny all-reduce (MAX): *time to save*, *SIGTERM seen*,
+  *loss not finite*. Step-based decisions need no agreement: every rank counts the same steps.
+- **Saving** is transformers' own ``_save_checkpoint`` (model or adapter, optimizer, scheduler,
+  scaler, per-rank RNG states, trainer state; DeepSpeed's sharded states) into the local staging
+  directory. Then the ranks meet at a barrier, and local rank 0 of every node hands the directory to
+  the :class:`Uploader`: one background thread, at most one upload in flight (a new save waits for
+  the previous upload), training goes on meanwhile. Node 0 commits (manifest last), rotates
+  (``keepLast`` + the best), and reports the kept checkpoints.
+- **Resume** (``resume: auto``): rank 0 finds the newest committed checkpoint, checks its config hash
+  (:func:`finetune_operator.trainer_config.checkpoint_hash`: model, task, method, data, training,
+  distributed) and world size, and broadcasts the decision; local rank 0 of every node downloads it (sha256
+  verified); transformers restores weights, optimizer, scheduler, RNG and trainer state and
+  fast-forwards the sampler past the batches already trained (it skips batch indices: no sample is
+  loaded or collated again). ``resume: never`` deletes the job's old checkpoints and starts over.
+- **SIGTERM** (preemption, eviction, drain): the handler only raises a flag; at the next optimizer
+  step all ranks agree, save, wait for the commit, and exit with 85. Before training starts (or with
+  ``saveOnPreemption: false``) there is nothing to save: the process exits with 85 at once.
+- **Non-finite loss**: all ranks stop at the step where any rank's loss became NaN/inf, without
+  saving it, after the upload in flight (of an earlier, good step) is committed; exit 4.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_operator.trainer_config import CHECKPOINT_HASH_FIELDS, TrainerConfig, checkpoint_hash
+from transformers import TrainerCallback
+
+from . import distributed
+from .checkpoint_store import BestMetric, CheckpointStore, Manifest, UploadResult, best_checkpoint, step_of
+from .distributed import World
+from .errors import ConfigError, NonFiniteLoss, Preempted
+from .telemetry import TrainingMetrics
+from .training_args import BEST_METRICS
+
+log = logging.getLogger(__name__)
+
+UPLOAD_ATTEMPTS = 3
+
+
+def best_metric(spec: FineTuneJobSpec, *, has_eval: bool) -> BestMetric | None:
+    """The metric that ranks checkpoints for keepBest: early stopping's, else the eval loss; None
+    without evaluation or without keepBest."""
+    t = spec.training
+    if not spec.checkpoint.keep_best or not has_eval or t.evaluation.every_steps is None:
+        return None
+    if t.early_stopping is not None:
+        return BestMetric(BEST_METRICS[t.early_stopping.metric], t.early_stopping.mode == "max")
+    return BestMetric("eval_loss", False)
+
+
+def open_store(config: TrainerConfig) -> CheckpointStore | None:
+    if config.checkpoint_dir is None:
+        return None
+    c = config.spec.checkpoint
+    return CheckpointStore(
+        config.checkpoint_dir,
+        config_hash=checkpoint_hash(config.spec),
+        endpoint_url=c.endpoint_url,
+        region=c.region,
+        base_dir=config.base_dir,
+    )
+
+
+# ---- resume -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResumePlan:
+    manifest: Manifest | None = None  #: the checkpoint to resume from
+    best: Manifest | None = None  #: the best committed checkpoint (for load-best-at-end)
+    kept: list[Manifest] | None = None  #: every committed checkpoint (status.checkpoints)
+
+
+def _decide(config: TrainerConfig, world: World, store: CheckpointStore, zero_stage: int | None) -> ResumePlan:
+    c = config.spec.checkpoint
+    if c.resume == "never":
+        removed = store.delete_all()
+        if removed:
+            log.warning("resume: never — deleted %d earlier checkpoint(s) under %s", len(removed), store.uri)
+        return ResumePlan(kept=[])
+    removed = store.clean_partial()
+    if removed:
+        print(f"removed {len(removed)} uncommitted checkpoint(s) under {store.uri}: steps {removed}", flush=True)
+    committed = store.committed()
+    if not committed:
+        return ResumePlan(kept=[])
+    newest = committed[-1]
+    expected = checkpoint_hash(config.spec)
+    if newest.config_hash != expected:
+        fields = ", ".join(f"spec.{f}" for f in sorted(CHECKPOINT_HASH_FIELDS))
+        raise ConfigError(
+            f"spec.checkpoint: the newest checkpoint {newest.uri} was written by a different spec (config hash "
+            f"{newest.config_hash[:12]}…, this spec {expected[:12]}…; it covers {fields}). Resuming would mix "
+            "two trainings: restore the spec, or set spec.checkpoint.resume: never to start over (its "
+            "checkpoints are deleted)"
+        )
+    if newest.world_size != world.world_size:
+        if newest.zero_stage:
+            raise ConfigError(
+                f"spec.checkpoint: {newest.uri} was written by {newest.world_size} ranks with DeepSpeed ZeRO-"
+                f"{newest.zero_stage}, whose optimizer state is partitioned per rank; this run has "
+                f"{world.world_size} ranks. Resume with {newest.world_size} ranks, or set "
+                "spec.checkpoint.resume: never to start over"
+            )
+        log.warning(
+            "resuming %s (written by %d ranks) with %d ranks: weights, optimizer and scheduler are restored; the "
+            "data position is re-derived from the step count, so samples are exactly skipped only when the "
+            "global batch size is unchanged, and ranks without an RNG file start from the seed",
+            newest.uri,
+            newest.world_size,
+            world.world_size,
+        )
+    best = None
+    metric = best_metric(config.spec, has_eval=True)
+    if metric is not None:
+        best = best_checkpoint(committed, metric)
+    return ResumePlan(manifest=newest, best=best, kept=committed)
+
+
+def plan_resume(config: TrainerConfig, world: World, store: CheckpointStore, zero_stage: int | None) -> ResumePlan:
+    """Rank 0 decides (clean-up, newest committed, compatibility); every rank gets the same plan."""
+    decision: ResumePlan | str | None = None
+    if world.is_main:
+        try:
+            decision = _decide(config, world, store, zero_stage)
+        except ConfigError as exc:
+            decision = str(exc)
+    decision = distributed.broadcast_object(decision)
+    if isinstance(decision, str):
+        raise ConfigError(decision)
+    assert decision is not None
+    return decision
+
+
+def fetch(plan: ResumePlan, store: CheckpointStore, local_root: Path, world: World) -> str | None:
+    """Download the resume checkpoint (and the best one) on every node; return the local path."""
+    if plan.manifest is None:
+        if world.is_local_main and local_root.exists():
+            shutil.rmtree(local_root, ignore_errors=True)  # stale staging of an earlier attempt
+        distributed.barrier()
+        return None
+    manifest = plan.manifest
+    target = local_root / f"checkpoint-{manifest.step}"
+    with distributed.local_main_first(world):
+        if world.is_local_main:
+            keep = {target.name} | ({f"checkpoint-{plan.best.step}"} if plan.best else set())
+            if local_root.exists():
+                for stale in local_root.iterdir():
+                    if stale.name not in keep:
+                        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+            started = time.monotonic()
+            store.download(manifest, target)
+            best_dir = None
+            if plan.best is not None:
+                best_dir = local_root / f"checkpoint-{plan.best.step}"
+                if plan.best.step != manifest.step:
+                    store.download(plan.best, best_dir)
+            _relocate_best(target / "trainer_state.json", best_dir, plan.best)
+            print(
+                f"resuming from {manifest.uri} (step {manifest.step}, {manifest.bytes:,} B downloaded and verified "
+                f"in {time.monotonic() - started:.1f}s)",
+                flush=True,
+            )
+    return str(target)
+
+
+def _relocate_best(state_file: Path, best_dir: Path | None, best: Manifest | None) -> None:
+    """Point the trainer state's best checkpoint at the local copy (it was saved on another machine)."""
+    if not state_file.is_file():
+        return
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    recorded = state.get("best_global_step")
+    if best_dir is not None and best is not None and (recorded is None or recorded == best.step):
+        state["best_model_checkpoint"] = str(best_dir)
+    else:
+        state["best_model_checkpoint"] = None
+    state_file.write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+
+
+# ---- SIGTERM ------------------------------------------------------------------------------------
+
+
+class Preemption:
+    """SIGTERM handling: a flag during training, an immediate exit (85) outside it."""
+
+    def __init__(self, *, save: bool, metrics: TrainingMetrics | None = None):
+        self.save = save
+        self.metrics = metrics
+        self.requested = False
+        self.in_training = False
+        self.received_at: float | None = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.requested:
+            self.requested = True
+            self.received_at = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.preempted()
+            where = "saving at the next step" if self.in_training and self.save else "exiting"
+            print(f"SIGTERM received: {where}", flush=True)
+        if not (self.in_training and self.save):
+            raise Preempted("SIGTERM outside training: nothing to save")
+
+
+# ---- uploads ------------------------------------------------------------------------------------
+
+
+class Uploader:
+    """Uploads checkpoints on a background thread, one at a time, and commits them on node 0."""
+
+    def __init__(
+        self,
+        store: CheckpointStore,
+        *,
+        world: World,
+        keep_last: int,
+        best: BestMetric | None,
+        zero_stage: int | None,
+        metrics: TrainingMetrics | None = None,
+        on_commit: Callable[[Manifest, list[Manifest]], None] | None = None,
+        protected: Callable[[], set[str]] | None = None,
+    ):
+        self.store = store
+        self.world = world
+        self.keep_last = keep_last
+        self.best = best
+        self.zero_stage = zero_stage
+        self.metrics = metrics
+        self.on_commit = on_commit
+        self.protected = protected or set
+        self._thread: threading.Thread | None = None
+        self.last_result: UploadResult | None = None
+        self.last_error: BaseException | None = None
+        self.committed: Manifest | None = None
+
+    def submit(self, local_dir: Path, step: int, *, epoch: float | None, metrics: dict[str, float]) -> float:
+        """Start uploading ``local_dir``; first waits for the upload in flight. Returns seconds waited."""
+        started = time.monotonic()
+        self.wait()
+        waited = time.monotonic() - started
+        self._thread = threading.Thread(
+            target=self._run, args=(local_dir, step, epoch, metrics), name=f"ckpt-upload-{step}", daemon=True
+        )
+        self._thread.start()
+        return waited
+
+    def wait(self) -> UploadResult | None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self.last_result
+
+    def _run(self, local_dir: Path, step: int, epoch: float | None, metrics: dict[str, float]) -> None:
+        result = None
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                result = self.store.upload(
+                    local_dir,
+                    step,
+                    world_size=self.world.world_size,
+                    nodes=self.world.nodes,
+                    node_rank=self.world.node_rank,
+                    epoch=epoch,
+                    zero_stage=self.zero_stage,
+                    metrics=metrics,
+                )
+                break
+            except Exception as exc:  # storage errors of every kind: retried, then reported
+                self.last_error = exc
+                log.warning("checkpoint-%d: upload attempt %d/%d failed: %s", step, attempt, UPLOAD_ATTEMPTS, exc)
+                if attempt < UPLOAD_ATTEMPTS:
+                    time.sleep(2.0 * attempt)
+        if result is None:
+            if self.metrics is not None:
+                self.metrics.upload_failed()
+            log.error("checkpoint-%d was NOT saved to %s; training goes on", step, self.store.uri)
+            return
+        self.last_result = result
+        self.last_error = None
+        if self.metrics is not None:
+            self.metrics.observe_upload(result.seconds, result.bytes)
+        if result.manifest is not None:
+            try:
+                kept = self.store.rotate(self.keep_last, self.best, protect=())
+            except Exception as exc:
+                log.warning("checkpoint rotation failed (retried after the next save): %s", exc)
+                kept = [result.manifest]
+            self.committed = result.manifest
+            if self.metrics is not None:
+                self.metrics.committed(step, result.manifest.committed_at)
+            if self.on_commit is not None:
+                self.on_commit(result.manifest, kept)
+        self._clean_local(local_dir.parent, step)
+
+    def _clean_local(self, root: Path, upto: int) -> None:
+        """Remove uploaded staging directories (except the one transformers may load as best)."""
+        protected = {str(Path(p)) for p in self.protected() if p}
+        for path in root.glob("checkpoint-*"):
+            step = step_of(path.name)
+            if step is not None and step <= upto and str(path) not in protected:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- the callback -------------------------------------------------------------------------------
+
+
+class CheckpointCallback(TrainerCallback):
+    """Decides saves, hands them to the uploader, and ends the run on SIGTERM or a non-finite loss."""
+
+    def __init__(
+        self,
+        spec: FineTuneJobSpec,
+        *,
+        world: World,
+        store: CheckpointStore | None,
+        uploader: Uploader | None,
+        preemption: Preemption,
+        best: BestMetric | None,
+        resumed: Manifest | None,
+        best_so_far: Manifest | None,
+        metrics: TrainingMetrics | None = None,
+    ):
+        c = spec.checkpoint
+        self.world = world
+        self.store = store
+        self.uploader = uploader
+        self.preemption = preemption
+        self.best = best
+        self.metrics = metrics
+        self.every_steps = c.every_steps
+        self.every_seconds = c.every_minutes * 60 if c.every_minutes else None
+        self.grace_seconds = c.grace_period_seconds
+        self.saved_step: int | None = resumed.step if resumed else None
+        self.best_value = best.value(best_so_far) if (best and best_so_far) else None
+        self.eval_metrics: dict[int, dict[str, float]] = {}
+        self.trainer: Any = None  # set once the Trainer exists (for the running loss)
+        self.training = False
+        self.preempting = False
+        self.last_save = time.monotonic()
+
+    # Training window: saves are only ever requested between train begin and end.
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.training = True
+        self.last_save = time.monotonic()
+        self.preemption.in_training = True
+        if self.preemption.requested:  # SIGTERM arrived while the model was being prepared
+            raise Preempted("SIGTERM before the first step", self.saved_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.training = False
+
+    def _loss_nonfinite(self) -> tuple[bool, float | None]:
+        loss = getattr(self.trainer, "_tr_loss", None)
+        if loss is None:
+            return False, None
+        value = float(loss.detach().float().sum().item())
+        return (not math.isfinite(value)), value
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step
+        time_due = bool(
+            self.store is not None
+            and self.world.is_main
+            and self.every_seconds is not None
+            and time.monotonic() - self.last_save >= self.every_seconds
+        )
+        nonfinite, value = self._loss_nonfinite()
+        time_due, preempt, nonfinite_any = distributed.agree(
+            [time_due, self.preemption.requested, nonfinite], device=args.device
+        )
+        if nonfinite_any:
+            self._stop_nonfinite(step, value if nonfinite else None)
+        if preempt and not self.preempting:
+            self.preempting = True
+            control.should_training_stop = True
+            control.should_evaluate = False
+        wanted = self.store is not None and (
+            time_due
+            or self.preempting
+            or (self.every_steps is not None and step % self.every_steps == 0)
+            or step >= state.max_steps
+        )
+        if wanted and step != self.saved_step:
+            control.should_save = True
+        if self.preempting and not control.should_save:
+            self._finish_preemption(step)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **_: Any) -> None:
+        if not self.training or not metrics:
+            return
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        self.eval_metrics[state.global_step] = numeric
+        if self.best is None or self.store is None:
+            return
+        value = numeric.get(self.best.name)
+        if value is None or not math.isfinite(value):
+            return
+        if self.best_value is None or self.best.better(value, self.best_value):
+            self.best_value = value
+            if state.global_step != self.saved_step:
+                control.should_save = True  # a new best is made durable at once
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step
+        self.saved_step = step
+        self.last_save = time.monotonic()
+        if self.store is not None:
+            distributed.barrier()  # every rank's files are on disk before the upload starts
+            if self.world.is_local_main and self.uploader is not None:
+                waited = self.uploader.submit(
+                    Path(args.output_dir) / f"checkpoint-{step}",
+                    step,
+                    epoch=state.epoch,
+                    metrics=self.eval_metrics.get(step, {}),
+                )
+                if waited > 1.0:
+                    log.info("checkpoint-%d waited %.1fs for the previous upload", step, waited)
+        if self.preempting:
+            self._finish_preemption(step)
+
+    def _wait_uploads(self) -> None:
+        if self.uploader is not None and self.world.is_local_main:
+            self.uploader.wait()
+        distributed.barrier()
+
+    def _finish_preemption(self, step: int) -> None:
+        self._wait_uploads()
+        committed = self.uploader.committed if self.uploader else None
+        elapsed = time.monotonic() - (self.preemption.received_at or time.monotonic())
+        if self.world.is_main:
+            where = f"checkpoint-{committed.step} committed at {committed.uri}" if committed else "nothing to save"
+            print(f"preempted at step {step}: {where}, {elapsed:.1f}s after SIGTERM", flush=True)
+            if elapsed > self.grace_seconds:
+                log.warning("the preemption save took %.0fs, more than gracePeriodSeconds", elapsed)
+        raise Preempted(f"preempted at step {step}", step)
+
+    def _stop_nonfinite(self, step: int, value: float | None) -> None:
+        self._wait_uploads()
+        committed = self.uploader.committed if self.uploader else None
+        kept = f"the last good checkpoint is {committed.uri}" if committed else "no checkpoint was committed"
+        what = f"became {value}" if value is not None else "became non-finite on another rank"
+        raise NonFiniteLoss(f"training loss {what} at step {step}; stopped without saving it; {kept}", step)
