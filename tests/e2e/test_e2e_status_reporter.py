@@ -1,0 +1,156 @@
+"""The trainer's status reporter against the real API server, authenticated as the trainer pod would be.
+
+A ServiceAccount with a Role that allows get/patch on ``finetunejobs/status`` for one job only
+(``resourceNames``) and a TokenRequest token: the reporter, run as a local process with the pod's
+environment pointed at the test cluster, fills ``status.progress`` and ``status.checkpoints`` of its
+job. Aimed at another job it is refused (403) and carries on; an unreachable API server neither.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from conftest import Cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_NAME = "finetunejobs.finetune.io"
+
+# What the trainer's rank 0 does, compressed: progress after every logged step, the committed
+# checkpoints after an upload, a final flush at the end. Polls are bounded; nothing sleeps blindly.
+REPORTER = textwrap.dedent(
+    """
+    import logging, time
+    from finetune_trainer.status import StatusReporter
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    reporter = StatusReporter.from_env(min_interval=0.5)
+    assert reporter is not None, "status reporting is off"
+    for step in range(1, 4):
+        reporter.update(step=step, totalSteps=20, epoch=step / 20, loss=2.5 - step / 10, learningRate=2e-4,
+                        tokensPerSecond=1234.5, etaSeconds=60.0 - step)
+    deadline = time.monotonic() + 30
+    while reporter.sent + reporter.failures == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reporter.set_checkpoints([{"step": 4, "uri": "s3://ckpt/ns/job/checkpoint-4", "time": "2026-11-01T10:00:00Z"}])
+    reporter.update(step=5, loss=1.75, evalLoss=1.9)
+    reporter.close(timeout=10)
+    print(f"sent={reporter.sent} failures={reporter.failures} last_status={reporter.last_status}", flush=True)
+    """
+)
+
+
+def job(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "s3://models/tiny"},
+            "data": {"train": {"uri": "s3://data/train.jsonl"}},
+            "training": {"maxSteps": 20},
+            "runPolicy": {"suspend": True},  # no operator acts on these jobs
+        },
+    }
+
+
+def run_reporter(cluster: Cluster, namespace: str, name: str, token_file: Path, api: str | None = None) -> str:
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "FINETUNE_JOB_NAMESPACE": namespace,
+        "FINETUNE_JOB_NAME": name,
+        "FINETUNE_KUBE_API": api or cluster.server,
+        "FINETUNE_KUBE_TOKEN_FILE": str(token_file),
+        "FINETUNE_KUBE_CA_FILE": str(cluster.ca_file),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", REPORTER], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, f"the reporter crashed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def test_status_reporter_patches_its_job_only(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    ns = namespace
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    cluster.wait_for(
+        f"CRD {CRD_NAME} Established",
+        lambda: any(
+            c["type"] == "Established" and c["status"] == "True"
+            for c in cluster.get_json("crd", CRD_NAME).get("status", {}).get("conditions", [])
+        ),
+        timeout=60,
+    )
+    cluster.wait_for(
+        "FineTuneJobs to be served",
+        lambda: cluster.kubectl_result("get", "finetunejobs", "-n", ns).returncode == 0,
+        timeout=60,
+    )
+    for name in ("reported", "other"):
+        cluster.apply(job(name), ns)
+    cluster.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "trainer"}}, ns)
+    cluster.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "reported-status"},
+            "rules": [
+                {
+                    "apiGroups": ["finetune.io"],
+                    "resources": ["finetunejobs/status"],
+                    "resourceNames": ["reported"],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        ns,
+    )
+    cluster.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "trainer-reported-status"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reported-status"},
+            "subjects": [{"kind": "ServiceAccount", "name": "trainer", "namespace": ns}],
+        },
+        ns,
+    )
+    user = f"system:serviceaccount:{ns}:trainer"
+    cluster.wait_for(
+        "the Role to take effect",
+        lambda: cluster.kubectl_result(
+            "auth", "can-i", "patch", "finetunejobs.finetune.io/reported", "--subresource=status", "-n", ns,
+            f"--as={user}",
+        ).stdout.strip() == "yes",
+        timeout=30,
+    )  # fmt: skip
+    token_file = tmp_path / "token"
+    token_file.write_text(cluster.kubectl("create", "token", "trainer", "-n", ns, "--duration=10m").strip())
+
+    out = run_reporter(cluster, ns, "reported", token_file)
+    assert "failures=0" in out and "last_status=200" in out, out
+    status = cluster.get_json("finetunejob", "reported", namespace=ns)["status"]
+    progress = status["progress"]
+    assert (progress["step"], progress["totalSteps"], progress["summary"]) == (5, 20, "5/20 (25%)"), progress
+    assert progress["loss"] == 1.75 and progress["evalLoss"] == 1.9 and progress["learningRate"] == 2e-4
+    assert progress["tokensPerSecond"] == 1234.5 and progress["etaSeconds"] == 57.0 and progress["percent"] == 25
+    assert progress["lastCheckpointStep"] == 4 and progress["updatedAt"].endswith("Z")
+    assert status["checkpoints"] == [
+        {"step": 4, "uri": "s3://ckpt/ns/job/checkpoint-4", "time": "2026-11-01T10:00:00Z"}
+    ], status
+
+    # Another job's status: denied by RBAC (403); the reporter logs it and keeps going (exit 0).
+    out = run_reporter(cluster, ns, "other", token_file)
+    assert "last_status=403" in out and "sent=0" in out, out
+    assert "HTTP 403 (forbidden" in out, out
+    assert "progress" not in cluster.get_json("finetunejob", "other", namespace=ns).get("status", {})
+
+    # No API server at all: connection errors are logged, nothing crashes.
+    out = run_reporter(cluster, ns, "reported", token_file, api="https://127.0.0.1:1")
+    assert "sent=0" in out and "last_status=None" in out and "Connection refused" in out, out
+    assert cluster.get_json("finetunejob", "reported", namespace=ns)["status"]["progress"]["step"] == 5
