@@ -1,0 +1,44 @@
+"""Metric details a scrape cannot show: MFU's inputs, CPU memory, the status body's bounds."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from finetune_trainer import telemetry
+from finetune_trainer.status import progress_body
+
+
+def test_mfu_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FINETUNE_PEAK_FLOPS", raising=False)
+    assert telemetry.peak_flops() is None, "no accelerator, no peak: MFU stays absent on CPU"
+    monkeypatch.setenv("FINETUNE_PEAK_FLOPS", "2.5e14")
+    assert telemetry.peak_flops() == 2.5e14
+    dense = torch.nn.Linear(10, 10)  # 110 parameters
+    dense.config = SimpleNamespace(num_experts=None)  # type: ignore[assignment]
+    assert telemetry.flops_per_token(dense) == 6 * 110
+    moe = torch.nn.Linear(10, 10)
+    moe.config = SimpleNamespace(num_local_experts=8)  # type: ignore[assignment]
+    assert telemetry.flops_per_token(moe) is None, "mixture of experts: FLOPs per token unknown"
+
+
+def test_cpu_memory_is_the_process_rss() -> None:
+    allocated, peak = telemetry.memory_bytes()
+    assert 10 * 2**20 < allocated <= peak
+
+
+def test_metrics_port_follows_the_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FINETUNE_METRICS_PORT", raising=False)
+    assert telemetry.metrics_port(9410, 3) == 9413
+    monkeypatch.setenv("FINETUNE_METRICS_PORT", "20000")
+    assert telemetry.metrics_port(9410, 1) == 20001
+
+
+def test_status_progress_stays_within_the_crd_bounds() -> None:
+    body = progress_body(
+        {"step": 7, "totalSteps": 10, "loss": float("nan"), "evalLoss": -0.5, "etaSeconds": -1.0, "epoch": 0.7}
+    )
+    assert (body["step"], body["totalSteps"], body["percent"], body["summary"]) == (7, 10, 70.0, "7/10 (70%)")
+    assert "loss" not in body and body["evalLoss"] == -0.5 and body["etaSeconds"] == 0.0
+    assert body["updatedAt"].endswith("Z")
