@@ -48,12 +48,18 @@ def _lock(namespace: str, name: str) -> threading.Lock:
         return State.locks.setdefault((namespace, name), threading.Lock())
 
 
-def _record_phase(namespace: str, name: str, phase: str | None) -> None:
-    """Keep the jobs-by-phase gauge equal to the phases this operator last reconciled."""
+def _record_phase(namespace: str, name: str, phase: str | None, restarts: int = 0) -> None:
+    """Keep the jobs-by-phase gauge, and each job's phase and restarts gauges, as last reconciled."""
     if phase is None:
-        State.phases.pop((namespace, name), None)
+        if State.phases.pop((namespace, name), None) is not None:
+            metrics.JOB_RESTARTS.remove(namespace, name)
+            for ph in PHASES:
+                metrics.JOB_PHASE.remove(namespace, name, ph)
     else:
         State.phases[(namespace, name)] = phase
+        metrics.JOB_RESTARTS.labels(namespace=namespace, job=name).set(restarts)
+        for ph in PHASES:
+            metrics.JOB_PHASE.labels(namespace=namespace, job=name, phase=ph).set(1 if ph == phase else 0)
     for ph in PHASES:
         count = sum(1 for (ns, _), p in State.phases.items() if ns == namespace and p == ph)
         metrics.JOBS_BY_PHASE.labels(namespace=namespace, phase=ph).set(count)
@@ -108,7 +114,7 @@ def reconcile(namespace: str, name: str, *, ensure_children: bool = True) -> flo
             _count_transition(status, new_status)
         for kind, reason, message in p.events:
             kube.event(body, kind, reason, message)
-        _record_phase(namespace, name, new_status["phase"])
+        _record_phase(namespace, name, new_status["phase"], int(new_status.get("restarts") or 0))
         if p.delete_ftj:
             log.info("deleting %s/%s: ttlSecondsAfterFinished elapsed", namespace, name)
             kube.delete_finetunejob(namespace, name)

@@ -5,6 +5,14 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 JOBS_BY_PHASE = Gauge("finetune_operator_jobs", "FineTuneJobs by phase, as last reconciled.", ["namespace", "phase"])
+# Per FineTuneJob (label `job` is the FineTuneJob's name, as on the trainer's metrics: scrape with
+# honor_labels). One series per phase, 1 for the current one and 0 for the others (alerts: `== 1`).
+JOB_PHASE = Gauge(
+    "finetune_operator_job_phase",
+    "1 for a FineTuneJob's current phase, 0 for the others.",
+    ["namespace", "job", "phase"],
+)
+JOB_RESTARTS = Gauge("finetune_operator_job_restarts", "Gang restarts of a FineTuneJob so far.", ["namespace", "job"])
 JOBS_CREATED = Counter("finetune_operator_jobs_created_total", "Training gangs (Jobs) created.")
 JOBS_SUCCEEDED = Counter("finetune_operator_jobs_succeeded_total", "FineTuneJobs that succeeded.")
 JOBS_FAILED = Counter("finetune_operator_jobs_failed_total", "FineTuneJobs that failed.", ["reason"])
