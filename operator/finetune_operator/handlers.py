@@ -1,126 +1,210 @@
-"""kopf wiring: every trigger runs the same level-triggered :func:`reconcile`.
+"""kopf wiring: every trigger runs the same level-triggered :func:`reconcile`, in kopf's event loop.
 
-Triggers: a FineTuneJob is created, changed or found at start-up; one of its Jobs or pods changes;
-and a periodic timer (deadlines, TTL, and anything a missed event left behind). Reconcile reads the
-current state, asks the pure :func:`~finetune_operator.reconcile.plan` what to do, and does it.
+The operator keeps what it watches in memory — each FineTuneJob's latest body, and a kopf index of
+the Jobs and pods each FineTuneJob owns, cut to what the plan reads — so a reconcile costs no reads:
+it compares the spec with what is observed and makes only the writes the pure
+:func:`~finetune_operator.reconcile.plan` asks for. kopf fills the indexes from its initial listing
+before any handler runs, so after a restart the operator never judges a job before it has seen its
+children.
+
+Triggers: every watch event of a FineTuneJob (reconciled at once); an event of one of its Jobs or
+pods (reconciled shortly after, so that a gang's pod events are handled together); a requeue the plan
+asks for (deadline, TTL, an old gang still stopping); and a sweep over every job every
+:data:`TIMER_INTERVAL` seconds. A failed reconcile is retried with exponential backoff. kopf's own
+change-detection handlers are not used: they write bookkeeping annotations to every object, and a
+level-triggered reconciler has no use for a diff.
+
+Status writes carry the resourceVersion they were computed from: a reconcile that worked from an
+older body than the API server holds gets a conflict, writes nothing and runs again on the newer one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
-import time
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 
 from . import builders, metrics
-from .api.v1alpha1 import GROUP, PLURAL, VERSION
+from .api.v1alpha1 import GROUP, PLURAL, VERSION, FineTuneJob
 from .api.validation import InvalidSpec, validate_object
-from .k8s_io import Kube
-from .reconcile import Observed, plan
+from .k8s_io import ApiError, Kube
+from .reconcile import TERMINAL, Observed, observed_job, observed_pod, plan, timestamp
 
 log = logging.getLogger("finetune_operator")
 PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
-#: Seconds between two periodic reconciles of every FineTuneJob (deadlines, TTL, missed events).
+#: Seconds between two sweeps over every FineTuneJob (deadlines, TTL, anything a missed event left).
 TIMER_INTERVAL = 30.0
+#: Seconds between two checks that a job's long-lived children (ConfigMap, Service, RBAC) still exist.
+CHILDREN_RESYNC = 600.0
 #: Seconds a child event waits, so that the events of one gang's pods are reconciled together.
 CHILD_EVENT_DELAY = 0.3
-MIN_DELAY = 0.1
+MIN_DELAY = 0.05
+#: Backoff after a failed reconcile: first delay, doubled per failure, up to the cap.
+RETRY_DELAY, RETRY_CAP = 2.0, 300.0
+#: Reconciles running at once (each makes a handful of concurrent requests).
+MAX_CONCURRENT = 32
+
+Key = tuple[str, str]
 
 
-class State:
-    """Process-wide state set at start-up."""
+@dataclass
+class OperatorState:
+    """Process-wide state; :func:`start` fills it in kopf's start-up."""
 
     kube: Kube | None = None
-    settings = builders.OperatorSettings()
-    locks: dict[tuple[str, str], threading.Lock] = {}
-    locks_guard = threading.Lock()
-    phases: dict[tuple[str, str], str] = {}
-    wakeups: dict[tuple[str, str], tuple[threading.Timer, float]] = {}
+    settings: builders.OperatorSettings = field(default_factory=builders.OperatorSettings)
+    #: The latest body seen of each FineTuneJob (watch event or our own status write).
+    bodies: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    #: Parsed spec per job, for the (uid, generation) it was parsed from.
+    parsed: dict[Key, tuple[str, int, FineTuneJob | InvalidSpec]] = field(default_factory=dict)
+    #: (uid, generation) whose long-lived children were last made sure of, and when.
+    ensured: dict[Key, tuple[str, int, float]] = field(default_factory=dict)
+    #: The Job this process created for each job, until the Job index shows it.
+    created_jobs: dict[Key, str] = field(default_factory=dict)
+    locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
+    wakeups: dict[Key, tuple[asyncio.TimerHandle, float]] = field(default_factory=dict)
+    failures: dict[Key, int] = field(default_factory=dict)
+    phases: dict[Key, str] = field(default_factory=dict)
+    phase_counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: kopf's indexes of Jobs and pods by owning FineTuneJob (handed to handlers; kept for wake-ups).
+    jobs: Mapping[Key, Any] = field(default_factory=dict)
+    pods: Mapping[Key, Any] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    slots: asyncio.Semaphore | None = None
 
 
-def _lock(namespace: str, name: str) -> threading.Lock:
-    with State.locks_guard:
-        return State.locks.setdefault((namespace, name), threading.Lock())
+State = OperatorState()
 
 
 def _record_phase(namespace: str, name: str, phase: str | None, restarts: int = 0) -> None:
     """Keep the jobs-by-phase gauge, and each job's phase and restarts gauges, as last reconciled."""
+    key = (namespace, name)
+    old = State.phases.pop(key, None) if phase is None else State.phases.get(key)
     if phase is None:
-        if State.phases.pop((namespace, name), None) is not None:
+        if old is not None:
             metrics.JOB_RESTARTS.remove(namespace, name)
             for ph in PHASES:
                 metrics.JOB_PHASE.remove(namespace, name, ph)
     else:
-        State.phases[(namespace, name)] = phase
+        State.phases[key] = phase
         metrics.JOB_RESTARTS.labels(namespace=namespace, job=name).set(restarts)
-        for ph in PHASES:
-            metrics.JOB_PHASE.labels(namespace=namespace, job=name, phase=ph).set(1 if ph == phase else 0)
-    for ph in PHASES:
-        count = sum(1 for (ns, _), p in State.phases.items() if ns == namespace and p == ph)
-        metrics.JOBS_BY_PHASE.labels(namespace=namespace, phase=ph).set(count)
+        if old != phase:
+            for ph in PHASES:
+                metrics.JOB_PHASE.labels(namespace=namespace, job=name, phase=ph).set(1 if ph == phase else 0)
+    if old == phase:
+        return
+    for changed, delta in ((old, -1), (phase, 1)):
+        if changed is not None:
+            State.phase_counts[(namespace, changed)] += delta
+            count = State.phase_counts[(namespace, changed)]
+            metrics.JOBS_BY_PHASE.labels(namespace=namespace, phase=changed).set(count)
 
 
-def reconcile(namespace: str, name: str, *, ensure_children: bool = True) -> float | None:
-    """Bring one FineTuneJob's children and status in line with its spec. Returns a requeue delay.
+def _spec(key: Key, body: Mapping[str, Any]) -> FineTuneJob:
+    """The validated spec, parsed once per generation. Raises InvalidSpec."""
+    meta = body["metadata"]
+    uid, generation = meta["uid"], int(meta.get("generation") or 0)
+    cached = State.parsed.get(key)
+    if cached is None or cached[:2] != (uid, generation):
+        try:
+            manifest = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")}
+            result: FineTuneJob | InvalidSpec = validate_object(manifest)
+        except InvalidSpec as exc:
+            result = exc
+        cached = State.parsed[key] = (uid, generation, result)
+    if isinstance(cached[2], InvalidSpec):
+        raise cached[2]
+    return cached[2]
 
-    Child events (a pod started, a Job finished) skip re-checking the long-lived children: the
-    FineTuneJob's own triggers (create, update, resume, the periodic timer) do that.
-    """
+
+def _forget(key: Key) -> None:
+    State.bodies.pop(key, None)
+    State.parsed.pop(key, None)
+    State.ensured.pop(key, None)
+    State.created_jobs.pop(key, None)
+    State.failures.pop(key, None)
+    State.locks.pop(key, None)
+    wakeup = State.wakeups.pop(key, None)
+    if wakeup is not None:
+        wakeup[0].cancel()
+    _record_phase(*key, None)
+
+
+async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
+    """Bring one FineTuneJob's children and status in line with its spec. Returns a requeue delay."""
     kube = State.kube
     assert kube is not None, "operator not started"
-    with _lock(namespace, name), metrics.RECONCILE_SECONDS.time():
-        body = kube.get_finetunejob(namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            _record_phase(namespace, name, None)
-            return None
-        status = body.get("status") or {}
-        try:
-            ftj = validate_object({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")})
-        except InvalidSpec as exc:
-            # Admission (CEL) normally refuses these; an object stored before a rule existed lands here.
-            _invalid(kube, body, status, str(exc))
-            raise kopf.PermanentError(f"invalid spec: {exc}") from None
-        uid = body["metadata"]["uid"]
-        if ensure_children:
-            for child in builders.children(ftj, namespace, uid, State.settings):
-                kube.ensure(child)
-        observed = Observed(
-            ftj=ftj,
-            generation=int(body["metadata"].get("generation") or 0),
-            status=status,
-            jobs=kube.list_jobs(namespace, name),
-            pods=kube.list_pods(namespace, name),
-            now=datetime.now(UTC),
+    namespace, name = key
+    body = State.bodies.get(key)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        _record_phase(namespace, name, None)
+        return None
+    meta = body["metadata"]
+    status = body.get("status") or {}
+    try:
+        ftj = _spec(key, body)
+    except InvalidSpec as exc:
+        # Admission (CEL) normally refuses these; an object stored before a rule existed lands here.
+        await _invalid(kube, key, body, status, str(exc))
+        return None
+    uid, generation = meta["uid"], int(meta.get("generation") or 0)
+    loop = asyncio.get_running_loop()
+    ensured = State.ensured.get(key)
+    if (
+        ensure_children
+        and status.get("phase") not in TERMINAL
+        and (ensured is None or ensured[:2] != (uid, generation) or loop.time() - ensured[2] > CHILDREN_RESYNC)
+    ):
+        children = builders.children(ftj, namespace, uid, State.settings)
+        await asyncio.gather(*(kube.ensure(child) for child in children))
+        State.ensured[key] = (uid, generation, loop.time())
+    jobs = list(State.jobs.get(key, ()))
+    observed = Observed(
+        ftj=ftj,
+        generation=generation,
+        status=status,
+        jobs=jobs,
+        pods=list(State.pods.get(key, ())),
+        now=datetime.now(UTC),
+    )
+    p = plan(observed)
+    seen = {j["metadata"]["name"] for j in jobs}
+    if State.created_jobs.get(key) in seen:
+        del State.created_jobs[key]
+    await asyncio.gather(*(kube.delete("Job", namespace, job) for job in dict.fromkeys(p.delete_jobs)))
+    if p.set_suspend is not None:
+        await kube.set_job_suspend(namespace, *p.set_suspend)
+    if p.create_job is not None:
+        job = builders.job(
+            ftj, namespace, uid, p.create_job, State.settings, active_deadline_seconds=p.active_deadline_seconds
         )
-        p = plan(observed)
-        for job_name in dict.fromkeys(p.delete_jobs):
-            kube.delete_job(namespace, job_name)
-        if p.set_suspend is not None:
-            kube.set_job_suspend(namespace, *p.set_suspend)
-        if p.create_job is not None:
-            job = builders.job(
-                ftj, namespace, uid, p.create_job, State.settings, active_deadline_seconds=p.active_deadline_seconds
-            )
-            if kube.ensure(job):
+        # The Job index may not show a Job this process has just created: don't ask twice.
+        if State.created_jobs.get(key) != job["metadata"]["name"]:
+            if await kube.ensure(job):
                 metrics.JOBS_CREATED.inc()
-        new_status = {k: v for k, v in p.status.items() if v is not None or k in status}
-        if _differs(status, new_status):
-            kube.patch_status(namespace, name, new_status)
-            _count_transition(status, new_status)
-        for kind, reason, message in p.events:
-            kube.event(body, kind, reason, message)
-        _record_phase(namespace, name, new_status["phase"], int(new_status.get("restarts") or 0))
-        if p.delete_ftj:
-            log.info("deleting %s/%s: ttlSecondsAfterFinished elapsed", namespace, name)
-            kube.delete_finetunejob(namespace, name)
-            _record_phase(namespace, name, None)
-            return None
-        return p.requeue_after
+            State.created_jobs[key] = job["metadata"]["name"]
+    new_status = {k: v for k, v in p.status.items() if v is not None or k in status}
+    if _differs(status, new_status):
+        updated = await kube.patch_status(namespace, name, new_status, meta.get("resourceVersion"))
+        if updated is None:
+            # Changed since we read it (or gone): its newer version's event reconciles it again.
+            return 1.0
+        State.bodies[key] = updated
+        _count_transition(status, new_status)
+        await asyncio.gather(*(kube.event(body, kind, reason, message) for kind, reason, message in p.events))
+    _record_phase(namespace, name, new_status["phase"], int(new_status.get("restarts") or 0))
+    if p.delete_ftj:
+        log.info("deleting %s/%s: ttlSecondsAfterFinished elapsed", namespace, name)
+        await kube.delete_finetunejob(namespace, name)
+        _forget(key)
+        return None
+    return p.requeue_after
 
 
 def _differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -128,116 +212,140 @@ def _differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 def _count_transition(old: dict[str, Any], new: dict[str, Any]) -> None:
-    if old.get("phase") == new.get("phase"):
-        return
-    if new["phase"] == "Succeeded":
-        metrics.JOBS_SUCCEEDED.inc()
-    elif new["phase"] == "Failed":
-        failed: dict[str, Any] = next((c for c in new["conditions"] if c["type"] == "Failed"), {})
-        metrics.JOBS_FAILED.labels(reason=failed.get("reason", "Unknown")).inc()
+    if old.get("phase") != new.get("phase"):
+        if new["phase"] == "Succeeded":
+            metrics.JOBS_SUCCEEDED.inc()
+        elif new["phase"] == "Failed":
+            failed: dict[str, Any] = next((c for c in new["conditions"] if c["type"] == "Failed"), {})
+            metrics.JOBS_FAILED.labels(reason=failed.get("reason", "Unknown")).inc()
     if int(new.get("restarts") or 0) > int(old.get("restarts") or 0):
         metrics.JOBS_RESTARTED.inc()
 
 
-def _invalid(kube: Kube, body: dict[str, Any], status: dict[str, Any], message: str) -> None:
+async def _invalid(kube: Kube, key: Key, body: dict[str, Any], status: dict[str, Any], message: str) -> None:
     if status.get("phase") == "Failed":
         return
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = timestamp(datetime.now(UTC))
     generation = int(body["metadata"].get("generation") or 0)
-    kube.patch_status(
-        body["metadata"]["namespace"],
-        body["metadata"]["name"],
-        {
-            "phase": "Failed",
-            "observedGeneration": generation,
-            "completionTime": now,
-            "conditions": [
-                {
-                    "type": "Failed",
-                    "status": "True",
-                    "reason": "InvalidSpec",
-                    "message": message[:4000],
-                    "lastTransitionTime": now,
-                    "observedGeneration": generation,
-                }
-            ],
-        },
-    )
-    kube.event(body, "Warning", "InvalidSpec", message)
+    condition = {
+        "type": "Failed",
+        "status": "True",
+        "reason": "InvalidSpec",
+        "message": message[:4000],
+        "lastTransitionTime": now,
+        "observedGeneration": generation,
+    }
+    new_status = {"phase": "Failed", "observedGeneration": generation, "completionTime": now, "conditions": [condition]}
+    updated = await kube.patch_status(*key, new_status, body["metadata"].get("resourceVersion"))
+    if updated is not None:
+        State.bodies[key] = updated
+        log.error("%s/%s: invalid spec: %s", *key, message)
+        await kube.event(body, "Warning", "InvalidSpec", message)
+        _record_phase(*key, "Failed")
 
 
-def _run(namespace: str, name: str) -> None:
-    try:
-        delay = reconcile(namespace, name)
-    except ApiException as exc:
-        raise kopf.TemporaryError(f"Kubernetes API error {exc.status}: {exc.reason}", delay=5) from exc
-    _schedule(namespace, name, delay)
+async def _reconcile_guarded(key: Key, *, ensure_children: bool = True) -> None:
+    """Reconcile one job at a time per job, at most MAX_CONCURRENT jobs at once; retry on errors."""
+    lock = State.locks.setdefault(key, asyncio.Lock())
+    assert State.slots is not None, "operator not started"
+    async with lock, State.slots:
+        try:
+            with metrics.RECONCILE_SECONDS.time():
+                delay = await reconcile(key, ensure_children=ensure_children)
+        except ApiError as exc:
+            failures = State.failures[key] = State.failures.get(key, 0) + 1
+            delay = min(RETRY_DELAY * 2 ** (failures - 1), RETRY_CAP)
+            log.warning("reconcile of %s/%s failed (%s); retrying in %.0f s", *key, exc, delay)
+        else:
+            State.failures.pop(key, None)
+    _schedule(key, delay)
 
 
-def _schedule(namespace: str, name: str, delay: float | None) -> None:
-    """Reconcile again after ``delay`` seconds (a burst of child events settles, a TTL or deadline
-    falls due, an old gang is stopping). One pending wake-up per job, the earliest asked for; the
-    periodic timer covers anything longer than its interval."""
-    if delay is None or delay >= TIMER_INTERVAL:
+def _schedule(key: Key, delay: float | None) -> None:
+    """Reconcile ``key`` again after ``delay`` seconds. One pending wake-up per job, the earliest asked
+    for; the sweep covers anything longer than its interval (except retries, which keep their own)."""
+    if delay is None or (delay >= TIMER_INTERVAL and key not in State.failures):
         return
-    key = (namespace, name)
-    due = time.monotonic() + max(delay, MIN_DELAY)
-    with State.locks_guard:
-        pending = State.wakeups.get(key)
-        if pending is not None and pending[0].is_alive():
-            if pending[1] <= due:
-                return
-            pending[0].cancel()
-        wakeup = threading.Timer(due - time.monotonic(), _wake, args=key)
-        wakeup.daemon = True
-        State.wakeups[key] = (wakeup, due)
-        wakeup.start()
+    loop = asyncio.get_running_loop()
+    due = loop.time() + max(delay, MIN_DELAY)
+    pending = State.wakeups.get(key)
+    if pending is not None:
+        if pending[1] <= due:
+            return
+        pending[0].cancel()
+    State.wakeups[key] = (loop.call_at(due, _wake, key), due)
 
 
-def _wake(namespace: str, name: str) -> None:
-    with State.locks_guard:
-        State.wakeups.pop((namespace, name), None)
-    try:
-        _schedule(namespace, name, reconcile(namespace, name, ensure_children=False))
-    except (ApiException, kopf.PermanentError):
-        log.exception("scheduled reconcile of %s/%s failed; the periodic timer retries it", namespace, name)
+def _wake(key: Key) -> None:
+    State.wakeups.pop(key, None)
+    _spawn(_reconcile_guarded(key, ensure_children=False))
+
+
+def _spawn(coro: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    State.tasks.add(task)
+    task.add_done_callback(State.tasks.discard)
+
+
+async def _sweep() -> None:
+    """Every TIMER_INTERVAL: reconcile every known job (deadlines, TTL, anything an event missed)."""
+    while True:
+        await asyncio.sleep(TIMER_INTERVAL)
+        for key in list(State.bodies):
+            if key not in State.wakeups and not State.locks.get(key, asyncio.Lock()).locked():
+                _spawn(_reconcile_guarded(key))
 
 
 # -- triggers -------------------------------------------------------------------------------------------
-
-
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-def on_finetunejob(namespace: str | None, name: str, **_: Any) -> None:
-    assert namespace is not None  # FineTuneJobs are namespaced
-    _run(namespace, name)
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def on_finetunejob_deleted(namespace: str | None, name: str, **_: Any) -> None:
-    assert namespace is not None
-    # Children go with the owner references; only the metrics need to forget the job.
-    _record_phase(namespace, name, None)
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_INTERVAL)
-def periodic(namespace: str | None, name: str, **_: Any) -> None:
-    assert namespace is not None
-    _run(namespace, name)
-
-
-def _owner_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    """A Job or pod of a FineTuneJob changed: reconcile its owner shortly. The pods of a gang change
-    together; waiting a moment turns a burst of their events into one reconcile."""
-    owner = labels.get(builders.LABEL_JOB)
-    if namespace and owner:
-        _schedule(namespace, owner, CHILD_EVENT_DELAY)
-
 
 CHILD_LABELS: dict[str, Any] = {
     builders.LABEL_JOB: kopf.PRESENT,
     builders.LABEL_MANAGED_BY: builders.MANAGER,
 }
-kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)(_owner_event)
-kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)(_owner_event)
+
+
+@kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
+async def ftj_jobs(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, labels[builders.LABEL_JOB]): observed_job(body)}
+
+
+@kopf.index("", "v1", "pods", labels=CHILD_LABELS)
+async def ftj_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, labels[builders.LABEL_JOB]): observed_pod(body)}
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def on_finetunejob(event: kopf.RawEvent, namespace: str | None, name: str, **kwargs: Any) -> None:
+    assert namespace is not None  # FineTuneJobs are namespaced
+    State.jobs, State.pods = kwargs["ftj_jobs"], kwargs["ftj_pods"]  # kopf hands each index by its name
+    key = (namespace, name)
+    if event["type"] == "DELETED":
+        # Children go with the owner references; only the operator's memory forgets the job.
+        _forget(key)
+        return
+    State.bodies[key] = dict(event["object"])
+    await _reconcile_guarded(key)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
+@kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
+async def on_child(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    """A Job or pod of a FineTuneJob changed: reconcile its owner shortly. The pods of a gang change
+    together; waiting a moment turns a burst of their events into one reconcile."""
+    owner = labels.get(builders.LABEL_JOB)
+    if namespace and owner and (namespace, owner) in State.bodies:
+        _schedule((namespace, owner), CHILD_EVENT_DELAY)
+
+
+def start(kube: Kube, settings: builders.OperatorSettings) -> None:
+    """Called in kopf's event loop at start-up."""
+    State.kube, State.settings = kube, settings
+    State.slots = asyncio.Semaphore(MAX_CONCURRENT)
+    _spawn(_sweep())
+
+
+async def stop() -> None:
+    for task in list(State.tasks):
+        task.cancel()
+    if State.kube is not None:
+        await State.kube.close()

@@ -1,212 +1,260 @@
-"""The one module that talks to the Kubernetes API (through the official Python client).
+"""The one module that talks to the Kubernetes API: a small asyncio client on aiohttp.
 
-Everything returns and accepts plain dicts in the API's own camelCase form, so the pure builders and
-the reconcile plan never see client objects. 404 on read means "absent"; 409 on create means "already
-there" (creation is idempotent). Every other ApiException propagates, counted in the operator's
-API-error metric: the handler turns it into a retry.
+It speaks plain dicts in the API's own camelCase JSON, so the pure builders and the reconcile plan
+never see client objects, and it runs in kopf's event loop: no thread pool, no generated models
+(the official client's models cost memory and CPU per object at a thousand jobs). Credentials come
+from kopf's login (:func:`login`): a service account in a pod, a kubeconfig elsewhere.
+
+404 on read or delete means "absent"; 409 on create means "already there" (creation is
+idempotent); 409 on a status patch means the object changed since it was read (the patch carries
+its resourceVersion) and the caller reconciles again from the newer object. Every other error
+raises :class:`ApiError`, counted in the operator's API-error metric.
 """
 
 from __future__ import annotations
 
-import functools
+import asyncio
+import json
+import logging
+import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any
 
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
+import aiohttp
+import kopf
+import yaml
 
-from . import metrics
+from . import __version__, metrics
 from .api.v1alpha1 import GROUP, PLURAL, VERSION
-from .builders import LABEL_JOB, MANAGER
+from .builders import MANAGER
 
-T = TypeVar("T")
+log = logging.getLogger("finetune_operator")
+
+#: kind → (API path prefix, plural) of everything the operator reads or writes.
+RESOURCES: dict[str, tuple[str, str]] = {
+    "ConfigMap": ("/api/v1", "configmaps"),
+    "Service": ("/api/v1", "services"),
+    "ServiceAccount": ("/api/v1", "serviceaccounts"),
+    "Event": ("/api/v1", "events"),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
+    "Job": ("/apis/batch/v1", "jobs"),
+    "FineTuneJob": (f"/apis/{GROUP}/{VERSION}", PLURAL),
+}
+#: Children whose content the operator keeps in line with the spec (replaced when it differs).
+REPLACEABLE = {"ConfigMap"}
+MERGE_PATCH = "application/merge-patch+json"
 
 
-def load_config(kubeconfig: str | None = None) -> None:
-    """In a pod: the service account; elsewhere: the kubeconfig (KUBECONFIG or ~/.kube/config)."""
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+class ApiError(Exception):
+    """A Kubernetes API request failed with something other than the expected 404/409."""
+
+    def __init__(self, verb: str, resource: str, status: int, reason: str, message: str):
+        super().__init__(f"{verb} {resource}: HTTP {status} {reason}: {message}")
+        self.verb, self.resource, self.status, self.reason, self.message = verb, resource, status, reason, message
 
 
-def _counted(verb: str, resource: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    def wrap(fn: Callable[..., T]) -> Callable[..., T]:
-        @functools.wraps(fn)
-        def inner(*args: Any, **kwargs: Any) -> T:
-            metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
-            try:
-                return fn(*args, **kwargs)
-            except ApiException as exc:
-                if exc.status not in (404, 409):
-                    metrics.API_ERRORS.labels(verb=verb, resource=resource, code=str(exc.status)).inc()
-                raise
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Credentials for kopf and for :class:`Kube`: the pod's service account, else the kubeconfig.
 
-        return inner
+    kopf's own readers cover tokens, client certificates and basic auth; a kubeconfig that needs an
+    exec or auth-provider plugin (cloud logins) goes through the official client, when installed.
+    """
+    info = kopf.login_with_service_account(**kwargs)
+    if info is None:
+        if _kubeconfig_needs_plugin():
+            return kopf.login_via_client(**kwargs)
+        info = kopf.login_with_kubeconfig(**kwargs)
+    return info
 
-    return wrap
+
+def _kubeconfig_needs_plugin() -> bool:
+    paths = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p] or ["~/.kube/config"]
+    for path in paths:
+        try:
+            with open(os.path.expanduser(path), encoding="utf-8") as f:
+                config = yaml.safe_load(f) or {}
+        except OSError:
+            continue
+        for user in config.get("users") or []:
+            if {"exec", "auth-provider"} & set(user.get("user") or {}):
+                return True
+    return False
 
 
 class Kube:
-    def __init__(self) -> None:
-        self.api = client.ApiClient()
-        self.core = client.CoreV1Api(self.api)
-        self.batch = client.BatchV1Api(self.api)
-        self.rbac = client.RbacAuthorizationV1Api(self.api)
-        self.custom = client.CustomObjectsApi(self.api)
+    """API I/O for the reconciler. At most ``max_connections`` requests are in flight at once."""
 
-    def _dict(self, obj: Any) -> dict[str, Any]:
-        data: dict[str, Any] = self.api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
-        return data
+    def __init__(self, info: kopf.ConnectionInfo | None = None, *, max_connections: int = 32):
+        self.info = info
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._closing: asyncio.Task[None] | None = None
+
+    def use(self, info: kopf.ConnectionInfo) -> None:
+        """New credentials (kopf logged in again after a 401): the next request uses them."""
+        self.info = info
+        if self._session is not None:
+            old, self._session = self._session, None
+            self._closing = asyncio.get_running_loop().create_task(old.close())
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            info = self.info
+            assert info is not None, "no credentials yet: kopf logs in before any handler runs"
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_connections, ssl=info.as_ssl_context()),
+                headers={**info.as_http_headers(), "User-Agent": f"finetune-operator/{__version__}"},
+                proxy=info.proxy_url,
+                trust_env=info.trust_env,
+                timeout=aiohttp.ClientTimeout(total=60),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        verb: str,
+        resource: str,
+        body: Mapping[str, Any] | None = None,
+        content_type: str = "application/json",
+        params: Mapping[str, str] | None = None,
+        ok: tuple[int, ...] = (),
+    ) -> tuple[int, dict[str, Any]]:
+        """One request; returns (status, decoded body). Statuses in ``ok`` are returned, not raised."""
+        metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": content_type} if data is not None else None
+        client = self._client()
+        url = str(self.info.server).rstrip("/") + path  # type: ignore[union-attr]
+        try:
+            async with client.request(method, url, data=data, headers=headers, params=params) as resp:
+                raw, status = await resp.read(), resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            metrics.API_ERRORS.labels(verb=verb, resource=resource, code="connection").inc()
+            raise ApiError(verb, resource, 0, type(exc).__name__, str(exc) or repr(exc)) from exc
+        try:
+            payload = json.loads(raw) if raw else {}
+        except ValueError:
+            payload = {"message": raw[:1000].decode(errors="replace")}
+        if not isinstance(payload, dict):
+            payload = {}
+        if status < 300 or status in ok:
+            return status, payload
+        metrics.API_ERRORS.labels(verb=verb, resource=resource, code=str(status)).inc()
+        raise ApiError(verb, resource, status, str(payload.get("reason", "")), str(payload.get("message", "")))
+
+    @staticmethod
+    def _path(kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+        prefix, plural = RESOURCES[kind]
+        return "/".join(p for p in (prefix, "namespaces", namespace, plural, name, sub) if p)
 
     # -- FineTuneJobs -------------------------------------------------------------------------------
 
-    @_counted("get", "finetunejobs")
-    def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            obj = cast(
-                dict[str, Any], self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return obj
+    async def patch_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None
+    ) -> dict[str, Any] | None:
+        """Merge ``status`` into the FineTuneJob's status if it is still at ``resource_version``.
 
-    @_counted("patch", "finetunejobs/status")
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            name,
-            {"status": status},
-            _content_type="application/merge-patch+json",
+        Returns the updated object, or None when it changed in the meantime (409) or is gone (404).
+        """
+        patch: dict[str, Any] = {"status": status}
+        if resource_version:
+            patch["metadata"] = {"resourceVersion": resource_version}
+        code, obj = await self._request(
+            "PATCH",
+            self._path("FineTuneJob", namespace, name, "status"),
+            verb="patch",
+            resource=f"{PLURAL}/status",
+            body=patch,
+            content_type=MERGE_PATCH,
+            ok=(404, 409),
         )
+        return obj if code < 300 else None
 
-    @_counted("delete", "finetunejobs")
-    def delete_finetunejob(self, namespace: str, name: str) -> None:
-        try:
-            self.custom.delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+    async def delete_finetunejob(self, namespace: str, name: str) -> None:
+        await self.delete("FineTuneJob", namespace, name)
 
     # -- children -----------------------------------------------------------------------------------
 
-    def ensure(self, obj: dict[str, Any]) -> bool:
+    async def ensure(self, obj: dict[str, Any]) -> bool:
         """Create ``obj`` unless it exists; a ConfigMap whose data differs is replaced. True if changed."""
-        kind = obj["kind"]
-        namespace = obj["metadata"]["namespace"]
-        name = obj["metadata"]["name"]
-        create, read, replace = self._verbs(kind)
-        try:
-            create(namespace, obj)
+        kind, meta = obj["kind"], obj["metadata"]
+        plural = RESOURCES[kind][1]
+        code, _ = await self._request(
+            "POST", self._path(kind, meta["namespace"]), verb="create", resource=plural, body=obj, ok=(409,)
+        )
+        if code != 409:
             metrics.CHILDREN_CREATED.labels(kind=kind).inc()
             return True
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        if replace is not None:
-            current = self._dict(read(name, namespace))
-            if current.get("data") != obj.get("data"):
-                replace(name, namespace, {**obj, "metadata": {**obj["metadata"], **_keep(current)}})
-                return True
-        return False
+        if kind not in REPLACEABLE:
+            return False
+        path = self._path(kind, meta["namespace"], meta["name"])
+        _, current = await self._request("GET", path, verb="get", resource=plural)
+        if current.get("data") == obj.get("data"):
+            return False
+        version = (current.get("metadata") or {}).get("resourceVersion")
+        replacement = {**obj, "metadata": {**meta, "resourceVersion": version}}
+        await self._request("PUT", path, verb="update", resource=plural, body=replacement)
+        return True
 
-    def _verbs(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any] | None]:
-        core, rbac, batch = self.core, self.rbac, self.batch
-        table: dict[str, tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any] | None]] = {
-            "ConfigMap": (
-                _counted("create", "configmaps")(core.create_namespaced_config_map),
-                _counted("get", "configmaps")(core.read_namespaced_config_map),
-                _counted("update", "configmaps")(core.replace_namespaced_config_map),
-            ),
-            "Service": (
-                _counted("create", "services")(core.create_namespaced_service),
-                core.read_namespaced_service,
-                None,
-            ),
-            "ServiceAccount": (
-                _counted("create", "serviceaccounts")(core.create_namespaced_service_account),
-                _counted("get", "serviceaccounts")(core.read_namespaced_service_account),
-                None,
-            ),
-            "Role": (
-                _counted("create", "roles")(rbac.create_namespaced_role),
-                _counted("get", "roles")(rbac.read_namespaced_role),
-                None,
-            ),
-            "RoleBinding": (
-                _counted("create", "rolebindings")(rbac.create_namespaced_role_binding),
-                _counted("get", "rolebindings")(rbac.read_namespaced_role_binding),
-                None,
-            ),
-            "Job": (
-                _counted("create", "jobs")(batch.create_namespaced_job),
-                _counted("get", "jobs")(batch.read_namespaced_job),
-                None,
-            ),
-        }
-        return table[kind]
-
-    @_counted("list", "jobs")
-    def list_jobs(self, namespace: str, ftj: str) -> list[dict[str, Any]]:
-        items = self.batch.list_namespaced_job(namespace, label_selector=f"{LABEL_JOB}={ftj}").items
-        return [self._dict(j) for j in items]
-
-    @_counted("list", "pods")
-    def list_pods(self, namespace: str, ftj: str) -> list[dict[str, Any]]:
-        items = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={ftj}").items
-        return [self._dict(p) for p in items]
-
-    @_counted("delete", "jobs")
-    def delete_job(self, namespace: str, name: str) -> None:
-        try:
-            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-
-    @_counted("patch", "jobs")
-    def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
-        self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
-
-    @_counted("create", "events")
-    def event(self, ftj: dict[str, Any], kind: str, reason: str, message: str) -> None:
-        meta = ftj["metadata"]
-        now = datetime.now(UTC)
-        self.core.create_namespaced_event(
-            meta["namespace"],
-            cast(
-                Any,
-                {
-                    "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
-                    "involvedObject": {
-                        "apiVersion": ftj["apiVersion"],
-                        "kind": ftj["kind"],
-                        "name": meta["name"],
-                        "namespace": meta["namespace"],
-                        "uid": meta["uid"],
-                    },
-                    "type": kind,
-                    "reason": reason,
-                    "message": message[:1024],
-                    "source": {"component": MANAGER},
-                    "firstTimestamp": now.isoformat(),
-                    "lastTimestamp": now.isoformat(),
-                    "count": 1,
-                    "reportingComponent": MANAGER,
-                },
-            ),
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        """Delete in the background (dependents go by owner references); absent is fine."""
+        await self._request(
+            "DELETE",
+            self._path(kind, namespace, name),
+            verb="delete",
+            resource=RESOURCES[kind][1],
+            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+            ok=(404,),
         )
 
+    async def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        await self._request(
+            "PATCH",
+            self._path("Job", namespace, name),
+            verb="patch",
+            resource="jobs",
+            body={"spec": {"suspend": suspend}},
+            content_type=MERGE_PATCH,
+        )
 
-def _keep(current: dict[str, Any]) -> dict[str, Any]:
-    meta = current.get("metadata") or {}
-    return {"resourceVersion": meta.get("resourceVersion")}
+    async def event(self, ftj: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+        meta = ftj["metadata"]
+        now = datetime.now(UTC).isoformat()
+        await self._request(
+            "POST",
+            self._path("Event", meta["namespace"]),
+            verb="create",
+            resource="events",
+            body={
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
+                "involvedObject": {
+                    "apiVersion": ftj["apiVersion"],
+                    "kind": ftj["kind"],
+                    "name": meta["name"],
+                    "namespace": meta["namespace"],
+                    "uid": meta["uid"],
+                    "resourceVersion": meta.get("resourceVersion"),
+                },
+                "type": kind,
+                "reason": reason,
+                "message": message[:1024],
+                "source": {"component": MANAGER},
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+                "reportingComponent": MANAGER,
+            },
+        )

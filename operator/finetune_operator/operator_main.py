@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
@@ -43,22 +45,35 @@ def main(argv: list[str] | None = None) -> None:
     from . import handlers  # registers the kopf handlers
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
-    k8s_io.load_config(args.kubeconfig)
-    handlers.State.kube = k8s_io.Kube()
-    handlers.State.settings = builders.OperatorSettings(
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    kube = k8s_io.Kube()
+    operator_settings = builders.OperatorSettings(
         trainer_image=args.trainer_image, image_pull_policy=args.image_pull_policy
     )
     start_http_server(args.metrics_port)
 
     @kopf.on.startup()
-    def configure(settings: kopf.OperatorSettings, **_: object) -> None:
-        # Our CRD's status schema has no room for kopf's bookkeeping: keep it in annotations.
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.finetune.io")
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.finetune.io")
+    async def configure(settings: kopf.OperatorSettings, **_: object) -> None:
         # The operator posts its own events on phase transitions; not one per handler run.
         settings.posting.enabled = False
         settings.watching.server_timeout = 300
-        settings.execution.max_workers = 16
+        # Watch only the Jobs and pods this operator made (server-side selection).
+        children = f"{builders.LABEL_MANAGED_BY}={builders.MANAGER},{builders.LABEL_JOB}"
+        settings.watching.label_selectors["batch", "v1", "jobs"] = children
+        settings.watching.label_selectors["", "v1", "pods"] = children
+        handlers.start(kube, operator_settings)
+
+    @kopf.on.login()
+    async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        info = k8s_io.login(**kwargs)
+        if info is not None:
+            kube.use(info)
+        return info
+
+    @kopf.on.cleanup()
+    async def cleanup(**_: object) -> None:
+        await handlers.stop()
 
     kopf.run(
         standalone=True,

@@ -8,6 +8,7 @@ with the same observations, gives the same answer: no chain of edge-triggered ha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -23,6 +24,8 @@ EXIT_REASONS = {
     EXIT_NONFINITE_LOSS: "NonFiniteLoss",
     EXIT_PREEMPTED: "Preempted",
 }
+TERMINATED_FIELDS = ("exitCode", "reason", "message", "finishedAt")
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 CONDITION_TYPES = ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 MAX_MESSAGE = 4000
 
@@ -51,6 +54,49 @@ class Plan:
     events: list[tuple[str, str, str]] = field(default_factory=list)  #: (type, reason, message)
 
 
+def observed_job(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a Job that :func:`plan` reads: what the operator keeps of each Job it watches."""
+    meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+    return {
+        "metadata": {"name": meta.get("name"), "labels": dict(meta.get("labels") or {})},
+        "spec": {"suspend": (obj.get("spec") or {}).get("suspend")},
+        "status": {
+            "conditions": [
+                {k: c.get(k) for k in ("type", "status", "reason", "message")} for c in status.get("conditions") or []
+            ],
+            "completionTime": status.get("completionTime"),
+        },
+    }
+
+
+def observed_pod(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a pod that :func:`plan` reads: what the operator keeps of each pod it watches."""
+    meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+    index = (meta.get("annotations") or {}).get(COMPLETION_INDEX)
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "labels": dict(meta.get("labels") or {}),
+            "annotations": {COMPLETION_INDEX: index} if index is not None else {},
+        },
+        "status": {
+            "phase": status.get("phase"),
+            "reason": status.get("reason"),
+            "message": status.get("message"),
+            "conditions": [
+                {"type": c.get("type"), "status": c.get("status")}
+                for c in status.get("conditions") or []
+                if c.get("type") == "DisruptionTarget"
+            ],
+            "containerStatuses": [
+                {"state": {"terminated": {k: cs["state"]["terminated"].get(k) for k in TERMINATED_FIELDS}}}
+                for cs in status.get("containerStatuses") or []
+                if (cs.get("state") or {}).get("terminated")
+            ],
+        },
+    }
+
+
 def timestamp(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -76,9 +122,7 @@ def job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
 def failure_of(pods: list[dict[str, Any]], now: datetime) -> dict[str, Any] | None:
     """The failure of the first failed trainer container (lowest completion index)."""
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
-    failed.sort(
-        key=lambda p: int(p["metadata"].get("annotations", {}).get("batch.kubernetes.io/job-completion-index", 0))
-    )
+    failed.sort(key=lambda p: int(p["metadata"].get("annotations", {}).get(COMPLETION_INDEX, 0)))
     for pod in failed:
         status = pod.get("status") or {}
         disrupted = any(

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from finetune_operator.api.validation import validate_object
-from finetune_operator.reconcile import Observed, Plan, plan, timestamp
+from finetune_operator.reconcile import Observed, Plan, observed_job, observed_pod, plan, timestamp
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 
@@ -34,10 +34,16 @@ def job(attempt: int, *, condition: str | None = None, reason: str = "", suspend
         status["conditions"] = [{"type": condition, "status": "True", "reason": reason, "message": reason}]
         if condition == "Complete":
             status["completionTime"] = timestamp(NOW - timedelta(seconds=5))
+    status.setdefault("conditions", []).append({"type": "SuccessCriteriaMet", "status": "False", "reason": "x"})
     return {
-        "metadata": {"name": f"llm-a{attempt}", "labels": {"finetune.io/attempt": str(attempt)}},
-        "spec": {"suspend": suspend},
-        "status": status,
+        "metadata": {
+            "name": f"llm-a{attempt}",
+            "labels": {"finetune.io/attempt": str(attempt)},
+            "uid": "job-uid",
+            "managedFields": [{"manager": "finetune-operator"}],
+        },
+        "spec": {"suspend": suspend, "completions": 2, "template": {"spec": {"containers": [{"name": "trainer"}]}}},
+        "status": {**status, "active": 2, "startTime": timestamp(NOW)},
     }
 
 
@@ -66,22 +72,32 @@ def pod(
                 },
             }
         ]
+    else:
+        status["containerStatuses"] = [{"name": "trainer", "state": {"running": {"startedAt": timestamp(NOW)}}}]
+    status["conditions"] = [{"type": "Ready", "status": "True", "lastTransitionTime": timestamp(NOW)}]
     if disrupted:
-        status["conditions"] = [{"type": "DisruptionTarget", "status": "True"}]
+        status["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"})
     return {
         "metadata": {
             "name": f"llm-a{attempt}-{index}-x",
-            "labels": {"finetune.io/attempt": str(attempt)},
-            "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+            "labels": {"finetune.io/attempt": str(attempt), "batch.kubernetes.io/job-completion-index": str(index)},
+            "annotations": {"batch.kubernetes.io/job-completion-index": str(index), "other": "x" * 100},
+            "ownerReferences": [{"kind": "Job", "name": f"llm-a{attempt}"}],
         },
-        "status": status,
+        "spec": {"nodeName": "node-0", "containers": [{"name": "trainer", "image": "trainer:1"}]},
+        "status": {**status, "podIP": "10.0.0.1", "hostIP": "10.0.0.2"},
     }
 
 
 def run(
     spec: Any, status: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]], now: datetime = NOW
 ) -> Plan:
-    return plan(Observed(ftj=spec, generation=3, status=status, jobs=jobs, pods=pods, now=now))
+    full = plan(Observed(ftj=spec, generation=3, status=status, jobs=jobs, pods=pods, now=now))
+    # The operator keeps only what observed_job/observed_pod cut out of what it watches: every plan
+    # must come out the same from those as from the whole objects.
+    cut = [observed_job(j) for j in jobs], [observed_pod(p) for p in pods]
+    assert plan(Observed(ftj=spec, generation=3, status=status, jobs=cut[0], pods=cut[1], now=now)) == full
+    return full
 
 
 def cond(p: Plan, kind: str) -> dict[str, Any]:
