@@ -1,0 +1,283 @@
+"""The chart's monitoring objects as users get them, and a real Prometheus to run them in.
+
+``render`` runs ``helm template`` on charts/finetune-operator; the rules file, the dashboards and the
+scrape configs are taken from that rendered output (never from the chart's source files), so the tests
+check what a user installs. ``Prometheus`` is Debian's ``prometheus`` binary on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "finetune-operator"
+T = TypeVar("T")
+
+
+def helm_path() -> Path:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "hack" / "testcluster.py"), "paths"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    path = Path(json.loads(out)["helm"])
+    assert path.is_file(), f"helm not found at {path}: run `.venv/bin/python hack/testcluster.py build`"
+    return path
+
+
+def render(values: dict[str, Any], workdir: Path, *, namespace: str = "monitoring") -> list[dict[str, Any]]:
+    """`helm template` of the chart with these values (written to a file, as a user's -f values.yaml)."""
+    values_file = workdir / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values), encoding="utf-8")
+    proc = subprocess.run(
+        [str(helm_path()), "template", "ft", str(CHART), "--namespace", namespace, "-f", str(values_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, rendered {len(found)}"
+    return found[0]
+
+
+def rules_file(docs: list[dict[str, Any]], path: Path) -> Path:
+    """The PrometheusRule's groups as a plain Prometheus rules file."""
+    path.write_text(yaml.safe_dump({"groups": one(docs, "PrometheusRule")["spec"]["groups"]}), encoding="utf-8")
+    return path
+
+
+def dashboards(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Dashboard file name -> the dashboard JSON, from the ConfigMaps labelled for Grafana's sidecar."""
+    out: dict[str, dict[str, Any]] = {}
+    for d in docs:
+        if d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1":
+            for key, text in d["data"].items():
+                out[key] = json.loads(text)
+    return out
+
+
+def panel_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query of every panel (rows included)."""
+    out = []
+    for panel in dashboard["panels"]:
+        for p in [panel, *panel.get("panels", [])]:
+            for target in p.get("targets", []):
+                out.append((f"{p['title']} [{target['refId']}]", target["expr"]))
+    return out
+
+
+def substitute(expr: str, variables: dict[str, str]) -> str:
+    """Grafana's variable interpolation: $name and ${name}."""
+
+    def value(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        assert name in variables, f"no value for ${name} in {expr}"
+        return variables[name]
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, expr)
+
+
+def _relabelings(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prometheus Operator RelabelConfig (camelCase) -> Prometheus relabel_config."""
+    keys = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
+    return [{keys.get(k, k): (v.lower() if k == "action" else v) for k, v in r.items()} for r in items]
+
+
+def _label_name(label: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", label)
+
+
+def podmonitor_scrape_configs(podmonitor: dict[str, Any], kubeconfig: Path, *, host: str) -> list[dict[str, Any]]:
+    """The scrape configs the Prometheus Operator generates for a PodMonitor (kubernetes_sd, role pod).
+
+    One liberty: pod IPs of the test cluster's (kwok) pods lead nowhere, so the target address becomes
+    ``host:<container port>``, where the pod's processes run in the test.
+    """
+    spec = podmonitor["spec"]
+    selector = spec["selector"]
+    keep: list[dict[str, Any]] = [
+        {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "(Failed|Succeeded)", "action": "drop"}
+    ]
+    for label, value in selector.get("matchLabels", {}).items():
+        keep.append(
+            {"source_labels": [f"__meta_kubernetes_pod_label_{_label_name(label)}"], "regex": value, "action": "keep"}
+        )
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "Exists", f"translate {expr} too"
+        keep.append(
+            {
+                "source_labels": [f"__meta_kubernetes_pod_labelpresent_{_label_name(expr['key'])}"],
+                "regex": "true",
+                "action": "keep",
+            }
+        )
+    sd: dict[str, Any] = {"role": "pod", "kubeconfig_file": str(kubeconfig)}
+    names = spec.get("namespaceSelector", {}).get("matchNames")
+    if names:
+        sd["namespaces"] = {"names": names}
+    configs = []
+    for i, ep in enumerate(spec["podMetricsEndpoints"]):
+        relabel = [*keep]
+        if "port" in ep:
+            relabel.append(
+                {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": ep["port"], "action": "keep"}
+            )
+        relabel += _relabelings(ep.get("relabelings", []))
+        relabel += [
+            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+            {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
+            {
+                "source_labels": ["__meta_kubernetes_pod_container_port_number"],
+                "target_label": "__address__",
+                "replacement": f"{host}:$1",
+            },
+        ]
+        configs.append(
+            {
+                "job_name": f"podMonitor/{podmonitor['metadata']['namespace']}/{podmonitor['metadata']['name']}/{i}",
+                "honor_labels": bool(ep.get("honorLabels", False)),
+                "scrape_interval": ep["interval"],
+                "scrape_timeout": ep["interval"],
+                "metrics_path": ep.get("path", "/metrics"),
+                "kubernetes_sd_configs": [sd],
+                "relabel_configs": relabel,
+            }
+        )
+    return configs
+
+
+def servicemonitor_static_configs(servicemonitor: dict[str, Any], target: str) -> list[dict[str, Any]]:
+    """A ServiceMonitor's endpoints as static scrape configs of one target (the operator process)."""
+    return [
+        {
+            "job_name": f"serviceMonitor/{servicemonitor['metadata']['name']}/{i}",
+            "honor_labels": bool(ep.get("honorLabels", False)),
+            "scrape_interval": ep["interval"],
+            "scrape_timeout": ep["interval"],
+            "metrics_path": ep.get("path", "/metrics"),
+            "static_configs": [{"targets": [target]}],
+        }
+        for i, ep in enumerate(servicemonitor["spec"]["endpoints"])
+    ]
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: float = 0.25) -> T:
+    """Poll ``fn`` until it returns something truthy; fail after ``timeout`` seconds saying what."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            value = fn()
+            if value:
+                return value
+            last = value
+        except Exception as exc:  # a poll: an error means "not yet"
+            last = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Prometheus:
+    """Debian's prometheus on loopback with the given scrape configs and rule files."""
+
+    def __init__(self, workdir: Path, scrape_configs: list[dict[str, Any]], rule_files: list[Path]):
+        binary = shutil.which("prometheus")
+        assert binary, (
+            "prometheus is not installed: hack/test.sh installs Debian's package (apt-get install prometheus)"
+        )
+        self.workdir = workdir
+        config = workdir / "prometheus.yml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(p) for p in rule_files],
+                    "scrape_configs": scrape_configs,
+                }
+            ),
+            encoding="utf-8",
+        )
+        check = subprocess.run(
+            [str(Path(binary).with_name("promtool")), "check", "config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = workdir / "prometheus.log"
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for("Prometheus to answer queries", lambda: self._alive() and self.query("up") is not None, timeout=60)
+
+    def _alive(self) -> bool:
+        assert self.proc.poll() is None, f"prometheus exited:\n{self.log_path.read_text()[-3000:]}"
+        return True
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"{self.url}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.loads(response.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        data = self.api("query", query=promql)
+        assert data["resultType"] == "vector", data
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def alerts(self, name: str, state: str = "firing") -> list[dict[str, Any]]:
+        return [a for a in self.api("alerts")["alerts"] if a["labels"]["alertname"] == name and a["state"] == state]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._log.close()
