@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
         # The operator posts its own events on phase transitions; not one per handler run.
         settings.posting.enabled = False
         settings.watching.server_timeout = 300
+        # Watching listed namespaces: serve exactly those, with no cluster-wide namespace or CRD
+        # watches, so that a Role in each namespace is all the operator needs (the chart's
+        # rbac.scope=namespaces). Without this kopf retries the forbidden namespace list for minutes
+        # before it serves anything.
+        settings.scanning.disabled = bool(args.namespace)
         # Watch only the Jobs and pods this operator made (server-side selection).
         children = f"{builders.LABEL_MANAGED_BY}={builders.MANAGER},{builders.LABEL_JOB}"
         settings.watching.label_selectors["batch", "v1", "jobs"] = children
