@@ -167,9 +167,11 @@ class ChartOperator:
         return [line for line in self.log_text().splitlines() if denied.search(line)]
 
     def failed_reconciles(self) -> list[str]:
-        """Reconciles that raised an API error (the operator retries them). With admin credentials some
-        orderings succeed that RBAC refuses, e.g. a RoleBinding created before its Role exists fails the
-        API server's escalation check (it must read the Role to compare its rules with the creator's)."""
+        """Reconciles that raised an API error (the operator retries them). Some requests succeed for an
+        admin and fail for a least-privilege account: a RoleBinding created before its Role exists is
+        refused (404 NotFound) to a creator without `bind`, because the API server's escalation check
+        must read the Role to compare its rules with the creator's; an admin skips that check. So the
+        operator must create each trainer Role before its RoleBinding, never both at once."""
         return [line for line in self.log_text().splitlines() if re.search(r"reconcile of \S+ failed", line)]
 
     def stop(self) -> None:
