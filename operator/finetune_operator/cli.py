@@ -105,3 +105,35 @@ def run(manifest: Path, job_name: str | None, nproc: int | None, workdir: Path |
     workdir = workdir or Path("runs") / job.metadata.name
     click.echo(f"finetune: running {job.metadata.name} in {workdir}", err=True)
     sys.exit(run_local(job, manifest=manifest, workdir=workdir, nproc=nproc))
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN_DIR_OR_URI")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the PNG plots (default: RUN_DIR/report; ./report for object storage).",
+)
+def report(run_dir: str, output: Path | None) -> None:
+    """Summarize a training run and plot its loss, eval loss, learning rate and throughput.
+
+    RUN_DIR_OR_URI is a `finetune run --workdir` directory, its metrics.jsonl, or a copy in object
+    storage (s3://bucket/prefix).
+    """
+    from .report import ReportError, load, plot, summary
+
+    try:
+        run = load(run_dir)
+    except ReportError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(summary(run))
+    if output is None:
+        local = Path(run_dir.removeprefix("file://"))
+        if "://" in run_dir and not run_dir.startswith("file://"):
+            output = Path("report")
+        else:
+            output = (local.parent if local.suffix == ".jsonl" else local) / "report"
+    for path in plot(run, output):
+        click.echo(f"plot: {path}")
