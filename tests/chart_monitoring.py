@@ -108,8 +108,44 @@ def _label_name(label: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]", "_", label)
 
 
-def podmonitor_scrape_configs(podmonitor: dict[str, Any], kubeconfig: Path, *, host: str) -> list[dict[str, Any]]:
-    """The scrape configs the Prometheus Operator generates for a PodMonitor (kubernetes_sd, role pod).
+def pod_sd_targets(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What Prometheus's kubernetes_sd (role pod) discovers from these pods: one target per declared
+    container port, with its ``__meta_kubernetes_*`` labels.
+
+    Debian's prometheus is built without kubernetes_sd; the tests read the pods from the real API
+    server and hand Prometheus the same targets and meta labels through file_sd, so the PodMonitor's
+    selection and relabeling are still evaluated by Prometheus itself.
+    """
+    groups = []
+    for pod in pods:
+        meta, status = pod["metadata"], pod.get("status", {})
+        base = {
+            "__meta_kubernetes_namespace": meta["namespace"],
+            "__meta_kubernetes_pod_name": meta["name"],
+            "__meta_kubernetes_pod_ip": status.get("podIP", ""),
+            "__meta_kubernetes_pod_phase": status.get("phase", ""),
+            "__meta_kubernetes_pod_node_name": pod["spec"].get("nodeName", ""),
+        }
+        for key, value in (meta.get("labels") or {}).items():
+            base[f"__meta_kubernetes_pod_label_{_label_name(key)}"] = value
+            base[f"__meta_kubernetes_pod_labelpresent_{_label_name(key)}"] = "true"
+        for container in pod["spec"]["containers"]:
+            for port in container.get("ports", []):
+                labels = {
+                    **base,
+                    "__meta_kubernetes_pod_container_name": container["name"],
+                    "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+                    "__meta_kubernetes_pod_container_port_number": str(port["containerPort"]),
+                    "__meta_kubernetes_pod_container_port_protocol": port.get("protocol", "TCP"),
+                }
+                address = f"{status.get('podIP', '')}:{port['containerPort']}"
+                groups.append({"targets": [address], "labels": labels})
+    return groups
+
+
+def podmonitor_scrape_configs(podmonitor: dict[str, Any], sd_file: Path, *, host: str) -> list[dict[str, Any]]:
+    """The scrape configs the Prometheus Operator generates for a PodMonitor, fed by ``sd_file``
+    (targets from :func:`pod_sd_targets`) instead of kubernetes_sd.
 
     One liberty: pod IPs of the test cluster's (kwok) pods lead nowhere, so the target address becomes
     ``host:<container port>``, where the pod's processes run in the test.
@@ -119,6 +155,9 @@ def podmonitor_scrape_configs(podmonitor: dict[str, Any], kubeconfig: Path, *, h
     keep: list[dict[str, Any]] = [
         {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "(Failed|Succeeded)", "action": "drop"}
     ]
+    names = spec.get("namespaceSelector", {}).get("matchNames")
+    if names:
+        keep.append({"source_labels": ["__meta_kubernetes_namespace"], "regex": "|".join(names), "action": "keep"})
     for label, value in selector.get("matchLabels", {}).items():
         keep.append(
             {"source_labels": [f"__meta_kubernetes_pod_label_{_label_name(label)}"], "regex": value, "action": "keep"}
@@ -132,10 +171,6 @@ def podmonitor_scrape_configs(podmonitor: dict[str, Any], kubeconfig: Path, *, h
                 "action": "keep",
             }
         )
-    sd: dict[str, Any] = {"role": "pod", "kubeconfig_file": str(kubeconfig)}
-    names = spec.get("namespaceSelector", {}).get("matchNames")
-    if names:
-        sd["namespaces"] = {"names": names}
     configs = []
     for i, ep in enumerate(spec["podMetricsEndpoints"]):
         relabel = [*keep]
@@ -161,11 +196,18 @@ def podmonitor_scrape_configs(podmonitor: dict[str, Any], kubeconfig: Path, *, h
                 "scrape_interval": ep["interval"],
                 "scrape_timeout": ep["interval"],
                 "metrics_path": ep.get("path", "/metrics"),
-                "kubernetes_sd_configs": [sd],
+                "file_sd_configs": [{"files": [str(sd_file)], "refresh_interval": "1s"}],
                 "relabel_configs": relabel,
             }
         )
     return configs
+
+
+def write_sd_file(path: Path, groups: list[dict[str, Any]]) -> None:
+    """Replace the file_sd file atomically (Prometheus watches it)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(groups), encoding="utf-8")
+    tmp.replace(path)
 
 
 def servicemonitor_static_configs(servicemonitor: dict[str, Any], target: str) -> list[dict[str, Any]]:

@@ -1,0 +1,297 @@
+"""Monitoring against reality: the chart's scrape configs, dashboards and alerts in a real Prometheus.
+
+The chart is rendered with `helm template` (monitoring on, a 30 s stall window, restarts threshold 1)
+and everything is taken from that output: the PrometheusRule's groups become Prometheus's rule file,
+the PodMonitor becomes the scrape config the Prometheus Operator would generate (pods listed from the
+real API server every second and handed to Prometheus with kubernetes_sd's meta labels through
+file_sd, as Debian's Prometheus lacks kubernetes_sd; Prometheus selects them by the PodMonitor's
+labels and keeps ports by its relabeling), and the ServiceMonitor's endpoint scrapes the operator.
+Liberties of a laptop: the kwok pods' IPs lead nowhere, so a discovered target's address becomes
+127.0.0.1:<its container port>, where we run that pod's container command (2 ranks, as in
+test_e2e_contract); the operator runs as a local process, so its ServiceMonitor endpoint becomes a
+static target.
+
+Then: every query of both dashboards returns finite data; a second job that restarts and then fails
+fires FineTuneJobRestartingRepeatedly and FineTuneJobFailed; stopping rank 1 (SIGSTOP: rank 0 waits
+in its all-reduce, its metrics server still answers) fires FineTuneJobStalled after the window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import pytest
+import test_e2e_contract as contract
+import test_e2e_operator as operator_tests
+from chart_monitoring import (
+    Prometheus,
+    dashboards,
+    one,
+    panel_queries,
+    pod_sd_targets,
+    podmonitor_scrape_configs,
+    render,
+    rules_file,
+    servicemonitor_static_configs,
+    substitute,
+    wait_for,
+    write_sd_file,
+)
+
+if TYPE_CHECKING:
+    from conftest import Cluster, Operator
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "trainer"))
+import tiny  # noqa: E402
+
+STALL_SECONDS = 30
+VALUES = {
+    "monitoring": {
+        "enabled": True,
+        "serviceMonitor": {"interval": "1s"},
+        "podMonitor": {"interval": "1s"},
+        "rules": {"stallMinutes": STALL_SECONDS / 60, "restartsThreshold": 1},
+    }
+}
+#: What Grafana substitutes for $__rate_interval at a 15 s scrape interval and a few hours' range.
+RATE_INTERVAL = "1m"
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free on loopback (local rank r serves on p + r)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise AssertionError("no two consecutive free ports on loopback")
+
+
+class PodProcess:
+    """Pod 0 of a rendered Job, run as a local process tree (its own session, like a container)."""
+
+    def __init__(self, cluster: Cluster, ns: str, ftj: str, tmp_path: Path, extra_env: dict[str, str]):
+        job = cluster.wait_for(f"Job {ftj}-a0", lambda: cluster.get_json("job", f"{ftj}-a0", namespace=ns), timeout=60)
+        config_map = cluster.get_json("configmap", f"{ftj}-config", namespace=ns)
+        [container] = job["spec"]["template"]["spec"]["containers"]
+        mounts = contract.Mounts(
+            tmp_path / "volumes",
+            [m for m in container["volumeMounts"] if m["mountPath"] not in ("/tmp", "/dev/shm")],
+        )
+        for key, text in config_map["data"].items():
+            Path(mounts("/etc/finetune"), key).write_text(json.dumps(mounts(json.loads(text))))
+        env = {"PATH": os.environ["PATH"], "JOB_COMPLETION_INDEX": "0"}
+        for var in container["env"]:
+            if "value" in var:
+                env[var["name"]] = mounts(var["value"])
+            elif var["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+                env[var["name"]] = ns
+        env["MASTER_ADDR"] = "127.0.0.1"
+        env.update(extra_env)
+        argv = [mounts(contract.expand(a, env)) for a in container["command"]]
+        assert argv[0] == "python"
+        argv[0] = sys.executable
+        self.log_path = tmp_path / f"{ftj}-pod.log"
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                argv, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rank(self, rank: int) -> psutil.Process:
+        def find() -> psutil.Process | None:
+            assert self.proc.poll() is None, f"the pod's process exited {self.proc.returncode}:\n{self.output[-4000:]}"
+            for p in psutil.Process(self.proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error, KeyError):
+                    if "--config" in p.cmdline() and p.environ()["RANK"] == str(rank):
+                        return p
+            return None
+
+        return wait_for(f"trainer rank {rank}", find, timeout=120)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGCONT)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def rendered(tmp_path: Path) -> list[dict[str, Any]]:
+    return render(VALUES, tmp_path)
+
+
+@pytest.fixture
+def prometheus(
+    rendered: list[dict[str, Any]], cluster: Cluster, operator: Operator, tmp_path: Path
+) -> Iterator[Prometheus]:
+    """Prometheus with the chart's rules, its PodMonitor (pods discovered from the API server every
+    second, see chart_monitoring.pod_sd_targets) and its ServiceMonitor endpoint (the operator)."""
+    sd_file = tmp_path / "pods.json"
+    write_sd_file(sd_file, [])
+    stop = threading.Event()
+
+    def discover() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):  # a failed list is retried a second later
+                write_sd_file(sd_file, pod_sd_targets(cluster.get_json("pods", "-A")["items"]))
+            stop.wait(1)
+
+    discovery = threading.Thread(target=discover, name="pod-discovery", daemon=True)
+    discovery.start()
+    scrape = podmonitor_scrape_configs(one(rendered, "PodMonitor"), sd_file, host="127.0.0.1")
+    scrape += servicemonitor_static_configs(one(rendered, "ServiceMonitor"), f"127.0.0.1:{operator.metrics_port}")
+    (tmp_path / "prom").mkdir()
+    server = Prometheus(tmp_path / "prom", scrape, [rules_file(rendered, tmp_path / "rules.yaml")])
+    yield server
+    stop.set()
+    discovery.join(timeout=30)
+    server.stop()
+
+
+def finite(result: list[dict[str, Any]]) -> list[float]:
+    return [v for v in (float(s["value"][1]) for s in result) if math.isfinite(v)]
+
+
+def queries_without_data(server: Prometheus, board: dict[str, Any], variables: dict[str, str]) -> list[str]:
+    missing = []
+    for title, expr in panel_queries(board):
+        if not finite(server.query(substitute(expr, variables))):
+            missing.append(title)
+    return missing
+
+
+def test_dashboards_and_alerts_against_a_real_training_and_operator(
+    cluster: Cluster,
+    operator: Operator,
+    ns: str,
+    rendered: list[dict[str, Any]],
+    prometheus: Prometheus,
+    tmp_path: Path,
+) -> None:
+    server = prometheus
+    boards = dashboards(rendered)
+    port = free_port_pair()
+    model = tiny.build_tiny_model(tmp_path / "model")
+    train = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.prompt_completion_rows(400))
+    ftj = tiny.job_manifest(
+        "watched",
+        model,
+        train,
+        data__evalSplit=0.1,
+        training__maxSteps=100000,  # runs until the test ends
+        training__evaluation={"everySteps": 10},
+        checkpoint={"uri": f"file://{tmp_path}/storage", "everySteps": 25, "keepLast": 2},
+        distributed={"nodes": 1, "procsPerNode": 2},
+        resources={"gpusPerNode": 0, "podAnnotations": {operator_tests.HOLD: "true"}},
+        metrics={"port": port},
+    )
+    cluster.apply(ftj, namespace=ns)
+    # A second job, without metrics, that restarts once (exit 137) and then fails for good (exit 3).
+    cluster.apply(operator_tests.manifest("broken", nodes=1, metrics={"enabled": False}), namespace=ns)
+
+    # MFU needs a known peak FLOP/s: on CPU it is given, as the trainer's own metrics test does.
+    pod = PodProcess(cluster, ns, "watched", tmp_path, {"FINETUNE_PEAK_FLOPS": "1e12"})
+    try:
+        [first] = operator_tests.running_pods(cluster, ns, "broken-a0", 1)
+        operator_tests.fail(cluster, ns, first["metadata"]["name"], 137, "OOMKilled", "CUDA out of memory")
+        restarting = wait_for(
+            "FineTuneJobRestartingRepeatedly to fire for broken",
+            lambda: [a for a in server.alerts("FineTuneJobRestartingRepeatedly") if a["labels"]["job"] == "broken"],
+            timeout=90,
+        )
+        assert restarting[0]["labels"]["namespace"] == ns and restarting[0]["labels"]["severity"] == "warning"
+        assert f"{ns}/broken restarted 1 times" in restarting[0]["annotations"]["summary"]
+        [second] = operator_tests.running_pods(cluster, ns, "broken-a1", 1)
+        operator_tests.fail(cluster, ns, second["metadata"]["name"], 3, "Error", "train.jsonl:7: missing column")
+        failed = wait_for(
+            "FineTuneJobFailed to fire for broken",
+            lambda: [a for a in server.alerts("FineTuneJobFailed") if a["labels"]["job"] == "broken"],
+            timeout=90,
+        )
+        assert failed[0]["labels"]["severity"] == "critical" and f"{ns}/broken" in failed[0]["annotations"]["summary"]
+        wait_for(
+            "FineTuneJobRestartingRepeatedly to resolve once broken failed",
+            lambda: not [a for a in server.alerts("FineTuneJobRestartingRepeatedly") if a["labels"]["job"] == "broken"],
+            timeout=60,
+        )
+
+        # The dashboards' template variables offer this job, and every panel query has data.
+        wait_for(
+            "the dashboard variables to list the job",
+            lambda: (
+                ns in server.api("label/namespace/values", **{"match[]": "finetune_global_step"})
+                and "watched"
+                in server.api("label/job/values", **{"match[]": f'finetune_global_step{{namespace="{ns}"}}'})
+            ),
+            timeout=300,
+        )
+        variables = {"namespace": ns, "job": "watched", "__rate_interval": RATE_INTERVAL}
+        for name in ("finetune-job.json", "finetune-operator.json"):
+            missing: list[str] = []
+
+            def complete(board: dict[str, Any] = boards[name], missing: list[str] = missing) -> bool:
+                missing[:] = queries_without_data(server, board, variables)
+                return not missing
+
+            try:
+                wait_for(f"every query of {name} to return finite data", complete, timeout=300, interval=1)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; panels without data: {missing}\n{pod.output[-3000:]}") from None
+        assert len(panel_queries(boards["finetune-job.json"])) >= 25
+        ranks = {s["metric"]["rank"] for s in server.query(f'finetune_global_step{{namespace="{ns}", job="watched"}}')}
+        assert ranks == {"0", "1"}, "the PodMonitor did not keep both ranks' ports (metrics-0, metrics-1)"
+
+        # Stall: rank 1 stops; rank 0 waits in its all-reduce and keeps answering scrapes.
+        def stalled() -> list[dict[str, Any]]:
+            return [a for a in server.alerts("FineTuneJobStalled") if a["labels"]["job"] == "watched"]
+
+        wait_for(
+            f"the step series to be older than the {STALL_SECONDS}s window",
+            lambda: server.query(f'finetune_global_step{{namespace="{ns}", job="watched"}} offset {STALL_SECONDS}s'),
+            timeout=120,
+        )
+        assert not stalled() and not server.alerts("FineTuneJobStalled", "pending"), "stall alert before any stall"
+        pod.rank(1).suspend()
+        stopped_at = time.monotonic()
+        [firing] = wait_for("FineTuneJobStalled to fire for watched", stalled, timeout=STALL_SECONDS + 90)
+        elapsed = time.monotonic() - stopped_at
+        assert elapsed >= STALL_SECONDS - 5, f"fired {elapsed:.1f}s after the stall, before the {STALL_SECONDS}s window"
+        assert firing["labels"]["namespace"] == ns and firing["labels"]["severity"] == "critical"
+        assert f"{ns}/watched makes no progress" in firing["annotations"]["summary"]
+        # Rank 0 still answers scrapes, its step frozen; stopped rank 1 does not answer.
+        window = f"{STALL_SECONDS - 5}s"
+        [frozen] = server.query(f'changes(finetune_global_step{{namespace="{ns}", job="watched", rank="0"}}[{window}])')
+        assert float(frozen["value"][1]) == 0, frozen
+        up = {s["metric"]["instance"]: float(s["value"][1]) for s in server.query(f'up{{namespace="{ns}"}}')}
+        assert up == {f"127.0.0.1:{port}": 1.0, f"127.0.0.1:{port + 1}": 0.0}, up
+        sys.stderr.write(
+            f"\n[monitoring] {sum(len(panel_queries(b)) for b in boards.values())} panel queries with data; "
+            f"FineTuneJobStalled fired {elapsed:.1f}s after SIGSTOP (window {STALL_SECONDS}s)\n"
+        )
+    finally:
+        pod.kill()
