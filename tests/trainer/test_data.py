@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -121,29 +122,53 @@ def test_completion_only_loss_masks_the_prompt(tiny_model: Path) -> None:
     assert ex_all.labels == ex_all.input_ids
 
 
-def test_packed_samples_do_not_attend_to_each_other(tiny_model: Path) -> None:
+@pytest.mark.parametrize("flatten", [False, True], ids=["rows", "flattened"])
+def test_packed_samples_do_not_attend_to_each_other(tiny_model: Path, flatten: bool) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
     data = DataSpec(train=DataSource(uri="x"), completionOnlyLoss=False, maxSeqLength=64)
-    records = [Record(r, "f", i) for i, r in enumerate(prompt_completion_rows(6, seed=5))]
+    records = [Record(r, "f", i) for i, r in enumerate(prompt_completion_rows(12, seed=5))]
     examples = build_examples(records, tokenizer, data)
     rows = pack(examples, 64)
     assert len(rows) < len(examples)
-    batch = CausalLMCollator(tokenizer.pad_token_id)(
+    assert len({len(r) for r in rows}) > 1, "rows of different lengths, so some rows carry padding"
+    batch = CausalLMCollator(tokenizer.pad_token_id, flatten_packed=flatten)(
         [{"input_ids": r.input_ids, "labels": r.labels, "position_ids": r.position_ids} for r in rows]
     )
-    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    assert "attention_mask" not in batch and batch["use_cache"] is False
+    if flatten:  # one padding-free row (what flash-attention kernels need)
+        assert batch["input_ids"].shape == (1, sum(len(r) for r in rows))
+        placed = [(0, sum(len(r) for r in rows[:i]), r) for i, r in enumerate(rows)]
+    else:  # one row per packed row, padded to the longest
+        assert batch["input_ids"].shape == (len(rows), max(len(r) for r in rows))
+        placed = [(i, 0, r) for i, r in enumerate(rows)]
     model.train()  # as in training, where a KV cache would silently disable the packed-sequence mask
     with torch.no_grad():
-        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
-        offset = 0
-        for ex in examples:
-            alone = model(input_ids=torch.tensor([ex.input_ids])).logits[0]
-            torch.testing.assert_close(packed[offset : offset + len(ex)], alone, atol=1e-5, rtol=1e-5)
-            # The first token of each sample is never the target of the previous sample's last token.
-            assert batch["labels"][0, offset] == IGNORE
-            offset += len(ex)
-    assert offset == batch["input_ids"].shape[1]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        seen = 0
+        for index, start, row in placed:
+            assert row.position_ids is not None
+            starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row)]
+            for begin, end in itertools.pairwise(starts):
+                ids = row.input_ids[begin:end]
+                alone = model(input_ids=torch.tensor([ids])).logits[0]
+                # Every sample sees only itself: neither the samples before it nor the padding after.
+                torch.testing.assert_close(logits[index, start + begin : start + end], alone, atol=1e-5, rtol=1e-5)
+                # The first token of each sample is never the target of the previous sample's last token.
+                assert batch["labels"][index, start + begin] == IGNORE
+                assert batch["labels"][index, start + begin + 1 : start + end].tolist() == ids[1:]
+                seen += 1
+            if not flatten:  # padding: no loss, and a segment of its own (positions restart at 0)
+                pad = batch["input_ids"].shape[1] - len(row)
+                assert batch["labels"][index, len(row) :].tolist() == [IGNORE] * pad
+                assert batch["position_ids"][index, len(row) :].tolist() == list(range(pad))
+    assert seen == len(examples)
+
+
+def test_collator_flattens_packed_rows_only_for_kernels_that_need_it() -> None:
+    assert not CausalLMCollator.for_attention(0, "sdpa").flatten_packed
+    assert not CausalLMCollator.for_attention(0, "eager").flatten_packed
+    assert CausalLMCollator.for_attention(0, "flash_attention_2").flatten_packed
 
 
 def test_text_is_cut_into_blocks(tiny_model: Path) -> None:

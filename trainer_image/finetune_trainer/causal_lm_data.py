@@ -9,10 +9,16 @@
 - ``text``: each record is a document followed by EOS. With packing, documents are cut into blocks of
   maxSeqLength; otherwise each is truncated to it.
 
-Packing places several samples in one row and flattens each batch into a single padding-free row
-with ``position_ids`` that restart at every sample: transformers then builds a block-diagonal causal
-mask (sdpa and eager attention), so no token attends across samples, and the first token of each
-sample is never a target of the previous one. Without packing, batches are right-padded.
+Packing places several samples in one row, with ``position_ids`` that restart at every sample, and
+no attention mask: transformers then detects the packed format from the positions and builds a
+per-row block-diagonal causal mask (sdpa and eager attention), so no token attends across samples, and
+the first token of each sample is never a target of the previous one. Packed rows of a batch stay
+separate rows ([batch, longest row]), padded at the end with a segment of their own (positions
+restarting at 0, labels ignored), so attention costs grow with each row's length, not the batch's.
+Flash-attention kernels detect packed samples only in a single row (transformers' varlen path needs
+batch size 1): for them the collator flattens the batch into one padding-free row instead. Without
+packing, batches are right-padded. Either way training must run without a KV cache: with one,
+transformers skips the packed-sequence mask and samples would attend to each other.
 """
 
 from __future__ import annotations
@@ -194,35 +200,33 @@ class ExampleDataset(torch.utils.data.Dataset[dict[str, list[int]]]):
         return item
 
 
+# Attention implementations whose masks transformers builds per row from restarting position_ids
+# (masking_utils.find_packed_sequence_indices); any other kernel gets one flattened row.
+PER_ROW_PACKED_ATTENTION = frozenset({"sdpa", "eager"})
+
+
 class CausalLMCollator:
-    """Pads unpacked rows; flattens packed rows (those with position_ids) into one padding-free row.
+    """Pads unpacked rows; batches packed rows (those with position_ids) as separate padded rows, or
+    flattens them into one padding-free row where the attention kernel needs that (``flatten_packed``).
 
     Counts the real (non-padding) tokens and the rows it hands out, for throughput reporting.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, *, flatten_packed: bool = False):
         self.pad_token_id = pad_token_id
+        self.flatten_packed = flatten_packed
         self.tokens = 0
         self.samples = 0
+
+    @classmethod
+    def for_attention(cls, pad_token_id: int, attention: str | None) -> CausalLMCollator:
+        """The collator for a model whose resolved attention implementation is ``attention``."""
+        return cls(pad_token_id, flatten_packed=(attention or "eager") not in PER_ROW_PACKED_ATTENTION)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         self.samples += len(features)
         if all("position_ids" in f for f in features):
-            ids = [t for f in features for t in f["input_ids"]]
-            positions = [p for f in features for p in f["position_ids"]]
-            labels = [
-                IGNORE if p == 0 else label
-                for f in features
-                for label, p in zip(f["labels"], f["position_ids"], strict=True)
-            ]
-            self.tokens += len(ids)
-            return {
-                "input_ids": torch.tensor([ids]),
-                "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions]),
-                # With a KV cache, transformers skips the packed-sequence mask: samples would see each other.
-                "use_cache": False,
-            }
+            return self._packed(features)
         width = max(len(f["input_ids"]) for f in features)
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
@@ -234,3 +238,33 @@ class CausalLMCollator:
             mask[row, :n] = 1
         self.tokens += int(mask.sum())
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+    def _packed(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        rows: list[tuple[list[int], list[int], list[int]]] = []
+        for f in features:
+            # The first token of a sample is never the target of the previous sample's last token.
+            labels = [IGNORE if p == 0 else label for label, p in zip(f["labels"], f["position_ids"], strict=True)]
+            rows.append((list(f["input_ids"]), labels, list(f["position_ids"])))
+            self.tokens += len(f["input_ids"])
+        if self.flatten_packed:
+            rows = [
+                (
+                    [t for ids, _, _ in rows for t in ids],
+                    [t for _, labels, _ in rows for t in labels],
+                    [p for _, _, positions in rows for p in positions],
+                )
+            ]
+        width = max(len(ids) for ids, _, _ in rows)
+        for ids, labels, positions in rows:
+            pad = width - len(ids)
+            # Padding is a segment of its own (positions restart), so no real token attends to it.
+            ids += [self.pad_token_id] * pad
+            labels += [IGNORE] * pad
+            positions += range(pad)
+        return {
+            "input_ids": torch.tensor([r[0] for r in rows]),
+            "labels": torch.tensor([r[1] for r in rows]),
+            "position_ids": torch.tensor([r[2] for r in rows]),
+            # With a KV cache, transformers skips the packed-sequence mask: samples would see each other.
+            "use_cache": False,
+        }

@@ -196,10 +196,11 @@ def _run(
         **methods.load_kwargs(ctx),
     )
     model.config.use_cache = False  # no KV cache in training (it would also disable packed-sequence masks)
+    attention = getattr(model.config, "_attn_implementation", None)  # as resolved by transformers
     ctx.new_token_ids = modeling.grow_embeddings(model, tokenizer)
     model = methods.apply(model, ctx)
 
-    collator = CausalLMCollator(tokenizer.pad_token_id)
+    collator = CausalLMCollator.for_attention(tokenizer.pad_token_id, attention)
     reporter = ProgressReporter(
         world, collator, work / "metrics.jsonl", sink=_status_sink(status) if status is not None else None
     )
