@@ -32,3 +32,22 @@ def test_lock_resolves(repo: Path, tmp_path: Path) -> None:
 
     installed = {i["metadata"]["name"].lower() for i in json.loads((tmp_path / "report.json").read_text())["install"]}
     assert {"torch", "transformers", "peft", "deepspeed", "bitsandbytes", "trl"} <= installed
+
+
+def test_lock_pins_every_trainer_requirement(repo: Path) -> None:
+    """Each requirement of pyproject's [trainer] extra is pinned in the lock, at a version it allows."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    extra = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]["trainer"]
+    pins = {}
+    for line in (repo / "trainer_image" / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    for requirement in map(Requirement, extra):
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement} is not in trainer_image/requirements.lock (hack/lock.sh trainer)"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (requirement, pins[name])
