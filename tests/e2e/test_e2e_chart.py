@@ -248,6 +248,15 @@ def children_created(cluster: Cluster, ns: str, name: str) -> None:
 def drive_through_a_whole_life(cluster: Cluster, op: ChartOperator, ns: str) -> None:
     """Every API call the operator makes, made with the chart's RBAC: create children, derive status,
     replace a changed ConfigMap, replace a failed gang, suspend and resume, post events, delete by TTL."""
+    try:
+        _drive(cluster, op, ns)
+    except AssertionError as exc:
+        # A wait that timed out: show why, when the API server refused the operator something.
+        denied = "\n".join(dict.fromkeys(op.rbac_denials() + op.failed_reconciles()))
+        raise AssertionError(f"{exc}\noperator log ({op.log}), denials and failed reconciles:\n{denied}") from exc
+
+
+def _drive(cluster: Cluster, op: ChartOperator, ns: str) -> None:
     job = example_job(ns)
     name = job["metadata"]["name"]
     cluster.apply(job)
