@@ -1,4 +1,5 @@
-"""Two CPU ranks under torchrun (gloo): DDP with LoRA and full, DeepSpeed ZeRO-2 and ZeRO-3, QLoRA."""
+"""Two CPU ranks under torchrun (gloo): DDP with LoRA and full, DeepSpeed ZeRO-1, ZeRO-2 (also with the
+optimizer offloaded to the host, stepped by DeepSpeed's compiled CPU Adam) and ZeRO-3, QLoRA."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from tiny import QLORA, job_manifest
 CASES: dict[str, dict[str, Any]] = {
     "ddp-lora": {},
     "ddp-full": {"method": {"type": "full"}, "training__learningRate": 1e-3},
+    "zero1-lora": {"distributed__deepspeed": {"zeroStage": 1}},
     "zero2-lora": {"distributed__deepspeed": {"zeroStage": 2}},
+    "zero2-offload-lora": {"distributed__deepspeed": {"zeroStage": 2, "offloadOptimizer": "cpu"}},
     "zero3-full": {
         "method": {"type": "full"},
         "training__learningRate": 1e-3,
@@ -37,4 +40,6 @@ def test_two_ranks(case: str, tiny_model: Path, train_jsonl: Path, finetune_run:
     if "zero3" in case:
         # ZeRO-3 really partitioned the parameters: each rank holds only its shard.
         assert summary["zero3_partitioned_parameters"] > 0, summary
+    # ZeRO-Offload: the optimizer state lives on the host and DeepSpeed's compiled CPU Adam steps it.
+    assert summary["optimizer"] == ("DeepSpeedCPUAdam" if "offload" in case else "AdamW"), summary
     assert summary["artifacts"]

@@ -77,6 +77,26 @@ def test_deepspeed_config_follows_the_spec() -> None:
     assert zero["stage"] == 3
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
     assert zero["stage3_param_persistence_threshold"] == "auto"
+    # DeepSpeed refuses a torch optimizer with ZeRO-Offload: the config names its own AdamW (CPU Adam).
+    optimizer = deepspeed_config(s.distributed.deepspeed)["optimizer"]
+    assert optimizer == {
+        "type": "AdamW",
+        "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+    }
+    assert "optimizer" not in deepspeed_config(s.distributed.deepspeed.model_copy(update={"offload_optimizer": "none"}))
+
+
+def test_optimizer_offload_with_another_optimizer_is_refused(tmp_path: Path) -> None:
+    s = FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "m"},
+            "data": {"train": {"uri": "t"}},
+            "training": {"epochs": 1, "optimizer": "sgd"},
+            "distributed": {"deepspeed": {"zeroStage": 2, "offloadOptimizer": "cpu"}},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"spec\.distributed\.deepspeed\.offloadOptimizer .*adamw.*not sgd"):
+        training_arguments(s, output_dir=tmp_path, base_dir=None, has_eval=False)
 
 
 def test_early_stopping_loads_the_best_model(

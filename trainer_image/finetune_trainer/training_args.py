@@ -32,11 +32,16 @@ BEST_METRICS = {
 }
 
 
-def deepspeed_config(ds: DeepSpeedSpec, *, base_dir: str | None = None) -> dict[str, Any]:
+def deepspeed_config(ds: DeepSpeedSpec, *, base_dir: str | None = None, optimizer: str = "adamw") -> dict[str, Any]:
     """The generated DeepSpeed config; `auto` values are filled by transformers from the arguments.
 
     With ``deepspeed.config`` the user's JSON is used instead; ``finetune run`` resolves the ConfigMap
     reference to a file ``<base_dir>/<name>/<key>`` and the operator mounts it at the same place.
+
+    Optimizer offload steps the optimizer on the host with DeepSpeed's own CPU Adam (a C++ op that
+    DeepSpeed compiles on first use; the trainer image carries g++ and ninja): DeepSpeed refuses a
+    client (torch) optimizer with ZeRO-Offload, so the config names DeepSpeed's AdamW, and the spec's
+    other optimizers are refused with offload.
     """
     if ds.config is not None:
         path = storage.local_path(f"{ds.config.name}/{ds.config.key}", base_dir)
@@ -48,8 +53,19 @@ def deepspeed_config(ds: DeepSpeedSpec, *, base_dir: str | None = None) -> dict[
         "contiguous_gradients": True,
         "reduce_bucket_size": "auto",
     }
+    extra: dict[str, Any] = {}
     if ds.offload_optimizer == "cpu":
+        if optimizer != "adamw":
+            raise ConfigError(
+                f"spec.distributed.deepspeed.offloadOptimizer cpu needs spec.training.optimizer adamw "
+                f"(DeepSpeed steps offloaded optimizer state with its CPU Adam only), not {optimizer}"
+            )
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        # DeepSpeedCPUAdam in AdamW mode; lr, betas, eps and weight decay are filled from the spec.
+        extra["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
     if ds.zero_stage == 3:
         zero.update(
             {
@@ -70,6 +86,7 @@ def deepspeed_config(ds: DeepSpeedSpec, *, base_dir: str | None = None) -> dict[
         "zero_optimization": zero,
         "bf16": {"enabled": "auto"},
         "fp16": {"enabled": "auto"},
+        **extra,
     }
 
 
@@ -150,5 +167,5 @@ def training_arguments(
     if spec.distributed.deepspeed is not None:
         if not cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        kwargs["deepspeed"] = deepspeed_config(spec.distributed.deepspeed, base_dir=base_dir)
+        kwargs["deepspeed"] = deepspeed_config(spec.distributed.deepspeed, base_dir=base_dir, optimizer=t.optimizer)
     return TrainingArguments(**kwargs)

@@ -291,6 +291,7 @@ def _run(
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         best_checkpoint=trainer.state.best_model_checkpoint,
         zero3_partitioned_parameters=sum(1 for p in model.parameters() if hasattr(p, "ds_id") and p.numel() == 0),
+        optimizer=_optimizer_name(trainer),
     )
 
     # 6. Outputs (rank 0 writes; ZeRO-3 gathers the full weights first).
@@ -315,6 +316,14 @@ def _run(
         _print_summary(summary)
     distributed.barrier()
     return summary
+
+
+def _optimizer_name(trainer: Trainer) -> str:
+    """The class of the optimizer that steps the weights (DeepSpeed's own, e.g. its CPU Adam under
+    ZeRO-Offload, rather than the ZeRO wrapper; torch's rather than accelerate's wrapper)."""
+    optimizer = getattr(trainer.deepspeed, "basic_optimizer", None) or trainer.optimizer
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    return type(optimizer).__name__
 
 
 def _evaluate(trainer: Trainer, eval_examples: list[Example], general_examples: list[Example]) -> dict[str, float]:
