@@ -7,6 +7,8 @@ mid-upload) are never read and are removed by the next clean-up; a changed spec 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -207,6 +209,70 @@ def test_resume_plan_refuses_another_spec_and_never_starts_over(tmp_path: Path) 
     never = build_trainer_config(job, namespace="ns", default_storage=str(tmp_path / "storage"), work_dir=tmp_path)
     plan = checkpointing.plan_resume(never, SINGLE, same, None)
     assert plan.manifest is None and same.steps_present() == []
+
+
+def corrupt_file(store: CheckpointStore, step: int, path: str = "adapter_model.safetensors") -> None:
+    """Flip a byte of one file: same size, so only the sha256 in the manifest can tell."""
+    remote = f"{store.dir_path(step)}/{path}"
+    data = bytearray(store.fs.cat_file(remote))
+    data[0] ^= 0xFF
+    store.fs.pipe_file(remote, bytes(data))
+    store.fs.invalidate_cache()
+
+
+def test_resume_falls_back_past_corrupt_checkpoints(
+    store_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = FineTuneJob.model_validate(
+        job_manifest(
+            "fallback",
+            tmp_path / "m",
+            tmp_path / "t.jsonl",
+            data__evalSplit=0.1,
+            training__evaluation={"everySteps": 3},
+        )
+    )
+    config = build_trainer_config(job, namespace="ns", default_storage=str(tmp_path / "storage"), work_dir=tmp_path)
+    store = CheckpointStore(store_uri, config_hash=checkpoint_hash(config.spec))
+    for step, eval_loss in ((3, 1.0), (6, 2.0), (9, 1.5), (12, 0.5)):
+        store.upload(fake_checkpoint(tmp_path / "s", step), step, world_size=1, metrics={"eval_loss": eval_loss})
+    corrupt_file(store, 12)  # the newest
+    corrupt_file(store, 3, "optimizer.pt")  # the best of those before the resume point
+    plan = checkpointing.plan_resume(config, SINGLE, store, None)
+    assert plan.manifest is not None and plan.manifest.step == 12 and plan.best is not None and plan.best.step == 12
+    staging = tmp_path / "hf-checkpoints"
+    with caplog.at_level(logging.WARNING, logger="finetune_trainer.checkpointing"):
+        resume_dir = checkpointing.fetch(plan, store, staging, SINGLE)
+
+    # Resumed from the newest checkpoint that verifies; the best is the best one up to it that verifies.
+    assert resume_dir == str(staging / "checkpoint-9")
+    assert plan.manifest.step == 9 and plan.best is not None and plan.best.step == 9
+    assert [m.step for m in plan.kept or []] == [6, 9]
+    assert (staging / "checkpoint-9" / "optimizer.pt").read_bytes() == (
+        tmp_path / "s" / "checkpoint-9" / "optimizer.pt"
+    ).read_bytes()
+    assert sorted(p.name for p in staging.iterdir()) == ["checkpoint-9"], "no corrupt download stays staged"
+    state = json.loads((staging / "checkpoint-9" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == str(staging / "checkpoint-9")
+    # Each corrupt checkpoint is named in a warning, and uncommitted: its files stay until a clean-up.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for step, path in ((12, "adapter_model.safetensors"), (3, "optimizer.pt")):
+        assert any(f"checkpoint-{step} ({store.dir_uri(step)}) is corrupt" in w and path in w for w in warnings), (
+            warnings
+        )
+    assert [m.step for m in store.committed()] == [6, 9]
+    assert store.steps_present() == [3, 6, 9, 12]
+    assert checkpointing.plan_resume(config, SINGLE, store, None).manifest.step == 9  # type: ignore[union-attr]
+    assert store.steps_present() == [6, 9], "the next decision cleans the uncommitted ones up"
+
+    # Nothing verifies: the attempt fails naming them (and the next one starts from the beginning).
+    # (A new pod: a staged file that matches its manifest's sha256 would be used, not downloaded again.)
+    corrupt_file(store, 6)
+    corrupt_file(store, 9)
+    plan = checkpointing.plan_resume(config, SINGLE, store, None)
+    with pytest.raises(CheckpointError, match=r"no committed checkpoint .* verifies.*checkpoint-9, .*checkpoint-6"):
+        checkpointing.fetch(plan, store, tmp_path / "new-pod", SINGLE)
+    assert store.committed() == []
 
 
 def test_config_hash_covers_what_defines_the_training_only(tmp_path: Path) -> None:

@@ -98,6 +98,19 @@ def test_kill_one_rank_then_resume_exactly(
     assert "written by 2 ranks) with 1 ranks" in alone.output
     assert sorted(live.losses_by_step(alone.metrics()[logged_before:])) == [29, 30]
 
+    # A corrupt committed checkpoint (a file changed, same size): the run falls back to the older one.
+    key = f"{prefix}/checkpoint-30/adapter_model.safetensors"
+    body = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[-1] ^= 0xFF
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    logged_before = len(alone.metrics())
+    healed = live.start(tmp_path, job, "--nproc", "1", env=s3_env, tag="corrupt")
+    assert healed.wait(timeout=RUN_TIMEOUT) == 0, healed.output[-5000:]
+    assert f"checkpoint-30 (s3://{bucket}/{prefix}/checkpoint-30) is corrupt" in healed.output
+    assert f"resuming from s3://{bucket}/{prefix}/checkpoint-28 (step 28" in healed.output
+    assert sorted(live.losses_by_step(healed.metrics()[logged_before:])) == [29, 30]
+    assert live.committed_steps(s3, bucket, prefix) == [28, 30]
+
 
 def test_deepspeed_sigterm_then_resume_exactly(
     s3_endpoint: str,

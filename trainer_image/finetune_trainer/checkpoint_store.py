@@ -414,12 +414,17 @@ class CheckpointStore:
         return list(merged.values())
 
     # ---- deleting ------------------------------------------------------------------------------
+    def uncommit(self, step: int) -> None:
+        """Remove checkpoint ``step``'s manifest: its files stay (a partial checkpoint) until a clean-up."""
+        manifest = f"{self.dir_path(step)}/{MANIFEST}"
+        if self.fs.exists(manifest):
+            self.fs.rm_file(manifest)
+        self._refresh()
+
     def delete(self, step: int) -> None:
         """Uncommit (manifest first), then remove every file of checkpoint ``step``."""
         base = self.dir_path(step)
-        manifest = f"{base}/{MANIFEST}"
-        if self.fs.exists(manifest):
-            self.fs.rm_file(manifest)
+        self.uncommit(step)
         if self.fs.exists(base):
             self.fs.rm(base, recursive=True)
         self._refresh()

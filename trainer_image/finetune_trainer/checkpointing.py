@@ -13,8 +13,12 @@
   (``keepLast`` + the best), and reports the kept checkpoints.
 - **Resume** (``resume: auto``): rank 0 finds the newest committed checkpoint, checks its config hash
   (:func:`finetune_operator.trainer_config.checkpoint_hash`: model, task, method, data, training,
-  distributed) and world size, and broadcasts the decision; local rank 0 of every node downloads it (sha256
-  verified); transformers restores weights, optimizer, scheduler, RNG and trainer state and
+  distributed) and world size, and broadcasts the decision. Node 0 downloads it and verifies every
+  file's sha256 against the manifest; a checkpoint that does not verify is uncommitted (a warning
+  names it) and the next older committed one is tried, so a corrupt checkpoint costs the steps since
+  the previous one, not the run. Every rank learns the checkpoint that verified; local rank 0 of
+  every other node downloads it (verified too); transformers restores weights, optimizer, scheduler,
+  RNG and trainer state and
   fast-forwards the sampler past the batches already trained (it skips batch indices: no sample is
   loaded or collated again). ``resume: never`` deletes the job's old checkpoints and starts over.
 - **SIGTERM** (preemption, eviction, drain): the handler only raises a flag; at the next optimizer
@@ -43,7 +47,15 @@ from finetune_operator.trainer_config import CHECKPOINT_HASH_FIELDS, TrainerConf
 from transformers import TrainerCallback
 
 from . import distributed
-from .checkpoint_store import BestMetric, CheckpointStore, Manifest, UploadResult, best_checkpoint, step_of
+from .checkpoint_store import (
+    BestMetric,
+    CheckpointError,
+    CheckpointStore,
+    Manifest,
+    UploadResult,
+    best_checkpoint,
+    step_of,
+)
 from .distributed import World
 from .errors import ConfigError, NonFiniteLoss, Preempted
 from .telemetry import TrainingMetrics
@@ -86,6 +98,7 @@ class ResumePlan:
     manifest: Manifest | None = None  #: the checkpoint to resume from
     best: Manifest | None = None  #: the best committed checkpoint (for load-best-at-end)
     kept: list[Manifest] | None = None  #: every committed checkpoint (status.checkpoints)
+    metric: BestMetric | None = None  #: what ranks them for keepBest (to pick another best after a fallback)
 
 
 def _decide(config: TrainerConfig, world: World, store: CheckpointStore, zero_stage: int | None) -> ResumePlan:
@@ -131,7 +144,7 @@ def _decide(config: TrainerConfig, world: World, store: CheckpointStore, zero_st
     metric = best_metric(config.spec, has_eval=True)
     if metric is not None:
         best = best_checkpoint(committed, metric)
-    return ResumePlan(manifest=newest, best=best, kept=committed)
+    return ResumePlan(manifest=newest, best=best, kept=committed, metric=metric)
 
 
 def plan_resume(config: TrainerConfig, world: World, store: CheckpointStore, zero_stage: int | None) -> ResumePlan:
@@ -150,35 +163,133 @@ def plan_resume(config: TrainerConfig, world: World, store: CheckpointStore, zer
 
 
 def fetch(plan: ResumePlan, store: CheckpointStore, local_root: Path, world: World) -> str | None:
-    """Download the resume checkpoint (and the best one) on every node; return the local path."""
+    """Download the resume checkpoint (and the best one) on every node; return the local path.
+
+    Node 0 goes first and falls back past checkpoints that do not verify; ``plan`` is updated on
+    every rank to the checkpoints actually used (manifest, best, kept).
+    """
     if plan.manifest is None:
         if world.is_local_main and local_root.exists():
             shutil.rmtree(local_root, ignore_errors=True)  # stale staging of an earlier attempt
         distributed.barrier()
         return None
-    manifest = plan.manifest
+    started = time.monotonic()
+    outcome: tuple[Manifest, Manifest | None, list[int]] | str | None = None
+    if world.is_main:
+        try:
+            outcome = _fetch_verified(plan, store, local_root, world)
+        except CheckpointError as exc:
+            outcome = str(exc)  # every rank fails with it, none waits for a checkpoint that never comes
+    outcome = distributed.broadcast_object(outcome)
+    if isinstance(outcome, str):
+        raise CheckpointError(outcome)
+    assert outcome is not None
+    manifest, best, bad = outcome
+    plan.manifest, plan.best = manifest, best
+    plan.kept = [m for m in plan.kept or [] if m.step not in bad]
+    if world.is_local_main and not world.is_main:
+        _stage(store, manifest, best, local_root)  # the checkpoint node 0 verified: the same objects
+    distributed.barrier()
+    if world.is_main:
+        print(
+            f"resuming from {manifest.uri} (step {manifest.step}, {manifest.bytes:,} B downloaded and verified "
+            f"in {time.monotonic() - started:.1f}s)",
+            flush=True,
+        )
+    return str(local_root / f"checkpoint-{manifest.step}")
+
+
+def _fetch_verified(
+    plan: ResumePlan, store: CheckpointStore, local_root: Path, world: World
+) -> tuple[Manifest, Manifest | None, list[int]]:
+    """Node 0: download the newest committed checkpoint that verifies (and the best one at or before
+    it); uncommit each one that does not. Returns (resume checkpoint, best, steps found corrupt)."""
+    newest = plan.manifest
+    assert newest is not None
+    # Older checkpoints are candidates when they come from the same training (the newest passed the
+    # spec checks) and can be restored with this world size.
+    candidates = [
+        m
+        for m in reversed(plan.kept or [newest])
+        if m.step <= newest.step
+        and m.config_hash == newest.config_hash
+        and (m.world_size == world.world_size or not m.zero_stage)
+    ]
+    bad: list[int] = []
+    # A best checkpoint staged by an earlier attempt stays: its verified files are not downloaded again.
+    staged_best = {f"checkpoint-{plan.best.step}"} if plan.best is not None else set()
+    for manifest in candidates:
+        if not _download_or_uncommit(store, manifest, local_root, keep=staged_best, bad=bad):
+            continue
+        resume_dir = f"checkpoint-{manifest.step}"
+        best = None
+        while plan.metric is not None:  # the best checkpoint up to the resume point that verifies
+            usable = [m for m in plan.kept or [] if m.step <= manifest.step and m.step not in bad]
+            best = best_checkpoint(usable, plan.metric)
+            if best is None or best.step == manifest.step:
+                break
+            if _download_or_uncommit(store, best, local_root, keep={resume_dir}, bad=bad):
+                break
+        best_dir = local_root / f"checkpoint-{best.step}" if best is not None else None
+        _clear_staging(local_root, {resume_dir} | ({best_dir.name} if best_dir else set()))
+        _relocate_best(local_root / resume_dir / "trainer_state.json", best_dir, best)
+        return manifest, best, bad
+    corrupt = ", ".join(store.dir_uri(step) for step in bad) or "none"
+    raise CheckpointError(
+        f"spec.checkpoint: no committed checkpoint under {store.uri} verifies against its manifest (corrupt, "
+        f"now uncommitted: {corrupt}); the next attempt starts from the beginning"
+    )
+
+
+def _download_or_uncommit(
+    store: CheckpointStore, manifest: Manifest, local_root: Path, *, keep: set[str], bad: list[int]
+) -> bool:
+    """Download ``manifest`` into the staging directory (removing other staged checkpoints not in
+    ``keep``); on a file that does not verify, uncommit the checkpoint, record it in ``bad`` and
+    return False."""
     target = local_root / f"checkpoint-{manifest.step}"
-    with distributed.local_main_first(world):
-        if world.is_local_main:
-            keep = {target.name} | ({f"checkpoint-{plan.best.step}"} if plan.best else set())
-            if local_root.exists():
-                for stale in local_root.iterdir():
-                    if stale.name not in keep:
-                        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
-            started = time.monotonic()
-            store.download(manifest, target)
-            best_dir = None
-            if plan.best is not None:
-                best_dir = local_root / f"checkpoint-{plan.best.step}"
-                if plan.best.step != manifest.step:
-                    store.download(plan.best, best_dir)
-            _relocate_best(target / "trainer_state.json", best_dir, plan.best)
-            print(
-                f"resuming from {manifest.uri} (step {manifest.step}, {manifest.bytes:,} B downloaded and verified "
-                f"in {time.monotonic() - started:.1f}s)",
-                flush=True,
-            )
-    return str(target)
+    _clear_staging(local_root, keep | {target.name})
+    try:
+        store.download(manifest, target)
+        return True
+    except CheckpointError as exc:
+        bad.append(manifest.step)
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            store.uncommit(manifest.step)
+            what = "uncommitted it (its files stay until the next clean-up)"
+        except OSError as uncommit_error:
+            what = f"could not uncommit it ({uncommit_error})"
+        log.warning(
+            "resume: checkpoint-%d (%s) is corrupt: %s; %s, falling back to the next older committed checkpoint",
+            manifest.step,
+            manifest.uri,
+            exc,
+            what,
+        )
+        return False
+
+
+def _stage(store: CheckpointStore, manifest: Manifest, best: Manifest | None, local_root: Path) -> None:
+    """Other nodes: download the checkpoints node 0 chose (and verified)."""
+    target = local_root / f"checkpoint-{manifest.step}"
+    keep = {target.name} | ({f"checkpoint-{best.step}"} if best else set())
+    _clear_staging(local_root, keep)
+    store.download(manifest, target)
+    best_dir = None
+    if best is not None:
+        best_dir = local_root / f"checkpoint-{best.step}"
+        if best.step != manifest.step:
+            store.download(best, best_dir)
+    _relocate_best(target / "trainer_state.json", best_dir, best)
+
+
+def _clear_staging(local_root: Path, keep: set[str]) -> None:
+    """Remove staged checkpoints other than ``keep`` (stale ones of an earlier attempt)."""
+    if local_root.exists():
+        for stale in local_root.iterdir():
+            if stale.name not in keep:
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
 
 
 def _relocate_best(state_file: Path, best_dir: Path | None, best: Manifest | None) -> None:
