@@ -61,8 +61,6 @@ class OperatorState:
     settings: builders.OperatorSettings = field(default_factory=builders.OperatorSettings)
     #: The latest body seen of each FineTuneJob (watch event or our own status write).
     bodies: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    #: Parsed spec per job, for the (uid, generation) it was parsed from.
-    parsed: dict[Key, tuple[str, int, FineTuneJob | InvalidSpec]] = field(default_factory=dict)
     #: (uid, generation) whose long-lived children were last made sure of, and when.
     ensured: dict[Key, tuple[str, int, float]] = field(default_factory=dict)
     #: The Job this process created for each job, until the Job index shows it.
@@ -106,26 +104,26 @@ def _record_phase(namespace: str, name: str, phase: str | None, restarts: int = 
             metrics.JOBS_BY_PHASE.labels(namespace=namespace, phase=changed).set(count)
 
 
-def _spec(key: Key, body: Mapping[str, Any]) -> FineTuneJob:
-    """The validated spec, parsed once per generation. Raises InvalidSpec."""
-    meta = body["metadata"]
-    uid, generation = meta["uid"], int(meta.get("generation") or 0)
-    cached = State.parsed.get(key)
-    if cached is None or cached[:2] != (uid, generation):
-        try:
-            manifest = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")}
-            result: FineTuneJob | InvalidSpec = validate_object(manifest)
-        except InvalidSpec as exc:
-            result = exc
-        cached = State.parsed[key] = (uid, generation, result)
-    if isinstance(cached[2], InvalidSpec):
-        raise cached[2]
-    return cached[2]
+def _spec(body: Mapping[str, Any]) -> FineTuneJob:
+    """The validated spec. Raises InvalidSpec. Parsed on every reconcile (a tenth of a millisecond):
+    keeping a parsed copy per job would double what the operator holds in memory per job."""
+    return validate_object({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def _slim(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A FineTuneJob body without what the operator never reads (managedFields, kubectl's copy of
+    the last applied manifest): at a thousand jobs, these are most of the memory the bodies take."""
+    meta = {k: v for k, v in obj["metadata"].items() if k != "managedFields"}
+    if LAST_APPLIED in (meta.get("annotations") or {}):
+        meta["annotations"] = {k: v for k, v in meta["annotations"].items() if k != LAST_APPLIED}
+    return {**obj, "metadata": meta}
 
 
 def _forget(key: Key) -> None:
     State.bodies.pop(key, None)
-    State.parsed.pop(key, None)
     State.ensured.pop(key, None)
     State.created_jobs.pop(key, None)
     State.failures.pop(key, None)
@@ -148,22 +146,12 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
     meta = body["metadata"]
     status = body.get("status") or {}
     try:
-        ftj = _spec(key, body)
+        ftj = _spec(body)
     except InvalidSpec as exc:
         # Admission (CEL) normally refuses these; an object stored before a rule existed lands here.
         await _invalid(kube, key, body, status, str(exc))
         return None
     uid, generation = meta["uid"], int(meta.get("generation") or 0)
-    loop = asyncio.get_running_loop()
-    ensured = State.ensured.get(key)
-    if (
-        ensure_children
-        and status.get("phase") not in TERMINAL
-        and (ensured is None or ensured[:2] != (uid, generation) or loop.time() - ensured[2] > CHILDREN_RESYNC)
-    ):
-        children = builders.children(ftj, namespace, uid, State.settings)
-        await asyncio.gather(*(kube.ensure(child) for child in children))
-        State.ensured[key] = (uid, generation, loop.time())
     jobs = list(State.jobs.get(key, ()))
     observed = Observed(
         ftj=ftj,
@@ -174,29 +162,50 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
         now=datetime.now(UTC),
     )
     p = plan(observed)
-    seen = {j["metadata"]["name"] for j in jobs}
-    if State.created_jobs.get(key) in seen:
+    if State.created_jobs.get(key) in {j["metadata"]["name"] for j in jobs}:
         del State.created_jobs[key]
-    await asyncio.gather(*(kube.delete("Job", namespace, job) for job in dict.fromkeys(p.delete_jobs)))
-    if p.set_suspend is not None:
-        await kube.set_job_suspend(namespace, *p.set_suspend)
+    loop = asyncio.get_running_loop()
+    ensured = State.ensured.get(key)
+    children: list[dict[str, Any]] = []
+    if (
+        ensure_children
+        and status.get("phase") not in TERMINAL
+        and (ensured is None or ensured[:2] != (uid, generation) or loop.time() - ensured[2] > CHILDREN_RESYNC)
+    ):
+        children = builders.children(ftj, namespace, uid, State.settings)
+    job = None
     if p.create_job is not None:
         job = builders.job(
             ftj, namespace, uid, p.create_job, State.settings, active_deadline_seconds=p.active_deadline_seconds
         )
         # The Job index may not show a Job this process has just created: don't ask twice.
-        if State.created_jobs.get(key) != job["metadata"]["name"]:
-            if await kube.ensure(job):
-                metrics.JOBS_CREATED.inc()
-            State.created_jobs[key] = job["metadata"]["name"]
+        if State.created_jobs.get(key) == job["metadata"]["name"]:
+            job = None
+
+    def kinds(*wanted: str) -> list[dict[str, Any]]:
+        return [c for c in children if c["kind"] in wanted]
+
+    await asyncio.gather(
+        *(kube.delete("Job", namespace, old) for old in dict.fromkeys(p.delete_jobs)),
+        *(kube.ensure(c) for c in kinds("Service")),
+        # A RoleBinding comes after its Role: without the `bind` verb, the API server lets the
+        # operator bind a Role only once it can read it and see that it holds its permissions.
+        _in_order(kube, kinds("Role") + kinds("RoleBinding")),
+        # The Job comes after what its pods mount and run as, so the kubelet never waits for them.
+        _gang(key, kube, kinds("ServiceAccount", "ConfigMap"), job),
+    )
+    if children:
+        State.ensured[key] = (uid, generation, loop.time())
+    if p.set_suspend is not None:
+        await kube.set_job_suspend(namespace, *p.set_suspend)
     new_status = {k: v for k, v in p.status.items() if v is not None or k in status}
     if _differs(status, new_status):
         updated = await kube.patch_status(namespace, name, new_status, meta.get("resourceVersion"))
         if updated is None:
             # Changed since we read it (or gone): its newer version's event reconciles it again.
             return 1.0
-        State.bodies[key] = updated
-        _count_transition(status, new_status)
+        State.bodies[key] = _slim(updated)
+        _count_transition(key, status, new_status)
         await asyncio.gather(*(kube.event(body, kind, reason, message) for kind, reason, message in p.events))
     _record_phase(namespace, name, new_status["phase"], int(new_status.get("restarts") or 0))
     if p.delete_ftj:
@@ -207,12 +216,30 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
     return p.requeue_after
 
 
+async def _in_order(kube: Kube, objects: list[dict[str, Any]]) -> None:
+    for obj in objects:
+        await kube.ensure(obj)
+
+
+async def _gang(key: Key, kube: Kube, prerequisites: list[dict[str, Any]], job: dict[str, Any] | None) -> None:
+    """Create the Job (if asked) once the objects its pods need exist."""
+    await asyncio.gather(*(kube.ensure(c) for c in prerequisites))
+    if job is not None:
+        if await kube.ensure(job):
+            metrics.JOBS_CREATED.inc()
+        State.created_jobs[key] = job["metadata"]["name"]
+
+
 def _differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return any(old.get(k) != v for k, v in new.items())
 
 
-def _count_transition(old: dict[str, Any], new: dict[str, Any]) -> None:
+def _count_transition(key: Key, old: dict[str, Any], new: dict[str, Any]) -> None:
     if old.get("phase") != new.get("phase"):
+        cond: dict[str, Any] = next((c for c in new["conditions"] if c["type"] == new["phase"]), {})
+        log.info(
+            "%s/%s: %s -> %s (%s) %s", *key, old.get("phase"), new["phase"], cond.get("reason"), cond.get("message")
+        )
         if new["phase"] == "Succeeded":
             metrics.JOBS_SUCCEEDED.inc()
         elif new["phase"] == "Failed":
@@ -238,7 +265,7 @@ async def _invalid(kube: Kube, key: Key, body: dict[str, Any], status: dict[str,
     new_status = {"phase": "Failed", "observedGeneration": generation, "completionTime": now, "conditions": [condition]}
     updated = await kube.patch_status(*key, new_status, body["metadata"].get("resourceVersion"))
     if updated is not None:
-        State.bodies[key] = updated
+        State.bodies[key] = _slim(updated)
         log.error("%s/%s: invalid spec: %s", *key, message)
         await kube.event(body, "Warning", "InvalidSpec", message)
         _record_phase(*key, "Failed")
@@ -323,7 +350,7 @@ async def on_finetunejob(event: kopf.RawEvent, namespace: str | None, name: str,
         # Children go with the owner references; only the operator's memory forgets the job.
         _forget(key)
         return
-    State.bodies[key] = dict(event["object"])
+    State.bodies[key] = _slim(event["object"])
     await _reconcile_guarded(key)
 
 

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     from . import handlers  # registers the kopf handlers
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        # kopf reports every handler run; the operator logs what matters (phase changes, errors).
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
     kube = k8s_io.Kube()
