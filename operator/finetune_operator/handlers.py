@@ -364,6 +364,23 @@ async def on_child(namespace: str | None, labels: Mapping[str, str], **_: Any) -
         _schedule((namespace, owner), CHILD_EVENT_DELAY)
 
 
+class NoDiffBaseStorage(kopf.DiffBaseStorage):
+    """kopf builds, for every watch event of every object, a deep copy of it (its "essence") to diff
+    against the last handled one, for change-detection handlers (on.create, on.update, on.field).
+    This operator has none — every trigger is a watch event into a level-triggered reconcile — so
+    there is nothing to diff: the essence is empty and never stored. (Profiled at 1,000 jobs, the
+    copies were a fifth of the operator's CPU time.)"""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def start(kube: Kube, settings: builders.OperatorSettings) -> None:
     """Called in kopf's event loop at start-up."""
     State.kube, State.settings = kube, settings

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     async def configure(settings: kopf.OperatorSettings, **_: object) -> None:
         # The operator posts its own events on phase transitions; not one per handler run.
         settings.posting.enabled = False
+        settings.persistence.diffbase_storage = handlers.NoDiffBaseStorage()
         settings.watching.server_timeout = 300
         # Watching listed namespaces: serve exactly those, with no cluster-wide namespace or CRD
         # watches, so that a Role in each namespace is all the operator needs (the chart's
