@@ -15,7 +15,9 @@ from . import storage
 from .errors import ConfigError
 
 OPTIMIZERS = {
-    "adamw": "adamw_torch",
+    # torch's fused AdamW (CUDA and CPU), transformers' own default: one kernel over all parameters
+    # instead of foreach's several passes (on the overhead benchmark's LoRA, 0.9 vs 2.9 ms a step).
+    "adamw": "adamw_torch_fused",
     "adamw8bit": "adamw_bnb_8bit",
     "pagedAdamw8bit": "paged_adamw_8bit",
     "pagedAdamw32bit": "paged_adamw_32bit",
