@@ -60,7 +60,14 @@ def backend(requested: str) -> str:
 
 
 def init(world: World, requested_backend: str, *, deepspeed: bool) -> None:
-    """Bring the process group up before any model is built (ZeRO-3 partitions at construction)."""
+    """Bring the process group up before any model is built (ZeRO-3 partitions at construction).
+
+    A single process (without DeepSpeed, whose engine wants a group even of one) gets none: torchrun
+    still sets LOCAL_RANK, from which accelerate on CPU starts a gloo group of one and wraps the model
+    in DistributedDataParallel, costing a gradient-bucket copy and an all-reduce every step for nothing.
+    """
+    if not world.distributed and not deepspeed:
+        os.environ.pop("LOCAL_RANK", None)
     if not world.distributed or dist.is_initialized():
         return
     if torch.cuda.is_available():
