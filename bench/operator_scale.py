@@ -43,6 +43,26 @@ def apiserver_requests(kubectl: list[str]) -> float:
     return sum(float(m.group(1)) for m in re.finditer(r"^apiserver_request_total\{[^}]*\} (\S+)$", text, re.M))
 
 
+def apiserver_latency_buckets(kubectl: list[str], verb: str, resource: str) -> dict[float, float]:
+    """The API server's own request-duration histogram (cumulative counts by bucket) for one verb."""
+    text = subprocess.run([*kubectl, "get", "--raw", "/metrics"], capture_output=True, text=True, check=True).stdout
+    pattern = r"^apiserver_request_duration_seconds_bucket\{([^}]*)\} (\S+)$"
+    out: dict[float, float] = {}
+    for m in re.finditer(pattern, text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if labels.get("verb") == verb and labels.get("resource") == resource and labels.get("subresource", "") == "":
+            le = float(labels["le"])
+            out[le] = out.get(le, 0.0) + float(m.group(2))
+    return out
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """Upper bound of the bucket holding quantile q of the observations between two scrapes."""
+    counts = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    total = counts[-1][1]
+    return next(le for le, count in counts if count >= q * total)
+
+
 def operator_requests(port: int) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
@@ -194,6 +214,7 @@ def main() -> None:
         time.sleep(1.0)  # let both watches establish before the first create
         api_before, op_before = apiserver_requests(kubectl), operator_requests(metrics_port)
         cpu_before = cpu_seconds(operator.pid)
+        post_jobs_before = apiserver_latency_buckets(kubectl, "POST", "jobs")
         started = time.monotonic()
         for i in range(args.jobs):
             name = f"job-{i:04d}"
@@ -207,6 +228,7 @@ def main() -> None:
         all_running = max(running.values(), default=float("nan")) - started
         api_after, op_after = apiserver_requests(kubectl), operator_requests(metrics_port)
         cpu_used = cpu_seconds(operator.pid) - cpu_before
+        post_jobs_after = apiserver_latency_buckets(kubectl, "POST", "jobs")
         created = [job_seen[n] - applied[n] for n in applied if n in job_seen]
         to_running = [running[n] - applied[n] for n in applied if n in running]
         print(f"{args.jobs} FineTuneJobs on {args.nodes} kwok nodes (created in {create_seconds:.1f} s)")
@@ -222,6 +244,11 @@ def main() -> None:
         print(
             f"operator CPU: {cpu_used:.1f} s ({1000 * cpu_used / args.jobs:.1f} ms per job); one reconcile:"
             f" p50 <= {reconcile_quantile(metrics_port, 0.5)} s, p99 <= {reconcile_quantile(metrics_port, 0.99)} s"
+        )
+        print(
+            "API server, POST jobs (the operator's create): p50 <= "
+            f"{bucket_quantile(post_jobs_before, post_jobs_after, 0.5)} s, "
+            f"p99 <= {bucket_quantile(post_jobs_before, post_jobs_after, 0.99)} s"
         )
         print(
             f"API requests per job: reconciler {(op_after - op_before) / args.jobs:.1f}; "

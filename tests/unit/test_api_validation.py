@@ -93,6 +93,12 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.distributed.deepspeed.zeroStage",
         "zeroStage 3",
     ),
+    (
+        "offload-without-adamw",
+        {"spec.training.optimizer": "sgd", "spec.distributed.deepspeed": {"zeroStage": 2, "offloadOptimizer": "cpu"}},
+        "spec.distributed.deepspeed.offloadOptimizer",
+        "adamw",
+    ),
     ("dpo-without-preference", {"spec.task.type": "dpo"}, "spec.data.format", "preference"),
     (
         "reward-without-preference",

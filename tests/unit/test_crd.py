@@ -34,7 +34,7 @@ def walk(node: dict[str, Any], path: str) -> Iterator[tuple[str, dict[str, Any]]
 def test_committed_crd_matches_the_models(repo: Path) -> None:
     committed = (repo / CRD_FILE).read_text(encoding="utf-8")
     assert committed == crd.render(), (
-        f"{CRD_FILE} is stale: run `hack/update-crds.sh` (it also refreshes the Helm chart's copy) and commit the result"
+        f"{CRD_FILE} is stale: run `hack/update-crds.sh` (refreshes the chart's copy too) and commit the result"
     )
 
 

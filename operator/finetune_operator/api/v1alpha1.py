@@ -1117,6 +1117,20 @@ class FineTuneJobSpec(SpecModel):
             field=".distributed.deepspeed.zeroStage",
         ),
         Rule(
+            cel="!has(self.distributed.deepspeed) || self.distributed.deepspeed.offloadOptimizer == 'none' "
+            "|| self.training.optimizer == 'adamw'",
+            message=(
+                "spec.distributed.deepspeed.offloadOptimizer cpu needs spec.training.optimizer adamw "
+                "(DeepSpeed steps offloaded optimizer state with its own CPU Adam only)"
+            ),
+            check=lambda s: (
+                s.distributed.deepspeed is None
+                or s.distributed.deepspeed.offload_optimizer == "none"
+                or s.training.optimizer == "adamw"
+            ),
+            field=".distributed.deepspeed.offloadOptimizer",
+        ),
+        Rule(
             cel="(self.task.type in ['dpo', 'reward']) == (self.data.format == 'preference')",
             message="spec.task.type dpo and reward need spec.data.format preference, and only they use it",
             check=lambda s: (s.task.type in ("dpo", "reward")) == (s.data.format == "preference"),
