@@ -139,6 +139,31 @@ class Cluster:
                 raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
             time.sleep(interval)
 
+    # -- driving a FineTuneJob ------------------------------------------------------------------------
+
+    def ftj_status(self, ns: str, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = self.get_json("ftj", name, namespace=ns).get("status") or {}
+        return out
+
+    def wait_phase(self, ns: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+        return self.wait_for(
+            f"FineTuneJob {ns}/{name} phase {phase}",
+            lambda: (s := self.ftj_status(ns, name)).get("phase") == phase and s,
+            timeout=timeout,
+        )
+
+    def job_pods(self, ns: str, job: str) -> list[dict[str, Any]]:
+        """The pods of a Job, by completion index."""
+        items: list[dict[str, Any]] = self.get_json("pods", "-l", f"job-name={job}", namespace=ns)["items"]
+        return sorted(items, key=lambda p: p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
+
+    def running_pods(self, ns: str, job: str, n: int) -> list[dict[str, Any]]:
+        return self.wait_for(
+            f"{n} running pods of Job {ns}/{job}",
+            lambda: len(ps := [p for p in self.job_pods(ns, job) if p["status"].get("phase") == "Running"]) == n and ps,
+            timeout=60,
+        )
+
     def write_token_kubeconfig(self, path: Path, token: str) -> Path:
         """A kubeconfig that authenticates with `token` only (no client certificate)."""
         cfg = {

@@ -197,34 +197,8 @@ def chart_operator(cluster: Cluster, namespace: str, deployment: str, workdir: P
 # -- driving a FineTuneJob ----------------------------------------------------------------------------------
 
 
-def status(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
-    out: dict[str, Any] = cluster.get_json("ftj", name, namespace=ns).get("status") or {}
-    return out
-
-
-def wait_phase(cluster: Cluster, ns: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
-    return cluster.wait_for(
-        f"FineTuneJob {ns}/{name} phase {phase}",
-        lambda: (s := status(cluster, ns, name)).get("phase") == phase and s,
-        timeout=timeout,
-    )
-
-
-def pods(cluster: Cluster, ns: str, job: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = cluster.get_json("pods", "-l", f"job-name={job}", namespace=ns)["items"]
-    return sorted(items, key=lambda p: p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
-
-
-def running_pods(cluster: Cluster, ns: str, job: str, n: int) -> list[dict[str, Any]]:
-    return cluster.wait_for(
-        f"{n} running pods of Job {ns}/{job}",
-        lambda: len(ps := [p for p in pods(cluster, ns, job) if p["status"].get("phase") == "Running"]) == n and ps,
-        timeout=60,
-    )
-
-
 def release_pods(cluster: Cluster, ns: str, job: str) -> None:
-    for p in pods(cluster, ns, job):
+    for p in cluster.job_pods(ns, job):
         cluster.kubectl("annotate", "--overwrite", "-n", ns, "pod", p["metadata"]["name"], f"{HOLD}-")
 
 
@@ -261,8 +235,8 @@ def _drive(cluster: Cluster, op: ChartOperator, ns: str) -> None:
     name = job["metadata"]["name"]
     cluster.apply(job)
     children_created(cluster, ns, name)
-    running_pods(cluster, ns, f"{name}-a0", 2)
-    wait_phase(cluster, ns, name, "Running")
+    cluster.running_pods(ns, f"{name}-a0", 2)
+    cluster.wait_phase(ns, name, "Running")
 
     # A spec change that changes the trainer config: the operator reads and replaces its ConfigMap.
     before = cluster.get_json("configmap", f"{name}-config", namespace=ns)["data"]
@@ -279,7 +253,7 @@ def _drive(cluster: Cluster, op: ChartOperator, ns: str) -> None:
     )
 
     # A retriable failure: the operator deletes the failed gang's Job and creates the next attempt.
-    first = running_pods(cluster, ns, f"{name}-a0", 2)
+    first = cluster.running_pods(ns, f"{name}-a0", 2)
     cluster.kubectl(
         "annotate",
         "--overwrite",
@@ -294,10 +268,10 @@ def _drive(cluster: Cluster, op: ChartOperator, ns: str) -> None:
     )
     cluster.wait_for(
         f"{ns}/{name} restarted once",
-        lambda: status(cluster, ns, name).get("restarts") == 1,
+        lambda: cluster.ftj_status(ns, name).get("restarts") == 1,
         timeout=60,
     )
-    running_pods(cluster, ns, f"{name}-a1", 2)
+    cluster.running_pods(ns, f"{name}-a1", 2)
     cluster.wait_for(
         f"the failed Job {ns}/{name}-a0 deleted",
         lambda: cluster.kubectl_result("get", "job", f"{name}-a0", "-n", ns).returncode != 0,
@@ -306,15 +280,15 @@ def _drive(cluster: Cluster, op: ChartOperator, ns: str) -> None:
 
     # Suspend and resume: the operator patches the Job's spec.suspend.
     cluster.kubectl("patch", "ftj", name, "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
-    wait_phase(cluster, ns, name, "Suspended")
+    cluster.wait_phase(ns, name, "Suspended")
     assert cluster.get_json("job", f"{name}-a1", namespace=ns)["spec"]["suspend"] is True
     cluster.kubectl("patch", "ftj", name, "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
-    running_pods(cluster, ns, f"{name}-a1", 2)
-    wait_phase(cluster, ns, name, "Running")
+    cluster.running_pods(ns, f"{name}-a1", 2)
+    cluster.wait_phase(ns, name, "Running")
 
     # Success; the operator's Events; then ttlSecondsAfterFinished: the operator deletes the FineTuneJob.
     release_pods(cluster, ns, f"{name}-a1")
-    s = wait_phase(cluster, ns, name, "Succeeded")
+    s = cluster.wait_phase(ns, name, "Succeeded")
     assert s["restarts"] == 1 and s["completionTime"]
     events = cluster.get_json("events", "--field-selector", f"involvedObject.name={name}", namespace=ns)["items"]
     assert "Completed" in {e["reason"] for e in events}, [e["reason"] for e in events]
@@ -418,7 +392,7 @@ def test_namespaces_scope_install_run_uninstall(cluster: Cluster, tmp_path: Path
             ignored = example_job(other)
             cluster.apply(ignored)
             drive_through_a_whole_life(cluster, op, watched)
-            assert status(cluster, other, ignored["metadata"]["name"]) == {}
+            assert cluster.ftj_status(other, ignored["metadata"]["name"]) == {}
             assert not cluster.get_json("jobs", namespace=other)["items"]
     finally:
         uninstall_leaves_only_the_crd(cluster, release, system)

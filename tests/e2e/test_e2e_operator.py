@@ -34,38 +34,12 @@ def manifest(name: str, *, nodes: int = 2, hold: bool = True, **spec: Any) -> di
     return {"apiVersion": "finetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
 
 
-def status(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
-    out: dict[str, Any] = cluster.get_json("ftj", name, namespace=ns).get("status") or {}
-    return out
-
-
-def wait_phase(cluster: Cluster, ns: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
-    return cluster.wait_for(
-        f"{ns}/{name} phase {phase}",
-        lambda: (s := status(cluster, ns, name)).get("phase") == phase and s,
-        timeout=timeout,
-    )
-
-
-def pods(cluster: Cluster, ns: str, job: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = cluster.get_json("pods", "-l", f"job-name={job}", namespace=ns)["items"]
-    return sorted(items, key=lambda p: p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
-
-
-def running_pods(cluster: Cluster, ns: str, job: str, n: int) -> list[dict[str, Any]]:
-    return cluster.wait_for(
-        f"{n} running pods of {ns}/{job}",
-        lambda: len(ps := [p for p in pods(cluster, ns, job) if p["status"].get("phase") == "Running"]) == n and ps,
-        timeout=60,
-    )
-
-
 def annotate(cluster: Cluster, ns: str, pod: str, *pairs: str) -> None:
     cluster.kubectl("annotate", "--overwrite", "-n", ns, "pod", pod, *pairs)
 
 
 def release(cluster: Cluster, ns: str, job: str) -> None:
-    for p in pods(cluster, ns, job):
+    for p in cluster.job_pods(ns, job):
         annotate(cluster, ns, p["metadata"]["name"], f"{HOLD}-")
 
 
@@ -95,16 +69,16 @@ def test_create_run_succeed(cluster: Cluster, operator: Operator, ns: str) -> No
         obj = cluster.get_json(kind, name, namespace=ns)
         assert obj["metadata"]["ownerReferences"][0]["name"] == "llm"
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
-    running = running_pods(cluster, ns, "llm-a0", 2)
+    running = cluster.running_pods(ns, "llm-a0", 2)
     for index, p in enumerate(running):
         assert p["spec"]["hostname"] == f"llm-a0-{index}" and p["spec"]["subdomain"] == "llm"
         env = {e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]}
         assert env["MASTER_ADDR"] == "llm-a0-0.llm" and env["FINETUNE_JOB_NAME"] == "llm"
         assert p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == str(index)
-    s = wait_phase(cluster, ns, "llm", "Running")
+    s = cluster.wait_phase(ns, "llm", "Running")
     assert s["startTime"] and s["observedGeneration"] == 1
     release(cluster, ns, "llm-a0")
-    s = wait_phase(cluster, ns, "llm", "Succeeded")
+    s = cluster.wait_phase(ns, "llm", "Succeeded")
     assert s["completionTime"] and s["restarts"] == 0
     kinds = {c["type"]: c["status"] for c in s["conditions"]}
     assert kinds == {"Created": "True", "Running": "False", "Succeeded": "True"}
@@ -117,15 +91,15 @@ def test_create_run_succeed(cluster: Cluster, operator: Operator, ns: str) -> No
 
 def test_retriable_failure_restarts_the_gang(cluster: Cluster, operator: Operator, ns: str) -> None:
     cluster.apply(manifest("llm", runPolicy={"backoffLimit": 2}), namespace=ns)
-    first = running_pods(cluster, ns, "llm-a0", 2)
+    first = cluster.running_pods(ns, "llm-a0", 2)
     fail(cluster, ns, first[1]["metadata"]["name"], 137, "OOMKilled", "CUDA out of memory")
-    s = cluster.wait_for("restart count 1", lambda: (x := status(cluster, ns, "llm")).get("restarts") == 1 and x)
+    s = cluster.wait_for("restart count 1", lambda: (x := cluster.ftj_status(ns, "llm")).get("restarts") == 1 and x)
     assert s["lastFailure"]["reason"] == "OOMKilled" and s["lastFailure"]["exitCode"] == 137
-    second = running_pods(cluster, ns, "llm-a1", 2)
+    second = cluster.running_pods(ns, "llm-a1", 2)
     assert {p["spec"]["hostname"] for p in second} == {"llm-a1-0", "llm-a1-1"}
     assert cluster.kubectl_result("get", "job", "llm-a0", "-n", ns).returncode != 0, "the failed gang was not replaced"
     release(cluster, ns, "llm-a1")
-    s = wait_phase(cluster, ns, "llm", "Succeeded")
+    s = cluster.wait_phase(ns, "llm", "Succeeded")
     assert s["restarts"] == 1
     restarting = next(c for c in s["conditions"] if c["type"] == "Restarting")
     assert restarting["status"] == "False" and restarting["reason"] == "Succeeded"
@@ -133,9 +107,9 @@ def test_retriable_failure_restarts_the_gang(cluster: Cluster, operator: Operato
 
 def test_permanent_exit_code_fails_at_once(cluster: Cluster, operator: Operator, ns: str) -> None:
     cluster.apply(manifest("llm"), namespace=ns)
-    first = running_pods(cluster, ns, "llm-a0", 2)
+    first = cluster.running_pods(ns, "llm-a0", 2)
     fail(cluster, ns, first[0]["metadata"]["name"], 3, "Error", "train.jsonl:7: missing column completion")
-    s = wait_phase(cluster, ns, "llm", "Failed")
+    s = cluster.wait_phase(ns, "llm", "Failed")
     failed = next(c for c in s["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "InvalidData" and "train.jsonl:7" in failed["message"]
     assert s["restarts"] == 0 and s["lastFailure"]["exitCode"] == 3
@@ -143,28 +117,28 @@ def test_permanent_exit_code_fails_at_once(cluster: Cluster, operator: Operator,
 
 def test_backoff_exhausted_fails(cluster: Cluster, operator: Operator, ns: str) -> None:
     cluster.apply(manifest("llm", runPolicy={"backoffLimit": 0}), namespace=ns)
-    first = running_pods(cluster, ns, "llm-a0", 2)
+    first = cluster.running_pods(ns, "llm-a0", 2)
     fail(cluster, ns, first[0]["metadata"]["name"], 1)
-    s = wait_phase(cluster, ns, "llm", "Failed")
+    s = cluster.wait_phase(ns, "llm", "Failed")
     assert next(c for c in s["conditions"] if c["type"] == "Failed")["reason"] == "BackoffLimitExceeded"
 
 
 def test_suspend_and_resume(cluster: Cluster, operator: Operator, ns: str) -> None:
     cluster.apply(manifest("llm", runPolicy={"suspend": True}), namespace=ns)
-    wait_phase(cluster, ns, "llm", "Suspended")
+    cluster.wait_phase(ns, "llm", "Suspended")
     assert cluster.get_json("job", "llm-a0", namespace=ns)["spec"]["suspend"] is True
-    assert pods(cluster, ns, "llm-a0") == []
+    assert cluster.job_pods(ns, "llm-a0") == []
     cluster.kubectl("patch", "ftj", "llm", "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
-    running_pods(cluster, ns, "llm-a0", 2)
-    wait_phase(cluster, ns, "llm", "Running")
+    cluster.running_pods(ns, "llm-a0", 2)
+    cluster.wait_phase(ns, "llm", "Running")
     cluster.kubectl("patch", "ftj", "llm", "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
-    wait_phase(cluster, ns, "llm", "Suspended")
-    cluster.wait_for("pods gone after suspend", lambda: pods(cluster, ns, "llm-a0") == [], timeout=60)
+    cluster.wait_phase(ns, "llm", "Suspended")
+    cluster.wait_for("pods gone after suspend", lambda: cluster.job_pods(ns, "llm-a0") == [], timeout=60)
 
 
 def test_deadline_exceeded(cluster: Cluster, operator: Operator, ns: str) -> None:
     cluster.apply(manifest("llm", runPolicy={"activeDeadlineSeconds": 4}), namespace=ns)
-    s = wait_phase(cluster, ns, "llm", "Failed", timeout=60)
+    s = cluster.wait_phase(ns, "llm", "Failed", timeout=60)
     assert next(c for c in s["conditions"] if c["type"] == "Failed")["reason"] == "DeadlineExceeded"
 
 
@@ -185,7 +159,7 @@ def test_ttl_deletes_finished_job_and_children(cluster: Cluster, operator: Opera
 
 def test_delete_removes_every_child(cluster: Cluster, operator: Operator, ns: str) -> None:
     cluster.apply(manifest("llm"), namespace=ns)
-    running_pods(cluster, ns, "llm-a0", 2)
+    cluster.running_pods(ns, "llm-a0", 2)
     cluster.kubectl("delete", "ftj", "llm", "-n", ns, "--wait=false")
     for kind in ("configmap", "service", "serviceaccount", "role", "rolebinding", "job", "pod"):
         cluster.wait_for(
@@ -201,13 +175,13 @@ def test_same_name_in_two_namespaces(cluster: Cluster, operator: Operator, ns: s
     try:
         cluster.apply(manifest("twin"), namespace=ns)
         cluster.apply(manifest("twin", runPolicy={"backoffLimit": 0}), namespace=other)
-        running_pods(cluster, ns, "twin-a0", 2)
-        other_pods = running_pods(cluster, other, "twin-a0", 2)
+        cluster.running_pods(ns, "twin-a0", 2)
+        other_pods = cluster.running_pods(other, "twin-a0", 2)
         fail(cluster, other, other_pods[0]["metadata"]["name"], 1)
-        wait_phase(cluster, other, "twin", "Failed")
+        cluster.wait_phase(other, "twin", "Failed")
         release(cluster, ns, "twin-a0")
-        wait_phase(cluster, ns, "twin", "Succeeded")
-        assert status(cluster, other, "twin")["phase"] == "Failed"
+        cluster.wait_phase(ns, "twin", "Succeeded")
+        assert cluster.ftj_status(other, "twin")["phase"] == "Failed"
     finally:
         cluster.kubectl("delete", "namespace", other, "--wait=false")
 
@@ -215,7 +189,7 @@ def test_same_name_in_two_namespaces(cluster: Cluster, operator: Operator, ns: s
 def test_restricted_pod_security_admits_trainer_pods(cluster: Cluster, operator: Operator, ns: str) -> None:
     cluster.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted", "--overwrite")
     cluster.apply(manifest("llm"), namespace=ns)
-    running = running_pods(cluster, ns, "llm-a0", 2)
+    running = cluster.running_pods(ns, "llm-a0", 2)
     volumes = {v["name"]: v for v in running[0]["spec"]["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
 
@@ -246,7 +220,7 @@ def test_operator_killed_mid_creation_converges_without_duplicates(
     op.start()  # the same operator, restarted: the module's later tests go on with it
     try:
         for name in names:
-            wait_phase(cluster, ns, name, "Running", timeout=120)
+            cluster.wait_phase(ns, name, "Running", timeout=120)
         for kind in ("jobs", "configmaps", "services", "serviceaccounts", "roles", "rolebindings"):
             items = cluster.get_json(kind, "-l", "app.kubernetes.io/managed-by=finetune-operator", namespace=ns)[
                 "items"

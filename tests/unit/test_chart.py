@@ -7,16 +7,15 @@ only the chart's ServiceAccount.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from chart_monitoring import helm_path
 from finetune_operator.operator_main import parse_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,23 +44,9 @@ KOPF_CRD_RULE = {
 }
 
 
-def helm_binary() -> Path:
-    out = subprocess.run(
-        [sys.executable, str(REPO / "hack" / "testcluster.py"), "paths"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    path = Path(json.loads(out)["helm"])
-    if not path.is_file():
-        pytest.fail(f"helm not found at {path}: run `.venv/bin/python hack/testcluster.py build`", pytrace=False)
-    return path
-
-
 @pytest.fixture(scope="module")
 def helm() -> Path:
-    return helm_binary()
+    return helm_path()
 
 
 def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -125,7 +110,7 @@ def test_chart_versions(repo: Path) -> None:
     assert chart["appVersion"] == project["version"], (
         f"Chart.yaml appVersion {chart['appVersion']} != pyproject.toml version {project['version']}"
     )
-    docs = render(helm_binary())
+    docs = render(helm_path())
     container = operator_container(docs)
     assert container["image"] == f"ghcr.io/finetune-operator/operator:{project['version']}"
 
