@@ -2,8 +2,8 @@
 LoRA SFT, evaluation, the general-text forgetting check, a cosine schedule with warm-up).
 
 The plots are opened and must be real pictures (size, pixel variance); every number of the summary is
-checked against metrics.jsonl, read here independently. The same run copied to a loopback S3 server
-gives the same summary through s3://.
+checked against metrics.jsonl, read here independently. The run writes its output to a loopback S3
+server, metrics log included: `finetune report s3://OUTPUT` gives the same summary.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ def test_report_of_a_finished_run(
     s3_env: dict[str, str],
 ) -> None:
     general = tiny.write_jsonl(tmp_path / "general.jsonl", tiny.text_rows(40, seed=3))
+    s3 = live.s3_client(s3_endpoint)
+    bucket = f"report-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
     job = tiny.job_manifest(
         "reported",
         tiny_model,
@@ -61,8 +64,9 @@ def test_report_of_a_finished_run(
         training__logEverySteps=2,
         training__evaluation={"everySteps": 8},
         training__forgetting={"generalEval": {"uri": str(general)}},
+        output={"uri": f"s3://{bucket}/runs/reported"},
     )
-    result = finetune_run(job)
+    result = finetune_run(job, env=s3_env)
     assert result.returncode == 0, result.output[-6000:]
     records = tiny.read_metrics(result.workdir)
     # The layout `finetune run examples/quickstart.yaml` leaves: metrics.jsonl and summary.json.
@@ -113,13 +117,8 @@ def test_report_of_a_finished_run(
         assert pixels.std() > 10, f"{name} looks blank (pixel std {pixels.std():.1f})"
         assert (pixels < 128).mean() > 0.005, f"{name} has almost nothing drawn on it"
 
-    # The same run in object storage: the same summary, read through s3://.
-    s3 = live.s3_client(s3_endpoint)
-    bucket = f"report-{uuid.uuid4().hex[:8]}"
-    s3.create_bucket(Bucket=bucket)
-    s3.put_object(
-        Bucket=bucket, Key="runs/reported/metrics.jsonl", Body=(result.workdir / "metrics.jsonl").read_bytes()
-    )
+    # The run's output in object storage carries its metrics log (a pod's work directory is gone with
+    # the pod): the same summary, read through s3://.
     remote = finetune_report(f"s3://{bucket}/runs/reported", "-o", str(tmp_path / "remote"), env=s3_env)
     assert remote.returncode == 0, remote.stdout + remote.stderr
     assert proc.stdout.splitlines()[1:-4] == remote.stdout.splitlines()[1:-4]

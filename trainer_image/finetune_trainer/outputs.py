@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,10 +101,18 @@ def save_outputs(
     *,
     staging: Path,
     destination: str,
+    run_files: Sequence[Path] = (),
 ) -> list[Artifact]:
-    """Save the spec's outputs into ``staging``, copy them to ``destination``, return the artifacts."""
+    """Save the spec's outputs into ``staging``, copy them to ``destination``, return the artifacts.
+
+    ``run_files`` (the run's ``metrics.jsonl``) go along at the top of the output, listed in its
+    manifest: a pod's work directory is gone with the pod, and ``finetune report OUTPUT_URI`` reads them.
+    """
     want_adapter, want_merged = save_strategy(spec)
     staging.mkdir(parents=True, exist_ok=True)
+    for path in run_files:
+        if path.is_file() and path.resolve() != (staging / path.name).resolve():
+            shutil.copyfile(path, staging / path.name)
     saved: list[tuple[str, str]] = []  # (artifact kind, folder)
     if want_adapter:
         adapter_dir = staging / "adapter"

@@ -309,6 +309,7 @@ def _run(
             spec,
             staging=staging,
             destination=config.output_dir,
+            run_files=[work / "metrics.jsonl"],
         )
         summary["artifacts"] = [a.__dict__ for a in artifacts]
         summary["runtime_seconds"] = time.time() - started
