@@ -205,7 +205,9 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
             # Changed since we read it (or gone): its newer version's event reconciles it again.
             return 1.0
         State.bodies[key] = _slim(updated)
-        _count_transition(key, status, new_status)
+        _count_transition(status, new_status)
+        for _, reason, message in p.events:
+            log.info("%s/%s: %s (%s)", namespace, name, message, reason)
         await asyncio.gather(*(kube.event(body, kind, reason, message) for kind, reason, message in p.events))
     _record_phase(namespace, name, new_status["phase"], int(new_status.get("restarts") or 0))
     if p.delete_ftj:
@@ -234,12 +236,8 @@ def _differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return any(old.get(k) != v for k, v in new.items())
 
 
-def _count_transition(key: Key, old: dict[str, Any], new: dict[str, Any]) -> None:
+def _count_transition(old: dict[str, Any], new: dict[str, Any]) -> None:
     if old.get("phase") != new.get("phase"):
-        cond: dict[str, Any] = next((c for c in new["conditions"] if c["type"] == new["phase"]), {})
-        log.info(
-            "%s/%s: %s -> %s (%s) %s", *key, old.get("phase"), new["phase"], cond.get("reason"), cond.get("message")
-        )
         if new["phase"] == "Succeeded":
             metrics.JOBS_SUCCEEDED.inc()
         elif new["phase"] == "Failed":

@@ -217,7 +217,7 @@ def test_dashboards_and_alerts_against_a_real_training_and_operator(
     # MFU needs a known peak FLOP/s: on CPU it is given, as the trainer's own metrics test does.
     pod = PodProcess(cluster, ns, "watched", tmp_path, {"FINETUNE_PEAK_FLOPS": "1e12"})
     try:
-        [first] = operator_tests.running_pods(cluster, ns, "broken-a0", 1)
+        [first] = cluster.running_pods(ns, "broken-a0", 1)
         operator_tests.fail(cluster, ns, first["metadata"]["name"], 137, "OOMKilled", "CUDA out of memory")
         restarting = wait_for(
             "FineTuneJobRestartingRepeatedly to fire for broken",
@@ -226,7 +226,7 @@ def test_dashboards_and_alerts_against_a_real_training_and_operator(
         )
         assert restarting[0]["labels"]["namespace"] == ns and restarting[0]["labels"]["severity"] == "warning"
         assert f"{ns}/broken restarted 1 times" in restarting[0]["annotations"]["summary"]
-        [second] = operator_tests.running_pods(cluster, ns, "broken-a1", 1)
+        [second] = cluster.running_pods(ns, "broken-a1", 1)
         operator_tests.fail(cluster, ns, second["metadata"]["name"], 3, "Error", "train.jsonl:7: missing column")
         failed = wait_for(
             "FineTuneJobFailed to fire for broken",
