@@ -10,21 +10,18 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
+from polling import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "finetune-operator"
-T = TypeVar("T")
 
 
 def helm_path() -> Path:
@@ -223,29 +220,6 @@ def servicemonitor_static_configs(servicemonitor: dict[str, Any], target: str) -
         }
         for i, ep in enumerate(servicemonitor["spec"]["endpoints"])
     ]
-
-
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: float = 0.25) -> T:
-    """Poll ``fn`` until it returns something truthy; fail after ``timeout`` seconds saying what."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            value = fn()
-            if value:
-                return value
-            last = value
-        except Exception as exc:  # a poll: an error means "not yet"
-            last = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Prometheus:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import polling
 import pytest
+from polling import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TESTCLUSTER = REPO / "hack" / "testcluster.py"
@@ -121,23 +122,8 @@ class Cluster:
 
     @staticmethod
     def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.25) -> T:
-        """Poll fn until it returns a truthy value (returned); fail after `timeout` seconds.
-
-        Exceptions raised by fn count as 'not yet' and the last one is shown on timeout.
-        """
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while True:
-            try:
-                value = fn()
-                if value:
-                    return value
-                last = value
-            except Exception as e:  # a poll: anything but success means 'not yet'
-                last = e
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-            time.sleep(interval)
+        """Poll fn until it returns a truthy value (returned); fail after `timeout` seconds."""
+        return polling.wait_for(what, fn, timeout, interval)
 
     # -- driving a FineTuneJob ------------------------------------------------------------------------
 
@@ -219,12 +205,6 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 
 
 # -- the operator, run as a local process ----------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Operator:

@@ -16,7 +16,6 @@ import copy
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from polling import free_port
 
 if TYPE_CHECKING:
     from conftest import Cluster
@@ -44,12 +44,6 @@ KOPF_FORBIDDEN = "Not enough permissions"
 
 def uid() -> str:
     return uuid.uuid4().hex[:6]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def restricted_namespace(cluster: Cluster, name: str) -> str:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conftest import free_port
+from polling import free_port
 
 if TYPE_CHECKING:
     from conftest import Cluster, Operator

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -47,9 +46,9 @@ from chart_monitoring import (
     rules_file,
     servicemonitor_static_configs,
     substitute,
-    wait_for,
     write_sd_file,
 )
+from polling import free_port_pair, wait_for
 
 if TYPE_CHECKING:
     from conftest import Cluster, Operator
@@ -69,22 +68,6 @@ VALUES = {
 }
 #: What Grafana substitutes for $__rate_interval at a 15 s scrape interval and a few hours' range.
 RATE_INTERVAL = "1m"
-
-
-def free_port_pair() -> int:
-    """A port p with p and p + 1 free on loopback (local rank r serves on p + r)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise AssertionError("no two consecutive free ports on loopback")
 
 
 class PodProcess:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -25,6 +24,7 @@ from typing import Any
 import live
 import pytest
 import tiny
+from polling import free_port_pair
 from tiny import job_manifest
 
 GRACE = 30
@@ -51,24 +51,6 @@ EXPECTED = {
     "finetune_preemptions_total",
     "finetune_model_flops_utilization_ratio",
 }
-
-
-def free_port_pair() -> int:
-    """A port p with p and p + 1 free on loopback (rank r serves on p + r)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-        if port >= 65535:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise AssertionError("no two consecutive free ports on loopback")
 
 
 class Prometheus:
