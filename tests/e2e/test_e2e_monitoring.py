@@ -22,7 +22,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -94,7 +93,7 @@ class PodProcess:
         argv = [mounts(contract.expand(a, env)) for a in container["command"]]
         assert argv[0] == "python"
         argv[0] = sys.executable
-        self.log_path = tmp_path / f"{ftj}-pod.log"
+        self.log_path, self.cwd = tmp_path / f"{ftj}-pod.log", tmp_path
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
                 argv, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -116,10 +115,20 @@ class PodProcess:
         return wait_for(f"trainer rank {rank}", find, timeout=120)
 
     def kill(self) -> None:
-        # The whole process group, even when the launcher is gone: stopped ranks would outlive it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGCONT)
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        # Every process of this pod, stopped ones included. The ranks run in sessions of their own
+        # (torch elastic starts them so) and outlive a killed launcher: find them by the launcher's
+        # tree and by the working directory they inherited from it.
+        pids = {self.proc.pid}
+        with contextlib.suppress(psutil.Error):
+            pids |= {c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)}
+        for p in psutil.process_iter(["cwd"]):
+            if p.info["cwd"] == str(self.cwd):
+                pids.add(p.pid)
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                proc.resume()
+                proc.kill()
         self.proc.wait(timeout=30)
 
 
