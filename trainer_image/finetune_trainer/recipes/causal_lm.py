@@ -40,6 +40,7 @@ from ..causal_lm_data import (
     split_eval,
 )
 from ..checkpoint_store import Manifest, describe
+from ..faults import LossFaults
 from ..outputs import save_outputs
 from ..progress import ProgressReporter
 from ..records import Record, load_checked
@@ -52,6 +53,14 @@ class CausalLMTrainer(Trainer):
     """transformers' Trainer, with perplexity reported next to every evaluation loss and timed saves."""
 
     telemetry: TrainingMetrics | None = None
+    faults = LossFaults()
+
+    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
+        if isinstance(result, tuple):
+            return (self.faults.apply(result[0], step=step, training=model.training), *result[1:])
+        return self.faults.apply(result, step=step, training=model.training)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         started = time.monotonic()

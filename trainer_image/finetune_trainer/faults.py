@@ -1,0 +1,40 @@
+"""Test-only fault injection: make the training loss non-finite at a chosen optimizer step.
+
+Whether a real model diverges under given hyperparameters depends on the floating-point kernels of
+the machine (a learning rate that overflows on one CPU trains smoothly on another), so the tests of
+the non-finite-loss path cannot rely on it. They set ``FINETUNE_TEST_NONFINITE_LOSS_AT_STEP=N`` in
+the trainer's environment instead: every micro-batch loss of optimizer step ``N`` is multiplied by
+NaN, so its backward pass, the running loss and the detection at the end of the step all see what a
+real divergence produces.
+
+No manifest reaches this: the variable is read from the process environment only, and the API
+refuses every ``spec.resources.env`` name that starts with ``FINETUNE_TEST_``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from finetune_operator.api.v1alpha1 import TEST_HOOK_ENV_PREFIX
+
+NONFINITE_LOSS_AT_STEP = f"{TEST_HOOK_ENV_PREFIX}NONFINITE_LOSS_AT_STEP"
+
+
+def nonfinite_loss_step(environ: dict[str, str] | None = None) -> int | None:
+    """The optimizer step (1-based) whose loss the test hook poisons, or None when the hook is off."""
+    value = (os.environ if environ is None else environ).get(NONFINITE_LOSS_AT_STEP)
+    return int(value) if value else None
+
+
+class LossFaults:
+    """Applies the configured fault to a training loss; a no-op unless a test switched it on."""
+
+    def __init__(self, environ: dict[str, str] | None = None):
+        self.nonfinite_at = nonfinite_loss_step(environ)
+
+    def apply(self, loss: Any, *, step: int, training: bool) -> Any:
+        """``loss`` of a micro-batch of optimizer step ``step`` (1-based); poisoned when due."""
+        if training and self.nonfinite_at is not None and step == self.nonfinite_at:
+            return loss * float("nan")
+        return loss
