@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import bounds
 import polling
 import pytest
 from polling import free_port
@@ -131,7 +132,7 @@ class Cluster:
         out: dict[str, Any] = self.get_json("ftj", name, namespace=ns).get("status") or {}
         return out
 
-    def wait_phase(self, ns: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    def wait_phase(self, ns: str, name: str, phase: str, timeout: float = bounds.PHASE_S) -> dict[str, Any]:
         return self.wait_for(
             f"FineTuneJob {ns}/{name} phase {phase}",
             lambda: (s := self.ftj_status(ns, name)).get("phase") == phase and s,
@@ -147,7 +148,7 @@ class Cluster:
         return self.wait_for(
             f"{n} running pods of Job {ns}/{job}",
             lambda: len(ps := [p for p in self.job_pods(ns, job) if p["status"].get("phase") == "Running"]) == n and ps,
-            timeout=60,
+            timeout=bounds.PODS_RUNNING_S,
         )
 
     def write_token_kubeconfig(self, path: Path, token: str) -> Path:
@@ -168,7 +169,10 @@ class Cluster:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     t0 = time.monotonic()
+    # hack/test.sh starts this build in the background before the unit and trainer tests: this call
+    # then waits on the build's lock until it is done, and reuses what it built.
     _run_testcluster("build", timeout=BUILD_TIMEOUT_S)
+    sys.stderr.write(f"\n[e2e] control plane binaries ready after {time.monotonic() - t0:.1f}s\n")
     paths = json.loads(_run_testcluster("paths", timeout=60).stdout)
     d = tmp_path_factory.mktemp("testcluster")
     nodes = os.environ.get("FINETUNE_TESTCLUSTER_NODES", "3")

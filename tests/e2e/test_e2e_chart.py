@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import bounds
 import yaml
 from polling import free_port
 
@@ -208,7 +209,7 @@ def children_created(cluster: Cluster, ns: str, name: str) -> None:
         obj = cluster.wait_for(
             f"{kind} {ns}/{child} created by the operator",
             lambda kind=kind, child=child: cluster.get_json(kind, child, namespace=ns),
-            timeout=30,
+            timeout=bounds.OPERATOR_S,
         )
         assert obj["metadata"]["ownerReferences"][0]["name"] == name
 
@@ -243,7 +244,7 @@ def _drive(cluster: Cluster, op: ChartOperator, ns: str) -> None:
             (d := cluster.get_json("configmap", f"{name}-config", namespace=ns)["data"]) != before
             and "s3://ml-team-models/v2" in str(d)
         ),
-        timeout=60,
+        timeout=bounds.OPERATOR_S,
     )
 
     # A retriable failure: the operator deletes the failed gang's Job and creates the next attempt.
@@ -263,13 +264,13 @@ def _drive(cluster: Cluster, op: ChartOperator, ns: str) -> None:
     cluster.wait_for(
         f"{ns}/{name} restarted once",
         lambda: cluster.ftj_status(ns, name).get("restarts") == 1,
-        timeout=60,
+        timeout=bounds.PHASE_S,  # kwok fails the pod, the job controller the Job, the operator restarts
     )
     cluster.running_pods(ns, f"{name}-a1", 2)
     cluster.wait_for(
         f"the failed Job {ns}/{name}-a0 deleted",
         lambda: cluster.kubectl_result("get", "job", f"{name}-a0", "-n", ns).returncode != 0,
-        timeout=60,
+        timeout=bounds.OPERATOR_S,
     )
 
     # Suspend and resume: the operator patches the Job's spec.suspend.
@@ -289,7 +290,7 @@ def _drive(cluster: Cluster, op: ChartOperator, ns: str) -> None:
     cluster.wait_for(
         f"FineTuneJob {ns}/{name} deleted by its TTL",
         lambda: cluster.kubectl_result("get", "ftj", name, "-n", ns).returncode != 0,
-        timeout=60,
+        timeout=3 + bounds.OPERATOR_S,  # ttlSecondsAfterFinished 3, then the operator deletes it
     )
     assert op.proc is not None and op.proc.poll() is None, f"operator exited:\n{op.log_text()[-4000:]}"
     assert not op.rbac_denials(), "the chart's RBAC denied the operator:\n" + "\n".join(op.rbac_denials())

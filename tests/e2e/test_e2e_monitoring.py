@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import bounds
 import psutil
 import pytest
 import test_e2e_contract as contract
@@ -65,6 +66,11 @@ VALUES = {
         "rules": {"stallMinutes": STALL_SECONDS / 60, "restartsThreshold": 1},
     }
 }
+#: An alert on the operator's gauges: one scrape of the operator (1 s) and one rule evaluation (1 s).
+SCRAPE_AND_EVALUATE_S = 2.0
+#: An alert that follows a phase change: kwok fails the pod, the job controller the Job, the operator
+#: writes the phase and its gauges; then a scrape and an evaluation (the alerts tested have no `for`).
+ALERT_AFTER_PHASE_S = bounds.PHASE_S + SCRAPE_AND_EVALUATE_S
 #: What Grafana substitutes for $__rate_interval at a 15 s scrape interval and a few hours' range.
 RATE_INTERVAL = "1m"
 
@@ -73,7 +79,9 @@ class PodProcess:
     """Pod 0 of a rendered Job, run as a local process tree (its own session, like a container)."""
 
     def __init__(self, cluster: Cluster, ns: str, ftj: str, tmp_path: Path, extra_env: dict[str, str]):
-        job = cluster.wait_for(f"Job {ftj}-a0", lambda: cluster.get_json("job", f"{ftj}-a0", namespace=ns), timeout=60)
+        job = cluster.wait_for(
+            f"Job {ftj}-a0", lambda: cluster.get_json("job", f"{ftj}-a0", namespace=ns), timeout=bounds.OPERATOR_S
+        )
         config_map = cluster.get_json("configmap", f"{ftj}-config", namespace=ns)
         [container] = job["spec"]["template"]["spec"]["containers"]
         mounts = contract.Mounts(
@@ -214,7 +222,7 @@ def test_dashboards_and_alerts_against_a_real_training_and_operator(
         restarting = wait_for(
             "FineTuneJobRestartingRepeatedly to fire for broken",
             lambda: [a for a in server.alerts("FineTuneJobRestartingRepeatedly") if a["labels"]["job"] == "broken"],
-            timeout=90,
+            timeout=ALERT_AFTER_PHASE_S,
         )
         assert restarting[0]["labels"]["namespace"] == ns and restarting[0]["labels"]["severity"] == "warning"
         assert f"{ns}/broken restarted 1 times" in restarting[0]["annotations"]["summary"]
@@ -223,13 +231,13 @@ def test_dashboards_and_alerts_against_a_real_training_and_operator(
         failed = wait_for(
             "FineTuneJobFailed to fire for broken",
             lambda: [a for a in server.alerts("FineTuneJobFailed") if a["labels"]["job"] == "broken"],
-            timeout=90,
+            timeout=ALERT_AFTER_PHASE_S,
         )
         assert failed[0]["labels"]["severity"] == "critical" and f"{ns}/broken" in failed[0]["annotations"]["summary"]
         wait_for(
             "FineTuneJobRestartingRepeatedly to resolve once broken failed",
             lambda: not [a for a in server.alerts("FineTuneJobRestartingRepeatedly") if a["labels"]["job"] == "broken"],
-            timeout=60,
+            timeout=SCRAPE_AND_EVALUATE_S + bounds.REACTION_S,  # the failed phase is already in status
         )
 
         # The dashboards' template variables offer this job, and every panel query has data.

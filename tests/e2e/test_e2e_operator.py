@@ -12,6 +12,8 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import bounds
+
 if TYPE_CHECKING:
     from conftest import Cluster, Operator
 
@@ -58,7 +60,9 @@ def fail(cluster: Cluster, ns: str, pod: str, code: int, reason: str = "Error", 
 
 def test_create_run_succeed(cluster: Cluster, operator: Operator, ns: str) -> None:
     cluster.apply(manifest("llm"), namespace=ns)
-    job = cluster.wait_for("Job llm-a0", lambda: cluster.get_json("job", "llm-a0", namespace=ns), timeout=30)
+    job = cluster.wait_for(
+        "Job llm-a0", lambda: cluster.get_json("job", "llm-a0", namespace=ns), timeout=bounds.OPERATOR_S
+    )
     for kind, name in [
         ("configmap", "llm-config"),
         ("service", "llm"),
@@ -133,12 +137,14 @@ def test_suspend_and_resume(cluster: Cluster, operator: Operator, ns: str) -> No
     cluster.wait_phase(ns, "llm", "Running")
     cluster.kubectl("patch", "ftj", "llm", "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
     cluster.wait_phase(ns, "llm", "Suspended")
-    cluster.wait_for("pods gone after suspend", lambda: cluster.job_pods(ns, "llm-a0") == [], timeout=60)
+    # The operator suspends the Job, the job controller deletes its pods, kwok finishes deleting them.
+    gone = bounds.operator(3)
+    cluster.wait_for("pods gone after suspend", lambda: cluster.job_pods(ns, "llm-a0") == [], timeout=gone)
 
 
 def test_deadline_exceeded(cluster: Cluster, operator: Operator, ns: str) -> None:
     cluster.apply(manifest("llm", runPolicy={"activeDeadlineSeconds": 4}), namespace=ns)
-    s = cluster.wait_phase(ns, "llm", "Failed", timeout=60)
+    s = cluster.wait_phase(ns, "llm", "Failed", timeout=4 + bounds.PHASE_S)
     assert next(c for c in s["conditions"] if c["type"] == "Failed")["reason"] == "DeadlineExceeded"
 
 
@@ -147,13 +153,13 @@ def test_ttl_deletes_finished_job_and_children(cluster: Cluster, operator: Opera
     cluster.wait_for(
         "the finished FineTuneJob deleted by its TTL",
         lambda: cluster.kubectl_result("get", "ftj", "llm", "-n", ns).returncode != 0,
-        timeout=60,
+        timeout=bounds.PODS_RUNNING_S + bounds.PHASE_S + 2,  # pods run and complete, then the 2 s TTL
     )
     for kind in ("configmap", "service", "serviceaccount", "role", "rolebinding", "job"):
         cluster.wait_for(
             f"{kind}s of llm garbage-collected",
             lambda kind=kind: not cluster.get_json(kind, "-l", "finetune.io/job=llm", namespace=ns)["items"],
-            timeout=60,
+            timeout=bounds.reactions(2),  # the garbage collector, then kwok for pods
         )
 
 
@@ -165,7 +171,7 @@ def test_delete_removes_every_child(cluster: Cluster, operator: Operator, ns: st
         cluster.wait_for(
             f"{kind}s of llm garbage-collected",
             lambda kind=kind: not cluster.get_json(kind, "-l", "finetune.io/job=llm", namespace=ns)["items"],
-            timeout=90,
+            timeout=bounds.reactions(3),  # the garbage collector (FineTuneJob, then Job), then kwok for pods
         )
 
 
@@ -213,14 +219,14 @@ def test_operator_killed_mid_creation_converges_without_duplicates(
             )
             >= 1
         ),
-        timeout=30,
+        timeout=bounds.OPERATOR_S,
     )
     op.kill(signal.SIGKILL)
     partial = len(cluster.get_json("jobs", namespace=ns)["items"])
     op.start()  # the same operator, restarted: the module's later tests go on with it
     try:
         for name in names:
-            cluster.wait_phase(ns, name, "Running", timeout=120)
+            cluster.wait_phase(ns, name, "Running", timeout=bounds.PODS_RUNNING_S + bounds.PHASE_S)
         for kind in ("jobs", "configmaps", "services", "serviceaccounts", "roles", "rolebindings"):
             items = cluster.get_json(kind, "-l", "app.kubernetes.io/managed-by=finetune-operator", namespace=ns)[
                 "items"
