@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .api import crd as crd_module
-from .api.validation import InvalidSpec, is_finetunejob, load_jobs, read_documents, validate_document
+from .api.validation import InvalidSpec, check_file, load_jobs
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,37 +17,44 @@ def main() -> None:
     """Fine-tune language models on Kubernetes, or on this machine, from one FineTuneJob manifest."""
 
 
+#: Files a directory argument contributes, as `kubectl apply -f DIR` takes them (JSON is YAML too).
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=True, path_type=Path))
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def validate(files: tuple[Path, ...], quiet: bool) -> None:
-    """Check FineTuneJob manifests offline; print every error as FILE:LINE: FIELD: MESSAGE."""
+    """Check FineTuneJob manifests offline; print every error as FILE:LINE: FIELD: MESSAGE.
+
+    Directories are searched for *.yaml, *.yml and *.json files. Documents of other kinds are skipped
+    (and named); exit status 1 when any file or manifest is invalid, or when none was found.
+    """
     paths: list[Path] = []
     for f in files:
-        paths.extend(sorted(p for p in f.rglob("*.y*ml")) if f.is_dir() else [f])
+        if f.is_dir():
+            paths.extend(sorted(p for p in f.rglob("*") if p.suffix in MANIFEST_SUFFIXES and p.is_file()))
+        else:
+            paths.append(f)
     failed = 0
     checked = 0
     for path in paths:
-        try:
-            documents = list(read_documents(path))
-        except InvalidSpec as exc:
+        result = check_file(path)
+        if result.errors:
             failed += 1
-            for error in exc.errors:
+            for error in result.errors:
                 click.echo(str(error), err=True)
-            continue
-        for doc in documents:
-            if not is_finetunejob(doc.data):
-                continue
-            checked += 1
-            try:
-                job = validate_document(doc)
-            except InvalidSpec as exc:
+        for doc in result.documents:
+            if doc.errors:
                 failed += 1
-                for error in exc.errors:
+                for error in doc.errors:
                     click.echo(str(error), err=True)
-            else:
+            elif doc.job is not None:
+                checked += 1
                 if not quiet:
-                    click.echo(f"{path}:{doc.start_line}: FineTuneJob {job.metadata.name} is valid")
+                    click.echo(f"{path}:{doc.doc.start_line}: FineTuneJob {doc.job.metadata.name} is valid")
+            elif not quiet:
+                click.echo(f"{path}:{doc.doc.start_line}: skipped {doc.skipped}: not a FineTuneJob")
     if checked == 0 and failed == 0:
         click.echo("no FineTuneJob manifests found", err=True)
         sys.exit(1)

@@ -143,7 +143,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "malformed-endpoint",
         {"spec.checkpoint.endpointUrl": "minio:9000"},
         "spec.checkpoint.endpointUrl",
-        "pattern",
+        "https://",
     ),
     ("malformed-quantity", {"spec.resources.memory": "lots"}, "spec.resources.memory", "quantity"),
     (
@@ -245,7 +245,201 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.resources.env[0].name",
         "environment variable",
     ),
+    (
+        "test-hook-env-name",
+        {"spec.resources.env": [{"name": "FINETUNE_TEST_NONFINITE_LOSS_AT_STEP", "value": "3"}]},
+        "spec.resources.env[0].name",
+        "reserved for tests",
+    ),
     ("wrong-api-version", {"apiVersion": "finetune.io/v1"}, "apiVersion", "v1alpha1"),
+    # Strict types, as the CRD's structural schema: no lax coercion of quoted values.
+    ("quoted-int", {"spec.training.maxSteps": "100"}, "spec.training.maxSteps", "without quotes"),
+    ("quoted-number", {"spec.training.learningRate": "0.001"}, "spec.training.learningRate", "without quotes"),
+    ("quoted-bool", {"spec.data.packing": "true"}, "spec.data.packing", "without quotes"),
+    (
+        "quoted-bool-in-list-item",
+        {"spec.resources.env": [{"name": "A", "value": True}]},
+        "spec.resources.env[0].value",
+        "quote",
+    ),
+    ("fraction-for-int", {"spec.training.maxSteps": 100.5}, "spec.training.maxSteps", "integer"),
+    ("bool-for-int", {"spec.distributed.nodes": True}, "spec.distributed.nodes", "integer"),
+    ("bool-for-number", {"spec.training.learningRate": True}, "spec.training.learningRate", "number"),
+    ("number-for-string", {"spec.model.revision": 5}, "spec.model.revision", "quote"),
+    ("number-for-enum", {"spec.data.format": 1}, "spec.data.format", "promptCompletion"),
+    ("decimal-quantity", {"spec.resources.cpu": 0.5}, "spec.resources.cpu", '"0.5"'),
+    ("quoted-procs-per-node", {"spec.distributed.procsPerNode": "2"}, "spec.distributed.procsPerNode", "auto"),
+    # camelCase only: the Python names of the fields are not part of the API.
+    (
+        "snake-case-field",
+        {"spec.training.max_steps": 100, "spec.training.maxSteps": _DELETE},
+        "spec.training.max_steps",
+        "camelCase",
+    ),
+    ("snake-case-section", {"spec.run_policy": {"backoffLimit": 1}}, "spec.run_policy", "runPolicy"),
+    ("misspelt-field", {"spec.training.learningrate": 0.1}, "spec.training.learningrate", "learningRate"),
+    # metadata, as the API server checks it.
+    ("metadata-unknown-key", {"metadata.lables": {"app": "demo"}}, "metadata.lables", "did you mean labels"),
+    ("label-key-invalid", {"metadata.labels": {"my app": "x"}}, "metadata.labels", "label key"),
+    ("label-key-prefix-invalid", {"metadata.labels": {"Example.com/app": "x"}}, "metadata.labels", "label key"),
+    ("label-key-name-too-long", {"metadata.labels": {"a" * 64: "x"}}, "metadata.labels", "label key"),
+    ("label-value-invalid", {"metadata.labels": {"app": "not ok!"}}, "metadata.labels", "label value"),
+    ("label-value-too-long", {"metadata.labels": {"app": "a" * 64}}, "metadata.labels", "label value"),
+    ("label-value-not-a-string", {"metadata.labels": {"replicas": 3}}, "metadata.labels", "string"),
+    ("annotation-key-invalid", {"metadata.annotations": {"-note": "x"}}, "metadata.annotations", "annotation key"),
+    ("metadata-name-missing", {"metadata.name": _DELETE}, "metadata.name", "required"),
+    ("bad-namespace", {"metadata.namespace": "ML_Team"}, "metadata.namespace", "DNS label"),
+    # apiVersion and kind are required, never defaulted.
+    ("missing-api-version", {"apiVersion": _DELETE}, "apiVersion", "required"),
+    ("missing-kind", {"kind": _DELETE}, "kind", "required"),
+    ("near-miss-kind", {"kind": "FinetuneJob"}, "kind", "FineTuneJob"),
+    ("plural-kind", {"kind": "FineTuneJobs"}, "kind", "FineTuneJob"),
+    # A null field is absent (the API server prunes it): a required one is missing.
+    ("null-required-field", {"spec.model": None}, "spec.model", "required"),
+    # Pod-level rules the API server applies only when the Job is created: checked at admission.
+    ("negative-quantity", {"spec.resources.memory": "-1Gi"}, "spec.resources.memory", "positive"),
+    ("zero-quantity", {"spec.resources.cpu": 0}, "spec.resources.cpu", "positive"),
+    ("negative-int-quantity", {"spec.resources.cpu": -2}, "spec.resources.cpu", "positive"),
+    ("nonsense-quantity", {"spec.resources.sharedMemory": "1.2.3Gi"}, "spec.resources.sharedMemory", "quantity"),
+    ("quantity-unit-typo", {"spec.resources.memory": "16GB"}, "spec.resources.memory", "16Gi"),
+    (
+        "toleration-exists-with-value",
+        {"spec.resources.tolerations": [{"key": "gpu", "operator": "Exists", "value": "true"}]},
+        "spec.resources.tolerations[0].value",
+        "empty when operator is Exists",
+    ),
+    (
+        "toleration-no-key-equal",
+        {"spec.resources.tolerations": [{"value": "x", "effect": "NoSchedule"}]},
+        "spec.resources.tolerations[0].operator",
+        "Exists",
+    ),
+    (
+        "toleration-seconds-without-noexecute",
+        {
+            "spec.resources.tolerations": [
+                {"key": "k", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 30}
+            ]
+        },
+        "spec.resources.tolerations[0].tolerationSeconds",
+        "NoExecute",
+    ),
+    (
+        "toleration-bad-key",
+        {"spec.resources.tolerations": [{"key": "bad key", "operator": "Exists"}]},
+        "spec.resources.tolerations[0].key",
+        "taint key",
+    ),
+    (
+        "toleration-bad-value",
+        {"spec.resources.tolerations": [{"key": "k", "value": "a b"}]},
+        "spec.resources.tolerations[0].value",
+        "label value",
+    ),
+    (
+        "node-selector-bad-key",
+        {"spec.resources.nodeSelector": {"gpu type": "h100"}},
+        "spec.resources.nodeSelector",
+        "label keys",
+    ),
+    (
+        "node-selector-bad-value",
+        {"spec.resources.nodeSelector": {"gpu": "H100 80GB"}},
+        "spec.resources.nodeSelector",
+        "label values",
+    ),
+    (
+        "pod-label-bad-value",
+        {"spec.resources.podLabels": {"team": "ml team"}},
+        "spec.resources.podLabels",
+        "label values",
+    ),
+    ("pod-label-bad-key", {"spec.resources.podLabels": {"-team": "ml"}}, "spec.resources.podLabels", "label keys"),
+    (
+        "pod-annotation-bad-key",
+        {"spec.resources.podAnnotations": {"log shipper": "on"}},
+        "spec.resources.podAnnotations",
+        "annotation keys",
+    ),
+    (
+        "gpu-resource-without-domain",
+        {"spec.resources.gpuResourceName": "gpu"},
+        "spec.resources.gpuResourceName",
+        "nvidia.com/gpu",
+    ),
+    # Combinations the trainer or the pods could only refuse later.
+    (
+        "cuda-optimizer-without-gpus",
+        {"spec.resources.gpusPerNode": 0, "spec.training.optimizer": "pagedAdamw8bit"},
+        "spec.training.optimizer",
+        "CUDA",
+    ),
+    (
+        "more-procs-than-gpus",
+        {"spec.resources.gpusPerNode": 2, "spec.distributed.procsPerNode": 4},
+        "spec.distributed.procsPerNode",
+        "gpusPerNode",
+    ),
+    (
+        "flash-attention-without-gpus",
+        {"spec.resources.gpusPerNode": 0, "spec.model.attention": "flash_attention_2"},
+        "spec.model.attention",
+        "CUDA",
+    ),
+    (
+        "metrics-ports-past-65535",
+        {"spec.metrics.port": 65535, "spec.resources.gpusPerNode": 2},
+        "spec.metrics.port",
+        "65535",
+    ),
+    (
+        "rendezvous-port-is-a-metrics-port",
+        {"spec.distributed.rendezvousPort": 9411, "spec.resources.gpusPerNode": 2},
+        "spec.distributed.rendezvousPort",
+        "metrics ports",
+    ),
+]
+
+#: Manifests both the API server and `finetune validate` accept (edges of the rules above).
+VALID: list[tuple[str, dict[str, Any]]] = [
+    ("null-is-absent", {"spec.training.learningRate": None, "spec.model.revision": None}),
+    ("integer-for-number", {"spec.training.learningRate": 1, "spec.method.lora": {"alpha": 16}}),
+    (
+        "quantity-forms",
+        {"spec.resources.cpu": "500m", "spec.resources.memory": "1.5Gi", "spec.resources.sharedMemory": "1e9"},
+    ),
+    ("quantity-integer", {"spec.resources.cpu": 8}),
+    ("toleration-exists-without-key", {"spec.resources.tolerations": [{"operator": "Exists"}]}),
+    (
+        "tolerations-as-kubernetes-allows",
+        {
+            "spec.resources.tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                {"key": "spot", "value": "true", "effect": "NoExecute", "tolerationSeconds": 60},
+                {"key": "empty-value", "operator": "Equal", "value": ""},
+            ]
+        },
+    ),
+    (
+        "labels-and-annotations",
+        {
+            "metadata.labels": {"app.kubernetes.io/name": "demo", "empty": "", "A_b.c-D": "x.Y_z-1"},
+            "metadata.annotations": {"example.com/note": "any text: at all, {with} [symbols]!"},
+        },
+    ),
+    (
+        "pod-maps",
+        {
+            "spec.resources.nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "spec.resources.podLabels": {"team": "ml"},
+            "spec.resources.podAnnotations": {"sidecar.istio.io/inject": "false"},
+        },
+    ),
+    ("cpu-processes", {"spec.resources.gpusPerNode": 0, "spec.distributed.procsPerNode": 4}),
+    ("one-process-per-gpu", {"spec.resources.gpusPerNode": 8, "spec.distributed.procsPerNode": 8}),
+    ("cuda-optimizer-with-gpus", {"spec.training.optimizer": "adamw8bit"}),
+    ("metrics-ports-up-to-65535", {"spec.metrics.port": 65534, "spec.resources.gpusPerNode": 2}),
+    ("rendezvous-port-when-metrics-off", {"spec.distributed.rendezvousPort": 9410, "spec.metrics.enabled": False}),
 ]
 
 
@@ -263,6 +457,64 @@ def test_invalid_manifest_is_rejected_naming_the_field(changes: dict[str, Any], 
     named = [e for e in errors if e.path == path]
     assert named, f"no error names {path}; got {[str(e) for e in errors]}"
     assert any(text in e.message for e in named), [str(e) for e in named]
+
+
+def test_every_class_of_mistake_is_in_the_table() -> None:
+    ids = {case[0] for case in INVALID}
+    for prefix in (
+        "quoted-",
+        "snake-case-",
+        "metadata-",
+        "label-",
+        "annotation-",
+        "missing-",
+        "near-miss-kind",
+        "negative-quantity",
+        "toleration-",
+        "cuda-optimizer-",
+        "more-procs-than-gpus",
+        "null-",
+    ):
+        assert any(i.startswith(prefix) for i in ids), prefix
+
+
+@pytest.mark.parametrize("changes", [c[1] for c in VALID], ids=[c[0] for c in VALID])
+def test_valid_edge_cases_are_accepted(changes: dict[str, Any]) -> None:
+    validate_object(mutate(changes))
+
+
+@pytest.mark.parametrize(("changes", "path", "text"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_one_message_per_problem(changes: dict[str, Any], path: str, text: str) -> None:
+    """No field gets two messages (pydantic reports one per union branch), and none shows a regex."""
+    with pytest.raises(InvalidSpec) as info:
+        validate_object(mutate(changes))
+    paths = [e.path for e in info.value.errors]
+    assert len(paths) == len(set(paths)), paths
+    for error in info.value.errors:
+        assert " or Input should" not in error.message and "should match pattern" not in error.message, error
+        assert "^" not in error.message and "[a-z" not in error.message, error
+
+
+def test_every_pattern_has_words_for_people() -> None:
+    from finetune_operator.api.v1alpha1 import PATTERN_HINTS
+
+    def patterns(node: Any) -> set[str]:
+        if isinstance(node, dict):
+            found = {node["pattern"]} if isinstance(node.get("pattern"), str) else set()
+            return found.union(*(patterns(v) for v in node.values()))
+        if isinstance(node, list):
+            return set().union(*(patterns(v) for v in node))
+        return set()
+
+    used = patterns(FineTuneJob.model_json_schema())
+    assert len(used) >= 15
+    assert not used - set(PATTERN_HINTS), used - set(PATTERN_HINTS)
+
+
+def test_snake_case_names_still_build_models_in_python() -> None:
+    from finetune_operator.api.v1alpha1 import TrainingSpec
+
+    assert TrainingSpec(max_steps=3).max_steps == 3  # code may; manifests may not (snake-case-field)
 
 
 def test_base_manifest_is_valid_and_gets_defaults() -> None:
@@ -291,6 +543,7 @@ def test_every_error_of_a_manifest_is_reported() -> None:
 
 
 def test_manifest_round_trips() -> None:
-    job = validate_object(mutate({"spec.distributed.procsPerNode": 4, "spec.method.type": "qlora"}))
+    changes = {"spec.distributed.procsPerNode": 4, "spec.resources.gpusPerNode": 4, "spec.method.type": "qlora"}
+    job = validate_object(mutate(changes))
     again = validate_object(job.to_manifest())
     assert again == job

@@ -89,7 +89,7 @@ def test_validate_reports_yaml_syntax_errors_with_line(tmp_path: Path) -> None:
     bad.write_text("apiVersion: finetune.io/v1alpha1\nkind: FineTuneJob\nspec:\n  model: [unclosed\n")
     result = CliRunner().invoke(main, ["validate", str(bad)])
     assert result.exit_code == 1
-    assert f"{bad}:5: <document>: invalid YAML" in result.output
+    assert f"{bad}:5: invalid YAML: expected ',' or ']'" in result.output
 
 
 def test_validate_fails_when_nothing_to_check(tmp_path: Path) -> None:
@@ -128,3 +128,186 @@ def test_import_operator_is_the_standard_library(repo: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "/operator/" not in proc.stdout
+
+
+GOOD = """\
+apiVersion: finetune.io/v1alpha1
+kind: FineTuneJob
+metadata:
+  name: good
+spec:
+  model: {uri: org/model}
+  data: {train: {uri: train.jsonl}}
+  training: {maxSteps: 10}
+"""
+
+#: (id, file content, the one line expected on stderr). Every class of mistake with a file as a whole,
+#: or with kubectl's reading of it, gives one `FILE:LINE: reason` line: never a traceback.
+FILE_PROBLEMS: list[tuple[str, bytes, str]] = [
+    ("empty-file", b"", "{f}:1: empty file: no YAML document"),
+    ("only-comments", b"# nothing here\n---\n", "{f}:1: empty file: no YAML document"),
+    (
+        "yaml-list",
+        b"- apiVersion: finetune.io/v1alpha1\n- kind: FineTuneJob\n",
+        "{f}:1: expected a Kubernetes object (a mapping), found a list",
+    ),
+    ("scalar", b"just some text\n", "{f}:1: expected a Kubernetes object (a mapping), found a string"),
+    (
+        "not-utf8",
+        GOOD.replace("name: good", "name: caf\xe9").encode("latin-1"),
+        "{f}:4: not UTF-8 text: byte 0xe9 at byte offset 72 (column 12)",
+    ),
+    ("utf16", GOOD.encode("utf-16"), "{f}:1: not UTF-8 text: a UTF-16 file (save it as UTF-8)"),
+    ("binary", b"PAR1\x00\x15\x04\x15\x10", "{f}:1: a binary file, not YAML text (NUL byte at byte offset 4)"),
+    (
+        "helm-template",
+        GOOD.replace("name: good", "name: {{ .Release.Name }}").encode(),
+        "{f}:4: unrendered template syntax",
+    ),
+    (
+        "quoted-helm-template",
+        GOOD.replace("name: good", 'name: "{{ .Values.name }}"').encode(),
+        "{f}:4: unrendered template syntax",
+    ),
+    ("template-control", (GOOD + "{{- if .Values.extra }}\n").encode(), "{f}:9: unrendered template syntax"),
+    (
+        "unquoted-braces",
+        GOOD.replace("maxSteps: 10", "maxSteps: {{ steps }}").encode(),
+        "{f}:8: unrendered template syntax",
+    ),
+    (
+        "duplicate-key",
+        GOOD.replace("  name: good\n", "  name: good\n  name: other\n").encode(),
+        "{f}:5: metadata.name: duplicate key 'name' (first at line 4)",
+    ),
+    ("duplicate-section", (GOOD + "spec: {}\n").encode(), "{f}:9: spec: duplicate key 'spec' (first at line 5)"),
+    (
+        "python-tag",
+        GOOD.replace("org/model", "!!python/object/apply:os.system [ls]").encode(),
+        "{f}:6: invalid YAML: could not determine a constructor",
+    ),
+    ("bad-int-tag", GOOD.replace("maxSteps: 10", "maxSteps: !!int ten").encode(), "{f}:1: invalid YAML value:"),
+    (
+        "tab-indent",
+        GOOD.replace("  name: good", "\tname: good").encode(),
+        "{f}:4: invalid YAML: found character '\\t' that cannot start any token",
+    ),
+    (
+        "near-miss-kind",
+        GOOD.replace("kind: FineTuneJob", "kind: FinetuneJob").encode(),
+        "{f}:2: kind: 'FinetuneJob' is not a kind: did you mean FineTuneJob (apiVersion finetune.io/v1alpha1)?",
+    ),
+    (
+        "plural-kind",
+        GOOD.replace("kind: FineTuneJob", "kind: FineTuneJobs").encode(),
+        "{f}:2: kind: 'FineTuneJobs' is not a kind",
+    ),
+    (
+        "other-kind-in-our-group",
+        GOOD.replace("kind: FineTuneJob", "kind: Job").encode(),
+        "{f}:2: kind: finetune.io has no kind 'Job': the kind is FineTuneJob",
+    ),
+    (
+        "no-kind",
+        b"metadata: {name: x}\nspec: {}\n",
+        "{f}:1: kind: required: every Kubernetes object names its apiVersion and kind",
+    ),
+    ("missing-kind", GOOD.replace("kind: FineTuneJob\n", "").encode(), "{f}:1: kind: required"),
+    (
+        "missing-api-version",
+        GOOD.replace("apiVersion: finetune.io/v1alpha1\n", "").encode(),
+        "{f}:1: apiVersion: required",
+    ),
+]
+
+
+@pytest.mark.parametrize(("content", "expected"), [c[1:] for c in FILE_PROBLEMS], ids=[c[0] for c in FILE_PROBLEMS])
+def test_file_problems_are_one_line_each(tmp_path: Path, content: bytes, expected: str) -> None:
+    f = tmp_path / "job.yaml"
+    f.write_bytes(content)
+    result = CliRunner().invoke(main, ["validate", str(f)])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = result.output.splitlines()
+    assert lines[0].startswith(expected.format(f=f)), lines
+    assert lines[1:] == ["1 invalid manifest(s)"], lines
+
+
+def test_jinja_chat_templates_are_not_template_syntax(tmp_path: Path) -> None:
+    f = tmp_path / "job.yaml"
+    template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}"
+    f.write_text(GOOD.replace("model: {uri: org/model}", f"model: {{uri: org/model, chatTemplate: {template!r}}}"))
+    result = CliRunner().invoke(main, ["validate", str(f)])
+    assert result.exit_code == 0, result.output
+
+
+def test_scalars_are_read_as_kubectl_reads_them(tmp_path: Path) -> None:
+    """1e-4 is a number (PyYAML alone reads a string), a date stays a string, y is a boolean."""
+    f = tmp_path / "job.yaml"
+    f.write_text(
+        GOOD.replace("model: {uri: org/model}", "model: {uri: org/model, revision: 2024-01-01}")
+        .replace("training: {maxSteps: 10}", "training: {maxSteps: 10, learningRate: 1e-4}")
+        .replace("data: {train: {uri: train.jsonl}}", "data: {train: {uri: train.jsonl}, packing: y}")
+    )
+    from finetune_operator.api.validation import load_jobs
+
+    [job] = load_jobs(f)
+    assert job.spec.training.learning_rate == 1e-4
+    assert job.spec.model.revision == "2024-01-01"
+    assert job.spec.data.packing is True
+
+
+def test_other_kinds_are_named_as_skipped_and_lists_are_expanded(tmp_path: Path) -> None:
+    f = tmp_path / "all.yaml"
+    items = GOOD.replace("name: good", "name: in-list")
+    f.write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\n---\n"
+        + GOOD
+        + "---\napiVersion: v1\nkind: List\nitems:\n"
+        + "".join(f"  {line}\n" if i else f"- {line}\n" for i, line in enumerate(items.splitlines()))
+    )
+    result = CliRunner().invoke(main, ["validate", str(f)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"{f}:1: skipped ConfigMap settings: not a FineTuneJob",
+        f"{f}:5: FineTuneJob good is valid",
+        f"{f}:17: FineTuneJob in-list is valid",
+    ]
+    bad = tmp_path / "bad-list.yaml"
+    head, _, tail = f.read_text().rpartition("maxSteps: 10")
+    bad.write_text(f"{head}maxSteps: -1{tail}")
+    result = CliRunner().invoke(main, ["validate", "-q", str(bad)])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[0].startswith(f"{bad}:24: spec.training.maxSteps: Input should be greater")
+
+
+@pytest.mark.parametrize("bad_first", [True, False])
+def test_several_files_fail_if_any_fails_whatever_the_order(tmp_path: Path, bad_first: bool) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(GOOD)
+    bad.write_bytes(b"\xff\xfe\x00")
+    files = [bad, good] if bad_first else [good, bad]
+    result = CliRunner().invoke(main, ["validate", *map(str, files)])
+    assert result.exit_code == 1, result.output
+    assert f"{good}:1: FineTuneJob good is valid" in result.output
+    assert f"{bad}:1: not UTF-8 text" in result.output
+
+
+def test_a_directory_with_one_broken_file_fails(tmp_path: Path, repo: Path) -> None:
+    for example in (repo / "examples").glob("*.yaml"):
+        (tmp_path / example.name).write_bytes(example.read_bytes())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "zz-broken.yml").write_text(GOOD.replace("maxSteps: 10", "maxSteps: [10"))
+    result = CliRunner().invoke(main, ["validate", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    assert "zz-broken.yml:" in result.output and "1 invalid manifest(s)" in result.output
+
+
+def test_finetune_run_refuses_what_validate_refuses(tmp_path: Path) -> None:
+    f = tmp_path / "job.yaml"
+    f.write_text(GOOD.replace("maxSteps: 10", 'maxSteps: "10"'))
+    result = CliRunner().invoke(main, ["run", str(f)])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"{f}:8: spec.training.maxSteps: must be an integer, not a string: write 10 without quotes"
+    ]

@@ -79,7 +79,8 @@ def test_cel_rules_refer_to_real_fields() -> None:
             assert rule["message"], rule
             if "fieldPath" in rule:
                 assert _resolve(node, rule["fieldPath"]) is not None, (path, rule)
-            for ref in re.findall(r"self((?:\.[A-Za-z][A-Za-z0-9]*)+)", rule["rule"]):
+            # Field references, not the method calls on them (self.key.matches(...) refers to .key).
+            for ref in re.findall(r"self((?:\.[A-Za-z][A-Za-z0-9]*\b(?!\())+)", rule["rule"]):
                 target = node if path != "" else root
                 if ref.startswith(".metadata"):
                     continue

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic.alias_generators import to_camel
@@ -47,11 +47,19 @@ RULE_ERROR_TYPE = "cross_field_rule"
 
 
 class SpecModel(BaseModel):
-    """Base of every API object: camelCase field names, unknown fields refused, rules enforced."""
+    """Base of every API object: camelCase field names, unknown fields refused, rules enforced.
+
+    Types are strict, as in the CRD's structural schema: a quoted number is not a number, a quoted
+    boolean not a boolean (an integer is a valid number, as in JSON). Python code may build models by
+    their Python (snake_case) field names; manifests are parsed with :func:`parse_manifest`, which
+    accepts the camelCase names only, as the API server does.
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
-        populate_by_name=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        strict=True,
         extra="forbid",
         validate_assignment=False,
         use_attribute_docstrings=False,
@@ -65,6 +73,11 @@ class SpecModel(BaseModel):
             if not rule.check(self):
                 raise PydanticCustomError(RULE_ERROR_TYPE, rule.message, {"field": rule.field or ""})
         return self
+
+    @classmethod
+    def parse_manifest(cls, data: Any) -> Self:
+        """Validate manifest data: camelCase field names only (snake_case ones are unknown fields)."""
+        return cls.model_validate(data, by_alias=True, by_name=False)
 
     def to_manifest(self) -> dict[str, Any]:
         """The object as it is written in a manifest: camelCase keys, unset optionals left out."""

@@ -8,10 +8,12 @@ enforced both by the API server (CEL) and in Python.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field
+from pydantic import Field, PlainValidator, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
 
 from .base import Rule, SpecModel
 
@@ -41,39 +43,143 @@ DATA_URI_PATTERN = rf"^(({_SCHEMES})://[^\s/][^\s]*|file://[^\s]+|/[^\s]*|\.{{0,
 #: A model: a storage location, a Hugging Face Hub id (``org/name`` or ``name``), a local path, or
 #: ``pkg://<python-package>`` for model files shipped inside an installed Python package.
 MODEL_URI_PATTERN = rf"^(({_SCHEMES}|pkg)://[^\s/][^\s]*|file://[^\s]+|/[^\s]*|\.{{0,2}}/?[A-Za-z0-9_][^\s:]*)$"
-#: A resource quantity, as in Kubernetes (``500m``, ``4``, ``16Gi``).
-QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+#: A positive resource quantity, by Kubernetes' grammar (``500m``, ``4``, ``16Gi``, ``1e3``): a decimal
+#: number with a non-zero digit, no minus sign, then one binary (Ki..Ei) or decimal (n..E) suffix or an
+#: exponent.
+QUANTITY_PATTERN = (
+    r"^\+?([0-9]*[1-9][0-9]*(\.[0-9]*)?|[0-9]*\.[0-9]*[1-9][0-9]*)(([KMGTPE]i)|[numkMGTPE]|([eE][-+]?[0-9]+))?$"
+)
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+#: A Kubernetes qualified name (label and annotation keys, taint keys): an optional DNS-subdomain
+#: prefix and ``/``, then a name of at most 63 characters. The prefix is at most 253 characters
+#: (:func:`is_qualified_name` checks it; CEL rules use ``indexOf('/') <= 253``).
+QUALIFIED_NAME_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+#: The characters of a label value (its length, at most 63, is a separate bound): empty, or letters,
+#: digits, ``-``, ``_`` and ``.``, beginning and ending with a letter or digit.
+LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+#: An extended resource name, such as ``nvidia.com/gpu``: a domain prefix is required.
+EXTENDED_RESOURCE_PATTERN = (
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+NO_WHITESPACE_PATTERN = r"^[^\s]+$"
+GGUF_FILE_PATTERN = r"^[^\s/][^\s]*\.gguf$"
+OBJECT_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+ENDPOINT_URL_PATTERN = r"^https?://[^\s/]+(/[^\s]*)?$"
+QUEUE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+SHA256_PATTERN = r"^[a-f0-9]{64}$"
+#: Environment variables the trainer reads only in tests (fault injection, e.g. a non-finite loss at a
+#: chosen step). No manifest can set them: spec.resources.env refuses every name with this prefix.
+TEST_HOOK_ENV_PREFIX = "FINETUNE_TEST_"
 CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 #: Human wording of the patterns above, used in error messages instead of the regular expression.
+LABEL_NAME_WORDS = "at most 63 letters, digits, '-', '_' or '.', beginning and ending with a letter or digit"
+QUALIFIED_NAME_HINT = f"an optional DNS subdomain prefix and '/', then a name of {LABEL_NAME_WORDS}"
+LABEL_VALUE_HINT = f"empty, or {LABEL_NAME_WORDS}"
+QUANTITY_HINT = "must be a positive Kubernetes quantity such as 4, 500m, 1.5 or 16Gi"
 PATTERN_HINTS = {
     STORAGE_URI_PATTERN: "must be s3://, gs://, az://, file:// or an absolute path",
     DATA_URI_PATTERN: "must be a path, file://, s3://, gs:// or az://",
     MODEL_URI_PATTERN: "must be a Hub id (org/name), s3://, gs://, az://, file://, pkg:// or a path",
-    QUANTITY_PATTERN: "must be a Kubernetes quantity such as 4, 500m or 16Gi",
-    DNS_SUBDOMAIN_PATTERN: "must be a lower-case DNS subdomain name",
+    QUANTITY_PATTERN: QUANTITY_HINT,
+    DNS_SUBDOMAIN_PATTERN: (
+        "must be a DNS subdomain: lower-case letters, digits, '-' and '.', beginning and ending with a letter or digit"
+    ),
     DNS_LABEL_PATTERN: "must be a DNS label: lower case letters, digits and '-', starting with a letter",
-    ENV_NAME_PATTERN: "must be a valid environment variable name",
+    ENV_NAME_PATTERN: (
+        "must be an environment variable name: letters, digits, '_', '-' and '.', not starting with a digit"
+    ),
+    NAMESPACE_PATTERN: (
+        "must be a DNS label: lower-case letters, digits and '-', beginning and ending with a letter or digit"
+    ),
+    QUALIFIED_NAME_PATTERN: f"must be {QUALIFIED_NAME_HINT}",
+    LABEL_VALUE_PATTERN: f"must be a label value: {LABEL_VALUE_HINT}",
+    EXTENDED_RESOURCE_PATTERN: (
+        f"must be an extended resource name such as nvidia.com/gpu: a domain, '/', then a name of {LABEL_NAME_WORDS}"
+    ),
+    NO_WHITESPACE_PATTERN: "must not be empty or contain whitespace",
+    GGUF_FILE_PATTERN: "must be the name of a .gguf file inside spec.model.uri, without spaces",
+    OBJECT_KEY_PATTERN: "must be a key: letters, digits, '-', '_' and '.'",
+    ENDPOINT_URL_PATTERN: "must be an http:// or https:// URL, such as https://minio.example:9000",
+    QUEUE_NAME_PATTERN: "must be lower-case letters, digits, '-' and '.', beginning and ending with a letter or digit",
+    SHA256_PATTERN: "must be 64 lower-case hexadecimal digits",
+    CONDITION_REASON_PATTERN: "must be a CamelCase reason: letters, digits, '_', ',' and ':', starting with a letter",
 }
+
+
+def is_qualified_name(value: str) -> bool:
+    """A Kubernetes qualified name (label/annotation key): QUALIFIED_NAME_PATTERN, prefix <= 253."""
+    return re.fullmatch(QUALIFIED_NAME_PATTERN, value) is not None and value.find("/") <= 253
+
+
+def is_label_value(value: str) -> bool:
+    return len(value) <= 63 and re.fullmatch(LABEL_VALUE_PATTERN, value) is not None
+
+
+def _cel_qualified_name(expr: str) -> str:
+    return f"{expr}.matches('{QUALIFIED_NAME_PATTERN}') && {expr}.indexOf('/') <= 253"
+
 
 StorageUri = Annotated[str, Field(pattern=STORAGE_URI_PATTERN, max_length=2048)]
 DataUri = Annotated[str, Field(pattern=DATA_URI_PATTERN, max_length=2048)]
 ModelUri = Annotated[str, Field(pattern=MODEL_URI_PATTERN, max_length=2048)]
 KubeName = Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)]
-ModuleName = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\s]+$")]
+ModuleName = Annotated[str, Field(min_length=1, max_length=256, pattern=NO_WHITESPACE_PATTERN)]
+
+QUANTITY_MAX_LENGTH = 64
 
 
-def _check_quantity(value: int | str) -> str:
-    return str(value)
+def _check_quantity(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value > 0:
+            return str(value)
+    elif isinstance(value, str):
+        if len(value) <= QUANTITY_MAX_LENGTH and re.fullmatch(QUANTITY_PATTERN, value):
+            return value
+    elif isinstance(value, float):
+        raise PydanticCustomError(
+            "quantity",
+            QUANTITY_HINT + ", written as an integer or a string (quote a decimal: {example})",
+            {"example": f'"{value}"'},
+        )
+    raise PydanticCustomError("quantity", QUANTITY_HINT)
 
 
-#: A Kubernetes resource quantity. Written as a number or a string (``4``, ``"500m"``, ``"16Gi"``).
+#: A positive Kubernetes resource quantity, written as an integer or a string (``4``, ``"500m"``,
+#: ``"16Gi"``); kept as its string form. One message for every way it can be wrong (an int-or-string
+#: union would report one per branch).
 Quantity = Annotated[
-    int | Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)],
-    AfterValidator(_check_quantity),
+    str,
+    PlainValidator(_check_quantity, json_schema_input_type=int | str),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer"},
+                {"type": "string", "pattern": QUANTITY_PATTERN, "maxLength": QUANTITY_MAX_LENGTH},
+            ]
+        }
+    ),
 ]
+
+
+def _is_quantity(value: str | None) -> bool:
+    return value is None or re.fullmatch(QUANTITY_PATTERN, value) is not None
+
+
+def _cel_positive_quantity(field: str) -> Rule:
+    """The integer form of a quantity must be positive (the CRD's int-or-string pattern covers strings)."""
+    return Rule(
+        cel=f"!has(self.{field}) || type(self.{field}) != int || self.{field} > 0",
+        message=f"spec.resources.{field} {QUANTITY_HINT}",
+        check=lambda m: _is_quantity(getattr(m, _snake(field))),
+        field=f".{field}",
+    )
+
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -109,13 +215,13 @@ class ModelSpec(SpecModel):
     revision: str | None = Field(
         default=None,
         max_length=255,
-        pattern=r"^[^\s]+$",
+        pattern=NO_WHITESPACE_PATTERN,
         description="Hub revision (branch, tag or commit sha). Only used for Hub ids.",
     )
     gguf_file: str | None = Field(
         default=None,
         max_length=255,
-        pattern=r"^[^\s/][^\s]*\.gguf$",
+        pattern=GGUF_FILE_PATTERN,
         description="Name of a GGUF file inside `uri`; the weights are dequantized at load time.",
     )
     dtype: Precision = Field(
@@ -741,7 +847,7 @@ class ConfigMapKeyRef(SpecModel):
     """A key of a ConfigMap in the job's namespace."""
 
     name: KubeName = Field(description="ConfigMap name.")
-    key: str = Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key within the ConfigMap.")
+    key: str = Field(max_length=253, pattern=OBJECT_KEY_PATTERN, description="Key within the ConfigMap.")
 
 
 class DeepSpeedSpec(SpecModel):
@@ -780,13 +886,33 @@ class DeepSpeedSpec(SpecModel):
     )
 
 
+PROCS_PER_NODE_MESSAGE = "spec.distributed.procsPerNode must be 'auto' or an integer from 1 to 1024"
+
+
+def _check_procs_per_node(value: Any) -> int | Literal["auto"]:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024):
+        return value  # type: ignore[no-any-return]
+    raise PydanticCustomError("procs_per_node", "must be 'auto' or an integer from 1 to 1024")
+
+
+#: ``auto`` or a number of processes; one message for every way it can be wrong.
+ProcsPerNode = Annotated[
+    int | Literal["auto"],
+    PlainValidator(_check_procs_per_node, json_schema_input_type=int | str),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string", "enum": ["auto"]}]}),
+]
+
+
 class DistributedSpec(SpecModel):
     """How training is spread over nodes and processes."""
 
     nodes: int = Field(default=1, ge=1, le=4096, description="Number of nodes (pods) in the gang.")
-    procs_per_node: int | Literal["auto"] = Field(
+    procs_per_node: ProcsPerNode = Field(
         default="auto",
-        description="Training processes per node; `auto` = resources.gpusPerNode (1 on CPU).",
+        description=(
+            "Training processes per node; `auto` = resources.gpusPerNode (1 on CPU). With GPUs, at most "
+            "gpusPerNode: every process drives its own GPU."
+        ),
     )
     backend: Literal["auto", "nccl", "gloo"] = Field(
         default="auto", description="Collective backend; `auto` = nccl with GPUs, gloo without."
@@ -800,7 +926,7 @@ class DistributedSpec(SpecModel):
         Rule(
             cel="type(self.procsPerNode) == string ? self.procsPerNode == 'auto' : "
             "(self.procsPerNode >= 1 && self.procsPerNode <= 1024)",
-            message="spec.distributed.procsPerNode must be 'auto' or an integer from 1 to 1024",
+            message=PROCS_PER_NODE_MESSAGE,
             check=lambda m: m.procs_per_node == "auto" or 1 <= int(m.procs_per_node) <= 1024,
             field=".procsPerNode",
         ),
@@ -813,9 +939,9 @@ class DistributedSpec(SpecModel):
 
 
 class Toleration(SpecModel):
-    """A pod toleration, as in the Kubernetes core API."""
+    """A pod toleration, as in the Kubernetes core API (and checked by its rules, here at admission)."""
 
-    key: str | None = Field(default=None, max_length=316, description="Taint key; empty matches all.")
+    key: str | None = Field(default=None, max_length=317, description="Taint key; empty matches all.")
     operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Match operator.")
     value: str | None = Field(default=None, max_length=63, description="Taint value (operator Equal).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
@@ -823,6 +949,39 @@ class Toleration(SpecModel):
     )
     toleration_seconds: int | None = Field(
         default=None, description="How long a NoExecute taint is tolerated before eviction."
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel=f"!has(self.key) || self.key == '' || ({_cel_qualified_name('self.key')})",
+            message=f"spec.resources.tolerations[].key must be a taint key: {QUALIFIED_NAME_HINT}",
+            check=lambda m: not m.key or is_qualified_name(m.key),
+            field=".key",
+        ),
+        Rule(
+            cel="(has(self.key) && self.key != '') || self.operator == 'Exists'",
+            message="spec.resources.tolerations[].operator must be Exists when key is empty (it tolerates every taint)",
+            check=lambda m: bool(m.key) or m.operator == "Exists",
+            field=".operator",
+        ),
+        Rule(
+            cel="self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            message="spec.resources.tolerations[].value must be empty when operator is Exists",
+            check=lambda m: m.operator != "Exists" or not m.value,
+            field=".value",
+        ),
+        Rule(
+            cel=f"!has(self.value) || self.value.matches('{LABEL_VALUE_PATTERN}')",
+            message=f"spec.resources.tolerations[].value must be a label value: {LABEL_VALUE_HINT}",
+            check=lambda m: m.value is None or is_label_value(m.value),
+            field=".value",
+        ),
+        Rule(
+            cel="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            message="spec.resources.tolerations[].tolerationSeconds needs effect NoExecute",
+            check=lambda m: m.toleration_seconds is None or m.effect == "NoExecute",
+            field=".tolerationSeconds",
+        ),
     )
 
 
@@ -836,7 +995,7 @@ class SecretKeySelector(SpecModel):
     """A key of a Secret in the job's namespace."""
 
     name: KubeName = Field(description="Secret name.")
-    key: str = Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key within the Secret.")
+    key: str = Field(max_length=253, pattern=OBJECT_KEY_PATTERN, description="Key within the Secret.")
 
 
 class EnvVarSource(SpecModel):
@@ -868,6 +1027,30 @@ class EnvVar(SpecModel):
             check=lambda m: not (m.value is not None and m.value_from is not None),
             field=".valueFrom",
         ),
+        Rule(
+            cel=f"!self.name.startsWith('{TEST_HOOK_ENV_PREFIX}')",
+            message=f"spec.resources.env[].name: names starting with {TEST_HOOK_ENV_PREFIX} are reserved for tests",
+            check=lambda m: not m.name.startswith(TEST_HOOK_ENV_PREFIX),
+            field=".name",
+        ),
+    )
+
+
+def _label_map_rules(field: str) -> tuple[Rule, ...]:
+    """Keys and values of a map that becomes Kubernetes labels (or a node selector) of the pods."""
+    return (
+        Rule(
+            cel=f"!has(self.{field}) || self.{field}.all(k, {_cel_qualified_name('k')})",
+            message=f"spec.resources.{field} keys must be label keys: {QUALIFIED_NAME_HINT}",
+            check=lambda m: all(is_qualified_name(k) for k in getattr(m, _snake(field))),
+            field=f".{field}",
+        ),
+        Rule(
+            cel=f"!has(self.{field}) || self.{field}.all(k, self.{field}[k].matches('{LABEL_VALUE_PATTERN}'))",
+            message=f"spec.resources.{field} values must be label values: {LABEL_VALUE_HINT}",
+            check=lambda m: all(re.fullmatch(LABEL_VALUE_PATTERN, v) for v in getattr(m, _snake(field)).values()),
+            field=f".{field}",
+        ),
     )
 
 
@@ -878,7 +1061,7 @@ class ResourcesSpec(SpecModel):
     gpu_resource_name: str = Field(
         default="nvidia.com/gpu",
         max_length=253,
-        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$",
+        pattern=EXTENDED_RESOURCE_PATTERN,
         description="Extended resource name of the accelerator.",
     )
     cpu: Quantity | None = Field(default=None, description="CPU request and limit per node, e.g. `8`.")
@@ -890,7 +1073,7 @@ class ResourcesSpec(SpecModel):
     node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
         default_factory=dict,
         max_length=64,
-        description="Node labels the pods must match.",
+        description="Node labels the pods must match (label keys and values).",
     )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Taints the pods tolerate.")
     affinity: dict[str, Any] | None = Field(
@@ -905,7 +1088,7 @@ class ResourcesSpec(SpecModel):
     image: str | None = Field(
         default=None,
         max_length=1024,
-        pattern=r"^[^\s]+$",
+        pattern=NO_WHITESPACE_PATTERN,
         description="Trainer image override. Default: the image the operator was configured with.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
@@ -926,6 +1109,19 @@ class ResourcesSpec(SpecModel):
         default_factory=dict,
         max_length=64,
         description="Extra annotations on the trainer pods (e.g. for a service mesh or log shipper).",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        _cel_positive_quantity("cpu"),
+        _cel_positive_quantity("memory"),
+        _cel_positive_quantity("sharedMemory"),
+        *(_label_map_rules("nodeSelector") + _label_map_rules("podLabels")),
+        Rule(
+            cel=f"!has(self.podAnnotations) || self.podAnnotations.all(k, {_cel_qualified_name('k')})",
+            message=f"spec.resources.podAnnotations keys must be annotation keys: {QUALIFIED_NAME_HINT}",
+            check=lambda m: all(is_qualified_name(k) for k in m.pod_annotations),
+            field=".podAnnotations",
+        ),
     )
 
 
@@ -983,7 +1179,7 @@ class CheckpointSpec(SpecModel):
     endpoint_url: str | None = Field(
         default=None,
         max_length=2048,
-        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        pattern=ENDPOINT_URL_PATTERN,
         description="Endpoint of an S3-compatible store (MinIO, Ceph, …).",
     )
     region: str | None = Field(default=None, max_length=64, description="Object-storage region.")
@@ -1042,7 +1238,7 @@ class RunPolicy(SpecModel):
     queue_name: str | None = Field(
         default=None,
         max_length=63,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        pattern=QUEUE_NAME_PATTERN,
         description="Kueue LocalQueue to submit to (label `kueue.x-k8s.io/queue-name`).",
     )
 
@@ -1050,6 +1246,26 @@ class RunPolicy(SpecModel):
 # --------------------------------------------------------------------------------------------------
 # spec
 # --------------------------------------------------------------------------------------------------
+
+
+#: Optimizers that keep bitsandbytes' paged or 8-bit states: CUDA only.
+CUDA_ONLY_OPTIMIZERS = ("adamw8bit", "pagedAdamw8bit", "pagedAdamw32bit")
+
+
+def _cel_list(values: tuple[str, ...]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+#: Processes per node as the operator starts them (``auto``: gpusPerNode, at least 1), in CEL.
+_CEL_PROCS = (
+    "(type(self.distributed.procsPerNode) == int ? self.distributed.procsPerNode : "
+    "(self.resources.gpusPerNode > 1 ? self.resources.gpusPerNode : 1))"
+)
+
+
+def _procs(s: FineTuneJobSpec) -> int:
+    procs = s.distributed.procs_per_node
+    return procs if isinstance(procs, int) else max(s.resources.gpus_per_node, 1)
 
 
 class FineTuneJobSpec(SpecModel):
@@ -1190,6 +1406,53 @@ class FineTuneJobSpec(SpecModel):
             field=".output.save",
         ),
         Rule(
+            cel="type(self.distributed.procsPerNode) != int || self.resources.gpusPerNode == 0 "
+            "|| self.distributed.procsPerNode <= self.resources.gpusPerNode",
+            message=(
+                "spec.distributed.procsPerNode must not exceed spec.resources.gpusPerNode: every process "
+                "drives its own GPU (use gpusPerNode 0 for processes on CPU)"
+            ),
+            check=lambda s: (
+                not isinstance(s.distributed.procs_per_node, int)
+                or s.resources.gpus_per_node == 0
+                or s.distributed.procs_per_node <= s.resources.gpus_per_node
+            ),
+            field=".distributed.procsPerNode",
+        ),
+        Rule(
+            cel=f"self.resources.gpusPerNode > 0 || !(self.training.optimizer in [{_cel_list(CUDA_ONLY_OPTIMIZERS)}])",
+            message=(
+                "spec.training.optimizer adamw8bit, pagedAdamw8bit and pagedAdamw32bit need CUDA: "
+                "spec.resources.gpusPerNode must be at least 1"
+            ),
+            check=lambda s: s.resources.gpus_per_node > 0 or s.training.optimizer not in CUDA_ONLY_OPTIMIZERS,
+            field=".training.optimizer",
+        ),
+        Rule(
+            cel="self.resources.gpusPerNode > 0 || self.model.attention != 'flash_attention_2'",
+            message="spec.model.attention flash_attention_2 needs CUDA: spec.resources.gpusPerNode must be at least 1",
+            check=lambda s: s.resources.gpus_per_node > 0 or s.model.attention != "flash_attention_2",
+            field=".model.attention",
+        ),
+        Rule(
+            cel=f"!self.metrics.enabled || self.metrics.port + {_CEL_PROCS} - 1 <= 65535",
+            message="spec.metrics.port: local rank r serves on port + r, which must stay within 65535",
+            check=lambda s: not s.metrics.enabled or s.metrics.port + _procs(s) - 1 <= 65535,
+            field=".metrics.port",
+        ),
+        Rule(
+            cel=f"!self.metrics.enabled || self.distributed.rendezvousPort < self.metrics.port "
+            f"|| self.distributed.rendezvousPort >= self.metrics.port + {_CEL_PROCS}",
+            message=(
+                "spec.distributed.rendezvousPort must not be one of the metrics ports (spec.metrics.port + local rank)"
+            ),
+            check=lambda s: (
+                not s.metrics.enabled
+                or not s.metrics.port <= s.distributed.rendezvous_port < s.metrics.port + _procs(s)
+            ),
+            field=".distributed.rendezvousPort",
+        ),
+        Rule(
             cel="!(self.resources.gpusPerNode == 0 && self.distributed.backend == 'nccl')",
             message="spec.distributed.backend nccl needs spec.resources.gpusPerNode of at least 1",
             check=lambda s: not (s.resources.gpus_per_node == 0 and s.distributed.backend == "nccl"),
@@ -1216,7 +1479,7 @@ class Condition(SpecModel):
         description="Machine-readable reason in CamelCase, e.g. OOMKilled, Preempted.",
     )
     message: str = Field(default="", max_length=32768, description="Human-readable details.")
-    last_transition_time: datetime = Field(description="When the status last changed.")
+    last_transition_time: datetime = Field(strict=False, description="When the status last changed.")
     observed_generation: int | None = Field(
         default=None, ge=0, description="metadata.generation the condition was set for."
     )
@@ -1236,7 +1499,7 @@ class Progress(SpecModel):
     tokens_per_second: float | None = Field(default=None, ge=0, description="Training throughput.")
     eta_seconds: float | None = Field(default=None, ge=0, description="Estimated time to completion.")
     last_checkpoint_step: int | None = Field(default=None, ge=0, description="Step of the newest committed checkpoint.")
-    updated_at: datetime | None = Field(default=None, description="When this progress was reported.")
+    updated_at: datetime | None = Field(default=None, strict=False, description="When this progress was reported.")
 
 
 class CheckpointRecord(SpecModel):
@@ -1244,7 +1507,7 @@ class CheckpointRecord(SpecModel):
 
     step: int = Field(ge=0, description="Optimizer step of the checkpoint.")
     uri: str = Field(max_length=4096, description="Location of the checkpoint.")
-    time: datetime = Field(description="When it was committed.")
+    time: datetime = Field(strict=False, description="When it was committed.")
 
 
 class Artifact(SpecModel):
@@ -1252,7 +1515,7 @@ class Artifact(SpecModel):
 
     kind: Literal["adapter", "merged", "model", "manifest"] = Field(description="What the artifact is.")
     uri: str = Field(max_length=4096, description="Location of the artifact.")
-    sha256: str = Field(pattern=r"^[a-f0-9]{64}$", description="SHA-256 of the artifact's file manifest.")
+    sha256: str = Field(pattern=SHA256_PATTERN, description="SHA-256 of the artifact's file manifest.")
     bytes: int = Field(ge=0, description="Total size in bytes.")
 
 
@@ -1262,7 +1525,7 @@ class FailureInfo(SpecModel):
     exit_code: int | None = Field(default=None, description="Exit code of the failing container.")
     reason: str = Field(max_length=1024, description="Reason, e.g. OOMKilled, Preempted, InvalidData.")
     message: str = Field(default="", max_length=32768, description="Last message of the container.")
-    time: datetime | None = Field(default=None, description="When the failure was observed.")
+    time: datetime | None = Field(default=None, strict=False, description="When the failure was observed.")
 
 
 class FineTuneJobStatus(SpecModel):
@@ -1275,8 +1538,8 @@ class FineTuneJobStatus(SpecModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
         description="Conditions: Created, Running, Restarting, Succeeded, Failed, Suspended.",
     )
-    start_time: datetime | None = Field(default=None, description="When training pods first started.")
-    completion_time: datetime | None = Field(default=None, description="When the job finished.")
+    start_time: datetime | None = Field(default=None, strict=False, description="When training pods first started.")
+    completion_time: datetime | None = Field(default=None, strict=False, description="When the job finished.")
     restarts: int = Field(default=0, ge=0, description="Gang restarts so far.")
     progress: Progress | None = Field(default=None, description="Training progress.")
     checkpoints: list[CheckpointRecord] = Field(
@@ -1294,30 +1557,81 @@ class FineTuneJobStatus(SpecModel):
 # --------------------------------------------------------------------------------------------------
 
 
-class ObjectMeta(SpecModel):
-    """The part of Kubernetes object metadata a FineTuneJob manifest sets."""
+#: Largest total size of an object's annotations (keys and values), as the API server counts it.
+MAX_ANNOTATIONS_BYTES = 256 * 1024
 
-    model_config = ConfigDict(**{**SpecModel.model_config, "extra": "allow"})
+
+class ObjectMeta(SpecModel):
+    """Kubernetes object metadata (``metadata``): the fields a manifest sets, checked by the rules the
+    API server applies, and those the server adds (so objects read back validate too). Unknown keys
+    are refused, as ``kubectl apply`` refuses them."""
 
     name: str = Field(
         max_length=MAX_NAME_LENGTH,
         pattern=DNS_LABEL_PATTERN,
         description="Job name: a DNS label (lower case, starts with a letter).",
     )
-    namespace: str | None = Field(
-        default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="Namespace."
-    )
+    generate_name: str | None = Field(default=None, max_length=253, description="Name prefix (server-generated).")
+    namespace: str | None = Field(default=None, max_length=63, pattern=NAMESPACE_PATTERN, description="Namespace.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
+    finalizers: list[str] = Field(default_factory=list, description="Finalizers.")
+    owner_references: list[dict[str, Any]] = Field(default_factory=list, description="Owners.")
+    # Set by the API server.
+    uid: str | None = Field(default=None, description="Unique id.")
+    resource_version: str | None = Field(default=None, description="Resource version.")
+    generation: int | None = Field(default=None, description="Generation of the spec.")
+    creation_timestamp: datetime | None = Field(default=None, strict=False, description="Creation time.")
+    deletion_timestamp: datetime | None = Field(default=None, strict=False, description="Deletion time.")
+    deletion_grace_period_seconds: int | None = Field(default=None, description="Deletion grace period.")
+    managed_fields: list[dict[str, Any]] = Field(default_factory=list, description="Field managers.")
+    self_link: str | None = Field(default=None, description="Deprecated self link.")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, labels: Any) -> Any:
+        # Before type validation, so that every problem with labels is reported at metadata.labels,
+        # as the API server reports it.
+        if not isinstance(labels, dict):
+            return labels
+        for key, value in labels.items():
+            if not isinstance(key, str) or not is_qualified_name(key):
+                raise PydanticCustomError(
+                    "label_key", "{key!r} is not a valid label key: " + QUALIFIED_NAME_HINT, {"key": key}
+                )
+            if not isinstance(value, str):
+                raise PydanticCustomError("label_value", "the value of {key} must be a string", {"key": key})
+            if not is_label_value(value):
+                raise PydanticCustomError(
+                    "label_value", "the value of {key} is not a valid label value: " + LABEL_VALUE_HINT, {"key": key}
+                )
+        return labels
+
+    @field_validator("annotations", mode="before")
+    @classmethod
+    def _annotations(cls, annotations: Any) -> Any:
+        if not isinstance(annotations, dict):
+            return annotations
+        for key, value in annotations.items():
+            if not isinstance(key, str) or not is_qualified_name(key):
+                raise PydanticCustomError(
+                    "annotation_key", "{key!r} is not a valid annotation key: " + QUALIFIED_NAME_HINT, {"key": key}
+                )
+            if not isinstance(value, str):
+                raise PydanticCustomError("annotation_value", "the value of {key} must be a string", {"key": key})
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in annotations.items())
+        if size > MAX_ANNOTATIONS_BYTES:
+            raise PydanticCustomError(
+                "annotations_size", "annotations may total at most 256 KiB (these are {size} bytes)", {"size": size}
+            )
+        return annotations
 
 
 class FineTuneJob(SpecModel):
     """A distributed fine-tuning run of a language model."""
 
-    api_version: Literal["finetune.io/v1alpha1"] = Field(
-        default="finetune.io/v1alpha1", alias="apiVersion", description="API version."
-    )
-    kind: Literal["FineTuneJob"] = Field(default="FineTuneJob", description="Kind.")
+    api_version: Literal["finetune.io/v1alpha1"] = Field(alias="apiVersion", description="API version.")
+    kind: Literal["FineTuneJob"] = Field(description="Kind.")
     metadata: ObjectMeta = Field(description="Standard object metadata.")
     spec: FineTuneJobSpec = Field(description="Desired state.")
     status: FineTuneJobStatus | None = Field(default=None, description="Observed state.")
