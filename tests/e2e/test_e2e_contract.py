@@ -58,9 +58,10 @@ def test_rendered_pod_template_trains_as_two_processes(
     cluster: Cluster,
     operator: Operator,
     ns: str,
+    tiny_model: Path,
     tmp_path: Path,
 ) -> None:
-    model = tiny.build_tiny_model(tmp_path / "model")
+    model = tiny_model
     train = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.prompt_completion_rows(200))
     port = free_port()
     ftj = tiny.job_manifest("gang", model, train, training__maxSteps=6)

@@ -191,12 +191,13 @@ def test_dashboards_and_alerts_against_a_real_training_and_operator(
     ns: str,
     rendered: list[dict[str, Any]],
     prometheus: Prometheus,
+    tiny_model: Path,
     tmp_path: Path,
 ) -> None:
     server = prometheus
     boards = dashboards(rendered)
     port = free_port_pair()
-    model = tiny.build_tiny_model(tmp_path / "model")
+    model = tiny_model
     train = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.prompt_completion_rows(400))
     ftj = tiny.job_manifest(
         "watched",

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny
+from runs import RunResult
 
 RUN_TIMEOUT = 600
 
@@ -25,11 +25,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="session")
 def tiny_model_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny-model-tied"), tie_embeddings=True)
 
@@ -37,22 +32,6 @@ def tiny_model_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def train_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny.write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", tiny.prompt_completion_rows(400))
-
-
-@dataclass
-class RunResult:
-    returncode: int
-    output: str
-    workdir: Path
-
-    @property
-    def losses(self) -> list[float]:
-        return tiny.train_losses(self.workdir)
-
-    def summary(self) -> dict[str, Any]:
-        import json
-
-        return dict(json.loads((self.workdir / "summary.json").read_text()))
 
 
 @pytest.fixture
@@ -76,11 +55,3 @@ def finetune_run(tmp_path: Path) -> Callable[..., RunResult]:
         return RunResult(proc.returncode, proc.stdout + proc.stderr, workdir)
 
     return run
-
-
-def assert_loss_falls(result: RunResult, steps: int = 20) -> None:
-    assert result.returncode == 0, result.output[-6000:]
-    losses = result.losses
-    assert len(losses) >= steps, f"expected {steps} logged steps, got {len(losses)}"
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < first * 0.97, f"loss did not fall: first5 {first:.4f} last5 {last:.4f} ({losses})"

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from conftest import RunResult
 from peft import LoraConfig, get_peft_model
+from runs import RunResult
 from tiny import job_manifest, text_rows, write_jsonl
 from transformers import (
     AutoModelForCausalLM,

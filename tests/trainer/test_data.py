@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RunResult
 from finetune_operator.api.v1alpha1 import DataSource, DataSpec
 from finetune_operator.trainer_config import EXIT_INVALID_DATA
 from finetune_trainer.causal_lm_data import (
@@ -22,6 +21,7 @@ from finetune_trainer.causal_lm_data import (
     pack_documents,
 )
 from finetune_trainer.records import DataError, Record, load_checked
+from runs import RunResult
 from tiny import chat_rows, job_manifest, prompt_completion_rows, text_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RunResult, assert_loss_falls
+from runs import RunResult, assert_loss_falls
 from tiny import QLORA, job_manifest
 
 CASES: dict[str, dict[str, Any]] = {

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RunResult, assert_loss_falls
 from finetune_trainer.outputs import sha256_file
+from runs import RunResult, assert_loss_falls
 from tiny import QLORA, job_manifest
 
 METHODS: dict[str, dict[str, Any]] = {

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import RunResult, assert_loss_falls
 from finetune_trainer.outputs import ADDED_TOKENS_FILE, load_adapter_for_inference
+from runs import RunResult, assert_loss_falls
 from safetensors.torch import load_file
 from tiny import QLORA, job_manifest, prompt_completion_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig

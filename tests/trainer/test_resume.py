@@ -17,8 +17,8 @@ from typing import Any
 
 import live
 import tiny
-from conftest import RunResult
 from finetune_trainer.faults import NONFINITE_LOSS_AT_STEP
+from runs import RunResult
 from tiny import job_manifest
 
 STEPS = 30

@@ -10,7 +10,7 @@ from pathlib import Path
 import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import RunResult, assert_loss_falls
+from runs import RunResult, assert_loss_falls
 from tiny import job_manifest, prompt_completion_rows
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RunResult
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.training_args import deepspeed_config, training_arguments
+from runs import RunResult
 from tiny import job_manifest, read_metrics
 
 
