@@ -180,3 +180,29 @@ def test_text_is_cut_into_blocks(tiny_model: Path) -> None:
     assert sum(len(r) for r in rows) == total
     assert all(len(r) == 32 for r in rows[:-1]) and 0 < len(rows[-1]) <= 32
     assert all(r.position_ids is not None and r.position_ids[0] == 0 for r in rows)
+
+
+def test_jsonl_lines_end_only_at_newlines(tmp_path: Path) -> None:
+    """U+2028, U+2029, U+0085, form feeds, vertical tabs and \\x1c-\\x1e are legal inside JSON strings and
+    are line breaks to str.splitlines(): the line numbers must count only \\n (and \\r\\n)."""
+    breakers = "\u2028\u2029\u0085\x0c\x0b\x1c\x1d\x1e"
+    # Written raw, not escaped (json.dumps would escape the control characters).
+    rows = ['{"prompt": "p%s%d", "completion": "c"}' % (breakers, i) for i in range(3)]  # noqa: UP031
+    rows.insert(2, json.dumps({"prompt": "no completion"}))
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(("\r\n".join(rows[:2]) + "\n" + "\n".join(rows[2:]) + "\n").encode())
+    with pytest.raises(DataError) as info:
+        load_checked(DataSource(uri=str(path)), "promptCompletion", DataSpec(train=DataSource(uri="x")).columns)
+    assert info.value.problems == [f"{path}:3: missing column 'completion'"]
+    path.write_bytes(path.read_bytes().replace(b'{"prompt": "no completion"}', b'{"prompt": "x", "completion": "y"}'))
+    records = load_checked(DataSource(uri=str(path)), "promptCompletion", DataSpec(train=DataSource(uri="x")).columns)
+    assert [r.line for r in records] == [1, 2, 3, 4]
+    assert records[3].data["prompt"] == f"p{breakers}2"
+
+
+def test_csv_records_are_placed_at_the_line_they_start(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text('text,label\n"two\nlines",a\n,b\n')
+    with pytest.raises(DataError) as info:
+        load_checked(DataSource(uri=str(path)), "text", DataSpec(train=DataSource(uri="x")).columns)
+    assert info.value.problems == [f"{path}:4: column 'text' must be a non-empty string"]

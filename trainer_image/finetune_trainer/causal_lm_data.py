@@ -175,12 +175,21 @@ def pack_documents(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase
 
 
 def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Hold out a seeded random fraction of the records for evaluation."""
+    """Hold out a seeded random fraction of the records for evaluation (at least one, and at least one
+    left to train on: a DataError otherwise)."""
     if fraction <= 0:
         return records, []
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(records) * fraction))
+    if n_eval >= len(records):
+        where = records[0].file if records else "the training data"
+        raise DataError(
+            [
+                f"{where}: spec.data.evalSplit {fraction} holds out {n_eval} of {len(records)} record(s), "
+                "leaving nothing to train on"
+            ]
+        )
     held = set(order[:n_eval])
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 

@@ -9,18 +9,55 @@ torchrun, with two differences:
 - SIGTERM (sent to the container's first process on preemption, eviction or node drain) is forwarded
   to the ranks, which save and exit with 85 on their own; torchrun would instead give them 30 seconds
   and then kill them. The pod's grace period bounds the save (spec.checkpoint.gracePeriodSeconds).
+- when a rank exits with one of the trainer's own codes (permanent failures, preemption), the reason
+  the rank printed stays the last thing in the log (and in the termination message the operator reads
+  back): torch elastic's failure report ("failed (exitcode: ...)", the signals sent to the other ranks)
+  is left out. It stays for every other exit, a crash that may be a bug.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 from typing import Any
 
+from finetune_operator.trainer_config import EXIT_PREEMPTED, PERMANENT_EXIT_CODES
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args
 from torch.distributed.run import run as torchrun
+
+#: Exit codes of ranks that already said why they stopped.
+EXPLAINED_EXIT_CODES = frozenset({*PERMANENT_EXIT_CODES, EXIT_PREEMPTED})
+ELASTIC_LOGGERS = "torch.distributed.elastic"
+
+
+class ExplainedExitFilter(logging.Filter):
+    """Drops torch elastic's failure report once a rank exits with an explained code, and every elastic
+    record after it (the closing signals sent to the other ranks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quiet = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.quiet:
+            return False
+        args = record.args if isinstance(record.args, tuple) else ()
+        if str(record.msg).startswith("failed (exitcode: %s)") and args and args[0] in EXPLAINED_EXIT_CODES:
+            self.quiet = True
+            return False
+        return True
+
+
+def quiet_explained_exits() -> ExplainedExitFilter:
+    """Install the filter on every torch elastic logger (a logger's filters see only its own records)."""
+    flt = ExplainedExitFilter()
+    for name in list(logging.root.manager.loggerDict):
+        if name == ELASTIC_LOGGERS or name.startswith(ELASTIC_LOGGERS + "."):
+            logging.getLogger(name).addFilter(flt)
+    return flt
 
 
 def exit_code(exc: ChildFailedError) -> int:
@@ -44,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     handled = [s.strip() for s in str(args.signals_to_handle).split(",")]
     args.signals_to_handle = ",".join(s for s in handled if s and s != "SIGTERM")
     signal.signal(signal.SIGTERM, forward_sigterm)
+    quiet_explained_exits()
     try:
         torchrun(args)
     except ChildFailedError as exc:

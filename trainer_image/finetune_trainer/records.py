@@ -3,6 +3,12 @@
 Every record keeps its file and line (JSONL, CSV), or its position (JSON arrays, Parquet rows), so a
 bad record is reported as ``file:line: reason`` — all of them, before any training starts.
 Files may be local, relative to the manifest, or on object storage (anything fsspec opens).
+
+Every defect of the data itself is a :class:`DataError` (the trainer's exit 3, permanent): a file that
+does not exist or cannot be read, text that is not UTF-8 (with its line and byte offset), a binary
+file, a Parquet or CSV file that cannot be parsed, no records at all, a column mapping naming a column
+no record has. Only ``\n`` (or ``\r\n``) ends a JSONL line: a JSON string may hold U+2028, U+0085,
+form feeds and the other characters ``str.splitlines`` would break at, so line numbers stay exact.
 """
 
 from __future__ import annotations
@@ -57,13 +63,18 @@ def _file_type(path: str, declared: str) -> str:
 
 
 def _read_jsonl(name: str, text: str) -> Iterator[Record | str]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip(" \t\r"):
             continue
         try:
-            value = json.loads(line)
+            # strict=False: control characters (form feeds, ...) may stand unescaped inside strings.
+            value = json.loads(line, strict=False)
         except json.JSONDecodeError as exc:
             yield f"{name}:{number}: invalid JSON: {exc.msg} (column {exc.colno})"
+            continue
+        except RecursionError:
+            yield f"{name}:{number}: invalid JSON: nested too deeply"
             continue
         if not isinstance(value, dict):
             yield f"{name}:{number}: expected a JSON object, got {type(value).__name__}"
@@ -76,6 +87,9 @@ def _read_json(name: str, text: str) -> Iterator[Record | str]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         yield f"{name}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
+        return
+    except RecursionError:
+        yield f"{name}:1: invalid JSON: nested too deeply"
         return
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
@@ -90,20 +104,62 @@ def _read_json(name: str, text: str) -> Iterator[Record | str]:
 
 
 def _read_csv(name: str, text: str) -> Iterator[Record | str]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    for row in reader:
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    try:
+        if reader.fieldnames is None:  # reads the header: an empty file has none (and no records)
+            return
+    except csv.Error as exc:
+        yield f"{name}:1: invalid CSV header: {exc}"
+        return
+    while True:
+        start = reader.line_num + 1  # a quoted field may span lines: a record is where it starts
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield f"{name}:{start}: invalid CSV: {exc}"
+            return
         if None in row:
-            yield f"{name}:{reader.line_num}: more fields than the header has"
+            yield f"{name}:{start}: more fields than the header has"
             continue
-        yield Record(dict(row), name, reader.line_num)
+        yield Record(dict(row), name, start)
 
 
 def _read_parquet(name: str, data: bytes) -> Iterator[Record | str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(data))
-    for index, row in enumerate(table.to_pylist()):
+    try:
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        yield f"{name}: not a readable Parquet file: {exc}"
+        return
+    for index, row in enumerate(rows):
         yield Record(row, name, index)
+
+
+def decode_text(name: str, raw: bytes) -> str:
+    """UTF-8 text (a byte-order mark is dropped); a binary or otherwise encoded file is a DataError."""
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        line = raw.count(b"\n", 0, nul) + 1
+        raise DataError([f"{name}:{line}: a binary file, not text (NUL byte at byte offset {nul})"])
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            [f"{name}:{line}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset {exc.start} cannot be decoded"]
+        ) from None
+
+
+def _read_bytes(path: str, base_dir: str | None) -> bytes:
+    try:
+        return storage.read_bytes(path, base_dir=base_dir)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        # The data is missing or unreadable: permanent. Other errors (network, throttling) may pass.
+        raise DataError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
 
 
 def read_source(source: DataSource, *, base_dir: str | None = None) -> tuple[list[Record], list[str]]:
@@ -112,15 +168,23 @@ def read_source(source: DataSource, *, base_dir: str | None = None) -> tuple[lis
     problems: list[str] = []
     files = storage.list_files(source.uri, base_dir=base_dir, suffixes=tuple(SUFFIXES))
     if not files:
-        problems.append(f"{source.uri}: no data files found")
+        fs, local = storage.filesystem(source.uri, base_dir)
+        if fs.exists(local):
+            problems.append(f"{source.uri}: no data files found (looked for {', '.join(SUFFIXES)})")
+        else:
+            problems.append(f"{source.uri}: no such file or directory")
     for path in files:
         kind = _file_type(path, source.file_type)
-        raw = storage.read_bytes(path, base_dir=base_dir)
+        raw = _read_bytes(path, base_dir)
         items: Iterable[Record | str]
         if kind == "parquet":
             items = _read_parquet(path, raw)
         else:
-            text = raw.decode("utf-8")
+            try:
+                text = decode_text(path, raw)
+            except DataError as exc:
+                problems.extend(exc.problems)
+                continue
             items = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv}[kind](path, text)
         for item in items:
             if isinstance(item, str):
@@ -201,15 +265,52 @@ def check_record(record: Record, fmt: DataFormat, columns: ColumnMapping) -> str
     raise AssertionError(f"unknown format {fmt}")
 
 
+#: The columns each format reads, by their ColumnMapping field.
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "promptCompletion": ("prompt", "completion"),
+    "chat": ("messages",),
+    "text": ("text",),
+    "classification": ("text", "label"),
+    "qa": ("question", "context", "answers"),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+
+
+def _absent_columns(records: list[Record], fmt: DataFormat, columns: ColumnMapping) -> list[str]:
+    """One problem per mapped column that no record has (instead of one per record): most likely the
+    spec's column mapping is wrong, or the data is not of this format."""
+    present: set[str] = set()
+    for record in records:
+        present.update(record.data)
+    found = ", ".join(sorted(present)[:20]) or "none"
+    problems = []
+    for attr in FORMAT_COLUMNS[fmt]:
+        column = getattr(columns, attr)
+        if column not in present:
+            alias = ColumnMapping.model_fields[attr].alias or attr
+            problems.append(
+                f"{records[0].where}: no record has a column '{column}' (spec.data.columns.{alias} for format "
+                f"{fmt}); the records' columns: {found}"
+            )
+    return problems
+
+
 def load_checked(
     source: DataSource, fmt: DataFormat, columns: ColumnMapping, *, base_dir: str | None = None
 ) -> list[Record]:
-    """Read a source and check every record; raise DataError listing every bad one."""
+    """Read a source and check every record; raise DataError listing every bad one, and when nothing
+    is left to train on."""
     records, problems = read_source(source, base_dir=base_dir)
-    for record in records:
-        reason = check_record(record, fmt, columns)
-        if reason:
-            problems.append(f"{record.where}: {reason}")
+    absent = _absent_columns(records, fmt, columns) if records else []
+    if absent:
+        problems += absent
+    else:
+        for record in records:
+            reason = check_record(record, fmt, columns)
+            if reason:
+                problems.append(f"{record.where}: {reason}")
+    if not records and not problems:
+        problems.append(f"{source.uri}: no records (the data is empty)")
     if problems:
         raise DataError(problems[:MAX_REPORTED], total=len(problems))
     return records
