@@ -5,6 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -154,31 +158,213 @@ def test_cel_rule_epochs_xor_max_steps_is_enforced(
             del training[key]
 
 
-def _invalid_table() -> list[tuple[str, dict[str, Any], str, str]]:
+def _unit_module(name: str) -> Any:
+    import importlib
     import sys
 
     sys.path.insert(0, str(REPO / "tests" / "unit"))
-    from test_api_validation import INVALID
+    return importlib.import_module(name)
 
-    return INVALID
+
+def _invalid_table() -> list[tuple[str, dict[str, Any], str, str]]:
+    table: list[tuple[str, dict[str, Any], str, str]] = _unit_module("test_api_validation").INVALID
+    return table
+
+
+def _valid_table() -> list[tuple[str, dict[str, Any]]]:
+    table: list[tuple[str, dict[str, Any]]] = _unit_module("test_api_validation").VALID
+    return table
+
+
+_SERVER_FIELD = re.compile(
+    r"(?:^|[\s\[,*])((?:metadata|spec|status|apiVersion|kind)(?:[.\[][^\s:]*)?): "
+    r"(?:Invalid value|Required value|Unsupported value|Too many|Too long|Forbidden|Duplicate value|Not found)"
+)
+
+
+def server_fields(stderr: str) -> set[str]:
+    """The fields an API server (or kubectl) error names, as `finetune validate` names them."""
+    fields = set(_SERVER_FIELD.findall(stderr))
+    fields |= set(re.findall(r'unknown field "([^"]+)"', stderr))
+    fields |= set(re.findall(r'duplicate field "([^"]+)"', stderr))
+    fields |= set(re.findall(r"Go struct field \w+\.([\w.]+) of type", stderr))
+    for kind, _version in re.findall(r'no matches for kind "([^"]*)" in version "([^"]*)"', stderr):
+        fields.add("apiVersion" if kind == "FineTuneJob" else "kind")
+    for missing in re.findall(r"Object '(\w+)' is missing", stderr):
+        fields.add("kind" if missing == "Kind" else missing)
+    fields |= set(re.findall(r"\b(apiVersion|kind) not set", stderr))
+    if re.search(r'namespaces "[^"]*" not found', stderr):
+        # The API server does not check a namespace's name, only that it exists; one with an invalid
+        # name never can.
+        fields.add("metadata.namespace")
+    return fields
+
+
+@dataclass
+class Verdict:
+    accepted: bool
+    fields: set[str]
+    text: str
+
+
+@pytest.fixture(scope="module")
+def parity_ns(cluster: Cluster) -> Iterator[str]:
+    """A namespace of its own, so that no example's name is taken (the examples live in default)."""
+    name = f"parity-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def server_verdict(cluster: Cluster, content: str | bytes, namespace: str) -> Verdict:
+    """What `kubectl create --dry-run=server --validate=strict` makes of a manifest (bytes as they are),
+    in ``namespace`` unless the manifest names its own."""
+    raw = content.encode() if isinstance(content, str) else content
+    own = re.search(rb"^\s*namespace\s*:", raw, re.M)  # YAML; JSON callers pass the manifest's own
+    cmd = [str(cluster.kubectl_path), f"--kubeconfig={cluster.kubeconfig}", "create", "--dry-run=server"]
+    cmd += ["--validate=strict", "-f", "-", *([] if own else ["-n", namespace])]
+    result = subprocess.run(cmd, input=raw, capture_output=True, timeout=60, check=False)
+    stderr = result.stderr.decode("utf-8", errors="replace")
+    return Verdict(result.returncode == 0, server_fields(stderr), stderr + result.stdout.decode(errors="replace"))
+
+
+def python_verdict(content: bytes, tmp_path: Path) -> Verdict:
+    """What `finetune validate` makes of the same bytes."""
+    from finetune_operator.api.validation import check_file
+
+    path = tmp_path / "manifest.yaml"
+    path.write_bytes(content)
+    result = check_file(path)
+    errors = result.all_errors
+    jobs = [d for d in result.documents if d.job is not None]
+    accepted = not errors and bool(jobs) and not any(d.skipped for d in result.documents)
+    return Verdict(accepted, {e.path for e in errors if e.path}, "\n".join(map(str, errors)))
 
 
 @pytest.mark.parametrize(
     ("case", "changes", "path"), [c[:3] for c in _invalid_table()], ids=[c[0] for c in _invalid_table()]
 )
 def test_api_server_refuses_what_python_refuses(
-    cluster: Cluster, crd: dict[str, Any], case: str, changes: dict[str, Any], path: str
+    cluster: Cluster, crd: dict[str, Any], parity_ns: str, case: str, changes: dict[str, Any], path: str
 ) -> None:
     """Parity of the two enforcements: every manifest `finetune validate` refuses, the API server
-    refuses too (schema bounds or CEL), and its error names the same field."""
+    refuses too (schema bounds, CEL, metadata rules, kubectl's decoding), naming the same field."""
+    from finetune_operator.api.validation import InvalidSpec, validate_object
     from test_api_validation import mutate
 
     manifest = mutate(changes)
-    result = cluster.kubectl_result(
-        "apply", "--dry-run=server", "--validate=strict", "-n", "default", "-f", "-", input=json.dumps(manifest)
+    with pytest.raises(InvalidSpec) as info:
+        validate_object(manifest)
+    assert path in {e.path for e in info.value.errors}
+    verdict = server_verdict(cluster, json.dumps(manifest), manifest["metadata"].get("namespace", parity_ns))
+    assert not verdict.accepted, f"{case}: the API server accepted a manifest Python refuses"
+    assert path in verdict.fields, (
+        f"{case}: the API server's error does not name {path} (it names {sorted(verdict.fields)}):\n{verdict.text}"
     )
-    assert result.returncode != 0, f"{case}: the API server accepted a manifest Python refuses"
-    if case == "wrong-api-version":
-        assert "no matches for kind" in result.stderr, result.stderr
-        return
-    assert path in result.stderr, f"{case}: the API server's error does not name {path}:\n{result.stderr}"
+
+
+@pytest.mark.parametrize("changes", [c[1] for c in _valid_table()], ids=[c[0] for c in _valid_table()])
+def test_api_server_accepts_what_python_accepts(
+    cluster: Cluster, crd: dict[str, Any], parity_ns: str, changes: dict[str, Any]
+) -> None:
+    from finetune_operator.api.validation import validate_object
+    from test_api_validation import mutate
+
+    manifest = mutate(changes)
+    validate_object(manifest)
+    verdict = server_verdict(cluster, json.dumps(manifest), parity_ns)
+    assert verdict.accepted, verdict.text
+
+
+#: Where `finetune validate` is deliberately stricter than kubectl, which reads these files without a
+#: word: duplicate keys (kubectl keeps the last value), bytes that are not UTF-8 (kubectl turns them into
+#: U+FFFD in the value), Helm template syntax left in a value.
+DELIBERATE = ("duplicate key", "not UTF-8 text", "unrendered template syntax", "a binary file")
+
+
+def _file_cases() -> list[tuple[str, bytes, bool, bool]]:
+    """Whole files: (id, content, accepted by finetune validate, accepted by kubectl)."""
+    good = (
+        "apiVersion: finetune.io/v1alpha1\nkind: FineTuneJob\nmetadata:\n  name: file-case\nspec:\n"
+        "  model: {uri: org/model}\n  data: {train: {uri: train.jsonl}}\n  training: {maxSteps: 10}\n"
+    )
+    return [
+        ("plain", good.encode(), True, True),
+        (
+            "scalars-as-kubectl-reads-them",
+            good.replace("maxSteps: 10}", "maxSteps: 10, learningRate: 1e-4}")
+            .replace("{uri: org/model}", "{uri: org/model, revision: 2024-01-01}")
+            .replace("{train: {uri: train.jsonl}}", "{train: {uri: train.jsonl}, packing: y}")
+            .encode(),
+            True,
+            True,
+        ),
+        ("near-miss-kind", good.replace("kind: FineTuneJob", "kind: FinetuneJob").encode(), False, False),
+        ("missing-kind", good.replace("kind: FineTuneJob\n", "").encode(), False, False),
+        ("missing-api-version", good.replace("apiVersion: finetune.io/v1alpha1\n", "").encode(), False, False),
+        ("yaml-list", b"- a\n- b\n", False, False),
+        ("empty", b"", False, False),
+        ("broken-yaml", good.replace("maxSteps: 10}", "maxSteps: [10}").encode(), False, False),
+        # Deliberately stricter than kubectl (see DELIBERATE).
+        (
+            "duplicate-key",
+            good.replace("  name: file-case\n", "  name: file-case\n  name: other\n").encode(),
+            False,
+            True,
+        ),
+        ("not-utf8", good.replace("org/model", "org/mod\xe9l").encode("latin-1"), False, True),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "validate_accepts", "kubectl_accepts"),
+    [c[1:] for c in _file_cases()],
+    ids=[c[0] for c in _file_cases()],
+)
+def test_kubectl_and_finetune_validate_read_files_alike(
+    cluster: Cluster,
+    crd: dict[str, Any],
+    parity_ns: str,
+    tmp_path: Path,
+    content: bytes,
+    validate_accepts: bool,
+    kubectl_accepts: bool,
+) -> None:
+    mine = python_verdict(content, tmp_path)
+    theirs = server_verdict(cluster, content, parity_ns)
+    assert mine.accepted is validate_accepts, mine.text
+    assert theirs.accepted is kubectl_accepts, theirs.text
+    if validate_accepts != kubectl_accepts:
+        assert any(reason in mine.text for reason in DELIBERATE), mine.text
+
+
+def _related(a: str, b: str) -> bool:
+    """The same field, or one inside the other (spec.data vs spec.data[0].train)."""
+    return a == b or b.startswith((a + ".", a + "[")) or a.startswith((b + ".", b + "["))
+
+
+#: Fuzzed manifests sent to the API server (of the unit test's several hundred).
+FUZZ_SAMPLE = 80
+
+
+def test_api_server_agrees_with_validate_on_fuzzed_examples(
+    cluster: Cluster, crd: dict[str, Any], parity_ns: str, tmp_path: Path
+) -> None:
+    """A seeded sample of the unit fuzz test's mutations: both refuse or both accept (but for the
+    deliberate differences), and when both refuse a field, they name the same one (or one inside it:
+    a mapping given as a list is "spec.data" here and its entries "spec.data[0].train" there)."""
+    fuzz = _unit_module("test_validate_fuzz")
+    disagreements, deliberate = [], 0
+    for mutation in fuzz.mutations(FUZZ_SAMPLE, seed=7):
+        mine = python_verdict(mutation.content, tmp_path)
+        theirs = server_verdict(cluster, mutation.content, parity_ns)
+        where = f"{mutation.what} (seed {mutation.seed})"
+        report = f"\n  validate: {mine.text}\n  server: {theirs.text.strip()}"
+        if not mine.accepted and any(reason in mine.text for reason in DELIBERATE):
+            deliberate += 1
+        elif mine.accepted != theirs.accepted:
+            disagreements.append(f"{where}: validate {'accepts' if mine.accepted else 'refuses'}{report}")
+        elif mine.fields and theirs.fields and not any(_related(a, b) for a in mine.fields for b in theirs.fields):
+            disagreements.append(f"{where}: fields {sorted(mine.fields)} vs {sorted(theirs.fields)}{report}")
+    assert not disagreements, "\n".join(disagreements)
+    assert deliberate < FUZZ_SAMPLE / 4

@@ -201,11 +201,13 @@ def openapi_schema() -> dict[str, Any]:
                 "type": "string",
                 "description": "Kind is a string value representing the REST resource this object represents.",
             },
-            "metadata": {"type": "object"},
+            "metadata": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "x-kubernetes-validations": list(api.NAME_VALIDATIONS)}},
+            },
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": list(api.ROOT_VALIDATIONS),
     }
 
 

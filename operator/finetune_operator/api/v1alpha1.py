@@ -122,7 +122,7 @@ def is_label_value(value: str) -> bool:
 
 
 def _cel_qualified_name(expr: str) -> str:
-    return f"{expr}.matches('{QUALIFIED_NAME_PATTERN}') && {expr}.indexOf('/') <= 253"
+    return f"{expr}.matches(r'{QUALIFIED_NAME_PATTERN}') && {expr}.indexOf('/') <= 253"
 
 
 StorageUri = Annotated[str, Field(pattern=STORAGE_URI_PATTERN, max_length=2048)]
@@ -971,7 +971,7 @@ class Toleration(SpecModel):
             field=".value",
         ),
         Rule(
-            cel=f"!has(self.value) || self.value.matches('{LABEL_VALUE_PATTERN}')",
+            cel=f"!has(self.value) || self.value.matches(r'{LABEL_VALUE_PATTERN}')",
             message=f"spec.resources.tolerations[].value must be a label value: {LABEL_VALUE_HINT}",
             check=lambda m: m.value is None or is_label_value(m.value),
             field=".value",
@@ -1046,7 +1046,7 @@ def _label_map_rules(field: str) -> tuple[Rule, ...]:
             field=f".{field}",
         ),
         Rule(
-            cel=f"!has(self.{field}) || self.{field}.all(k, self.{field}[k].matches('{LABEL_VALUE_PATTERN}'))",
+            cel=f"!has(self.{field}) || self.{field}.all(k, self.{field}[k].matches(r'{LABEL_VALUE_PATTERN}'))",
             message=f"spec.resources.{field} values must be label values: {LABEL_VALUE_HINT}",
             check=lambda m: all(re.fullmatch(LABEL_VALUE_PATTERN, v) for v in getattr(m, _snake(field)).values()),
             field=f".{field}",
@@ -1637,15 +1637,15 @@ class FineTuneJob(SpecModel):
     status: FineTuneJobStatus | None = Field(default=None, description="Observed state.")
 
 
-#: CEL rules on the CRD's root, the only place CEL can read metadata.name. In Python the same limits
-#: are ObjectMeta.name's max_length and pattern.
-ROOT_VALIDATIONS: list[dict[str, str]] = [
+#: CEL rules on metadata.name (a CRD's schema may constrain metadata.name and nothing else of the
+#: metadata). In Python the same limits are ObjectMeta.name's max_length and pattern.
+NAME_VALIDATIONS: list[dict[str, str]] = [
     {
-        "rule": f"!has(self.metadata.name) || size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+        "rule": f"size(self) <= {MAX_NAME_LENGTH}",
         "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters (child names add suffixes)",
     },
     {
-        "rule": f"!has(self.metadata.name) || self.metadata.name.matches('{DNS_LABEL_PATTERN}')",
+        "rule": f"self.matches(r'{DNS_LABEL_PATTERN}')",
         "message": "metadata.name must be a DNS label starting with a letter (it names a Service)",
     },
 ]
