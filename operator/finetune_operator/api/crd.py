@@ -3,7 +3,10 @@
 The pydantic JSON schema is turned into a Kubernetes *structural* schema: references inlined,
 optionals flattened, ``int | str`` unions expressed as ``x-kubernetes-int-or-string``, defaults taken
 from the models, and every :class:`~.base.Rule` emitted as an ``x-kubernetes-validations`` entry on the
-object it belongs to. Anything the converter does not understand is an error, not a silent drop.
+object it belongs to. A string ``pattern`` becomes a CEL ``matches`` rule whose message is the pattern's
+wording in :data:`~.v1alpha1.PATTERN_HINTS`, so the API server, like ``finetune validate``, says what
+is allowed instead of printing the regular expression. Anything the converter does not understand is
+an error, not a silent drop.
 """
 
 from __future__ import annotations
@@ -56,6 +59,16 @@ _HANDLED = {
 
 class SchemaError(ValueError):
     """The models use a construct the structural-schema converter cannot express."""
+
+
+def pattern_rule(pattern: str, *, int_or_string: bool = False) -> dict[str, Any]:
+    """The CEL rule standing for a string pattern, with the pattern's words as its message."""
+    if pattern not in api.PATTERN_HINTS:
+        raise SchemaError(f"pattern {pattern!r} has no wording in PATTERN_HINTS")
+    if "'" in pattern:
+        raise SchemaError(f"pattern {pattern!r} cannot be a raw CEL string")
+    rule = f"self.matches(r'{pattern}')"
+    return {"rule": f"type(self) != string || {rule}" if int_or_string else rule, "message": api.PATTERN_HINTS[pattern]}
 
 
 def _models(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
@@ -143,7 +156,11 @@ class _Converter:
         elif "anyOf" in node:
             out = self.union(node["anyOf"])
         else:
-            out = {k: node[k] for k in _PASSTHROUGH if k in node}
+            # A CEL rule's estimated cost needs a bound on the string; an unbounded one keeps `pattern`.
+            worded = "pattern" in node and "maxLength" in node
+            out = {k: node[k] for k in _PASSTHROUGH if k in node and not (worded and k == "pattern")}
+            if worded:
+                out["x-kubernetes-validations"] = [pattern_rule(node["pattern"])]
             if "const" in node:
                 out["enum"] = [node["const"]]
             for bound, key in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
@@ -179,7 +196,11 @@ class _Converter:
                 if branch["type"] == "string":
                     # OpenAPI string keywords only constrain string values. Enums and integer bounds
                     # cannot be said this way: the model must carry a CEL rule for them.
-                    out.update({k: branch[k] for k in ("pattern", "maxLength") if k in branch})
+                    if "pattern" in branch and "maxLength" in branch:
+                        out["maxLength"] = branch["maxLength"]
+                        out["x-kubernetes-validations"] = [pattern_rule(branch["pattern"], int_or_string=True)]
+                    else:
+                        out.update({k: branch[k] for k in ("pattern", "maxLength") if k in branch})
             return out
         raise SchemaError(f"cannot express union {branches} in a structural schema")
 

@@ -1515,7 +1515,7 @@ class Artifact(SpecModel):
 
     kind: Literal["adapter", "merged", "model", "manifest"] = Field(description="What the artifact is.")
     uri: str = Field(max_length=4096, description="Location of the artifact.")
-    sha256: str = Field(pattern=SHA256_PATTERN, description="SHA-256 of the artifact's file manifest.")
+    sha256: str = Field(max_length=64, pattern=SHA256_PATTERN, description="SHA-256 of the artifact's file manifest.")
     bytes: int = Field(ge=0, description="Total size in bytes.")
 
 
