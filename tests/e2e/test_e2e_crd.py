@@ -292,12 +292,19 @@ def _file_cases() -> list[tuple[str, bytes, bool, bool]]:
         ("plain", good.encode(), True, True),
         (
             "scalars-as-kubectl-reads-them",
-            good.replace("maxSteps: 10}", "maxSteps: 10, learningRate: 1e-4}")
+            good.replace("maxSteps: 10}", "maxSteps: 10, learningRate: 1e-4, warmupRatio: 1.0e-2}")
+            .replace("training:", "resources: {env: [{name: A, value: 1:30}, {name: B, value: =}]}\n  training:")
             .replace("{uri: org/model}", "{uri: org/model, revision: 2024-01-01}")
             .replace("{train: {uri: train.jsonl}}", "{train: {uri: train.jsonl}, packing: y}")
             .encode(),
             True,
             True,
+        ),
+        (
+            "underscored-int-for-string",
+            good.replace("training:", "resources: {env: [{name: A, value: 1_000}]}\n  training:").encode(),
+            False,
+            False,
         ),
         ("near-miss-kind", good.replace("kind: FineTuneJob", "kind: FinetuneJob").encode(), False, False),
         ("missing-kind", good.replace("kind: FineTuneJob\n", "").encode(), False, False),

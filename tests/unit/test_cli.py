@@ -242,19 +242,32 @@ def test_jinja_chat_templates_are_not_template_syntax(tmp_path: Path) -> None:
 
 
 def test_scalars_are_read_as_kubectl_reads_them(tmp_path: Path) -> None:
-    """1e-4 is a number (PyYAML alone reads a string), a date stays a string, y is a boolean."""
+    """1e-4 and 1.0e5 are numbers (PyYAML alone reads strings), a date, 1:30 and = stay strings (PyYAML
+    alone reads a date, 90 and a value tag), y is a boolean."""
     f = tmp_path / "job.yaml"
+    env = "resources: {env: [{name: A, value: 1:30}, {name: B, value: =}, {name: C, value: 1_000}]}"
     f.write_text(
         GOOD.replace("model: {uri: org/model}", "model: {uri: org/model, revision: 2024-01-01}")
-        .replace("training: {maxSteps: 10}", "training: {maxSteps: 10, learningRate: 1e-4}")
+        .replace("training: {maxSteps: 10}", f"training: {{maxSteps: 10, learningRate: 1e-4, epochs: 1.0e3}}\n  {env}")
         .replace("data: {train: {uri: train.jsonl}}", "data: {train: {uri: train.jsonl}, packing: y}")
     )
-    from finetune_operator.api.validation import load_jobs
+    from finetune_operator.api.validation import InvalidSpec, load_jobs
 
+    with pytest.raises(InvalidSpec) as info:  # epochs a number (set with maxSteps), 1_000 an integer
+        load_jobs(f)
+    assert sorted(e.path for e in info.value.errors) == ["spec.resources.env[2].value", "spec.training.maxSteps"]
+    f.write_text(f.read_text().replace(", epochs: 1.0e3", "").replace(", {name: C, value: 1_000}", ""))
     [job] = load_jobs(f)
     assert job.spec.training.learning_rate == 1e-4
     assert job.spec.model.revision == "2024-01-01"
     assert job.spec.data.packing is True
+    assert [e.value for e in job.spec.resources.env] == ["1:30", "="]
+
+
+def test_template_syntax_in_a_comment_is_not_refused(tmp_path: Path) -> None:
+    f = tmp_path / "job.yaml"
+    f.write_text("# rendered from {{ .Values.job }} by helm template\n" + GOOD)
+    assert CliRunner().invoke(main, ["validate", str(f)]).exit_code == 0
 
 
 def test_other_kinds_are_named_as_skipped_and_lists_are_expanded(tmp_path: Path) -> None:

@@ -249,26 +249,32 @@ def _what(value: Any) -> str:
 # Files, with line numbers
 # --------------------------------------------------------------------------------------------------
 
-_BOOL = "tag:yaml.org,2002:bool"
-_FLOAT = "tag:yaml.org,2002:float"
-_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_TAG = "tag:yaml.org,2002:"
+#: PyYAML's implicit types that go-yaml v2 does not have (dates, ``=``) or reads otherwise (int and
+#: float: PyYAML's also read ``1:30`` as sexagesimal 90, and need a signed exponent).
+_REPLACED = {f"{_TAG}timestamp", f"{_TAG}value", f"{_TAG}int", f"{_TAG}float"}
+_INT = r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"
+_FLOAT = (
+    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
 
 
 class ManifestLoader(yaml.SafeLoader):
     """PyYAML's safe loader, resolving plain scalars as kubectl does (sigs.k8s.io/yaml, go-yaml v2):
-    no timestamps (a date stays a string), ``1e-4`` is a number, ``y``/``n`` are booleans."""
+    no timestamps (a date stays a string), no sexagesimal numbers (``1:30`` is a string), ``1e-4`` is
+    a number, ``y``/``n`` are booleans."""
 
     bool_values = {**yaml.SafeLoader.bool_values, "y": True, "n": False}
     yaml_implicit_resolvers = {
-        first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP]
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in _REPLACED]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
 
 
-ManifestLoader.add_implicit_resolver(
-    _FLOAT, re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"), list("-+0123456789.")
-)
-ManifestLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
+ManifestLoader.add_implicit_resolver(f"{_TAG}int", re.compile(_INT), list("-+0123456789"))
+ManifestLoader.add_implicit_resolver(f"{_TAG}float", re.compile(_FLOAT), list("-+0123456789."))
+ManifestLoader.add_implicit_resolver(f"{_TAG}bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
 
 #: Go template actions (Helm, kustomize-less pipelines): ``{{ .Values.x }}``, ``{{- if ... }}``. A Jinja
 #: chat template (``{{ message['content'] }}``, ``{% for %}``) in spec.model.chatTemplate is not one.
@@ -396,7 +402,7 @@ def _read_documents(name: str, path: str | Path, text: str | None) -> list[Docum
             raise _FileProblem(f"cannot read: {exc.strerror or exc}", None) from None
         text = _decode(name, raw)
     for number, line in enumerate(text.split("\n"), start=1):
-        if _GO_TEMPLATE.search(line):
+        if _GO_TEMPLATE.search(line) and not line.lstrip().startswith("#"):
             raise _FileProblem(TEMPLATE_HINT, number)
     documents: list[Document] = []
     loader = ManifestLoader(text)
