@@ -393,6 +393,18 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "65535",
     ),
     (
+        "adalora-schedule-longer-than-training",
+        {"spec.method.type": "adalora", "spec.method.adalora": {"tinit": 60, "tfinal": 40}},
+        "spec.method.adalora.tfinal",
+        "maxSteps",
+    ),
+    (
+        "empty-prompt-init-text",
+        {"spec.method.type": "prompt", "spec.method.prompt": {"initText": ""}},
+        "spec.method.prompt.initText",
+        "at least 1",
+    ),
+    (
         "rendezvous-port-is-a-metrics-port",
         {"spec.distributed.rendezvousPort": 9411, "spec.resources.gpusPerNode": 2},
         "spec.distributed.rendezvousPort",

@@ -488,6 +488,7 @@ class PromptParams(SpecModel):
     num_virtual_tokens: int = Field(default=20, ge=1, le=4096, description="Length of the soft prompt.")
     init_text: str | None = Field(
         default=None,
+        min_length=1,
         max_length=4096,
         description="Initialize the soft prompt from the embeddings of this text instead of randomly.",
     )
@@ -1451,6 +1452,21 @@ class FineTuneJobSpec(SpecModel):
                 or not s.metrics.port <= s.distributed.rendezvous_port < s.metrics.port + _procs(s)
             ),
             field=".distributed.rendezvousPort",
+        ),
+        Rule(
+            cel="self.method.type != 'adalora' || !has(self.method.adalora) || !has(self.training.maxSteps) "
+            "|| self.method.adalora.tinit + self.method.adalora.tfinal < self.training.maxSteps",
+            message=(
+                "spec.method.adalora tinit + tfinal must be below spec.training.maxSteps "
+                "(the rank budget shrinks in the steps between them)"
+            ),
+            check=lambda s: (
+                s.method.type != "adalora"
+                or s.method.adalora is None
+                or s.training.max_steps is None
+                or s.method.adalora.tinit + s.method.adalora.tfinal < s.training.max_steps
+            ),
+            field=".method.adalora.tfinal",
         ),
         Rule(
             cel="!(self.resources.gpusPerNode == 0 && self.distributed.backend == 'nccl')",
