@@ -280,7 +280,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ("misspelt-field", {"spec.training.learningrate": 0.1}, "spec.training.learningrate", "learningRate"),
     # metadata, as the API server checks it.
     ("metadata-unknown-key", {"metadata.lables": {"app": "demo"}}, "metadata.lables", "did you mean labels"),
-    ("label-key-invalid", {"metadata.labels": {"my app": "x"}}, "metadata.labels", "label key"),
+    ("label-key-invalid", {"metadata.labels": {"my app": "x"}}, "metadata.labels", "'my app' is not a valid label key"),
     ("label-key-prefix-invalid", {"metadata.labels": {"Example.com/app": "x"}}, "metadata.labels", "label key"),
     ("label-key-name-too-long", {"metadata.labels": {"a" * 64: "x"}}, "metadata.labels", "label key"),
     ("label-value-invalid", {"metadata.labels": {"app": "not ok!"}}, "metadata.labels", "label value"),
@@ -505,6 +505,7 @@ def test_one_message_per_problem(changes: dict[str, Any], path: str, text: str) 
     for error in info.value.errors:
         assert " or Input should" not in error.message and "should match pattern" not in error.message, error
         assert "^" not in error.message and "[a-z" not in error.message, error
+        assert "{" not in error.message, error  # an unfilled message template
 
 
 def test_every_pattern_has_words_for_people() -> None:

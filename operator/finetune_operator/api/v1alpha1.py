@@ -1030,7 +1030,7 @@ class EnvVar(SpecModel):
         ),
         Rule(
             cel=f"!self.name.startsWith('{TEST_HOOK_ENV_PREFIX}')",
-            message=f"spec.resources.env[].name: names starting with {TEST_HOOK_ENV_PREFIX} are reserved for tests",
+            message=f"spec.resources.env[].name must not start with {TEST_HOOK_ENV_PREFIX}: reserved for tests",
             check=lambda m: not m.name.startswith(TEST_HOOK_ENV_PREFIX),
             field=".name",
         ),
@@ -1437,7 +1437,7 @@ class FineTuneJobSpec(SpecModel):
         ),
         Rule(
             cel=f"!self.metrics.enabled || self.metrics.port + {_CEL_PROCS} - 1 <= 65535",
-            message="spec.metrics.port: local rank r serves on port + r, which must stay within 65535",
+            message="spec.metrics.port + local rank must stay within 65535 (local rank r serves metrics on port + r)",
             check=lambda s: not s.metrics.enabled or s.metrics.port + _procs(s) - 1 <= 65535,
             field=".metrics.port",
         ),
@@ -1613,7 +1613,7 @@ class ObjectMeta(SpecModel):
         for key, value in labels.items():
             if not isinstance(key, str) or not is_qualified_name(key):
                 raise PydanticCustomError(
-                    "label_key", "{key!r} is not a valid label key: " + QUALIFIED_NAME_HINT, {"key": key}
+                    "label_key", "'{key}' is not a valid label key: " + QUALIFIED_NAME_HINT, {"key": key}
                 )
             if not isinstance(value, str):
                 raise PydanticCustomError("label_value", "the value of {key} must be a string", {"key": key})
@@ -1631,7 +1631,7 @@ class ObjectMeta(SpecModel):
         for key, value in annotations.items():
             if not isinstance(key, str) or not is_qualified_name(key):
                 raise PydanticCustomError(
-                    "annotation_key", "{key!r} is not a valid annotation key: " + QUALIFIED_NAME_HINT, {"key": key}
+                    "annotation_key", "'{key}' is not a valid annotation key: " + QUALIFIED_NAME_HINT, {"key": key}
                 )
             if not isinstance(value, str):
                 raise PydanticCustomError("annotation_value", "the value of {key} must be a string", {"key": key})
