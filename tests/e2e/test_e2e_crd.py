@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import subprocess
 import uuid
@@ -351,7 +352,7 @@ def _related(a: str, b: str) -> bool:
 
 
 #: Fuzzed manifests sent to the API server (of the unit test's several hundred).
-FUZZ_SAMPLE = 80
+FUZZ_SAMPLE = int(os.environ.get("FINETUNE_FUZZ_SAMPLE", "80"))
 
 
 def test_api_server_agrees_with_validate_on_fuzzed_examples(
