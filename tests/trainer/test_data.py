@@ -206,3 +206,29 @@ def test_csv_records_are_placed_at_the_line_they_start(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         load_checked(DataSource(uri=str(path)), "text", DataSpec(train=DataSource(uri="x")).columns)
     assert info.value.problems == [f"{path}:4: column 'text' must be a non-empty string"]
+
+
+def test_json_arrays_and_parquet_rows_are_placed_exactly(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = DataSpec(train=DataSource(uri="x")).columns
+    array = tmp_path / "train.json"
+    array.write_text('[\n  {"text": "a"},\n  {"text": ""}, "oops",\n\n  {"text": "\u2028x"}, {"other": 1}\n]\n')
+    with pytest.raises(DataError) as info:
+        load_checked(DataSource(uri=str(array)), "text", columns)
+    assert info.value.problems == [
+        f"{array}:3: expected a JSON object, got str",
+        f"{array}:3: column 'text' must be a non-empty string",
+        f"{array}:5: missing column 'text'",
+    ]
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [{"text": "a"}, {"text": 3}]}))
+    with pytest.raises(DataError) as info:
+        load_checked(DataSource(uri=str(wrapped)), "text", columns)
+    assert info.value.problems == [f"{wrapped}:record 2: column 'text' must be a non-empty string"]
+    parquet = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"text": ["a", "", "c"]}), parquet)
+    with pytest.raises(DataError) as info:
+        load_checked(DataSource(uri=str(parquet)), "text", columns)
+    assert info.value.problems == [f"{parquet}:row 2: column 'text' must be a non-empty string"]

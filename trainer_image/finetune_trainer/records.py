@@ -32,15 +32,17 @@ MAX_REPORTED = 50
 
 @dataclass(frozen=True)
 class Record:
-    """One dataset record and where it is."""
+    """One dataset record and where it is: its line (1-based), or with ``unit`` its position, e.g. the
+    3rd row of a Parquet file is ``file:row 3``."""
 
     data: dict[str, Any]
     file: str
     line: int
+    unit: str = ""
 
     @property
     def where(self) -> str:
-        return f"{self.file}:{self.line}"
+        return f"{self.file}:{self.unit} {self.line}" if self.unit else f"{self.file}:{self.line}"
 
 
 class DataError(ValueError):
@@ -91,16 +93,37 @@ def _read_json(name: str, text: str) -> Iterator[Record | str]:
     except RecursionError:
         yield f"{name}:1: invalid JSON: nested too deeply"
         return
-    if isinstance(value, dict) and isinstance(value.get("data"), list):
+    lines: list[int] | None = None
+    if isinstance(value, list):
+        lines = _array_item_lines(text)
+    elif isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
         yield f'{name}:1: expected a JSON array of objects (or {{"data": [...]}})'
         return
     for index, item in enumerate(value):
+        record = Record(item, name, lines[index]) if lines else Record(item, name, index + 1, unit="record")
         if not isinstance(item, dict):
-            yield f"{name}:record {index}: expected a JSON object, got {type(item).__name__}"
+            yield f"{record.where}: expected a JSON object, got {type(item).__name__}"
             continue
-        yield Record(item, name, index)
+        yield record
+
+
+def _array_item_lines(text: str) -> list[int]:
+    """The line each element of a (valid) top-level JSON array starts on."""
+    decoder = json.JSONDecoder(strict=False)
+    ws = " \t\r\n"
+    pos = text.index("[") + 1
+    lines, line, counted = [], 1, 0
+    while True:
+        while text[pos] in ws or text[pos] == ",":
+            pos += 1
+        if text[pos] == "]":
+            return lines
+        line += text.count("\n", counted, pos)
+        counted = pos
+        lines.append(line)
+        _value, pos = decoder.raw_decode(text, pos)
 
 
 def _read_csv(name: str, text: str) -> Iterator[Record | str]:
@@ -136,7 +159,7 @@ def _read_parquet(name: str, data: bytes) -> Iterator[Record | str]:
         yield f"{name}: not a readable Parquet file: {exc}"
         return
     for index, row in enumerate(rows):
-        yield Record(row, name, index)
+        yield Record(row, name, index + 1, unit="row")
 
 
 def decode_text(name: str, raw: bytes) -> str:
