@@ -310,6 +310,13 @@ def _file_cases() -> list[tuple[str, bytes, bool, bool]]:
         ("near-miss-kind", good.replace("kind: FineTuneJob", "kind: FinetuneJob").encode(), False, False),
         ("missing-kind", good.replace("kind: FineTuneJob\n", "").encode(), False, False),
         ("missing-api-version", good.replace("apiVersion: finetune.io/v1alpha1\n", "").encode(), False, False),
+        ("not-a-number", good.replace("maxSteps: 10}", "maxSteps: 10, learningRate: .nan}").encode(), False, False),
+        (
+            "infinite",
+            good.replace("maxSteps: 10}", "maxSteps: 10, earlyStopping: {threshold: .inf}}").encode(),
+            False,
+            False,
+        ),
         ("yaml-list", b"- a\n- b\n", False, False),
         ("empty", b"", False, False),
         ("broken-yaml", good.replace("maxSteps: 10}", "maxSteps: [10}").encode(), False, False),

@@ -263,6 +263,13 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "quote",
     ),
     ("fraction-for-int", {"spec.training.maxSteps": 100.5}, "spec.training.maxSteps", "integer"),
+    (
+        "int-beyond-int64",
+        {"spec.runPolicy.activeDeadlineSeconds": 2**63},
+        "spec.runPolicy.activeDeadlineSeconds",
+        "integer",
+    ),
+    ("finalizer-invalid", {"metadata.finalizers": ["not a finalizer!"]}, "metadata.finalizers", "finalizer"),
     ("bool-for-int", {"spec.distributed.nodes": True}, "spec.distributed.nodes", "integer"),
     ("bool-for-number", {"spec.training.learningRate": True}, "spec.training.learningRate", "number"),
     ("number-for-string", {"spec.model.revision": 5}, "spec.model.revision", "quote"),
@@ -416,6 +423,16 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
 VALID: list[tuple[str, dict[str, Any]]] = [
     ("null-is-absent", {"spec.training.learningRate": None, "spec.model.revision": None}),
     ("integer-for-number", {"spec.training.learningRate": 1, "spec.method.lora": {"alpha": 16}}),
+    ("integral-float-for-integer", {"spec.training.maxSteps": 100.0, "spec.resources.cpu": 2.0}),
+    ("int64-max", {"spec.runPolicy.activeDeadlineSeconds": 2**63 - 1}),
+    (
+        "metadata-as-kubectl-get-shows-it",
+        {
+            "metadata.generateName": "demo-",
+            "metadata.finalizers": ["example.com/cleanup", "orphan"],
+            "metadata.ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": "1"}],
+        },
+    ),
     (
         "quantity-forms",
         {"spec.resources.cpu": "500m", "spec.resources.memory": "1.5Gi", "spec.resources.sharedMemory": "1e9"},

@@ -264,6 +264,14 @@ def test_scalars_are_read_as_kubectl_reads_them(tmp_path: Path) -> None:
     assert [e.value for e in job.spec.resources.env] == ["1:30", "="]
 
 
+def test_numbers_must_be_finite(tmp_path: Path) -> None:
+    f = tmp_path / "job.yaml"
+    f.write_text(GOOD.replace("maxSteps: 10}", "maxSteps: 10, maxGradNorm: .inf}"))
+    result = CliRunner().invoke(main, ["validate", str(f)])
+    assert result.exit_code == 1
+    assert f"{f}:8: spec.training.maxGradNorm: Input should be a finite number" in result.output.splitlines()
+
+
 def test_template_syntax_in_a_comment_is_not_refused(tmp_path: Path) -> None:
     f = tmp_path / "job.yaml"
     f.write_text("# rendered from {{ .Values.job }} by helm template\n" + GOOD)

@@ -60,6 +60,7 @@ class SpecModel(BaseModel):
         validate_by_name=True,
         validate_by_alias=True,
         strict=True,
+        allow_inf_nan=False,
         extra="forbid",
         validate_assignment=False,
         use_attribute_docstrings=False,

@@ -1577,6 +1577,17 @@ class FineTuneJobStatus(SpecModel):
 MAX_ANNOTATIONS_BYTES = 256 * 1024
 
 
+class OwnerReference(SpecModel):
+    """An owner of the object (deleting it deletes this one)."""
+
+    api_version: str = Field(min_length=1, description="API version of the owner.")
+    kind: str = Field(min_length=1, description="Kind of the owner.")
+    name: str = Field(min_length=1, description="Name of the owner.")
+    uid: str = Field(min_length=1, description="UID of the owner.")
+    controller: bool | None = Field(default=None, description="The owner is the managing controller.")
+    block_owner_deletion: bool | None = Field(default=None, description="Foreground deletion waits for this.")
+
+
 class ObjectMeta(SpecModel):
     """Kubernetes object metadata (``metadata``): the fields a manifest sets, checked by the rules the
     API server applies, and those the server adds (so objects read back validate too). Unknown keys
@@ -1592,7 +1603,7 @@ class ObjectMeta(SpecModel):
     labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
     finalizers: list[str] = Field(default_factory=list, description="Finalizers.")
-    owner_references: list[dict[str, Any]] = Field(default_factory=list, description="Owners.")
+    owner_references: list[OwnerReference] = Field(default_factory=list, description="Owners.")
     # Set by the API server.
     uid: str | None = Field(default=None, description="Unique id.")
     resource_version: str | None = Field(default=None, description="Resource version.")
@@ -1622,6 +1633,16 @@ class ObjectMeta(SpecModel):
                     "label_value", "the value of {key} is not a valid label value: " + LABEL_VALUE_HINT, {"key": key}
                 )
         return labels
+
+    @field_validator("finalizers", mode="before")
+    @classmethod
+    def _finalizers(cls, finalizers: Any) -> Any:
+        for name in finalizers if isinstance(finalizers, list) else ():
+            if isinstance(name, str) and not is_qualified_name(name):
+                raise PydanticCustomError(
+                    "finalizer", "'{name}' is not a valid finalizer name: " + QUALIFIED_NAME_HINT, {"name": name}
+                )
+        return finalizers
 
     @field_validator("annotations", mode="before")
     @classmethod

@@ -211,12 +211,24 @@ def errors_from_validation(exc: ValidationError, data: Any) -> list[FieldError]:
     return list(found.values())
 
 
-def prune_nulls(value: Any) -> Any:
-    """The manifest as the API server sees it: a field set to null is absent (no CRD field is nullable)."""
+_INT64 = range(-(2**63), 2**63)
+
+
+def as_the_api_server_sees_it(value: Any) -> Any:
+    """The manifest as it reaches the API server (kubectl sends JSON, which the server decodes):
+
+    - a field set to null is absent (the server prunes it: no CRD field is nullable);
+    - a number without a fractional part is an integer (``2.0`` is sent as ``2``), but only within
+      int64: a larger one is a float to the server, so never an integer.
+    """
     if isinstance(value, dict):
-        return {k: prune_nulls(v) for k, v in value.items() if v is not None}
+        return {k: as_the_api_server_sees_it(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        return [prune_nulls(v) for v in value]
+        return [as_the_api_server_sees_it(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and int(value) in _INT64:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+        return float(value)
     return value
 
 
@@ -224,7 +236,7 @@ def validate_object(data: Any) -> FineTuneJob:
     """Validate one manifest (already parsed). Raises InvalidSpec naming every bad field."""
     if not isinstance(data, dict):
         raise InvalidSpec([FieldError("", f"a FineTuneJob manifest must be a mapping, not {_what(data)}")])
-    data = prune_nulls(data)
+    data = as_the_api_server_sees_it(data)
     try:
         return FineTuneJob.parse_manifest(data)
     except ValidationError as exc:
