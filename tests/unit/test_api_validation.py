@@ -269,6 +269,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.runPolicy.activeDeadlineSeconds",
         "integer",
     ),
+    ("status-unknown-field", {"status": {"phase": "Running", "phse": "x"}}, "status.phse", "did you mean phase"),
     ("finalizer-invalid", {"metadata.finalizers": ["not a finalizer!"]}, "metadata.finalizers", "finalizer"),
     ("bool-for-int", {"spec.distributed.nodes": True}, "spec.distributed.nodes", "integer"),
     ("bool-for-number", {"spec.training.learningRate": True}, "spec.training.learningRate", "number"),
@@ -425,6 +426,8 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("integer-for-number", {"spec.training.learningRate": 1, "spec.method.lora": {"alpha": 16}}),
     ("integral-float-for-integer", {"spec.training.maxSteps": 100.0, "spec.resources.cpu": 2.0}),
     ("int64-max", {"spec.runPolicy.activeDeadlineSeconds": 2**63 - 1}),
+    # The API server drops a created object's status: its values are not checked, only its fields.
+    ("status-values-are-not-checked", {"status": {"phase": "Bogus", "restarts": -1}}),
     (
         "metadata-as-kubectl-get-shows-it",
         {

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
 from .base import RULE_ERROR_TYPE
-from .v1alpha1 import API_VERSION, GROUP, KIND, PATTERN_HINTS, FineTuneJob
+from .v1alpha1 import API_VERSION, GROUP, KIND, PATTERN_HINTS, FineTuneJob, FineTuneJobStatus
 
 PathItem = str | int
 Loc = tuple[PathItem, ...]
@@ -94,9 +94,9 @@ def _data_path(data: Any, loc: Sequence[PathItem]) -> list[PathItem]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _model_at(path: Sequence[PathItem]) -> type[BaseModel] | None:
+def _model_at(path: Sequence[PathItem], root: type[BaseModel] = FineTuneJob) -> type[BaseModel] | None:
     """The model class of the object at ``path`` (a mapping in the manifest), if it is one."""
-    tp: Any = FineTuneJob
+    tp: Any = root
     for item in path:
         tp = _unwrap(tp)
         if isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(item, str):
@@ -129,8 +129,8 @@ def _unwrap(tp: Any) -> Any:
             return tp
 
 
-def _unknown_field_message(parent: Sequence[PathItem], key: str) -> str:
-    model = _model_at(parent)
+def _unknown_field_message(parent: Sequence[PathItem], key: str, root: type[BaseModel]) -> str:
+    model = _model_at(parent, root)
     if model is None:
         return "unknown field"
     aliases = [f.alias or name for name, f in model.model_fields.items()]
@@ -156,14 +156,14 @@ def _looks_like(value: Any, kind: type) -> bool:
     return True
 
 
-def _message(err: Any, path: Sequence[PathItem]) -> str:
+def _message(err: Any, path: Sequence[PathItem], root: type[BaseModel]) -> str:
     kind = err["type"]
     value = err.get("input")
     ctx = err.get("ctx") or {}
     if kind == "missing":
         return "required"
     if kind == "extra_forbidden":
-        return _unknown_field_message(path[:-1], str(path[-1]) if path else "")
+        return _unknown_field_message(path[:-1], str(path[-1]) if path else "", root)
     if kind == "string_pattern_mismatch":
         return PATTERN_HINTS.get(str(ctx.get("pattern", "")), str(err["msg"]))
     if kind == "int_type":
@@ -194,8 +194,9 @@ def _message(err: Any, path: Sequence[PathItem]) -> str:
     return str(err["msg"])
 
 
-def errors_from_validation(exc: ValidationError, data: Any) -> list[FieldError]:
-    """Turn a pydantic ValidationError into FieldErrors with manifest paths: one message per field."""
+def errors_from_validation(exc: ValidationError, data: Any, root: type[BaseModel] = FineTuneJob) -> list[FieldError]:
+    """Turn a pydantic ValidationError of ``root`` into FieldErrors with manifest paths: one message
+    per field."""
     found: dict[str, FieldError] = {}
     for err in exc.errors(include_url=False):
         path = _data_path(data, err["loc"])
@@ -204,7 +205,7 @@ def errors_from_validation(exc: ValidationError, data: Any) -> list[FieldError]:
             path += [p for p in relative.split(".") if p]
             message = str(err["msg"])
         else:
-            message = _message(err, path)
+            message = _message(err, path, root)
         key = format_path(path)
         if key not in found:
             found[key] = FieldError(path=key, message=message, loc=tuple(path))
@@ -237,10 +238,26 @@ def validate_object(data: Any) -> FineTuneJob:
     if not isinstance(data, dict):
         raise InvalidSpec([FieldError("", f"a FineTuneJob manifest must be a mapping, not {_what(data)}")])
     data = as_the_api_server_sees_it(data)
+    # The API server drops a created object's status (the operator writes it): only unknown fields in
+    # it are refused (strict field validation), not its values.
+    status = data.pop("status", None)
+    errors: list[FieldError] = []
+    if status is not None:
+        try:
+            FineTuneJobStatus.parse_manifest(status)
+        except ValidationError as exc:
+            errors = [
+                FieldError(format_path(["status", *(e.loc or ())]), e.message, loc=("status", *(e.loc or ())))
+                for e in errors_from_validation(exc, status, FineTuneJobStatus)
+                if e.message.startswith("unknown field")
+            ]
     try:
-        return FineTuneJob.parse_manifest(data)
+        job = FineTuneJob.parse_manifest(data)
     except ValidationError as exc:
-        raise InvalidSpec(errors_from_validation(exc, data)) from None
+        raise InvalidSpec([*errors_from_validation(exc, data), *errors]) from None
+    if errors:
+        raise InvalidSpec(errors)
+    return job
 
 
 def _what(value: Any) -> str:
