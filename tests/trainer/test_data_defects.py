@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import RunResult
 from finetune_operator.trainer_config import EXIT_INVALID_DATA
+from runs import RunResult
 from tiny import job_manifest, prompt_completion_rows, write_jsonl
 
 AUDIT_HOOK = """
