@@ -17,23 +17,16 @@ from finetune_operator.api.v1alpha1 import TEST_HOOK_ENV_PREFIX
 from finetune_operator.api.validation import InvalidSpec, validate_object
 from finetune_operator.trainer_config import build_trainer_config
 from finetune_trainer import faults
+from test_api_validation import base_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = builders.OperatorSettings(trainer_image="registry.example/trainer:1.2.3")
 
 
 def manifest(env: list[dict[str, object]]) -> dict[str, object]:
-    return {
-        "apiVersion": "finetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "demo"},
-        "spec": {
-            "model": {"uri": "org/model"},
-            "data": {"train": {"uri": "s3://bucket/train.jsonl"}},
-            "training": {"maxSteps": 10},
-            "resources": {"env": env},
-        },
-    }
+    job = base_manifest()
+    job["spec"]["resources"] = {"env": env}
+    return job
 
 
 def test_every_hook_variable_has_the_reserved_prefix() -> None:
