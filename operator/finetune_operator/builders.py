@@ -3,7 +3,7 @@
 For a FineTuneJob ``NAME`` in namespace ``NS`` the operator owns:
 
 - ConfigMap ``NAME-config``: the trainer config (``trainer-config.json``), derived by
-  :func:`~finetune_operator.trainer_config.build_trainer_config`;
+  :func:`~finetune_operator.api.trainer_config.build_trainer_config`;
 - headless Service ``NAME``: stable DNS for the rendezvous, published before pods are ready;
 - ServiceAccount, Role and RoleBinding ``NAME-trainer``: the trainer may get and patch the status of
   this FineTuneJob only (resourceNames), to report progress;
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .api.v1alpha1 import API_VERSION, KIND, FineTuneJob
-from .trainer_config import PERMANENT_EXIT_CODES, build_trainer_config
+from .api.trainer_config import PERMANENT_EXIT_CODES, build_trainer_config
 
 LABEL_JOB = "finetune.io/job"
 LABEL_ATTEMPT = "finetune.io/attempt"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .api.v1alpha1 import FineTuneJob
-from .trainer_config import build_trainer_config
+from .api.trainer_config import build_trainer_config
 
 LOCAL_NAMESPACE = "local"
 

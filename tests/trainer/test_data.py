@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from finetune_operator.api.v1alpha1 import DataSource, DataSpec
-from finetune_operator.trainer_config import EXIT_INVALID_DATA
+from finetune_operator.api.trainer_config import EXIT_INVALID_DATA
 from finetune_trainer.causal_lm_data import (
     IGNORE,
     CausalLMCollator,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from finetune_operator.trainer_config import EXIT_INVALID_DATA
+from finetune_operator.api.trainer_config import EXIT_INVALID_DATA
 from runs import RunResult
 from tiny import job_manifest, prompt_completion_rows, write_jsonl
 

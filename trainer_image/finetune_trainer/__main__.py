@@ -1,6 +1,6 @@
 """``python -m finetune_trainer --config FILE``: the trainer's entry point, launched by torchrun.
 
-Exit codes (shared with the operator's podFailurePolicy, defined in finetune_operator.trainer_config):
+Exit codes (shared with the operator's podFailurePolicy, defined in finetune_operator.api.trainer_config):
 
 ==  ================================================================================================
 0   done: outputs written
@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 
-from finetune_operator.trainer_config import (
+from finetune_operator.api.trainer_config import (
     EXIT_INVALID_CONFIG,
     EXIT_INVALID_DATA,
     EXIT_NONFINITE_LOSS,

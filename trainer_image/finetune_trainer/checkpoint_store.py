@@ -20,7 +20,7 @@ The protocol:
 
 The manifest records every file's size and sha256 (verified after a download), the step, the world
 size, the number of nodes, the DeepSpeed ZeRO stage, the evaluation metrics of that step and the
-config hash of the spec that wrote it (``finetune_operator.trainer_config.checkpoint_hash``: the
+config hash of the spec that wrote it (``finetune_operator.api.trainer_config.checkpoint_hash``: the
 training-defining sections of the spec, so suspending or re-resourcing a job keeps its checkpoints).
 
 Uploads stream from disk with bounded memory, one file at a time, while a second thread computes the

@@ -12,7 +12,7 @@
   the previous upload), training goes on meanwhile. Node 0 commits (manifest last), rotates
   (``keepLast`` + the best), and reports the kept checkpoints.
 - **Resume** (``resume: auto``): rank 0 finds the newest committed checkpoint, checks its config hash
-  (:func:`finetune_operator.trainer_config.checkpoint_hash`: model, task, method, data, training,
+  (:func:`finetune_operator.api.trainer_config.checkpoint_hash`: model, task, method, data, training,
   distributed) and world size, and broadcasts the decision. Node 0 downloads it and verifies every
   file's sha256 against the manifest; a checkpoint that does not verify is uncommitted (a warning
   names it) and the next older committed one is tried, so a corrupt checkpoint costs the steps since
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
-from finetune_operator.trainer_config import CHECKPOINT_HASH_FIELDS, TrainerConfig, checkpoint_hash
+from finetune_operator.api.trainer_config import CHECKPOINT_HASH_FIELDS, TrainerConfig, checkpoint_hash
 from transformers import TrainerCallback
 
 from . import distributed

@@ -23,7 +23,7 @@ import signal
 import sys
 from typing import Any
 
-from finetune_operator.trainer_config import EXIT_PREEMPTED, PERMANENT_EXIT_CODES
+from finetune_operator.api.trainer_config import EXIT_PREEMPTED, PERMANENT_EXIT_CODES
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args
 from torch.distributed.run import run as torchrun

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_operator.api.v1alpha1 import DataSpec
-from finetune_operator.trainer_config import TrainerConfig
+from finetune_operator.api.trainer_config import TrainerConfig
 from transformers import PrinterCallback, Trainer, set_seed
 from transformers.trainer_utils import EvalLoopOutput
 

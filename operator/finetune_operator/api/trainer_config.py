@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from .api.base import SpecModel
-from .api.v1alpha1 import FineTuneJob, FineTuneJobSpec
+from .base import SpecModel
+from .v1alpha1 import FineTuneJob, FineTuneJobSpec
 
 CONFIG_VERSION = 1
 
