@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import bounds
 import pytest
 
 if TYPE_CHECKING:
@@ -62,9 +63,15 @@ def _example_namespaces() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def examples(cluster: Cluster, crd: dict[str, Any]) -> dict[str, list[str]]:
-    """`kubectl apply -f examples/`; returns {namespace: [FineTuneJob names]}."""
-    for ns in sorted(_example_namespaces()):
+def examples(cluster: Cluster, crd: dict[str, Any]) -> Iterator[dict[str, list[str]]]:
+    """`kubectl apply -f examples/`; yields {namespace: [FineTuneJob names]}.
+
+    Afterwards the jobs and the namespaces it created are deleted (and gone), so that a later test
+    can follow the README from a cluster without them (`kubectl create namespace ml-team`).
+    """
+    existing = {n["metadata"]["name"] for n in cluster.get_json("namespaces")["items"]}
+    created = sorted(_example_namespaces() - existing)
+    for ns in created:
         cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     out = cluster.kubectl("apply", "-f", str(REPO / "examples"))
     assert "finetunejob.finetune.io/" in out, out
@@ -72,7 +79,17 @@ def examples(cluster: Cluster, crd: dict[str, Any]) -> dict[str, list[str]]:
     for item in cluster.get_json("ftj", "-A")["items"]:
         by_ns.setdefault(item["metadata"]["namespace"], []).append(item["metadata"]["name"])
     assert by_ns, "examples/ holds no FineTuneJob"
-    return by_ns
+    yield by_ns
+
+    cluster.kubectl("delete", "-f", str(REPO / "examples"), "--ignore-not-found", "--wait=false")
+    if created:
+        # The namespace controller deletes what is left in them (discovery, then each resource).
+        cluster.kubectl("delete", "namespace", *created, "--wait=false")
+        cluster.wait_for(
+            f"namespaces {created} gone",
+            lambda: not cluster.kubectl("get", "namespace", *created, "--ignore-not-found", "-o", "name"),
+            timeout=bounds.reactions(3),
+        )
 
 
 def test_examples_apply_and_printer_columns(
