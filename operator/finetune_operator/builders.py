@@ -20,8 +20,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .api.v1alpha1 import API_VERSION, KIND, FineTuneJob
 from .api.trainer_config import PERMANENT_EXIT_CODES, build_trainer_config
+from .api.v1alpha1 import API_VERSION, KIND, FineTuneJob
 
 LABEL_JOB = "finetune.io/job"
 LABEL_ATTEMPT = "finetune.io/attempt"

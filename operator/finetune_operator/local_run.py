@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .api.v1alpha1 import FineTuneJob
 from .api.trainer_config import build_trainer_config
+from .api.v1alpha1 import FineTuneJob
 
 LOCAL_NAMESPACE = "local"
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .api.trainer_config import EXIT_INVALID_CONFIG, EXIT_INVALID_DATA, EXIT_NONFINITE_LOSS, EXIT_PREEMPTED
 from .api.v1alpha1 import FineTuneJob
 from .builders import LABEL_ATTEMPT, job_name
-from .api.trainer_config import EXIT_INVALID_CONFIG, EXIT_INVALID_DATA, EXIT_NONFINITE_LOSS, EXIT_PREEMPTED
 
 TERMINAL = ("Succeeded", "Failed")
 EXIT_REASONS = {

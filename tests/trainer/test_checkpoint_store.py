@@ -19,8 +19,8 @@ from pathlib import Path
 
 import live
 import pytest
-from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.api.trainer_config import build_trainer_config, checkpoint_hash
+from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_trainer import checkpointing
 from finetune_trainer.checkpoint_store import BestMetric, CheckpointError, CheckpointStore
 from finetune_trainer.distributed import World

@@ -6,9 +6,9 @@ import json
 from typing import Any
 
 from finetune_operator import builders
+from finetune_operator.api.trainer_config import PERMANENT_EXIT_CODES, TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.api.validation import validate_object
-from finetune_operator.api.trainer_config import PERMANENT_EXIT_CODES, TrainerConfig
 
 UID = "0f7c6a4e-1111-2222-3333-444455556666"
 SETTINGS = builders.OperatorSettings(trainer_image="registry.example/trainer:1.2.3")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 from finetune_operator import builders
+from finetune_operator.api.trainer_config import build_trainer_config
 from finetune_operator.api.v1alpha1 import TEST_HOOK_ENV_PREFIX
 from finetune_operator.api.validation import InvalidSpec, validate_object
-from finetune_operator.api.trainer_config import build_trainer_config
 from finetune_trainer import faults
 from test_api_validation import base_manifest
 
