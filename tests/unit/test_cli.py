@@ -16,8 +16,6 @@ REQUIRED_EXAMPLES = {
     "qlora.yaml",
     "deepspeed-zero3-full.yaml",
     "continual-pretraining.yaml",
-    "classification.yaml",
-    "dpo.yaml",
 }
 
 
