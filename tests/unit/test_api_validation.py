@@ -84,7 +84,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
             "spec.data.format": "classification",
         },
         "spec.method.type",
-        "causal-LM",
+        "need spec.task.type sft or pretrain",
     ),
     ("qlora-fp32", {"spec.method.type": "qlora", "spec.model.dtype": "fp32"}, "spec.model.dtype", "qlora"),
     (
@@ -418,6 +418,122 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.distributed.rendezvousPort",
         "metrics ports",
     ),
+    # From the task table (api/tasks.py): formats, methods, metrics, and tasks without a recipe yet.
+    (
+        "sft-with-preference-data",
+        {"spec.data.format": "preference"},
+        "spec.data.format",
+        "promptCompletion, chat or text",
+    ),
+    ("pretrain-with-chat-data", {"spec.task.type": "pretrain", "spec.data.format": "chat"}, "spec.data.format", "text"),
+    (
+        "task-not-supported-classification",
+        {
+            "spec.task": {"type": "classification", "classification": {"numLabels": 3}},
+            "spec.data.format": "classification",
+        },
+        "spec.task.type",
+        "classification is not supported yet: this release trains sft and pretrain",
+    ),
+    (
+        "task-not-supported-qa",
+        {"spec.task.type": "qa", "spec.data.format": "qa"},
+        "spec.task.type",
+        "qa is not supported yet",
+    ),
+    (
+        "task-not-supported-reward",
+        {"spec.task.type": "reward", "spec.data.format": "preference"},
+        "spec.task.type",
+        "reward is not supported yet",
+    ),
+    (
+        "task-not-supported-dpo",
+        {"spec.task": {"type": "dpo", "dpo": {"beta": 0.1}}, "spec.data.format": "preference"},
+        "spec.task.type",
+        "dpo is not supported yet",
+    ),
+    (
+        "task-not-supported-rl",
+        {"spec.task": {"type": "rl", "rl": {"rewardModel": "org/rm"}}},
+        "spec.task.type",
+        "rl is not supported yet",
+    ),
+    (
+        "task-not-supported-distill",
+        {"spec.task": {"type": "distill", "distill": {"teacher": "org/teacher"}}},
+        "spec.task.type",
+        "distill is not supported yet",
+    ),
+    (
+        "eval-metric-the-task-does-not-produce",
+        {"spec.training.evaluation": {"everySteps": 10, "metrics": ["loss", "accuracy"]}, "spec.data.evalSplit": 0.1},
+        "spec.training.evaluation.metrics",
+        "sft, pretrain or distill produces: loss and perplexity",
+    ),
+    (
+        # Once crashed the trainer with a KeyError at its first evaluation (exit 1, retried).
+        "early-stopping-metric-the-task-does-not-produce",
+        {
+            "spec.training.evaluation": {"everySteps": 10},
+            "spec.training.earlyStopping": {"metric": "accuracy", "mode": "max"},
+            "spec.data.evalSplit": 0.1,
+        },
+        "spec.training.earlyStopping.metric",
+        "evalLoss or perplexity",
+    ),
+    (
+        "early-stopping-metric-not-evaluated",
+        {
+            "spec.training.evaluation": {"everySteps": 10, "metrics": ["loss"]},
+            "spec.training.earlyStopping": {"metric": "perplexity"},
+            "spec.data.evalSplit": 0.1,
+        },
+        "spec.training.earlyStopping.metric",
+        "one of spec.training.evaluation.metrics",
+    ),
+    (
+        "forgetting-ewc-not-supported",
+        {"spec.training.forgetting": {"ewc": {"strength": 100}}},
+        "spec.training.forgetting.ewc",
+        "not supported yet",
+    ),
+    (
+        "forgetting-replay-not-supported",
+        {"spec.training.forgetting": {"replay": {"source": {"uri": "s3://bucket/general.jsonl"}}}},
+        "spec.training.forgetting.replay",
+        "not supported yet",
+    ),
+    (
+        "merged-output-for-prefix",
+        {"spec.method.type": "prefix", "spec.output.save": "merged"},
+        "spec.output.save",
+        "prefix and prompt cannot merge",
+    ),
+    (
+        "both-outputs-for-prompt",
+        {"spec.method.type": "prompt", "spec.output.save": "both"},
+        "spec.output.save",
+        "cannot merge",
+    ),
+    (
+        "lora-rank-under-adalora",
+        {"spec.method.type": "adalora", "spec.method.lora": {"r": 8}},
+        "spec.method.lora.r",
+        "spec.method.adalora.initR",
+    ),
+    (
+        "rslora-under-adalora",
+        {"spec.method.type": "adalora", "spec.method.lora": {"useRslora": True}},
+        "spec.method.lora.useRslora",
+        "not supported by adalora",
+    ),
+    (
+        "dora-under-adalora",
+        {"spec.method.type": "adalora", "spec.method.lora": {"useDora": True}},
+        "spec.method.lora.useDora",
+        "not supported by adalora",
+    ),
 ]
 
 #: Manifests both the API server and `finetune validate` accept (edges of the rules above).
@@ -472,6 +588,47 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("cuda-optimizer-with-gpus", {"spec.training.optimizer": "adamw8bit"}),
     ("metrics-ports-up-to-65535", {"spec.metrics.port": 65534, "spec.resources.gpusPerNode": 2}),
     ("rendezvous-port-when-metrics-off", {"spec.distributed.rendezvousPort": 9410, "spec.metrics.enabled": False}),
+    # The task table's edges.
+    ("pretrain-on-packed-text", {"spec.task.type": "pretrain", "spec.data.format": "text", "spec.data.packing": True}),
+    ("sft-on-chat", {"spec.data.format": "chat"}),
+    (
+        "eval-loss-only-early-stopping-on-loss",
+        {
+            "spec.training.evaluation": {"everySteps": 10, "metrics": ["loss"]},
+            "spec.training.earlyStopping": {"metric": "evalLoss"},
+            "spec.data.evalSplit": 0.1,
+        },
+    ),
+    (
+        "early-stopping-on-perplexity",
+        {
+            "spec.training.evaluation": {"everySteps": 10},
+            "spec.training.earlyStopping": {"metric": "perplexity"},
+            "spec.data.evalSplit": 0.1,
+        },
+    ),
+    ("forgetting-general-eval", {"spec.training.forgetting": {"generalEval": {"uri": "s3://bucket/general.jsonl"}}}),
+    ("merged-output-for-lora", {"spec.output.save": "both"}),
+    ("merged-output-for-qlora", {"spec.method.type": "qlora", "spec.output.save": "merged"}),
+    ("merged-output-for-ia3", {"spec.method.type": "ia3", "spec.output.save": "merged"}),
+    ("merged-output-for-full", {"spec.method.type": "full", "spec.output.save": "merged"}),
+    ("adapter-output-for-prefix", {"spec.method.type": "prefix", "spec.output.save": "adapter"}),
+    ("lora-rank", {"spec.method.lora": {"r": 8, "useRslora": True, "useDora": True}}),
+    (
+        "lora-fields-adalora-uses",
+        {
+            "spec.method.type": "adalora",
+            "spec.method.adalora": {"initR": 8, "targetR": 4},
+            "spec.method.lora": {
+                "alpha": 16,
+                "dropout": 0.1,
+                "targetModules": ["q_proj", "v_proj"],
+                "bias": "lora_only",
+                "modulesToSave": ["lm_head"],
+            },
+            "spec.output.save": "merged",
+        },
+    ),
 ]
 
 
@@ -554,7 +711,7 @@ def test_base_manifest_is_valid_and_gets_defaults() -> None:
     job = validate_object(base_manifest())
     assert isinstance(job, FineTuneJob)
     spec = job.spec
-    assert spec.method.type == "lora" and spec.method.lora.r == 16
+    assert spec.method.type == "lora" and spec.method.lora.r is None and spec.method.lora.rank == 16
     assert spec.task.type == "sft"
     assert spec.distributed.nodes == 1 and spec.distributed.procs_per_node == "auto"
     assert spec.checkpoint.save_on_preemption is True

@@ -114,6 +114,20 @@ def test_status_has_no_defaults_and_spec_defaults_are_valid() -> None:
     assert _is_subset(manifest["spec"], job.to_manifest()["spec"])
 
 
+def test_defaults_leave_out_the_fields_rules_test_for_presence() -> None:
+    """A CEL `has()` cannot tell a user's value from a default the API server filled in: the fields
+    whose presence a rule refuses (lora.r under adalora, forgetting.ewc/replay) or defers to the task
+    (evaluation.metrics) have no default anywhere in the schema, also inside a defaulted parent."""
+    spec = schema()["properties"]["spec"]["properties"]
+    lora = spec["method"]["properties"]["lora"]
+    assert "default" not in lora["properties"]["r"] and "r" not in lora["default"]
+    assert "r" not in spec["method"]["default"]["lora"]
+    evaluation = spec["training"]["properties"]["evaluation"]
+    assert "default" not in evaluation["properties"]["metrics"] and "metrics" not in evaluation.get("default", {})
+    forgetting = spec["training"]["properties"]["forgetting"]
+    assert "default" not in forgetting and not any("default" in f for f in forgetting["properties"].values())
+
+
 def _is_subset(part: Any, whole: Any) -> bool:
     if isinstance(part, dict):
         return isinstance(whole, dict) and all(k in whole and _is_subset(v, whole[k]) for k, v in part.items())

@@ -9,6 +9,7 @@ enforced both by the API server (CEL) and in Python.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -16,6 +17,20 @@ from pydantic import Field, PlainValidator, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 from .base import Rule, SpecModel
+from .tasks import (
+    ALL_METHODS,
+    IMPLEMENTED_TASKS,
+    PROMPT_METHODS,
+    TASKS,
+    DataFormat,
+    EarlyStoppingMetric,
+    EvalMetric,
+    MethodType,
+    TaskRow,
+    TaskType,
+    eval_metric_name,
+    task_row,
+)
 
 GROUP = "finetune.io"
 VERSION = "v1alpha1"
@@ -234,7 +249,10 @@ class ModelSpec(SpecModel):
     )
     attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
         default="auto",
-        description="Attention implementation. `auto` picks the fastest one the hardware supports.",
+        description=(
+            "Attention implementation. `auto` leaves the choice to transformers: `sdpa` (PyTorch's "
+            "scaled-dot-product attention) where the model supports it, else `eager`."
+        ),
     )
     add_tokens: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=list,
@@ -372,10 +390,6 @@ class DistillParams(SpecModel):
     )
 
 
-TaskType = Literal["sft", "pretrain", "classification", "qa", "reward", "dpo", "rl", "distill"]
-CAUSAL_LM_TASKS = ("sft", "pretrain")
-
-
 def _params_only_for(task: str, field: str) -> Rule:
     return Rule(
         cel=f"!has(self.{field}) || self.type == '{task}'",
@@ -406,7 +420,8 @@ class TaskSpec(SpecModel):
         description=(
             "Training objective: `sft` (supervised fine-tuning), `pretrain` (continual pre-training on "
             "raw text), `classification`, `qa` (extractive question answering), `reward` (reward "
-            "model), `dpo`, `rl` (online RL against a reward model) or `distill`."
+            "model), `dpo`, `rl` (online RL against a reward model) or `distill`. This release trains "
+            "`sft` and `pretrain`; the others are refused at admission until their recipes land."
         ),
     )
     classification: ClassificationParams | None = Field(
@@ -436,10 +451,22 @@ class TaskSpec(SpecModel):
 # --------------------------------------------------------------------------------------------------
 
 
+#: LoRA rank of `lora` and `qlora` when spec.method.lora.r is not set.
+DEFAULT_LORA_RANK = 16
+
+
 class LoRAParams(SpecModel):
     """Low-rank adapter parameters, shared by `lora`, `qlora` and `adalora`."""
 
-    r: int = Field(default=16, ge=1, le=4096, description="Rank of the update matrices.")
+    r: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description=(
+            f"Rank of the update matrices of `lora` and `qlora` (default {DEFAULT_LORA_RANK}). Not for "
+            "`adalora`, whose ranks are spec.method.adalora.initR and targetR."
+        ),
+    )
     alpha: float = Field(default=32, gt=0, le=65536, description="Scaling numerator (update * alpha / r).")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[ModuleName] = Field(
@@ -452,13 +479,20 @@ class LoRAParams(SpecModel):
         ),
     )
     bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases are trained.")
-    use_rslora: bool = Field(default=False, description="Rank-stabilised scaling (alpha / sqrt(r)).")
-    use_dora: bool = Field(default=False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(
+        default=False, description="Rank-stabilised scaling (alpha / sqrt(r)); `lora` and `qlora` only."
+    )
+    use_dora: bool = Field(default=False, description="Weight-decomposed LoRA (DoRA); `lora` and `qlora` only.")
     modules_to_save: list[ModuleName] = Field(
         default_factory=list,
         max_length=64,
         description="Modules trained in full and saved with the adapter (e.g. a classification head).",
     )
+
+    @property
+    def rank(self) -> int:
+        """The rank `lora` and `qlora` train with: ``r``, or :data:`DEFAULT_LORA_RANK` when unset."""
+        return DEFAULT_LORA_RANK if self.r is None else self.r
 
 
 class QuantizationParams(SpecModel):
@@ -557,7 +591,6 @@ class FreezeSpec(SpecModel):
     )
 
 
-MethodType = Literal["full", "lora", "qlora", "prefix", "prompt", "ia3", "adalora"]
 PEFT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3", "adalora")
 
 
@@ -584,7 +617,10 @@ class MethodSpec(SpecModel):
     )
     lora: LoRAParams = Field(
         default_factory=LoRAParams,
-        description="Adapter parameters of `lora`, `qlora` and `adalora` (ignored by other methods).",
+        description=(
+            "Adapter parameters of `lora` and `qlora`; `adalora` uses alpha, dropout, targetModules, bias "
+            "and modulesToSave (its ranks are in spec.method.adalora). Ignored by other methods."
+        ),
     )
     quantization: QuantizationParams | None = Field(
         default=None, description="4-bit quantization of the base model (`qlora`; defaults apply)."
@@ -602,6 +638,26 @@ class MethodSpec(SpecModel):
         _method_params_only_for(("ia3",), "ia3"),
         _method_params_only_for(("adalora",), "adalora"),
         _method_params_only_for(("full",), "freeze"),
+        Rule(
+            cel="self.type != 'adalora' || !has(self.lora) || !has(self.lora.r)",
+            message=(
+                "spec.method.lora.r is not used by adalora: set its ranks in spec.method.adalora.initR and targetR"
+            ),
+            check=lambda m: m.type != "adalora" or m.lora.r is None,
+            field=".lora.r",
+        ),
+        Rule(
+            cel="self.type != 'adalora' || !has(self.lora) || !has(self.lora.useRslora) || !self.lora.useRslora",
+            message="spec.method.lora.useRslora is not supported by adalora (it scales by alpha / current rank)",
+            check=lambda m: m.type != "adalora" or not m.lora.use_rslora,
+            field=".lora.useRslora",
+        ),
+        Rule(
+            cel="self.type != 'adalora' || !has(self.lora) || !has(self.lora.useDora) || !self.lora.useDora",
+            message="spec.method.lora.useDora is not supported by adalora",
+            check=lambda m: m.type != "adalora" or not m.lora.use_dora,
+            field=".lora.useDora",
+        ),
     )
 
 
@@ -646,9 +702,6 @@ class ColumnMapping(SpecModel):
     )
     chosen: str = Field(default="chosen", max_length=256, description="Preferred response (preference).")
     rejected: str = Field(default="rejected", max_length=256, description="Dispreferred response (preference).")
-
-
-DataFormat = Literal["promptCompletion", "chat", "text", "classification", "qa", "preference"]
 
 
 class DataSpec(SpecModel):
@@ -707,12 +760,6 @@ class DataSpec(SpecModel):
 # spec.training
 # --------------------------------------------------------------------------------------------------
 
-EvalMetric = Literal["loss", "perplexity", "accuracy", "f1", "exactMatch"]
-
-
-def _default_eval_metrics() -> list[EvalMetric]:
-    return ["loss", "perplexity"]
-
 
 class EvaluationSpec(SpecModel):
     """Periodic evaluation on the eval data."""
@@ -720,28 +767,39 @@ class EvaluationSpec(SpecModel):
     every_steps: int | None = Field(
         default=None, ge=1, description="Evaluate every N optimizer steps (and at the end)."
     )
-    metrics: list[EvalMetric] = Field(
-        default_factory=_default_eval_metrics,
+    metrics: list[EvalMetric] | None = Field(
+        default=None,
         min_length=1,
         max_length=8,
         json_schema_extra={"x-kubernetes-list-type": "set"},
-        description="Metrics to compute; accuracy/f1 need classification, exactMatch needs qa.",
+        description=(
+            "Metrics to report, among those the task produces: `loss` and `perplexity` for sft and "
+            "pretrain (the tasks this release trains). Default: every metric the task produces."
+        ),
     )
 
 
 class EarlyStoppingSpec(SpecModel):
     """Stop when an evaluation metric stops improving."""
 
-    metric: Literal["evalLoss", "perplexity", "accuracy", "f1", "exactMatch"] = Field(
-        default="evalLoss", description="Metric watched."
+    metric: EarlyStoppingMetric = Field(
+        default="evalLoss",
+        description=(
+            "Metric watched, one the task produces (`evalLoss` or `perplexity` for sft and pretrain) "
+            "and, when spec.training.evaluation.metrics is set, one of them (`evalLoss` is `loss`)."
+        ),
     )
-    mode: Literal["min", "max"] = Field(default="min", description="Whether lower or higher is better.")
+    mode: Literal["min", "max"] = Field(
+        default="min", description="Whether lower (`min`, for losses) or higher (`max`) values are better."
+    )
     patience: int = Field(default=3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
     threshold: float = Field(default=0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
 class EWCSpec(SpecModel):
-    """Elastic weight consolidation: penalize moving weights the base model's task relied on."""
+    """Elastic weight consolidation: penalize moving weights the base model's task relied on.
+
+    Not supported yet: refused at admission (a later release implements it)."""
 
     strength: float = Field(gt=0, le=1e9, description="EWC λ: weight of the Fisher-weighted penalty.")
     fisher_samples: int = Field(
@@ -754,7 +812,9 @@ class EWCSpec(SpecModel):
 
 
 class ReplaySpec(SpecModel):
-    """Experience replay: mix general data into training to limit forgetting."""
+    """Experience replay: mix general data into training to limit forgetting.
+
+    Not supported yet: refused at admission (a later release implements it)."""
 
     source: DataSource = Field(description="General-domain data to replay.")
     ratio: float = Field(default=0.1, gt=0, lt=1, description="Fraction of each batch drawn from the replay data.")
@@ -763,11 +823,36 @@ class ReplaySpec(SpecModel):
 class ForgettingSpec(SpecModel):
     """Controls against catastrophic forgetting of the base model's abilities."""
 
-    ewc: EWCSpec | None = Field(default=None, description="Elastic weight consolidation.")
-    replay: ReplaySpec | None = Field(default=None, description="Replay of general data.")
+    ewc: EWCSpec | None = Field(
+        default=None, description="Elastic weight consolidation. Not supported yet: refused at admission."
+    )
+    replay: ReplaySpec | None = Field(
+        default=None, description="Replay of general data. Not supported yet: refused at admission."
+    )
     general_eval: DataSource | None = Field(
         default=None,
         description="General text whose perplexity is reported before and after training.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.ewc)",
+            message=(
+                "spec.training.forgetting.ewc is not supported yet (a later release implements it): "
+                "remove it; spec.training.forgetting.generalEval measures forgetting"
+            ),
+            check=lambda m: m.ewc is None,
+            field=".ewc",
+        ),
+        Rule(
+            cel="!has(self.replay)",
+            message=(
+                "spec.training.forgetting.replay is not supported yet (a later release implements it): "
+                "remove it; spec.training.forgetting.generalEval measures forgetting"
+            ),
+            check=lambda m: m.replay is None,
+            field=".replay",
+        ),
     )
 
 
@@ -814,7 +899,8 @@ class TrainingSpec(SpecModel):
         default=None, description="Stop when the watched metric stops improving; the best model is kept."
     )
     forgetting: ForgettingSpec | None = Field(
-        default=None, description="Controls against catastrophic forgetting (EWC, replay)."
+        default=None,
+        description="Measures of catastrophic forgetting (generalEval); EWC and replay are not supported yet.",
     )
 
     rules: ClassVar[tuple[Rule, ...]] = (
@@ -835,6 +921,21 @@ class TrainingSpec(SpecModel):
             message="spec.training.earlyStopping needs spec.training.evaluation.everySteps",
             check=lambda m: m.early_stopping is None or m.evaluation.every_steps is not None,
             field=".earlyStopping",
+        ),
+        Rule(
+            cel="!has(self.earlyStopping) || !has(self.evaluation) || !has(self.evaluation.metrics) "
+            "|| (self.earlyStopping.metric == 'evalLoss' ? 'loss' : self.earlyStopping.metric) "
+            "in self.evaluation.metrics",
+            message=(
+                "spec.training.earlyStopping.metric must be one of spec.training.evaluation.metrics "
+                "(evalLoss watches loss): only those are reported"
+            ),
+            check=lambda m: (
+                m.early_stopping is None
+                or m.evaluation.metrics is None
+                or eval_metric_name(m.early_stopping.metric) in m.evaluation.metrics
+            ),
+            field=".earlyStopping.metric",
         ),
     )
 
@@ -1206,7 +1307,8 @@ class OutputSpec(SpecModel):
         default="auto",
         description=(
             "`adapter` (PEFT weights only), `merged` (adapter merged into the base model), or `both`. "
-            "`auto`: adapter for PEFT methods, the full model for `full`."
+            "`auto`: adapter for PEFT methods, the full model for `full` (which saves the model itself "
+            "and allows `auto` or `merged`). `prefix` and `prompt` cannot merge: `auto` or `adapter`."
         ),
     )
 
@@ -1269,6 +1371,121 @@ def _procs(s: FineTuneJobSpec) -> int:
     return procs if isinstance(procs, int) else max(s.resources.gpus_per_node, 1)
 
 
+# --------------------------------------------------------------------------------------------------
+# Rules generated from the task table (tasks.py): each is a CEL expression and a Python check built
+# from the same row data.
+# --------------------------------------------------------------------------------------------------
+
+
+def _or(values: tuple[str, ...]) -> str:
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
+
+
+def _and(values: tuple[str, ...]) -> str:
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
+
+
+def _groups(key: Callable[[TaskRow], tuple[str, ...]]) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(value, task types) for every distinct value of ``key`` over the table, in table order."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for row in TASKS:
+        groups.setdefault(key(row), []).append(row.type)
+    return [(value, tuple(types)) for value, types in groups.items()]
+
+
+def _format_rule(formats: tuple[str, ...], tasks: tuple[str, ...]) -> Rule:
+    verb = "needs" if len(tasks) == 1 else "need"
+    return Rule(
+        cel=f"!(self.task.type in [{_cel_list(tasks)}]) || self.data.format in [{_cel_list(formats)}]",
+        message=f"spec.task.type {_and(tasks)} {verb} spec.data.format {_or(formats)}",
+        check=lambda s: s.task.type not in tasks or s.data.format in formats,
+        field=".data.format",
+    )
+
+
+def _method_rule(methods: tuple[str, ...], tasks: tuple[str, ...]) -> Rule:
+    verb = "needs" if len(methods) == 1 else "need"
+    return Rule(
+        cel=f"!(self.method.type in [{_cel_list(methods)}]) || self.task.type in [{_cel_list(tasks)}]",
+        message=f"spec.method.type {_and(methods)} {verb} spec.task.type {_or(tasks)}",
+        check=lambda s: s.method.type not in methods or s.task.type in tasks,
+        field=".method.type",
+    )
+
+
+def _packing_rule(tasks: tuple[str, ...]) -> Rule:
+    return Rule(
+        cel=f"!self.data.packing || self.task.type in [{_cel_list(tasks)}]",
+        message=f"spec.data.packing is only supported for spec.task.type {_and(tasks)}",
+        check=lambda s: not s.data.packing or s.task.type in tasks,
+        field=".data.packing",
+    )
+
+
+def _eval_metrics_rule(metrics: tuple[str, ...], tasks: tuple[str, ...]) -> Rule:
+    return Rule(
+        cel=f"!(self.task.type in [{_cel_list(tasks)}]) || !has(self.training.evaluation) "
+        f"|| !has(self.training.evaluation.metrics) "
+        f"|| self.training.evaluation.metrics.all(m, m in [{_cel_list(metrics)}])",
+        message=(
+            f"spec.training.evaluation.metrics may only name metrics that spec.task.type {_or(tasks)} "
+            f"produces: {_and(metrics)}"
+        ),
+        check=lambda s: (
+            s.task.type not in tasks
+            or s.training.evaluation.metrics is None
+            or all(m in metrics for m in s.training.evaluation.metrics)
+        ),
+        field=".training.evaluation.metrics",
+    )
+
+
+def _early_stopping_rule(metrics: tuple[str, ...], tasks: tuple[str, ...]) -> Rule:
+    return Rule(
+        cel=f"!(self.task.type in [{_cel_list(tasks)}]) || !has(self.training.earlyStopping) "
+        f"|| self.training.earlyStopping.metric in [{_cel_list(metrics)}]",
+        message=(
+            f"spec.training.earlyStopping.metric must be a metric that spec.task.type {_or(tasks)} "
+            f"produces: {_or(metrics)}"
+        ),
+        check=lambda s: (
+            s.task.type not in tasks or s.training.early_stopping is None or s.training.early_stopping.metric in metrics
+        ),
+        field=".training.earlyStopping.metric",
+    )
+
+
+def _unsupported_task_rule(task: str) -> Rule:
+    return Rule(
+        cel=f"self.task.type != '{task}'",
+        message=f"spec.task.type {task} is not supported yet: this release trains {_and(IMPLEMENTED_TASKS)}",
+        check=lambda s: s.task.type != task,
+        field=".task.type",
+    )
+
+
+def _method_groups() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(task types, methods) for every distinct set of tasks a method serves, but the set of all."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for method in ALL_METHODS:
+        tasks = tuple(row.type for row in TASKS if method in row.methods)
+        groups.setdefault(tasks, []).append(method)
+    everything = tuple(row.type for row in TASKS)
+    return [(tasks, tuple(methods)) for tasks, methods in groups.items() if tasks != everything]
+
+
+#: What data each task reads, the methods it trains with, whether it packs, what it measures.
+TASK_TABLE_RULES: tuple[Rule, ...] = (
+    *(_format_rule(formats, tasks) for formats, tasks in _groups(lambda row: row.formats)),
+    *(_method_rule(methods, tasks) for tasks, methods in _method_groups()),
+    _packing_rule(tuple(row.type for row in TASKS if row.packing)),
+    *(_eval_metrics_rule(metrics, tasks) for metrics, tasks in _groups(lambda row: row.metrics)),
+    *(_early_stopping_rule(metrics, tasks) for metrics, tasks in _groups(lambda row: row.early_stopping_metrics)),
+)
+#: A task whose recipe does not exist yet is refused, naming spec.task.type.
+TASK_SUPPORT_RULES: tuple[Rule, ...] = tuple(_unsupported_task_rule(row.type) for row in TASKS if not row.implemented)
+
+
 class FineTuneJobSpec(SpecModel):
     """Desired state of a FineTuneJob: what to train, on what, how, and where results go."""
 
@@ -1310,12 +1527,6 @@ class FineTuneJobSpec(SpecModel):
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
-            cel="!(self.method.type in ['prefix', 'prompt']) || self.task.type in ['sft', 'pretrain']",
-            message="spec.method.type prefix and prompt need a causal-LM task (spec.task.type sft or pretrain)",
-            check=lambda s: s.method.type not in ("prefix", "prompt") or s.task.type in CAUSAL_LM_TASKS,
-            field=".method.type",
-        ),
-        Rule(
             cel="self.method.type != 'qlora' || self.model.dtype != 'fp32'",
             message=(
                 "spec.method.type qlora needs spec.model.dtype auto, bf16 or fp16 "
@@ -1347,42 +1558,7 @@ class FineTuneJobSpec(SpecModel):
             ),
             field=".distributed.deepspeed.offloadOptimizer",
         ),
-        Rule(
-            cel="(self.task.type in ['dpo', 'reward']) == (self.data.format == 'preference')",
-            message="spec.task.type dpo and reward need spec.data.format preference, and only they use it",
-            check=lambda s: (s.task.type in ("dpo", "reward")) == (s.data.format == "preference"),
-            field=".data.format",
-        ),
-        Rule(
-            cel="(self.task.type == 'classification') == (self.data.format == 'classification')",
-            message="spec.task.type classification needs spec.data.format classification, and only it uses it",
-            check=lambda s: (s.task.type == "classification") == (s.data.format == "classification"),
-            field=".data.format",
-        ),
-        Rule(
-            cel="(self.task.type == 'qa') == (self.data.format == 'qa')",
-            message="spec.task.type qa needs spec.data.format qa, and only it uses it",
-            check=lambda s: (s.task.type == "qa") == (s.data.format == "qa"),
-            field=".data.format",
-        ),
-        Rule(
-            cel="self.task.type != 'pretrain' || self.data.format == 'text'",
-            message="spec.task.type pretrain needs spec.data.format text",
-            check=lambda s: s.task.type != "pretrain" or s.data.format == "text",
-            field=".data.format",
-        ),
-        Rule(
-            cel="self.task.type != 'rl' || self.data.format in ['promptCompletion', 'chat']",
-            message="spec.task.type rl needs prompts: spec.data.format promptCompletion or chat",
-            check=lambda s: s.task.type != "rl" or s.data.format in ("promptCompletion", "chat"),
-            field=".data.format",
-        ),
-        Rule(
-            cel="!self.data.packing || self.task.type in ['sft', 'pretrain', 'distill']",
-            message="spec.data.packing is only supported for spec.task.type sft, pretrain and distill",
-            check=lambda s: not s.data.packing or s.task.type in ("sft", "pretrain", "distill"),
-            field=".data.packing",
-        ),
+        *TASK_TABLE_RULES,
         Rule(
             cel="!self.data.packing || !(self.method.type in ['prefix', 'prompt'])",
             message="spec.data.packing cannot be combined with spec.method.type prefix or prompt",
@@ -1404,6 +1580,15 @@ class FineTuneJobSpec(SpecModel):
             cel="self.method.type != 'full' || !(self.output.save in ['adapter', 'both'])",
             message="spec.output.save adapter and both need a PEFT method, not spec.method.type full",
             check=lambda s: s.method.type != "full" or s.output.save not in ("adapter", "both"),
+            field=".output.save",
+        ),
+        Rule(
+            cel=f"!(self.output.save in ['merged', 'both']) || !(self.method.type in [{_cel_list(PROMPT_METHODS)}])",
+            message=(
+                "spec.output.save merged and both need an adapter that merges into the base model: "
+                "spec.method.type prefix and prompt cannot merge (use auto or adapter)"
+            ),
+            check=lambda s: s.output.save not in ("merged", "both") or s.method.type not in PROMPT_METHODS,
             field=".output.save",
         ),
         Rule(
@@ -1474,7 +1659,14 @@ class FineTuneJobSpec(SpecModel):
             check=lambda s: not (s.resources.gpus_per_node == 0 and s.distributed.backend == "nccl"),
             field=".distributed.backend",
         ),
+        # Last: a manifest of a task without a recipe is told about its other mistakes first.
+        *TASK_SUPPORT_RULES,
     )
+
+    def eval_metrics(self) -> tuple[EvalMetric, ...]:
+        """The metrics every evaluation reports: spec.training.evaluation.metrics, or all the task's."""
+        chosen = self.training.evaluation.metrics
+        return tuple(chosen) if chosen is not None else task_row(self.task.type).metrics
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def lora_config(params: LoRAParams) -> LoraConfig:
     """The peft config of the spec's LoRA parameters (shared by `lora` and `qlora`)."""
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
-        r=params.r,
+        r=params.rank,
         lora_alpha=params.alpha,
         lora_dropout=params.dropout,
         target_modules=target_modules(params),
