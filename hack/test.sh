@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv (first run only) and run every check CI runs:
-# ruff, mypy, the CRD drift check and the whole test suite (unit, trainer and e2e).
+# ruff, mypy, the import contracts (lint-imports), the CRD drift check and the whole test suite (unit,
+# trainer and e2e).
 #   hack/test.sh                 # everything
 #   hack/test.sh tests/unit -x   # extra arguments go to pytest
 #
@@ -48,6 +49,9 @@ stamp "ruff"
 .venv/bin/ruff format --check .
 stamp "mypy"
 .venv/bin/mypy
+# pyproject.toml's [tool.importlinter]: what the API, the pure code and the trainer may import.
+stamp "lint-imports"
+.venv/bin/lint-imports --no-cache --no-logo
 # pytest runs tests/unit, tests/trainer, then tests/e2e (pyproject's testpaths, in that order) and
 # prints the 25 slowest tests at the end.
 stamp "pytest"
