@@ -25,7 +25,6 @@ from .api.v1alpha1 import API_VERSION, KIND, FineTuneJob
 
 LABEL_JOB = "finetune.io/job"
 LABEL_ATTEMPT = "finetune.io/attempt"
-LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
@@ -197,9 +196,7 @@ def _env(ftj: FineTuneJob, namespace: str, attempt: int) -> list[dict[str, Any]]
         {"name": "MASTER_PORT", "value": str(spec.distributed.rendezvous_port)},
         {"name": "FINETUNE_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "FINETUNE_JOB_NAME", "value": name},
-        {"name": "FINETUNE_ATTEMPT", "value": str(attempt)},
         {"name": "FINETUNE_METRICS_PORT", "value": str(spec.metrics.port)},
-        {"name": "FINETUNE_METRICS_ENABLED", "value": "true" if spec.metrics.enabled else "false"},
         {"name": "HOME", "value": "/workspace"},
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
     ]

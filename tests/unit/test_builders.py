@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from finetune_operator import builders
@@ -66,6 +67,16 @@ def test_indexed_job_wires_a_torchrun_gang() -> None:
     assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "4", "cpu": "16", "memory": "128Gi"}
     assert [p["containerPort"] for p in container["ports"]] == [29500, 9410, 9411, 9412, 9413]
+
+
+def test_every_finetune_variable_of_the_pod_is_read_by_the_trainer(repo: Path) -> None:
+    # What the trainer needs from the spec it reads from its config; a FINETUNE_* variable the pod sets
+    # and nothing reads (FINETUNE_METRICS_ENABLED, FINETUNE_ATTEMPT were) is dead weight that looks like
+    # an interface.
+    env = env_of(builders.job(ftj(), "ml", UID, 0, SETTINGS)["spec"]["template"]["spec"]["containers"][0])
+    trainer = "\n".join(p.read_text() for p in (repo / "trainer_image" / "finetune_trainer").rglob("*.py"))
+    names = [name for name in env if name.startswith("FINETUNE_")]
+    assert names and [name for name in names if f'"{name}"' not in trainer] == []
 
 
 def test_pods_meet_the_restricted_pod_security_standard() -> None:

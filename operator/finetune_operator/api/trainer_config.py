@@ -18,8 +18,6 @@ from pydantic import Field
 from .base import SpecModel
 from .v1alpha1 import FineTuneJob, FineTuneJobSpec
 
-CONFIG_VERSION = 1
-
 #: Exit codes of the trainer, shared by the trainer (which exits with them) and the operator (whose
 #: Job podFailurePolicy fails at once on the permanent ones and retries the others).
 EXIT_OK = 0
@@ -51,15 +49,9 @@ class TrainerConfig(SpecModel):
     )
     output_dir: str = Field(description="Where the results (adapter / merged model) are written.")
     work_dir: str = Field(description="Local scratch space: downloaded models and data, logs.")
-    spec_hash: str = Field(description="sha256 of the spec; recorded in checkpoints to detect changed jobs.")
 
     def dumps(self) -> str:
         return json.dumps(self.model_dump(by_alias=True, exclude_none=True, mode="json"), indent=2, sort_keys=True)
-
-
-def spec_hash(spec: FineTuneJobSpec) -> str:
-    canonical = json.dumps(spec.model_dump(by_alias=True, mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 #: The spec sections that decide what a checkpoint holds and how training continues from it. They are
@@ -111,7 +103,6 @@ def build_trainer_config(
         checkpoint_dir=checkpoint_dir,
         output_dir=output_dir,
         work_dir=str(work_dir),
-        spec_hash=spec_hash(spec),
     )
 
 
