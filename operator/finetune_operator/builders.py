@@ -20,7 +20,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .api.trainer_config import PERMANENT_EXIT_CODES, build_trainer_config
+from .api.trainer_config import (
+    PERMANENT_EXIT_CODES,
+    Rendezvous,
+    build_trainer_config,
+    storage_environment,
+    trainer_command,
+)
 from .api.v1alpha1 import API_VERSION, KIND, FineTuneJob
 
 LABEL_JOB = "finetune.io/job"
@@ -166,26 +172,18 @@ def procs_per_node(ftj: FineTuneJob) -> int:
     return int(procs)
 
 
-def trainer_command(ftj: FineTuneJob) -> list[str]:
-    """The container's argv: torchrun (via our launcher), never a shell string.
+def pod_command(ftj: FineTuneJob) -> list[str]:
+    """The container's argv: torchrun through our launcher, pod ``i`` being node ``i`` of the gang.
 
     ``$(VAR)`` references are expanded by the kubelet from the container's env.
     """
-    spec = ftj.spec
-    return [
-        "python",
-        "-m",
-        "finetune_trainer.launch",
-        f"--nnodes={spec.distributed.nodes}",
-        f"--nproc-per-node={procs_per_node(ftj)}",
-        "--node-rank=$(JOB_COMPLETION_INDEX)",
-        "--master-addr=$(MASTER_ADDR)",
-        "--master-port=$(MASTER_PORT)",
-        "-m",
-        "finetune_trainer",
-        "--config",
-        f"{CONFIG_DIR}/{CONFIG_KEY}",
-    ]
+    rendezvous = Rendezvous(
+        nodes=ftj.spec.distributed.nodes,
+        node_rank="$(JOB_COMPLETION_INDEX)",
+        master_addr="$(MASTER_ADDR)",
+        master_port="$(MASTER_PORT)",
+    )
+    return trainer_command(f"{CONFIG_DIR}/{CONFIG_KEY}", nproc_per_node=procs_per_node(ftj), rendezvous=rendezvous)
 
 
 def _env(ftj: FineTuneJob, namespace: str, attempt: int) -> list[dict[str, Any]]:
@@ -200,12 +198,8 @@ def _env(ftj: FineTuneJob, namespace: str, attempt: int) -> list[dict[str, Any]]
         {"name": "HOME", "value": "/workspace"},
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
     ]
-    checkpoint = spec.checkpoint
-    if checkpoint.endpoint_url:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": checkpoint.endpoint_url})
-    if checkpoint.region:
-        env.append({"name": "AWS_REGION", "value": checkpoint.region})
-    creds = checkpoint.credentials
+    env += [{"name": var, "value": value} for var, value in storage_environment(spec).items()]
+    creds = spec.checkpoint.credentials
     if creds is not None:
         pairs = [("AWS_ACCESS_KEY_ID", creds.access_key_id_key), ("AWS_SECRET_ACCESS_KEY", creds.secret_access_key_key)]
         if creds.session_token_key:
@@ -282,7 +276,7 @@ def pod_template(ftj: FineTuneJob, namespace: str, attempt: int, settings: Opera
         "name": CONTAINER,
         "image": r.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy or r.image_pull_policy,
-        "command": trainer_command(ftj),
+        "command": pod_command(ftj),
         "env": _env(ftj, namespace, attempt),
         "ports": ports,
         "volumeMounts": mounts,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .api.trainer_config import build_trainer_config
+from .api.trainer_config import build_trainer_config, storage_environment, trainer_command
 from .api.v1alpha1 import FineTuneJob
 
 LOCAL_NAMESPACE = "local"
@@ -25,21 +25,6 @@ def default_nproc(job: FineTuneJob) -> int:
     return max(torch.cuda.device_count(), 1) if job.spec.resources.gpus_per_node else 1
 
 
-def torchrun_command(config_path: Path, nproc: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "finetune_trainer.launch",
-        "--standalone",
-        "--nnodes=1",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "finetune_trainer",
-        "--config",
-        str(config_path),
-    ]
-
-
 def run_local(job: FineTuneJob, *, manifest: Path, workdir: Path, nproc: int | None = None) -> int:
     """Write the trainer config into ``workdir`` and run torchrun; return the trainer's exit code."""
     workdir = workdir.resolve()
@@ -53,8 +38,9 @@ def run_local(job: FineTuneJob, *, manifest: Path, workdir: Path, nproc: int | N
     )
     config_path = workdir / "trainer-config.json"
     config_path.write_text(config.dumps(), encoding="utf-8")
-    env = dict(os.environ)
+    # As in the pod: the spec's object store (endpoint, region) for every URI on it, not only checkpoints.
+    env = {**os.environ, **storage_environment(job.spec)}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    command = torchrun_command(config_path, nproc or default_nproc(job))
+    command = trainer_command(config_path, nproc_per_node=nproc or default_nproc(job), python=sys.executable)
     return subprocess.run(command, env=env, check=False).returncode

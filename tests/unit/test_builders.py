@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune_operator import builders
-from finetune_operator.api.trainer_config import PERMANENT_EXIT_CODES, TrainerConfig
+from finetune_operator.api.trainer_config import (
+    PERMANENT_EXIT_CODES,
+    Rendezvous,
+    TrainerConfig,
+    storage_environment,
+    trainer_command,
+)
 from finetune_operator.api.v1alpha1 import FineTuneJob
 from finetune_operator.api.validation import validate_object
 
@@ -67,6 +73,32 @@ def test_indexed_job_wires_a_torchrun_gang() -> None:
     assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "4", "cpu": "16", "memory": "128Gi"}
     assert [p["containerPort"] for p in container["ports"]] == [29500, 9410, 9411, 9412, 9413]
+
+
+def test_the_pod_runs_the_shared_trainer_command() -> None:
+    # One argv builder for the pods and `finetune run` (tests/unit/test_cli.py checks the other side).
+    [container] = builders.job(ftj(), "ml", UID, 0, SETTINGS)["spec"]["template"]["spec"]["containers"]
+    gang = Rendezvous(
+        nodes=2, node_rank="$(JOB_COMPLETION_INDEX)", master_addr="$(MASTER_ADDR)", master_port="$(MASTER_PORT)"
+    )
+    assert container["command"] == trainer_command(
+        "/etc/finetune/trainer-config.json", nproc_per_node=4, python="python", rendezvous=gang
+    )
+
+
+def test_the_pod_environment_reaches_the_checkpoint_store_for_every_uri() -> None:
+    # AWS_ENDPOINT_URL / AWS_REGION from spec.checkpoint, through the function `finetune run` uses too:
+    # model, data and output URIs on the same store reach it, not only the checkpoints.
+    job = ftj(
+        checkpoint={"uri": "s3://ckpt", "everySteps": 5, "endpointUrl": "http://minio:9000", "region": "eu-west-1"}
+    )
+    assert storage_environment(job.spec) == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1"}
+    env = env_of(builders.job(job, "ml", UID, 0, SETTINGS)["spec"]["template"]["spec"]["containers"][0])
+    assert storage_environment(job.spec).items() <= env.items()
+    plain = ftj(checkpoint={"uri": "s3://ckpt", "everySteps": 5})
+    assert storage_environment(plain.spec) == {}
+    env = env_of(builders.job(plain, "ml", UID, 0, SETTINGS)["spec"]["template"]["spec"]["containers"][0])
+    assert not {"AWS_ENDPOINT_URL", "AWS_REGION"} & set(env)
 
 
 def test_every_finetune_variable_of_the_pod_is_read_by_the_trainer(repo: Path) -> None:

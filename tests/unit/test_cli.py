@@ -330,3 +330,36 @@ def test_finetune_run_refuses_what_validate_refuses(tmp_path: Path) -> None:
     assert result.output.splitlines() == [
         f"{f}:8: spec.training.maxSteps: must be an integer, not a string: write 10 without quotes"
     ]
+
+
+def test_finetune_run_starts_the_trainer_as_a_pod_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same argv builder as the pods (tests/unit/test_builders.py), standalone; and the same storage
+    # environment: data, model and output URIs on spec.checkpoint's store reach its endpoint and region,
+    # over whatever the caller's environment says.
+    from finetune_operator import local_run
+    from finetune_operator.api.trainer_config import TrainerConfig, storage_environment, trainer_command
+
+    calls: list[tuple[list[str], dict[str, str]]] = []
+
+    def fake_run(argv: list[str], *, env: dict[str, str], check: bool) -> subprocess.CompletedProcess[str]:
+        calls.append((argv, env))
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(local_run.subprocess, "run", fake_run)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://elsewhere:9000")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-the-caller")
+    f = tmp_path / "job.yaml"
+    f.write_text(
+        GOOD.replace("{uri: train.jsonl}", "{uri: s3://data/train.jsonl}")
+        + "  checkpoint: {uri: s3://ckpt, everySteps: 5, endpointUrl: 'http://minio:9000', region: eu-west-1}\n"
+    )
+    workdir = tmp_path / "work"
+    result = CliRunner().invoke(main, ["run", str(f), "--workdir", str(workdir)])
+    assert result.exit_code == 0, result.output
+    [(argv, env)] = calls
+    config_file = workdir / "trainer-config.json"
+    assert argv == trainer_command(config_file, nproc_per_node=1, python=sys.executable)
+    config = TrainerConfig.model_validate_json(config_file.read_text())
+    assert storage_environment(config.spec) == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1"}
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["AWS_REGION"] == "eu-west-1"
+    assert env["AWS_ACCESS_KEY_ID"] == "from-the-caller"

@@ -4,12 +4,16 @@ The operator (which renders it into a ConfigMap) and ``finetune run`` (which wri
 directory) both call :func:`build_trainer_config`, so a job trains the same way in a cluster and on a
 laptop. The trainer reads nothing else: no environment lookups decide *what* to train, only *where*
 this process sits in the gang (torchrun's RANK/WORLD_SIZE/...).
+
+Both also start the trainer the same way, :func:`trainer_command` (torchrun through our launcher), with
+the same object-storage environment, :func:`storage_environment`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -108,3 +112,69 @@ def build_trainer_config(
 
 def load_trainer_config(path: str | Path) -> TrainerConfig:
     return TrainerConfig.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+#: ``python -m LAUNCHER_MODULE [torchrun flags] -m TRAINER_MODULE --config FILE`` starts the trainer: our
+#: torchrun wrapper, then the trainer on every rank.
+LAUNCHER_MODULE = "finetune_trainer.launch"
+TRAINER_MODULE = "finetune_trainer"
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """One node's place in a multi-node gang: torchrun's static rendezvous at node 0's address.
+
+    The values are strings so that a pod can pass ``$(VAR)`` references, which the kubelet expands.
+    """
+
+    nodes: int
+    node_rank: str
+    master_addr: str
+    master_port: str
+
+
+def trainer_command(
+    config_file: str | Path, *, nproc_per_node: int, python: str = "python", rendezvous: Rendezvous | None = None
+) -> list[str]:
+    """The argv that trains: torchrun (through the launcher) running the trainer on every rank.
+
+    With a ``rendezvous``, one node of the operator's gang (its pods); without, one standalone node
+    (``finetune run``). Never a shell string.
+    """
+    if rendezvous is None:
+        gang = ["--standalone", "--nnodes=1"]
+    else:
+        gang = [
+            f"--nnodes={rendezvous.nodes}",
+            f"--node-rank={rendezvous.node_rank}",
+            f"--master-addr={rendezvous.master_addr}",
+            f"--master-port={rendezvous.master_port}",
+        ]
+    return [
+        python,
+        "-m",
+        LAUNCHER_MODULE,
+        *gang,
+        f"--nproc-per-node={nproc_per_node}",
+        "-m",
+        TRAINER_MODULE,
+        "--config",
+        str(config_file),
+    ]
+
+
+def storage_environment(spec: FineTuneJobSpec) -> dict[str, str]:
+    """Environment of the trainer for ``spec.checkpoint``'s object store: ``AWS_ENDPOINT_URL`` and
+    ``AWS_REGION`` from its ``endpointUrl`` and ``region``.
+
+    The checkpoint store reads both from the config; these variables are how the model, data and output
+    URIs on the same store reach it too. Set by the operator in every pod and by ``finetune run`` for its
+    trainer (where they win over the caller's own). Credentials are not here: a pod gets them from the
+    Secret in ``checkpoint.credentials``, ``finetune run`` from the caller's environment.
+    """
+    env: dict[str, str] = {}
+    if spec.checkpoint.endpoint_url:
+        env["AWS_ENDPOINT_URL"] = spec.checkpoint.endpoint_url
+    if spec.checkpoint.region:
+        env["AWS_REGION"] = spec.checkpoint.region
+    return env
