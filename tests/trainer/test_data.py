@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_operator.api.v1alpha1 import DataSource, DataSpec
 from finetune_operator.api.trainer_config import EXIT_INVALID_DATA
-from finetune_trainer.causal_lm_data import (
-    IGNORE,
-    CausalLMCollator,
-    assistant_spans,
-    build_examples,
-    chat_example,
-    pack,
-    pack_documents,
-)
-from finetune_trainer.records import DataError, Record, load_checked
+from finetune_operator.api.v1alpha1 import DataSource, DataSpec
+from finetune_trainer.data import chat
+from finetune_trainer.data.collate import CausalLMCollator
+from finetune_trainer.data.examples import IGNORE, build_examples
+from finetune_trainer.data.packing import pack, pack_documents
+from finetune_trainer.data.records import DataError, Record, load_checked
 from runs import RunResult
 from tiny import chat_rows, job_manifest, prompt_completion_rows, text_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,9 +84,9 @@ def test_assistant_only_masking_token_by_token(tiny_model: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     data = DataSpec(train=DataSource(uri="x"), format="chat", maxSeqLength=512)
     record = Record(chat_rows(1, seed=3)[0], "chat.jsonl", 1)
-    example = chat_example(record, tokenizer, data)
+    example = chat.example(record, tokenizer, data)
     messages = record.data["messages"]
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = chat.assistant_spans(tokenizer, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     assert example.input_ids == encoded["input_ids"]
     assistant_text = "".join(text[s:e] for s, e in spans)
