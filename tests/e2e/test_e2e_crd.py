@@ -203,8 +203,11 @@ _SERVER_FIELD = re.compile(
 def server_fields(stderr: str) -> set[str]:
     """The fields an API server (or kubectl) error names, as `finetune validate` names them."""
     fields = set(_SERVER_FIELD.findall(stderr))
-    fields |= set(re.findall(r'unknown field "([^"]+)"', stderr))
-    fields |= set(re.findall(r'duplicate field "([^"]+)"', stderr))
+    for kind in ("unknown", "duplicate"):
+        fields |= set(re.findall(rf'{kind} field "([^"]+)"', stderr))
+        # A field name may itself hold a quote (a fuzzed `n"odes`): then it ends at the quote that ends
+        # the entry (before ", unknown field", ", duplicate field" or the end of the line).
+        fields |= set(re.findall(rf'{kind} field "(.+?)"(?=, (?:unknown|duplicate) field "|\s*$)', stderr, re.M))
     fields |= set(re.findall(r"Go struct field \w+\.([\w.]+) of type", stderr))
     for kind, _version in re.findall(r'no matches for kind "([^"]*)" in version "([^"]*)"', stderr):
         fields.add("apiVersion" if kind == "FineTuneJob" else "kind")
