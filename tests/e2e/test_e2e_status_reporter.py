@@ -26,19 +26,21 @@ CRD_NAME = "finetunejobs.finetune.io"
 REPORTER = textwrap.dedent(
     """
     import logging, time
+    from finetune_operator.api.v1alpha1 import CheckpointRecord
     from finetune_trainer.status import StatusReporter
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     reporter = StatusReporter.from_env(min_interval=0.5)
     assert reporter is not None, "status reporting is off"
     for step in range(1, 4):
-        reporter.update(step=step, totalSteps=20, epoch=step / 20, loss=2.5 - step / 10, learningRate=2e-4,
-                        tokensPerSecond=1234.5, etaSeconds=60.0 - step)
+        reporter.update(step=step, total_steps=20, epoch=step / 20, loss=2.5 - step / 10, learning_rate=2e-4,
+                        tokens_per_second=1234.5, eta_seconds=60.0 - step)
     deadline = time.monotonic() + 30
     while reporter.sent + reporter.failures == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    reporter.set_checkpoints([{"step": 4, "uri": "s3://ckpt/ns/job/checkpoint-4", "time": "2026-11-01T10:00:00Z"}])
-    reporter.update(step=5, loss=1.75, evalLoss=1.9)
+    checkpoint = CheckpointRecord(step=4, uri="s3://ckpt/ns/job/checkpoint-4", time="2026-11-01T10:00:00Z")
+    reporter.set_checkpoints([checkpoint])
+    reporter.update(step=5, loss=1.75, eval_loss=1.9)
     reporter.close(timeout=10)
     print(f"sent={reporter.sent} failures={reporter.failures} last_status={reporter.last_status}", flush=True)
     """

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_trainer.outputs import sha256_file
+from finetune_trainer.file_manifest import sha256_file
 from runs import RunResult, assert_loss_falls
 from tiny import QLORA, job_manifest
 

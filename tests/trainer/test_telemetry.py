@@ -37,7 +37,7 @@ def test_metrics_port_follows_the_local_rank(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_status_progress_stays_within_the_crd_bounds() -> None:
     body = progress_body(
-        {"step": 7, "totalSteps": 10, "loss": float("nan"), "evalLoss": -0.5, "etaSeconds": -1.0, "epoch": 0.7}
+        {"step": 7, "total_steps": 10, "loss": float("nan"), "eval_loss": -0.5, "eta_seconds": -1.0, "epoch": 0.7}
     )
     assert (body["step"], body["totalSteps"], body["percent"], body["summary"]) == (7, 10, 70.0, "7/10 (70%)")
     assert "loss" not in body and body["evalLoss"] == -0.5 and body["etaSeconds"] == 0.0

@@ -31,8 +31,8 @@ from finetune_operator.api.trainer_config import (
 )
 from pydantic import ValidationError
 
+from .data.records import DataError
 from .errors import ConfigError, NonFiniteLoss, Preempted
-from .records import DataError
 
 
 def termination_message(text: str) -> None:
@@ -59,13 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INVALID_CONFIG
 
     from . import distributed
-    from .recipes import causal_lm
+    from .recipes import recipe_for
 
     try:
-        if config.spec.task.type not in ("sft", "pretrain"):
-            print(f"spec.task.type {config.spec.task.type} is not supported by this trainer yet", file=sys.stderr)
-            return EXIT_INVALID_CONFIG
-        causal_lm.run(config)
+        recipe_for(config.spec.task.type)(config)
     except DataError as exc:
         print(f"invalid data:\n{exc}", file=sys.stderr)
         termination_message(f"invalid data:\n{exc}")

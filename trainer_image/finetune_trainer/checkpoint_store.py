@@ -32,7 +32,6 @@ Listing, reading, writing the manifest and deleting go through fsspec everywhere
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import logging
 import os
@@ -45,9 +44,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from finetune_operator.api.v1alpha1 import CheckpointRecord
 from fsspec.implementations.local import LocalFileSystem
 
 from . import storage
+from .file_manifest import FileEntry, local_files, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +60,10 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 #: S3 multipart geometry: memory held per upload is at most chunk x concurrency (64 MiB by default).
 UPLOAD_CHUNK_BYTES = int(os.environ.get("FINETUNE_CHECKPOINT_CHUNK_MB", "16")) * 2**20
 UPLOAD_CONCURRENCY = int(os.environ.get("FINETUNE_CHECKPOINT_CONCURRENCY", "4"))
-HASH_BLOCK = 4 * 2**20
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read (storage error, corrupt file, missing part)."""
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    path: str  #: relative to the checkpoint directory, '/'-separated
-    size: int
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -142,14 +135,6 @@ class UploadResult:
     manifest: Manifest | None  #: set on the node that committed
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_BLOCK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -157,12 +142,6 @@ def now_rfc3339() -> str:
 def step_of(name: str) -> int | None:
     match = CHECKPOINT_RE.match(name)
     return int(match.group(1)) if match else None
-
-
-def local_files(directory: Path) -> list[tuple[str, Path]]:
-    """(relative posix path, absolute path) of every file under directory, sorted, largest first."""
-    found = [(p.relative_to(directory).as_posix(), p) for p in directory.rglob("*") if p.is_file()]
-    return sorted(found, key=lambda item: (-item[1].stat().st_size, item[0]))
 
 
 class CheckpointStore:
@@ -484,6 +463,6 @@ def summary_line(manifest: Manifest) -> str:
     return f"checkpoint-{manifest.step} ({manifest.bytes:,} B, {len(manifest.files)} files) at {manifest.uri}"
 
 
-def describe(manifests: Iterable[Manifest]) -> list[dict[str, Any]]:
+def describe(manifests: Iterable[Manifest]) -> list[CheckpointRecord]:
     """status.checkpoints entries, oldest first."""
-    return [{"step": m.step, "uri": m.uri, "time": m.time} for m in manifests]
+    return [CheckpointRecord(step=m.step, uri=m.uri, time=m.time) for m in manifests]

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from finetune_operator.api.trainer_config import CHECKPOINT_HASH_FIELDS, TrainerConfig, checkpoint_hash
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from transformers import TrainerCallback
 
 from . import distributed
@@ -58,6 +58,7 @@ from .checkpoint_store import (
 )
 from .distributed import World
 from .errors import ConfigError, NonFiniteLoss, Preempted
+from .faults import LossFaults
 from .telemetry import TrainingMetrics
 from .training_args import BEST_METRICS
 
@@ -67,14 +68,16 @@ UPLOAD_ATTEMPTS = 3
 
 
 def best_metric(spec: FineTuneJobSpec, *, has_eval: bool) -> BestMetric | None:
-    """The metric that ranks checkpoints for keepBest: early stopping's, else the eval loss; None
-    without evaluation or without keepBest."""
+    """The metric that ranks checkpoints: early stopping's (whose best model is loaded at the end),
+    else the eval loss under keepBest; None without periodic evaluation, or with neither."""
     t = spec.training
-    if not spec.checkpoint.keep_best or not has_eval or t.evaluation.every_steps is None:
+    if not has_eval or t.evaluation.every_steps is None:
         return None
     if t.early_stopping is not None:
         return BestMetric(BEST_METRICS[t.early_stopping.metric], t.early_stopping.mode == "max")
-    return BestMetric("eval_loss", False)
+    if spec.checkpoint.keep_best:
+        return BestMetric("eval_loss", False)
+    return None
 
 
 def open_store(config: TrainerConfig) -> CheckpointStore | None:
@@ -350,7 +353,6 @@ class Uploader:
         zero_stage: int | None,
         metrics: TrainingMetrics | None = None,
         on_commit: Callable[[Manifest, list[Manifest]], None] | None = None,
-        protected: Callable[[], set[str]] | None = None,
     ):
         self.store = store
         self.world = world
@@ -359,19 +361,22 @@ class Uploader:
         self.zero_stage = zero_stage
         self.metrics = metrics
         self.on_commit = on_commit
-        self.protected = protected or set
         self._thread: threading.Thread | None = None
         self.last_result: UploadResult | None = None
         self.last_error: BaseException | None = None
         self.committed: Manifest | None = None
 
-    def submit(self, local_dir: Path, step: int, *, epoch: float | None, metrics: dict[str, float]) -> float:
-        """Start uploading ``local_dir``; first waits for the upload in flight. Returns seconds waited."""
+    def submit(
+        self, local_dir: Path, step: int, *, epoch: float | None, metrics: dict[str, float], keep: str | None = None
+    ) -> float:
+        """Start uploading ``local_dir``; first waits for the upload in flight. Returns seconds waited.
+        Afterwards the local staging directories up to ``step`` are removed, except ``keep`` (the
+        best model's, which transformers loads at the end)."""
         started = time.monotonic()
         self.wait()
         waited = time.monotonic() - started
         self._thread = threading.Thread(
-            target=self._run, args=(local_dir, step, epoch, metrics), name=f"ckpt-upload-{step}", daemon=True
+            target=self._run, args=(local_dir, step, epoch, metrics, keep), name=f"ckpt-upload-{step}", daemon=True
         )
         self._thread.start()
         return waited
@@ -382,7 +387,9 @@ class Uploader:
             self._thread = None
         return self.last_result
 
-    def _run(self, local_dir: Path, step: int, epoch: float | None, metrics: dict[str, float]) -> None:
+    def _run(
+        self, local_dir: Path, step: int, epoch: float | None, metrics: dict[str, float], keep: str | None
+    ) -> None:
         result = None
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:
@@ -422,22 +429,56 @@ class Uploader:
                 self.metrics.committed(step, result.manifest.committed_at)
             if self.on_commit is not None:
                 self.on_commit(result.manifest, kept)
-        self._clean_local(local_dir.parent, step)
+        clean_staging(local_dir.parent, upto=step, keep=keep)
 
-    def _clean_local(self, root: Path, upto: int) -> None:
-        """Remove uploaded staging directories (except the one transformers may load as best)."""
-        protected = {str(Path(p)) for p in self.protected() if p}
-        for path in root.glob("checkpoint-*"):
-            step = step_of(path.name)
-            if step is not None and step <= upto and str(path) not in protected:
-                shutil.rmtree(path, ignore_errors=True)
+
+def clean_staging(root: Path, *, upto: int, keep: str | None) -> None:
+    """Remove the local checkpoint directories up to step ``upto``, except ``keep``."""
+    kept = Path(keep).resolve() if keep else None
+    for path in root.glob("checkpoint-*"):
+        step = step_of(path.name)
+        if step is not None and step <= upto and path.resolve() != kept:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---- the callback -------------------------------------------------------------------------------
 
 
+class LossWatch:
+    """Sees the loss of every training micro-batch: the test fault hook applies here, and the
+    checkpoint callback asks at the end of each optimizer step whether any loss of it was non-finite."""
+
+    def __init__(self, faults: LossFaults | None = None):
+        self.faults = faults or LossFaults()
+        self._step: list[Any] = []
+
+    def observe(self, loss: Any, *, step: int, training: bool) -> Any:
+        """The micro-batch ``loss`` of optimizer step ``step`` (1-based), after the fault hook."""
+        loss = self.faults.apply(loss, step=step, training=training)
+        if training:
+            self._step.append(loss.detach())
+        return loss
+
+    def take(self) -> float | None:
+        """The sum of the step's micro-batch losses (None before any); starts the next step."""
+        losses, self._step = self._step, []
+        if not losses:
+            return None
+        total = losses[0].float().sum()
+        for loss in losses[1:]:
+            total = total + loss.float().sum()
+        return float(total.item())  # one device sync a step, as the running loss's
+
+
 class CheckpointCallback(TrainerCallback):
-    """Decides saves, hands them to the uploader, and ends the run on SIGTERM or a non-finite loss."""
+    """The one owner of saves: decides when the Trainer saves (transformers' own save schedule is
+    overridden at every step), hands each save to the uploader (the store rotates what is kept), and
+    ends the run on SIGTERM or a non-finite loss.
+
+    Saves happen at the checkpoint cadence (``everySteps``/``everyMinutes``), at the last step, on
+    preemption, and at every evaluation that improves ``best`` — also without a store when
+    ``keep_best_model`` (early stopping loads the best model at the end, so it must be on disk).
+    """
 
     def __init__(
         self,
@@ -448,8 +489,10 @@ class CheckpointCallback(TrainerCallback):
         uploader: Uploader | None,
         preemption: Preemption,
         best: BestMetric | None,
+        keep_best_model: bool,
         resumed: Manifest | None,
         best_so_far: Manifest | None,
+        loss_watch: LossWatch,
         metrics: TrainingMetrics | None = None,
     ):
         c = spec.checkpoint
@@ -458,6 +501,8 @@ class CheckpointCallback(TrainerCallback):
         self.uploader = uploader
         self.preemption = preemption
         self.best = best
+        self.keep_best_model = keep_best_model
+        self.loss_watch = loss_watch
         self.metrics = metrics
         self.every_steps = c.every_steps
         self.every_seconds = c.every_minutes * 60 if c.every_minutes else None
@@ -465,7 +510,6 @@ class CheckpointCallback(TrainerCallback):
         self.saved_step: int | None = resumed.step if resumed else None
         self.best_value = best.value(best_so_far) if (best and best_so_far) else None
         self.eval_metrics: dict[int, dict[str, float]] = {}
-        self.trainer: Any = None  # set once the Trainer exists (for the running loss)
         self.training = False
         self.preempting = False
         self.last_save = time.monotonic()
@@ -482,10 +526,9 @@ class CheckpointCallback(TrainerCallback):
         self.training = False
 
     def _loss_nonfinite(self) -> tuple[bool, float | None]:
-        loss = getattr(self.trainer, "_tr_loss", None)
-        if loss is None:
+        value = self.loss_watch.take()
+        if value is None:
             return False, None
-        value = float(loss.detach().float().sum().item())
         return (not math.isfinite(value)), value
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -512,17 +555,18 @@ class CheckpointCallback(TrainerCallback):
             or (self.every_steps is not None and step % self.every_steps == 0)
             or step >= state.max_steps
         )
-        if wanted and step != self.saved_step:
-            control.should_save = True
+        # Assigned, not or-ed: transformers' own schedule (at evaluations, for load_best_model_at_end)
+        # does not decide; an improving evaluation asks for its save in on_evaluate.
+        control.should_save = wanted and step != self.saved_step
         if self.preempting and not control.should_save:
             self._finish_preemption(step)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **_: Any) -> None:
-        if not self.training or not metrics:
-            return
+        if not self.training or not metrics or state.global_step == 0:
+            return  # an evaluation before the first step is the baseline, not a checkpoint candidate
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         self.eval_metrics[state.global_step] = numeric
-        if self.best is None or self.store is None:
+        if self.best is None or (self.store is None and not self.keep_best_model):
             return
         value = numeric.get(self.best.name)
         if value is None or not math.isfinite(value):
@@ -544,9 +588,13 @@ class CheckpointCallback(TrainerCallback):
                     step,
                     epoch=state.epoch,
                     metrics=self.eval_metrics.get(step, {}),
+                    keep=state.best_model_checkpoint,
                 )
                 if waited > 1.0:
                     log.info("checkpoint-%d waited %.1fs for the previous upload", step, waited)
+        elif self.world.is_local_main:
+            # No store: a save only keeps the best model for the end; the older ones go.
+            clean_staging(Path(args.output_dir), upto=step, keep=state.best_model_checkpoint)
         if self.preempting:
             self._finish_preemption(step)
 

@@ -4,7 +4,7 @@ Layout under the output location::
 
     adapter/        PEFT adapter (+ added_tokens.safetensors, tokenizer) — PEFT methods
     merged/         the full model with the adapter folded in (or the trained model, for `full`)
-    manifest.json   every file: path, bytes, sha256
+    manifest.json   every file: path, size, sha256 (entries as a checkpoint's manifest has them)
 
 The artifact digest reported in status is the sha256 of ``manifest.json`` itself, so one value
 verifies every byte. Outputs go to a local staging directory first and are uploaded afterwards.
@@ -12,11 +12,10 @@ verifies every byte. Outputs go to a local staging directory first and are uploa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import storage
+from .file_manifest import FileEntry, file_entries, sha256_file
 from .methods import added_tokens
 
 ADDED_TOKENS_FILE = "added_tokens.safetensors"
@@ -39,23 +39,12 @@ class Artifact:
     bytes: int
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_manifest(root: Path) -> dict[str, Any]:
-    files = [
-        {"path": str(p.relative_to(root)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != "manifest.json"
-    ]
-    manifest = {"files": files, "bytes": sum(f["bytes"] for f in files)}
+def write_manifest(root: Path) -> list[FileEntry]:
+    """``manifest.json`` under ``root``: every other file's entry (as a checkpoint's), and the total."""
+    files = file_entries(root, exclude=frozenset({"manifest.json"}))
+    manifest = {"files": [asdict(f) for f in files], "bytes": sum(f.size for f in files)}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
-    return manifest
+    return files
 
 
 def save_strategy(spec: FineTuneJobSpec) -> tuple[bool, bool]:
@@ -128,12 +117,12 @@ def save_outputs(
         merged.save_pretrained(merged_dir, safe_serialization=True)
         tokenizer.save_pretrained(merged_dir)
         saved.append(("model" if spec.method.type == "full" else "merged", "merged"))
-    manifest = write_manifest(staging)
+    files = write_manifest(staging)
     digest = sha256_file(staging / "manifest.json")
     storage.upload(staging, destination)
     artifacts = []
     for kind, folder in saved:
-        size = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith(folder + "/"))
+        size = sum(f.size for f in files if f.path.startswith(folder + "/"))
         artifacts.append(Artifact(kind, f"{destination.rstrip('/')}/{folder}", digest, size))
     return artifacts
 

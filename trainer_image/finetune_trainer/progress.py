@@ -1,5 +1,7 @@
 """Progress reporting from rank 0: a progress line (bar, step/total, loss, tokens/s, ETA) and a log.
 
+Tokens/s is the job's mean since the run (re)started, as :mod:`.throughput` defines it.
+
 Every log event is appended to ``metrics.jsonl`` in the work directory (``finetune report`` reads it);
 the terminal shows one line per event, redrawn in place on a TTY; ``sink`` (the FineTuneJob status
 reporter in a cluster) receives every record too.
@@ -18,6 +20,7 @@ from typing import Any, TextIO
 from transformers import TrainerCallback
 
 from .distributed import World
+from .throughput import Throughput
 
 
 def format_duration(seconds: float) -> str:
@@ -32,17 +35,11 @@ def bar(fraction: float, width: int = 20) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
-class TokenCounter:
-    """Anything with a running ``tokens`` count (the data collator)."""
-
-    tokens: int
-
-
 class ProgressReporter(TrainerCallback):
     def __init__(
         self,
         world: World,
-        counter: TokenCounter,
+        throughput: Throughput,
         metrics_path: Path,
         stream: TextIO | None = None,
         sink: Callable[[dict[str, Any]], None] | None = None,
@@ -50,25 +47,24 @@ class ProgressReporter(TrainerCallback):
         self.world = world
         self.sink = sink
         self.last_checkpoint_step: int | None = None
-        self.counter = counter
+        self.throughput = throughput
         self.metrics_path = metrics_path
         self.stream = stream or sys.stderr
         self.start = time.monotonic()
-        self.start_tokens = 0
+        self.start_step = 0
         self.total_steps = 0
         self.latest: dict[str, Any] = {}
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.start = time.monotonic()
         self.start_step = state.global_step
-        self.start_tokens = self.counter.tokens
         self.total_steps = state.max_steps
 
     def snapshot(self, step: int) -> dict[str, Any]:
         elapsed = time.monotonic() - self.start
-        done = step - getattr(self, "start_step", 0)
-        tokens = (self.counter.tokens - self.start_tokens) * self.world.world_size
-        tps = tokens / elapsed if elapsed > 0 else 0.0
+        done = step - self.start_step
+        mean = self.throughput.mean()
+        tps = mean[0] * self.world.world_size if mean else 0.0  # the job's, from this rank's
         eta = elapsed / done * (self.total_steps - step) if done > 0 else None
         return {"tokens_per_second": tps, "eta_seconds": eta, "elapsed_seconds": elapsed}
 

@@ -10,7 +10,9 @@ and an unreachable or refusing server is logged (once per kind of error) and tri
 Overridable for tests and local runs: ``FINETUNE_KUBE_API`` (default
 ``https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT``), ``FINETUNE_KUBE_TOKEN_FILE`` and
 ``FINETUNE_KUBE_CA_FILE`` (default: the mounted ServiceAccount's ``token`` and ``ca.crt``). The token
-file is re-read for every request (kubelet rotates it). Only the standard library is used.
+file is re-read for every request (kubelet rotates it). The patch is built from the API's typed
+status models (:class:`~finetune_operator.api.v1alpha1.Progress`, ``CheckpointRecord``), so it has
+the CRD's field names and bounds by construction; the HTTP client is the standard library's.
 """
 
 from __future__ import annotations
@@ -29,16 +31,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from finetune_operator.api.v1alpha1 import CheckpointRecord, Progress
+
 log = logging.getLogger(__name__)
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MIN_INTERVAL = 10.0
 REQUEST_TIMEOUT = 5.0
 SUMMARY_MAX = 64
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class KubeTarget:
@@ -103,24 +103,28 @@ class KubeTarget:
             return exc.code
 
 
-def progress_body(progress: dict[str, Any]) -> dict[str, Any]:
-    """status.progress from the trainer's latest numbers (keys as in the CRD; None values dropped)."""
-    step = int(progress.get("step") or 0)
-    total = progress.get("totalSteps")
-    out: dict[str, Any] = {"step": step}
+#: Progress fields that are never negative in the CRD (losses may be anything finite).
+_NON_NEGATIVE = ("epoch", "learning_rate", "tokens_per_second", "eta_seconds")
+
+
+def progress_body(latest: dict[str, Any]) -> dict[str, Any]:
+    """status.progress from the trainer's latest numbers (keys: :class:`Progress`'s field names);
+    non-finite numbers are left out, the percentage and summary derived."""
+    step = int(latest.get("step") or 0)
+    fields: dict[str, Any] = {"step": step}
+    for key in ("epoch", "loss", "eval_loss", "learning_rate", "tokens_per_second", "eta_seconds"):
+        value = latest.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            fields[key] = max(float(value), 0.0) if key in _NON_NEGATIVE else float(value)
+    total = latest.get("total_steps")
     if total:
         percent = min(100.0, 100.0 * step / total)
-        out.update(totalSteps=int(total), percent=round(percent, 2), summary=f"{step}/{total} ({percent:.0f}%)")
-    for key in ("epoch", "loss", "evalLoss", "learningRate", "tokensPerSecond", "etaSeconds"):
-        value = progress.get(key)
-        if isinstance(value, int | float) and math.isfinite(value):
-            # The CRD bounds these at >= 0; losses may be anything finite.
-            out[key] = float(value) if key in ("loss", "evalLoss") else max(float(value), 0.0)
-    if progress.get("lastCheckpointStep") is not None:
-        out["lastCheckpointStep"] = int(progress["lastCheckpointStep"])
-    out["summary"] = str(out.get("summary", f"{step} steps"))[:SUMMARY_MAX]
-    out["updatedAt"] = _now()
-    return out
+        fields.update(total_steps=int(total), percent=round(percent, 2), summary=f"{step}/{total} ({percent:.0f}%)")
+    if latest.get("last_checkpoint_step") is not None:
+        fields["last_checkpoint_step"] = int(latest["last_checkpoint_step"])
+    fields["summary"] = str(fields.get("summary", f"{step} steps"))[:SUMMARY_MAX]
+    fields["updated_at"] = datetime.now(UTC).replace(microsecond=0)
+    return Progress(**fields).model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 class StatusReporter:
@@ -133,7 +137,7 @@ class StatusReporter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress: dict[str, Any] = {}
-        self._checkpoints: list[dict[str, Any]] | None = None
+        self._checkpoints: list[CheckpointRecord] | None = None
         self._dirty = False
         self._last_sent = -float("inf")
         self._last_error: str | None = None
@@ -149,18 +153,22 @@ class StatusReporter:
         return cls(target, **kwargs) if target else None
 
     def update(self, **progress: Any) -> None:
-        """Merge the newest numbers (keys as in status.progress); sent within ``min_interval``."""
+        """Merge the newest numbers (keys: :class:`Progress`'s field names, e.g. ``total_steps``);
+        sent within ``min_interval``."""
+        unknown = set(progress) - set(Progress.model_fields)
+        if unknown:
+            raise TypeError(f"not fields of status.progress: {sorted(unknown)}")
         with self._lock:
             self._progress.update({k: v for k, v in progress.items() if v is not None})
             self._dirty = True
         self._wake.set()
 
-    def set_checkpoints(self, checkpoints: list[dict[str, Any]]) -> None:
+    def set_checkpoints(self, checkpoints: list[CheckpointRecord]) -> None:
         """The committed checkpoints kept (status.checkpoints, oldest first)."""
         with self._lock:
             self._checkpoints = list(checkpoints)[-1000:]
             if checkpoints:
-                self._progress["lastCheckpointStep"] = checkpoints[-1]["step"]
+                self._progress["last_checkpoint_step"] = checkpoints[-1].step
             self._dirty = True
         self._wake.set()
 
@@ -168,12 +176,14 @@ class StatusReporter:
         with self._lock:
             status: dict[str, Any] = {"progress": progress_body(self._progress)}
             if self._checkpoints is not None:
-                status["checkpoints"] = self._checkpoints
+                status["checkpoints"] = [c.model_dump(by_alias=True, mode="json") for c in self._checkpoints]
             self._dirty = False
         return {"status": status}
 
     def _send(self) -> bool:
         body = self._body()
+        code: int | None
+        error: str | None
         try:
             code = self.target.patch(body)
         except (OSError, ValueError) as exc:
@@ -181,7 +191,7 @@ class StatusReporter:
         else:
             error = None if 200 <= code < 300 else f"HTTP {code}"
             if code == 403:
-                error += " (forbidden: the trainer's Role must allow patch on finetunejobs/status for this job)"
+                error = f"{error} (forbidden: the trainer's Role must allow patch on finetunejobs/status for this job)"
         self.last_status = code
         if error is None:
             self.sent += 1

@@ -45,12 +45,13 @@ import os
 import resource
 import threading
 import time
-from collections import deque
 from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from transformers import TrainerCallback
+
+from .throughput import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -216,44 +217,16 @@ class TrainingMetrics:
         return True
 
 
-class ThroughputWindow:
-    """Tokens/s and samples/s over the last ``size`` optimizer steps."""
-
-    def __init__(self, size: int = 20):
-        self.steps: deque[tuple[float, int, int]] = deque(maxlen=size)
-
-    def add(self, seconds: float, tokens: int, samples: int) -> None:
-        if seconds > 0:
-            self.steps.append((seconds, tokens, samples))
-
-    def rates(self) -> tuple[float, float] | None:
-        seconds = sum(s for s, _, _ in self.steps)
-        if not self.steps or seconds <= 0:
-            return None
-        return sum(t for _, t, _ in self.steps) / seconds, sum(n for _, _, n in self.steps) / seconds
-
-
 class TelemetryCallback(TrainerCallback):
-    """Feeds :class:`TrainingMetrics` from the Trainer's events, on every rank.
+    """Feeds :class:`TrainingMetrics` from the Trainer's events, on every rank (throughput from the
+    run's :class:`~.throughput.Throughput`, the recent per-rank rate)."""
 
-    ``counter`` is the data collator (running ``tokens`` and ``samples`` counts). The throughput of a
-    step is what the collator handed out between two step ends, over the time between them; time
-    and tokens spent in evaluation and checkpointing are left out (the mark is reset after them).
-    """
-
-    def __init__(self, metrics: TrainingMetrics, counter: Any):
+    def __init__(self, metrics: TrainingMetrics, throughput: Throughput):
         self.metrics = metrics
-        self.counter = counter
-        self.window = ThroughputWindow()
+        self.throughput = throughput
         self.flops_per_token: float | None = None
         self.peak_flops: float | None = None
         self._step_started: float | None = None
-        self._mark()
-
-    def _mark(self) -> None:
-        self._mark_time = time.monotonic()
-        self._mark_tokens = getattr(self.counter, "tokens", 0)
-        self._mark_samples = getattr(self.counter, "samples", 0)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         m = self.metrics
@@ -262,7 +235,6 @@ class TelemetryCallback(TrainerCallback):
         self.peak_flops = peak_flops()
         if self.peak_flops and model is not None:
             self.flops_per_token = flops_per_token(model)
-        self._mark()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._step_started = time.monotonic()
@@ -272,11 +244,7 @@ class TelemetryCallback(TrainerCallback):
         m = self.metrics
         if self._step_started is not None:
             m.step_duration.labels(**m.labels).observe(now - self._step_started)
-        tokens = getattr(self.counter, "tokens", 0)
-        samples = getattr(self.counter, "samples", 0)
-        self.window.add(now - self._mark_time, tokens - self._mark_tokens, samples - self._mark_samples)
-        self._mark_time, self._mark_tokens, self._mark_samples = now, tokens, samples
-        rates = self.window.rates()
+        rates = self.throughput.current()
         if rates is not None:
             m.set(m.tokens_per_second, rates[0])
             m.set(m.samples_per_second, rates[1])
@@ -301,7 +269,3 @@ class TelemetryCallback(TrainerCallback):
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **_: Any) -> None:
         if metrics and "eval_loss" in metrics:
             self.metrics.set(self.metrics.eval_loss, float(metrics["eval_loss"]))
-        self._mark()
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._mark()

@@ -104,12 +104,13 @@ def training_arguments(
     output_dir: str | Path,
     base_dir: str | None,
     has_eval: bool,
-    checkpoint_store: bool = False,
 ) -> TrainingArguments:
     """TrainingArguments for the spec. Build it before the model: ZeRO-3 partitions at load time.
 
-    Checkpoints are saved into ``output_dir`` (local staging). With ``checkpoint_store`` the trainer's
-    CheckpointCallback decides when to save and the store rotates them, so transformers deletes none.
+    Checkpoints are saved into ``output_dir`` (local staging). The CheckpointCallback alone decides
+    when to save and the checkpoint store which checkpoints are kept: transformers deletes none
+    (no ``save_total_limit``), and its save schedule — which ``load_best_model_at_end`` requires to
+    match the evaluations — is overridden by the callback at every step.
     """
     t = spec.training
     cuda = torch.cuda.is_available()
@@ -156,11 +157,11 @@ def training_arguments(
     if evaluate:
         kwargs["eval_steps"] = t.evaluation.every_steps
     if t.early_stopping is not None and evaluate:
-        # The best model is kept and loaded at the end: checkpoints at every evaluation.
+        # The best model is loaded at the end (transformers requires a save schedule matching the
+        # evaluations for it; the CheckpointCallback saves at each one that improves).
         kwargs.update(
             save_strategy="steps",
             save_steps=t.evaluation.every_steps,
-            save_total_limit=None if checkpoint_store else spec.checkpoint.keep_last,
             load_best_model_at_end=True,
             metric_for_best_model=BEST_METRICS[t.early_stopping.metric],
             greater_is_better=t.early_stopping.mode == "max",
