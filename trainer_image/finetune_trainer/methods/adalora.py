@@ -3,7 +3,8 @@
 Supports the initial and target ranks and the budget schedule: ``tinit`` warm-up steps at the initial
 budget, a cubic decrease to the target budget until ``tfinal`` steps before the end, reallocation
 every ``deltaT`` steps, the importance EMA factors ``beta1``/``beta2``, and the orthogonality
-regularizer weight. Alpha, dropout and target modules come from ``spec.method.lora``. The budget is
+regularizer weight. Alpha, dropout, target modules, bias and modules to save come from
+``spec.method.lora`` (its rank, rsLoRA and DoRA are refused at admission under adalora). The budget is
 updated after every optimizer step, before gradients are cleared. Rows of added tokens are trained.
 """
 
@@ -43,6 +44,8 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=target_modules(lora),
+        bias=lora.bias,
+        modules_to_save=list(lora.modules_to_save) or None,
     )
     peft_model = get_peft_model(model, config)
     added_tokens.attach(peft_model.get_base_model(), ctx.new_token_ids)
