@@ -31,10 +31,20 @@ from typing import Any
 import kopf
 
 from . import builders, metrics
-from .api.v1alpha1 import GROUP, PLURAL, VERSION, FineTuneJob
+from .api.v1alpha1 import GROUP, PLURAL, VERSION, Condition, FineTuneJob, FineTuneJobStatus
 from .api.validation import InvalidSpec, validate_object
 from .k8s_io import ApiError, Kube
-from .reconcile import TERMINAL, Observed, observed_job, observed_pod, plan, timestamp
+from .reconcile import (
+    MAX_MESSAGE,
+    TERMINAL,
+    Observed,
+    observed_job,
+    observed_pod,
+    plan,
+    read_status,
+    status_json,
+    to_second,
+)
 
 log = logging.getLogger("finetune_operator")
 PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
@@ -68,6 +78,8 @@ class OperatorState:
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     wakeups: dict[Key, tuple[asyncio.TimerHandle, float]] = field(default_factory=dict)
     failures: dict[Key, int] = field(default_factory=dict)
+    #: What could not be read of each job's status, as last logged (logged again only when it changes).
+    unreadable: dict[Key, str] = field(default_factory=dict)
     phases: dict[Key, str] = field(default_factory=dict)
     phase_counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: kopf's indexes of Jobs and pods by owning FineTuneJob (handed to handlers; kept for wake-ups).
@@ -127,6 +139,7 @@ def _forget(key: Key) -> None:
     State.ensured.pop(key, None)
     State.created_jobs.pop(key, None)
     State.failures.pop(key, None)
+    State.unreadable.pop(key, None)
     State.locks.pop(key, None)
     wakeup = State.wakeups.pop(key, None)
     if wakeup is not None:
@@ -145,18 +158,19 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
         return None
     meta = body["metadata"]
     status = body.get("status") or {}
+    previous = _previous_status(key, status)
     try:
         ftj = _spec(body)
     except InvalidSpec as exc:
         # Admission (CEL) normally refuses these; an object stored before a rule existed lands here.
-        await _invalid(kube, key, body, status, str(exc))
+        await _invalid(kube, key, body, previous, str(exc))
         return None
     uid, generation = meta["uid"], int(meta.get("generation") or 0)
     jobs = list(State.jobs.get(key, ()))
     observed = Observed(
         ftj=ftj,
         generation=generation,
-        status=status,
+        status=previous,
         jobs=jobs,
         pods=list(State.pods.get(key, ())),
         now=datetime.now(UTC),
@@ -169,7 +183,7 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
     children: list[dict[str, Any]] = []
     if (
         ensure_children
-        and status.get("phase") not in TERMINAL
+        and previous.phase not in TERMINAL
         and (ensured is None or ensured[:2] != (uid, generation) or loop.time() - ensured[2] > CHILDREN_RESYNC)
     ):
         children = builders.children(ftj, namespace, uid, State.settings)
@@ -198,6 +212,7 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
         State.ensured[key] = (uid, generation, loop.time())
     if p.set_suspend is not None:
         await kube.set_job_suspend(namespace, *p.set_suspend)
+    # A field the plan leaves unset is cleared (null in the merge patch) only if the status has it.
     new_status = {k: v for k, v in p.status.items() if v is not None or k in status}
     if _differs(status, new_status):
         updated = await kube.patch_status(namespace, name, new_status, meta.get("resourceVersion"))
@@ -232,6 +247,20 @@ async def _gang(key: Key, kube: Kube, prerequisites: list[dict[str, Any]], job: 
         State.created_jobs[key] = job["metadata"]["name"]
 
 
+def _previous_status(key: Key, raw: Mapping[str, Any]) -> FineTuneJobStatus:
+    """The job's status, typed. What of it the model refuses (a status an older version wrote) is
+    logged, once per distinct problem, and left out: the next status patch rewrites it."""
+    previous, problems = read_status(raw)
+    if problems:
+        text = "; ".join(problems)
+        if State.unreadable.get(key) != text:
+            log.warning("%s/%s: status not fully readable, reconciling without it: %s", *key, text)
+            State.unreadable[key] = text
+    else:
+        State.unreadable.pop(key, None)
+    return previous
+
+
 def _differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return any(old.get(k) != v for k, v in new.items())
 
@@ -247,20 +276,23 @@ def _count_transition(old: dict[str, Any], new: dict[str, Any]) -> None:
         metrics.JOBS_RESTARTED.inc()
 
 
-async def _invalid(kube: Kube, key: Key, body: dict[str, Any], status: dict[str, Any], message: str) -> None:
-    if status.get("phase") == "Failed":
+async def _invalid(kube: Kube, key: Key, body: dict[str, Any], previous: FineTuneJobStatus, message: str) -> None:
+    if previous.phase == "Failed":
         return
-    now = timestamp(datetime.now(UTC))
+    now = to_second(datetime.now(UTC))
     generation = int(body["metadata"].get("generation") or 0)
-    condition = {
-        "type": "Failed",
-        "status": "True",
-        "reason": "InvalidSpec",
-        "message": message[:4000],
-        "lastTransitionTime": now,
-        "observedGeneration": generation,
-    }
-    new_status = {"phase": "Failed", "observedGeneration": generation, "completionTime": now, "conditions": [condition]}
+    condition = Condition(
+        type="Failed",
+        status="True",
+        reason="InvalidSpec",
+        message=message[:MAX_MESSAGE],
+        last_transition_time=now,
+        observed_generation=generation,
+    )
+    failed = FineTuneJobStatus(
+        phase="Failed", observed_generation=generation, completion_time=now, conditions=[condition]
+    )
+    new_status = status_json(failed, ("phase", "observed_generation", "completion_time", "conditions"))
     updated = await kube.patch_status(*key, new_status, body["metadata"].get("resourceVersion"))
     if updated is not None:
         State.bodies[key] = _slim(updated)

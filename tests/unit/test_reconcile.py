@@ -5,8 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from finetune_operator.api.v1alpha1 import FineTuneJobStatus
 from finetune_operator.api.validation import validate_object
-from finetune_operator.reconcile import Observed, Plan, observed_job, observed_pod, plan, timestamp
+from finetune_operator.reconcile import (
+    Observed,
+    Plan,
+    condition_reason,
+    observed_job,
+    observed_pod,
+    plan,
+    read_status,
+    timestamp,
+)
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 
@@ -92,11 +102,24 @@ def pod(
 def run(
     spec: Any, status: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]], now: datetime = NOW
 ) -> Plan:
-    full = plan(Observed(ftj=spec, generation=3, status=status, jobs=jobs, pods=pods, now=now))
+    previous, problems = read_status(status)
+    assert problems == []
+    full = plan(Observed(ftj=spec, generation=3, status=previous, jobs=jobs, pods=pods, now=now))
     # The operator keeps only what observed_job/observed_pod cut out of what it watches: every plan
     # must come out the same from those as from the whole objects.
     cut = [observed_job(j) for j in jobs], [observed_pod(p) for p in pods]
-    assert plan(Observed(ftj=spec, generation=3, status=status, jobs=cut[0], pods=cut[1], now=now)) == full
+    assert plan(Observed(ftj=spec, generation=3, status=previous, jobs=cut[0], pods=cut[1], now=now)) == full
+    # The operator writes only its own fields, as the API's typed status has them.
+    assert set(full.status) == {
+        "phase",
+        "restarts",
+        "observedGeneration",
+        "conditions",
+        "startTime",
+        "completionTime",
+        "lastFailure",
+    }
+    FineTuneJobStatus.parse_manifest({k: v for k, v in full.status.items() if v is not None})
     return full
 
 
@@ -239,3 +262,59 @@ def test_condition_transition_time_moves_only_on_a_flip() -> None:
     done = run(ftj(), running.status, [job(0, condition="Complete")], [], now=later)
     assert cond(done, "Created")["lastTransitionTime"] == cond(running, "Created")["lastTransitionTime"]
     assert cond(done, "Running")["lastTransitionTime"] == timestamp(later)
+
+
+def test_the_trainers_fields_are_neither_read_nor_written() -> None:
+    trainer = {
+        "progress": {"step": 7, "totalSteps": 10, "updatedAt": timestamp(NOW)},
+        "checkpoints": [{"step": 5, "uri": "s3://b/ckpt-5", "time": timestamp(NOW)}],
+    }
+    p = run(ftj(), {"phase": "Pending", **trainer}, [job(0)], [pod(0, 0, "Running"), pod(0, 1, "Running")])
+    assert p.status["phase"] == "Running"
+    assert "progress" not in p.status and "checkpoints" not in p.status and "artifacts" not in p.status
+
+
+def test_a_status_an_older_version_wrote_is_read_as_far_as_it_goes() -> None:
+    created = {"type": "Created", "status": "True", "reason": "JobCreated", "lastTransitionTime": timestamp(NOW)}
+    old = {
+        "phase": "Queued",  # not a phase any more
+        "restarts": 1,
+        "startTime": timestamp(NOW - timedelta(minutes=1)),
+        "conditions": [created, {"type": "Running", "status": "True", "reason": "All pods running"}],
+        "lastFailure": {"reason": "OOMKilled", "exitCode": 137, "node": "n1"},  # an unknown field
+        "progress": {"step": "many"},  # the trainer's, not read
+    }
+    previous, problems = read_status(old)
+    assert previous.restarts == 1 and previous.phase is None and previous.last_failure is None
+    assert previous.start_time == NOW - timedelta(minutes=1)
+    assert [c.type for c in previous.conditions] == ["Created"]
+    assert len(problems) == 3 and any("status.phase" in m for m in problems), problems
+    assert any("status.conditions[1]" in m for m in problems) and any("status.lastFailure" in m for m in problems)
+    later = NOW + timedelta(minutes=5)
+    p = plan(Observed(ftj=ftj(), generation=3, status=previous, jobs=[job(1)], pods=[], now=later))
+    # The plan goes on from what it could read, and its status replaces what it could not.
+    assert p.status["phase"] == "Restarting" and p.status["restarts"] == 1 and p.status["lastFailure"] is None
+    assert cond(p, "Created")["lastTransitionTime"] == timestamp(NOW)
+    assert read_status(p.status) == (read_status(p.status)[0], [])
+    assert read_status(None)[0] == FineTuneJobStatus() and read_status({})[1] == []
+
+
+def test_a_foreign_reason_becomes_a_condition_reason() -> None:
+    assert condition_reason("OOMKilled") == "OOMKilled"
+    assert condition_reason("container cannot-run") == "ContainerCannotRun"
+    assert condition_reason("137: killed") == "Killed"
+    assert condition_reason("!!!") == "Error"
+    p = run(
+        ftj(),
+        {"phase": "Running"},
+        [job(0, condition="Failed", reason="BackoffLimitExceeded")],
+        [pod(0, 0, "Failed", exit_code=1, reason="Runtime error")],
+    )
+    assert p.status["lastFailure"]["reason"] == "Runtime error"
+    assert cond(p, "Restarting")["reason"] == "RuntimeError"
+
+
+def test_status_times_are_whole_seconds_in_utc() -> None:
+    now = NOW.replace(microsecond=123456)
+    p = run(ftj(), {"phase": "Pending"}, [job(0)], [pod(0, 0, "Running"), pod(0, 1, "Running")], now=now)
+    assert p.status["startTime"] == timestamp(NOW) == cond(p, "Running")["lastTransitionTime"]

@@ -1,0 +1,116 @@
+"""What the operator's handlers write into a FineTuneJob's status (a recording Kube, no cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from finetune_operator import handlers
+from finetune_operator.reconcile import observed_job, observed_pod
+from test_reconcile import NOW, job, pod, timestamp
+
+KEY = ("ns", "llm")
+TRAINER = {
+    "progress": {"step": 7, "totalSteps": 10},
+    "checkpoints": [{"step": 5, "uri": "s3://b/ckpt-5", "time": timestamp(NOW)}],
+}
+
+
+class RecordingKube:
+    def __init__(self) -> None:
+        self.patches: list[dict[str, Any]] = []
+
+    async def ensure(self, obj: dict[str, Any]) -> bool:
+        return True
+
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        pass
+
+    async def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        pass
+
+    async def event(self, ftj: Any, kind: str, reason: str, message: str) -> None:
+        pass
+
+    async def patch_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None
+    ) -> dict[str, Any]:
+        self.patches.append(status)
+        body = handlers.State.bodies[(namespace, name)]
+        return {**body, "status": {**body.get("status", {}), **status}}
+
+
+def body(status: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "llm", "namespace": "ns", "uid": "u1", "generation": 2, "resourceVersion": "9"},
+        "spec": {
+            "model": {"uri": "org/m"},
+            "data": {"train": {"uri": "t.jsonl"}},
+            "training": {"maxSteps": 10},
+            "distributed": {"nodes": 2},
+            **spec,
+        },
+        "status": status,
+    }
+
+
+@pytest.fixture
+def kube(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingKube]:
+    fake = RecordingKube()
+    state = handlers.OperatorState(kube=fake)  # type: ignore[arg-type]
+    monkeypatch.setattr(handlers, "State", state)
+    yield fake
+    handlers._forget(KEY)
+
+
+def reconcile(status: dict[str, Any], jobs: list[Any], pods: list[Any], **spec: Any) -> None:
+    handlers.State.bodies[KEY] = body(status, **spec)
+    handlers.State.jobs = {KEY: [observed_job(j) for j in jobs]}
+    handlers.State.pods = {KEY: [observed_pod(p) for p in pods]}
+    asyncio.run(handlers.reconcile(KEY))
+
+
+def test_the_patch_holds_the_operators_fields_and_clears_only_what_is_there(kube: RecordingKube) -> None:
+    running = [pod(0, 0, "Running"), pod(0, 1, "Running")]
+    reconcile({"phase": "Pending", **TRAINER}, [job(0)], running)
+    [patch] = kube.patches
+    assert set(patch) == {"phase", "restarts", "observedGeneration", "conditions", "startTime"}
+    assert patch["phase"] == "Running" and patch["observedGeneration"] == 2
+    # Unchanged observations: nothing to write.
+    reconcile(handlers.State.bodies[KEY]["status"], [job(0)], running)
+    assert len(kube.patches) == 1
+    # A completionTime left from before is cleared (null in the merge patch); the trainer's fields
+    # are never in the patch.
+    status = {**handlers.State.bodies[KEY]["status"], "completionTime": timestamp(NOW)}
+    reconcile(status, [job(0)], running)
+    assert kube.patches[-1] == {**patch, "completionTime": None, "startTime": status["startTime"]}
+
+
+def test_an_invalid_spec_fails_the_job_with_one_condition(kube: RecordingKube) -> None:
+    reconcile({**TRAINER}, [], [], training={"maxSteps": 0})
+    [patch] = kube.patches
+    assert set(patch) == {"phase", "observedGeneration", "completionTime", "conditions"}
+    [condition] = patch["conditions"]
+    assert patch["phase"] == "Failed" and condition["reason"] == "InvalidSpec" and condition["type"] == "Failed"
+    assert condition["lastTransitionTime"] == patch["completionTime"] and patch["completionTime"].endswith("Z")
+    assert condition["observedGeneration"] == 2 and "maxSteps" in condition["message"]
+    reconcile(handlers.State.bodies[KEY]["status"], [], [], training={"maxSteps": 0})
+    assert len(kube.patches) == 1, "a job that failed for its spec is written once"
+
+
+def test_an_unreadable_status_is_logged_once_and_rewritten(
+    kube: RecordingKube, caplog: pytest.LogCaptureFixture
+) -> None:
+    old = {"phase": "Queued", "conditions": [{"type": "Created", "status": "Yes"}], **TRAINER}
+    with caplog.at_level(logging.WARNING, logger="finetune_operator"):
+        for _ in range(2):
+            reconcile(old, [job(0)], [pod(0, 0, "Running")])
+    warnings = [r.getMessage() for r in caplog.records if "not fully readable" in r.getMessage()]
+    assert len(warnings) == 1 and "status.phase" in warnings[0] and "status.conditions[0]" in warnings[0]
+    assert kube.patches[-1]["phase"] == "Pending"
+    assert [c["status"] for c in kube.patches[-1]["conditions"]] == ["True"]
