@@ -50,12 +50,16 @@ def test_model_data_and_outputs_on_s3(
         model={"uri": "s3://models/tiny", "dtype": "fp32"},
         data={"train": {"uri": "s3://data/sft/"}, "format": "promptCompletion", "maxSeqLength": 64},
         output={"uri": "s3://results/on-s3", "save": "both"},
+        # The store's endpoint named in the spec, as a user of a non-AWS store writes it: it reaches the
+        # model, data and output URIs too (finetune run passes it to the trainer as the pods get it).
+        checkpoint={"uri": "s3://results/checkpoints", "endpointUrl": s3_endpoint},
     )
-    result = finetune_run(manifest, env=s3_env)
+    env = {k: v for k, v in s3_env.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    result = finetune_run(manifest, env=env)
     assert_loss_falls(result)
     summary = result.summary()
     assert {a["uri"] for a in summary["artifacts"]} == {"s3://results/on-s3/adapter", "s3://results/on-s3/merged"}
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="results")["Contents"]}
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="results")["Contents"] if o["Key"].startswith("on-s3/")}
     assert {"on-s3/manifest.json", "on-s3/adapter/adapter_model.safetensors", "on-s3/merged/model.safetensors"} <= keys
     manifest_body = json.loads(s3.get_object(Bucket="results", Key="on-s3/manifest.json")["Body"].read())
     assert {f["path"] for f in manifest_body["files"]} == {k.removeprefix("on-s3/") for k in keys} - {"manifest.json"}

@@ -26,6 +26,7 @@ from finetune_operator.api.trainer_config import (
     EXIT_INVALID_CONFIG,
     EXIT_INVALID_DATA,
     EXIT_NONFINITE_LOSS,
+    EXIT_OK,
     EXIT_PREEMPTED,
     load_trainer_config,
 )
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     finally:
         distributed.teardown()
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
