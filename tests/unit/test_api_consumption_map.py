@@ -1,0 +1,496 @@
+"""The API's consumption map: every leaf field and every enum value of FineTuneJobSpec, with its evidence.
+
+A manifest either runs as written or is refused before any pod exists (issue 13). For each leaf of
+``spec`` (walked through nested models, lists of models and optionals) and for each value of each
+enum, CONSUMPTION names one of:
+
+- a test that shows its effect: ``tests/<path>.py::test_name``, or ``...::test_name[id]`` for one
+  case of a parametrized test (for a field that only says where something lives, a test that runs
+  with it set and checks that it was used);
+- the admission refusal that keeps it out: ``refused: <id>``, a row of ``INVALID`` in
+  tests/unit/test_api_validation.py (``finetune validate``), which tests/e2e/test_e2e_crd.py replays
+  against the real API server.
+
+The values of a field that selects the code that runs (``task.type``, ``method.type``,
+``data.format``) are shown by a run of that value that trains and writes its outputs; parameters are
+shown only by a test that would notice them being ignored.
+
+What has neither is in UNPROVEN, with the reason. UNPROVEN only shrinks: a field that gets its test
+moves to CONSUMPTION and UNPROVEN_COUNT goes down; a new field of the API comes with its evidence.
+
+Paths are camelCase from ``spec``; list items are ``[]`` (``spec.resources.env[].name``); an enum
+value is ``path=value`` (``spec.method.type=qlora``). A field that is a dict (node selector, labels,
+affinity) is one leaf.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from types import NoneType, UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from finetune_operator.api.tasks import TaskType
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from pydantic import BaseModel
+from test_api_validation import INVALID
+
+REPO = Path(__file__).resolve().parents[2]
+REFUSED = "refused: "
+
+
+def refused(row: str) -> str:
+    """Evidence that is an admission refusal: the id of an INVALID row of test_api_validation.py."""
+    return REFUSED + row
+
+
+# The tests the map names (a parametrized one takes its case id in brackets).
+ANCHOR = "tests/trainer/test_anchor.py::test_lora_sft_matches_plain_hf_trainer"
+BAD_RECORDS = "tests/trainer/test_data.py::test_bad_records_are_reported_with_file_and_line_before_training"
+BUILDERS_GANG = "tests/unit/test_builders.py::test_indexed_job_wires_a_torchrun_gang"
+BUILDERS_SCHEDULING = "tests/unit/test_builders.py::test_scheduling_fields_queue_and_suspend_pass_through"
+BUILDERS_STORAGE_ENV = (
+    "tests/unit/test_builders.py::test_the_pod_environment_reaches_the_checkpoint_store_for_every_uri"
+)
+DATA_DEFECT = "tests/trainer/test_data_defects.py::test_data_defect_exits_3_before_the_model_is_opened"
+DEADLINE = "tests/unit/test_reconcile.py::test_deadline_exceeded_fails_and_deletes_the_job"
+DEEPSPEED_CONFIG = "tests/trainer/test_training_options.py::test_deepspeed_config_follows_the_spec"
+EARLY_STOPPING = "tests/trainer/test_training_options.py::test_early_stopping_loads_the_best_model"
+EXAMPLE = "tests/trainer/test_tasks_and_examples.py::test_every_example_validates_and_trains"
+HYPERPARAMETERS = "tests/trainer/test_training_options.py::test_hyperparameters_map_to_training_arguments"
+MERGED_EQUALS_ADAPTER = "tests/trainer/test_outputs.py::test_lora_merged_equals_adapter_and_added_tokens_train"
+METHOD = "tests/trainer/test_methods.py::test_method_trains_and_saves"
+MONITORING = "tests/e2e/test_e2e_monitoring.py::test_dashboards_and_alerts_against_a_real_training_and_operator"
+POD_TEMPLATE_TRAINS = "tests/e2e/test_e2e_contract.py::test_rendered_pod_template_trains_as_two_processes"
+PREEMPTION_SCRAPED = (
+    "tests/trainer/test_metrics_and_preemption.py::"
+    "test_prometheus_scrapes_every_metric_then_sigterm_commits_and_exits_85"
+)
+REPORT = "tests/trainer/test_report.py::test_report_of_a_finished_run"
+RESUME = "tests/trainer/test_resume.py::test_kill_one_rank_then_resume_exactly"
+RESUME_PLAN = "tests/trainer/test_checkpoint_store.py::test_resume_plan_refuses_another_spec_and_never_starts_over"
+STORAGE = "tests/trainer/test_storage.py::test_model_data_and_outputs_on_s3"
+TASK = "tests/trainer/test_tasks_and_examples.py::test_validate_accepts_a_task_iff_the_trainer_trains_it"
+TWO_RANKS = "tests/trainer/test_distributed.py::test_two_ranks"
+
+CONSUMPTION: dict[str, str] = {
+    # -- spec.checkpoint: durable checkpoints and resume (trainer), credentials and store (pods) ----------
+    "spec.checkpoint.credentials.name": BUILDERS_GANG,
+    "spec.checkpoint.endpointUrl": BUILDERS_STORAGE_ENV,
+    "spec.checkpoint.everySteps": RESUME,
+    "spec.checkpoint.keepBest": PREEMPTION_SCRAPED,
+    "spec.checkpoint.keepLast": RESUME,
+    "spec.checkpoint.region": BUILDERS_STORAGE_ENV,
+    "spec.checkpoint.resume=auto": RESUME,
+    "spec.checkpoint.resume=never": RESUME_PLAN,
+    # everySteps 100: only the preemption save can commit the checkpoint the rerun resumes from.
+    "spec.checkpoint.saveOnPreemption": "tests/trainer/test_resume.py::test_deepspeed_sigterm_then_resume_exactly",
+    "spec.checkpoint.uri": RESUME,
+    # -- spec.data: records, formats, tokenization --------------------------------------------------------
+    "spec.data.columns.completion": f"{EXAMPLE}[qlora]",  # the example maps completion: output
+    "spec.data.columns.prompt": f"{DATA_DEFECT}[column-no-record-has]",
+    "spec.data.completionOnlyLoss": "tests/trainer/test_data.py::test_completion_only_loss_masks_the_prompt",
+    "spec.data.eval.fileType=auto": f"{EXAMPLE}[lora-sft-2-nodes]",  # its eval file, read as JSONL by extension
+    "spec.data.eval.uri": f"{DATA_DEFECT}[eval-file-broken]",
+    "spec.data.evalSplit": f"{DATA_DEFECT}[eval-split-leaves-nothing]",
+    "spec.data.format=chat": "tests/trainer/test_data.py::test_assistant_only_masking_token_by_token",
+    "spec.data.format=classification": refused("task-not-supported-classification"),  # read only by that task
+    "spec.data.format=preference": refused("sft-with-preference-data"),  # its tasks, dpo and reward, are refused
+    "spec.data.format=promptCompletion": BAD_RECORDS,
+    "spec.data.format=qa": refused("task-not-supported-qa"),  # read only by that task
+    "spec.data.format=text": ANCHOR,
+    "spec.data.maxSeqLength": "tests/trainer/test_data.py::test_text_is_cut_into_blocks",
+    "spec.data.train.fileType=auto": STORAGE,  # Parquet and CSV files side by side, by extension
+    "spec.data.train.uri": STORAGE,
+    # -- spec.distributed: the torchrun gang, DeepSpeed ---------------------------------------------------
+    "spec.distributed.backend=auto": f"{TWO_RANKS}[ddp-lora]",  # gloo on CPU
+    "spec.distributed.deepspeed.offloadOptimizer=cpu": f"{TWO_RANKS}[zero2-offload-lora]",
+    "spec.distributed.deepspeed.offloadOptimizer=none": f"{TWO_RANKS}[zero2-lora]",
+    "spec.distributed.deepspeed.offloadParams=cpu": DEEPSPEED_CONFIG,
+    "spec.distributed.deepspeed.zeroStage": f"{TWO_RANKS}[zero3-lora]",
+    "spec.distributed.nodes": BUILDERS_GANG,
+    "spec.distributed.procsPerNode": BUILDERS_GANG,
+    "spec.distributed.rendezvousPort": POD_TEMPLATE_TRAINS,
+    # -- spec.method: which parameters train --------------------------------------------------------------
+    "spec.method.lora.alpha": ANCHOR,
+    "spec.method.lora.bias=none": ANCHOR,
+    "spec.method.lora.dropout": ANCHOR,
+    "spec.method.lora.r": ANCHOR,
+    "spec.method.lora.targetModules": ANCHOR,
+    "spec.method.quantization.quantType=nf4": "tests/trainer/test_outputs.py::test_qlora_merge_dequantizes_the_base",
+    "spec.method.type=adalora": f"{METHOD}[adalora]",
+    "spec.method.type=full": f"{METHOD}[full]",
+    "spec.method.type=ia3": f"{METHOD}[ia3]",
+    "spec.method.type=lora": f"{METHOD}[lora]",
+    "spec.method.type=prefix": f"{METHOD}[prefix]",
+    "spec.method.type=prompt": f"{METHOD}[prompt]",
+    "spec.method.type=qlora": f"{METHOD}[qlora]",
+    # -- spec.metrics: Prometheus on every rank -----------------------------------------------------------
+    "spec.metrics.port": MONITORING,
+    # -- spec.model: the base model -----------------------------------------------------------------------
+    "spec.model.addTokens": f"{MERGED_EQUALS_ADAPTER}[untied]",
+    "spec.model.ggufFile": "tests/trainer/test_quickstart.py::test_quickstart",
+    "spec.model.uri": STORAGE,
+    # -- spec.output: what a finished job leaves ----------------------------------------------------------
+    "spec.output.save=auto": f"{METHOD}[lora]",  # an adapter for PEFT methods; [full] saves the model
+    "spec.output.save=both": STORAGE,
+    "spec.output.uri": STORAGE,
+    # -- spec.resources: the pods -------------------------------------------------------------------------
+    "spec.resources.affinity": BUILDERS_SCHEDULING,
+    "spec.resources.cpu": BUILDERS_GANG,
+    "spec.resources.env[].name": BUILDERS_SCHEDULING,
+    "spec.resources.env[].value": BUILDERS_SCHEDULING,
+    "spec.resources.gpusPerNode": BUILDERS_GANG,
+    "spec.resources.image": BUILDERS_SCHEDULING,
+    "spec.resources.imagePullSecrets[].name": BUILDERS_SCHEDULING,
+    "spec.resources.memory": BUILDERS_GANG,
+    "spec.resources.nodeSelector": BUILDERS_SCHEDULING,
+    "spec.resources.podAnnotations": BUILDERS_SCHEDULING,
+    "spec.resources.priorityClassName": BUILDERS_SCHEDULING,
+    "spec.resources.tolerations[].effect=NoSchedule": BUILDERS_SCHEDULING,
+    "spec.resources.tolerations[].key": BUILDERS_SCHEDULING,
+    "spec.resources.tolerations[].operator=Exists": BUILDERS_SCHEDULING,
+    # -- spec.runPolicy: lifecycle (the operator) ---------------------------------------------------------
+    "spec.runPolicy.activeDeadlineSeconds": DEADLINE,
+    "spec.runPolicy.backoffLimit": "tests/unit/test_reconcile.py::test_backoff_exhausted_fails",
+    "spec.runPolicy.queueName": BUILDERS_SCHEDULING,
+    "spec.runPolicy.suspend": "tests/unit/test_reconcile.py::test_suspend_and_resume",
+    "spec.runPolicy.ttlSecondsAfterFinished": "tests/unit/test_reconcile.py::test_ttl_deletes_the_finished_job",
+    # -- spec.task: the objective; tasks without a recipe and all their parameters are refused ------------
+    "spec.task.classification.balanceClassWeights": refused("task-not-supported-classification"),
+    "spec.task.classification.classWeights": refused("task-not-supported-classification"),
+    "spec.task.classification.labels": refused("task-not-supported-classification"),
+    "spec.task.classification.multiLabel": refused("task-not-supported-classification"),
+    "spec.task.classification.numLabels": refused("task-not-supported-classification"),
+    "spec.task.classification.resampling=none": refused("task-not-supported-classification"),
+    "spec.task.classification.resampling=oversample": refused("task-not-supported-classification"),
+    "spec.task.classification.resampling=undersample": refused("task-not-supported-classification"),
+    "spec.task.distill.alpha": refused("task-not-supported-distill"),
+    "spec.task.distill.teacher": refused("task-not-supported-distill"),
+    "spec.task.distill.temperature": refused("task-not-supported-distill"),
+    "spec.task.dpo.beta": refused("task-not-supported-dpo"),
+    "spec.task.dpo.lossType=hinge": refused("task-not-supported-dpo"),
+    "spec.task.dpo.lossType=ipo": refused("task-not-supported-dpo"),
+    "spec.task.dpo.lossType=sigmoid": refused("task-not-supported-dpo"),
+    "spec.task.dpo.referenceModel": refused("task-not-supported-dpo"),
+    "spec.task.qa.docStride": refused("task-not-supported-qa"),
+    "spec.task.qa.maxAnswerLength": refused("task-not-supported-qa"),
+    "spec.task.reward.centerRewardsCoefficient": refused("task-not-supported-reward"),
+    "spec.task.rl.algorithm=grpo": refused("task-not-supported-rl"),
+    "spec.task.rl.algorithm=ppo": refused("task-not-supported-rl"),
+    "spec.task.rl.algorithm=rloo": refused("task-not-supported-rl"),
+    "spec.task.rl.klCoef": refused("task-not-supported-rl"),
+    "spec.task.rl.maxNewTokens": refused("task-not-supported-rl"),
+    "spec.task.rl.numGenerations": refused("task-not-supported-rl"),
+    "spec.task.rl.rewardModel": refused("task-not-supported-rl"),
+    "spec.task.rl.temperature": refused("task-not-supported-rl"),
+    "spec.task.type=classification": refused("task-not-supported-classification"),
+    "spec.task.type=distill": refused("task-not-supported-distill"),
+    "spec.task.type=dpo": refused("task-not-supported-dpo"),
+    "spec.task.type=pretrain": f"{TASK}[pretrain]",
+    "spec.task.type=qa": refused("task-not-supported-qa"),
+    "spec.task.type=reward": refused("task-not-supported-reward"),
+    "spec.task.type=rl": refused("task-not-supported-rl"),
+    "spec.task.type=sft": f"{TASK}[sft]",
+    # -- spec.training: optimization, evaluation, early stopping, forgetting ------------------------------
+    # The task-table rule that refuses accuracy refuses f1 and exactMatch alike (sft and pretrain produce
+    # loss and perplexity; the tasks that produce the others are refused).
+    "spec.training.earlyStopping.metric=accuracy": refused("early-stopping-metric-the-task-does-not-produce"),
+    "spec.training.earlyStopping.metric=evalLoss": EARLY_STOPPING,
+    "spec.training.earlyStopping.metric=exactMatch": refused("early-stopping-metric-the-task-does-not-produce"),
+    "spec.training.earlyStopping.metric=f1": refused("early-stopping-metric-the-task-does-not-produce"),
+    "spec.training.earlyStopping.mode=min": EARLY_STOPPING,
+    "spec.training.earlyStopping.patience": EARLY_STOPPING,
+    "spec.training.earlyStopping.threshold": EARLY_STOPPING,
+    "spec.training.evaluation.everySteps": HYPERPARAMETERS,
+    "spec.training.evaluation.metrics=accuracy": refused("eval-metric-the-task-does-not-produce"),
+    "spec.training.evaluation.metrics=exactMatch": refused("eval-metric-the-task-does-not-produce"),
+    "spec.training.evaluation.metrics=f1": refused("eval-metric-the-task-does-not-produce"),
+    "spec.training.forgetting.ewc.fisherData.fileType=auto": refused("forgetting-ewc-not-supported"),
+    "spec.training.forgetting.ewc.fisherData.fileType=csv": refused("forgetting-ewc-not-supported"),
+    "spec.training.forgetting.ewc.fisherData.fileType=json": refused("forgetting-ewc-not-supported"),
+    "spec.training.forgetting.ewc.fisherData.fileType=jsonl": refused("forgetting-ewc-not-supported"),
+    "spec.training.forgetting.ewc.fisherData.fileType=parquet": refused("forgetting-ewc-not-supported"),
+    "spec.training.forgetting.ewc.fisherData.maxSamples": refused("forgetting-ewc-not-supported"),
+    "spec.training.forgetting.ewc.fisherData.uri": refused("forgetting-ewc-not-supported"),
+    "spec.training.forgetting.ewc.fisherSamples": refused("forgetting-ewc-not-supported"),
+    "spec.training.forgetting.ewc.strength": refused("forgetting-ewc-not-supported"),
+    "spec.training.forgetting.generalEval.fileType=auto": REPORT,
+    "spec.training.forgetting.generalEval.uri": REPORT,
+    "spec.training.forgetting.replay.ratio": refused("forgetting-replay-not-supported"),
+    "spec.training.forgetting.replay.source.fileType=auto": refused("forgetting-replay-not-supported"),
+    "spec.training.forgetting.replay.source.fileType=csv": refused("forgetting-replay-not-supported"),
+    "spec.training.forgetting.replay.source.fileType=json": refused("forgetting-replay-not-supported"),
+    "spec.training.forgetting.replay.source.fileType=jsonl": refused("forgetting-replay-not-supported"),
+    "spec.training.forgetting.replay.source.fileType=parquet": refused("forgetting-replay-not-supported"),
+    "spec.training.forgetting.replay.source.maxSamples": refused("forgetting-replay-not-supported"),
+    "spec.training.forgetting.replay.source.uri": refused("forgetting-replay-not-supported"),
+    "spec.training.gradientAccumulationSteps": HYPERPARAMETERS,
+    "spec.training.gradientCheckpointing": HYPERPARAMETERS,
+    "spec.training.learningRate": HYPERPARAMETERS,
+    "spec.training.logEverySteps": REPORT,  # every 2 steps: at least 8 of 16 logged
+    "spec.training.maxGradNorm": HYPERPARAMETERS,
+    "spec.training.maxSteps": HYPERPARAMETERS,
+    "spec.training.optimizer=adafactor": HYPERPARAMETERS,
+    "spec.training.optimizer=adamw": f"{TWO_RANKS}[ddp-lora]",  # the optimizer that steps is torch's AdamW
+    "spec.training.perDeviceBatchSize": HYPERPARAMETERS,
+    "spec.training.scheduler=constant": HYPERPARAMETERS,
+    "spec.training.scheduler=linear": HYPERPARAMETERS,
+    "spec.training.seed": HYPERPARAMETERS,
+    "spec.training.warmupRatio": HYPERPARAMETERS,
+    "spec.training.warmupSteps": HYPERPARAMETERS,
+    "spec.training.weightDecay": HYPERPARAMETERS,
+}
+
+BY_EXTENSION_ONLY = "tests decide file types by extension (auto) only"
+NO_LIMIT = "no test limits the records read"
+
+#: Accepted, and no test shows what they do. Each needs a test that would fail if it were ignored (or
+#: an admission refusal): then it moves to CONSUMPTION and UNPROVEN_COUNT goes down.
+UNPROVEN: dict[str, str] = {
+    # -- spec.checkpoint ----------------------------------------------------------------------------------
+    "spec.checkpoint.credentials.accessKeyIdKey": "test_builders asserts only the default key, AWS_ACCESS_KEY_ID",
+    "spec.checkpoint.credentials.secretAccessKeyKey": "the pod's AWS_SECRET_ACCESS_KEY secretKeyRef is not asserted",
+    "spec.checkpoint.credentials.sessionTokenKey": "no test sets it (AWS_SESSION_TOKEN from the Secret)",
+    "spec.checkpoint.everyMinutes": "no test saves by time (rank 0's clock)",
+    "spec.checkpoint.gracePeriodSeconds": "the pod's terminationGracePeriodSeconds (+30) is not asserted; runs only "
+    "check they exit within it",
+    # -- spec.data ----------------------------------------------------------------------------------------
+    "spec.data.columns.answers": "read only by the qa format (its task is refused); accepted, unused, elsewhere",
+    "spec.data.columns.chosen": "read only by the preference format (its tasks are refused); accepted elsewhere",
+    "spec.data.columns.context": "read only by the qa format (its task is refused); accepted, unused, elsewhere",
+    "spec.data.columns.label": "read only by the classification format (its task is refused); accepted elsewhere",
+    "spec.data.columns.messages": "no test renames the messages column",
+    "spec.data.columns.question": "read only by the qa format (its task is refused); accepted, unused, elsewhere",
+    "spec.data.columns.rejected": "read only by the preference format (its tasks are refused); accepted elsewhere",
+    "spec.data.columns.text": "no test renames the text column",
+    "spec.data.eval.fileType=csv": BY_EXTENSION_ONLY,
+    "spec.data.eval.fileType=json": BY_EXTENSION_ONLY,
+    "spec.data.eval.fileType=jsonl": BY_EXTENSION_ONLY,
+    "spec.data.eval.fileType=parquet": BY_EXTENSION_ONLY,
+    "spec.data.eval.maxSamples": NO_LIMIT,
+    "spec.data.packing": "pack() and pack_documents() are tested directly; no run checks that packing switches them on",
+    "spec.data.systemPrompt": "set only by examples/lora-sft-2-nodes.yaml, whose run checks no rendered text",
+    "spec.data.train.fileType=csv": BY_EXTENSION_ONLY,
+    "spec.data.train.fileType=json": BY_EXTENSION_ONLY,
+    "spec.data.train.fileType=jsonl": BY_EXTENSION_ONLY,
+    "spec.data.train.fileType=parquet": BY_EXTENSION_ONLY,
+    "spec.data.train.maxSamples": NO_LIMIT,
+    # -- spec.distributed ---------------------------------------------------------------------------------
+    "spec.distributed.backend=gloo": "no test sets it (auto picks gloo on CPU)",
+    "spec.distributed.backend=nccl": "needs GPUs (refused without: nccl-without-gpus); no GPU test",
+    "spec.distributed.deepspeed.config.key": "no test mounts a user DeepSpeed config from a ConfigMap",
+    "spec.distributed.deepspeed.config.name": "no test mounts a user DeepSpeed config from a ConfigMap",
+    "spec.distributed.deepspeed.offloadParams=none": "the default; on CPU nothing tells offloaded parameters apart",
+    "spec.distributed.procsPerNode=auto": "no test checks --nproc-per-node from gpusPerNode",
+    # -- spec.method --------------------------------------------------------------------------------------
+    "spec.method.adalora.beta1": "passed to AdaLoraConfig; no test checks it",
+    "spec.method.adalora.beta2": "passed to AdaLoraConfig; no test checks it",
+    "spec.method.adalora.deltaT": "test_methods[adalora] sets it; nothing checks the reallocation schedule",
+    "spec.method.adalora.initR": "test_methods[adalora] sets it; nothing checks the ranks",
+    "spec.method.adalora.orthRegWeight": "passed to AdaLoraConfig; no test checks it",
+    "spec.method.adalora.targetR": "test_methods[adalora] sets it; nothing checks the ranks",
+    "spec.method.adalora.tfinal": "test_methods[adalora] sets it; nothing checks the schedule",
+    "spec.method.adalora.tinit": "test_methods[adalora] sets it; nothing checks the schedule",
+    "spec.method.freeze.headOnly": "test_methods[freeze-head-only] trains; nothing checks what stayed frozen",
+    "spec.method.freeze.lastLayers": "test_methods[freeze-last-layer] trains; nothing checks what stayed frozen",
+    "spec.method.freeze.patterns": "set only by examples/continual-pretraining.yaml; nothing checks what froze",
+    "spec.method.ia3.feedforwardModules": "no test sets it",
+    "spec.method.ia3.targetModules": "no test sets it",
+    "spec.method.lora.bias=all": "no test sets it",
+    "spec.method.lora.bias=lora_only": "no test sets it",
+    "spec.method.lora.modulesToSave": "no test sets it",
+    "spec.method.lora.useDora": "no test sets it (refused under adalora only)",
+    "spec.method.lora.useRslora": "no test sets it (refused under adalora only)",
+    "spec.method.prefix.numVirtualTokens": "test_methods[prefix] sets 8; nothing checks the prefix length",
+    "spec.method.prefix.projection": "no test sets it",
+    "spec.method.prompt.initText": "test_methods[prompt] sets it; nothing checks the soft prompt's initial values",
+    "spec.method.prompt.numVirtualTokens": "test_methods[prompt] sets 8; nothing checks the soft prompt's length",
+    "spec.method.quantization.computeDtype=bf16": "no test sets it (CPU runs use fp32)",
+    "spec.method.quantization.computeDtype=fp16": "no test sets it",
+    "spec.method.quantization.computeDtype=fp32": "QLoRA runs set it; bitsandbytes' default is fp32 too",
+    "spec.method.quantization.doubleQuant": "the default, true; no test sets it or tells it apart",
+    "spec.method.quantization.quantType=fp4": "no test sets it",
+    # -- spec.metrics -------------------------------------------------------------------------------------
+    "spec.metrics.enabled": "e2e jobs set it false; nothing asserts that no metrics port or server exists then",
+    # -- spec.model ---------------------------------------------------------------------------------------
+    "spec.model.attention=auto": "nothing checks that auto resolves to sdpa (or eager)",
+    "spec.model.attention=eager": "no test sets it",
+    "spec.model.attention=flash_attention_2": "needs GPUs (refused without: flash-attention-without-gpus); no GPU test",
+    "spec.model.attention=sdpa": "no test sets it",
+    "spec.model.chatTemplate": "no run sets it (the tiny model's tokenizer brings its own template)",
+    "spec.model.dtype=auto": "no run uses it, and the tiny model is saved in fp32: nothing tells auto apart",
+    "spec.model.dtype=bf16": "QLoRA runs set it; nothing checks the dtype of the unquantized modules",
+    "spec.model.dtype=fp16": "no test sets it",
+    "spec.model.dtype=fp32": "every CPU run sets it, but the tiny model is fp32 anyway: nothing tells it apart",
+    "spec.model.revision": "used only for Hub ids; no test loads from the Hub",
+    "spec.model.trustRemoteCode": "no test loads a model with its own code",
+    # -- spec.output --------------------------------------------------------------------------------------
+    "spec.output.save=adapter": "no run sets it (auto writes the adapter of PEFT methods)",
+    "spec.output.save=merged": "set only by examples/deepspeed-zero3-full.yaml, whose run checks no artifact kind",
+    # -- spec.resources -----------------------------------------------------------------------------------
+    "spec.resources.env[].valueFrom.configMapKeyRef.key": "no test passes a ConfigMap reference to the pod",
+    "spec.resources.env[].valueFrom.configMapKeyRef.name": "no test passes a ConfigMap reference to the pod",
+    "spec.resources.env[].valueFrom.secretKeyRef.key": "no test passes a Secret reference of spec.resources.env",
+    "spec.resources.env[].valueFrom.secretKeyRef.name": "no test passes a Secret reference of spec.resources.env",
+    "spec.resources.gpuResourceName": "only the default, nvidia.com/gpu, is asserted",
+    "spec.resources.imagePullPolicy=Always": "the pod's imagePullPolicy is not asserted",
+    "spec.resources.imagePullPolicy=IfNotPresent": "the pod's imagePullPolicy is not asserted",
+    "spec.resources.imagePullPolicy=Never": "the pod's imagePullPolicy is not asserted",
+    "spec.resources.podLabels": "only shown mutable (e2e); no test checks the pods' labels",
+    "spec.resources.sharedMemory": "only the default /dev/shm size, 2Gi, is asserted",
+    "spec.resources.tolerations[].effect=NoExecute": "passed through like NoSchedule, but no test sets it",
+    "spec.resources.tolerations[].effect=PreferNoSchedule": "passed through like NoSchedule, but no test sets it",
+    "spec.resources.tolerations[].operator=Equal": "passed through like Exists, but no test sets it",
+    "spec.resources.tolerations[].tolerationSeconds": "passed through, but no test sets it",
+    "spec.resources.tolerations[].value": "passed through, but no test sets it",
+    # -- spec.training ------------------------------------------------------------------------------------
+    "spec.training.dropout": "dropout_overrides() is untested; no run sets it",
+    "spec.training.earlyStopping.metric=perplexity": "no run stops early on perplexity",
+    "spec.training.earlyStopping.mode=max": "no run stops early on a metric where higher is better",
+    "spec.training.epochs": "no run trains by epochs (the examples' epochs are replaced by maxSteps)",
+    "spec.training.evaluation.metrics=loss": "no run sets evaluation.metrics: nothing checks that [loss] alone "
+    "reports no perplexity",
+    "spec.training.evaluation.metrics=perplexity": "no run sets evaluation.metrics",
+    "spec.training.forgetting.generalEval.fileType=csv": BY_EXTENSION_ONLY,
+    "spec.training.forgetting.generalEval.fileType=json": BY_EXTENSION_ONLY,
+    "spec.training.forgetting.generalEval.fileType=jsonl": BY_EXTENSION_ONLY,
+    "spec.training.forgetting.generalEval.fileType=parquet": BY_EXTENSION_ONLY,
+    "spec.training.forgetting.generalEval.maxSamples": NO_LIMIT,
+    "spec.training.optimizer=adamw8bit": "needs CUDA (refused without GPUs: cuda-optimizer-without-gpus); no GPU test",
+    "spec.training.optimizer=pagedAdamw32bit": "needs CUDA (refused without GPUs); no GPU test",
+    "spec.training.optimizer=pagedAdamw8bit": "needs CUDA (refused without GPUs); no GPU test",
+    "spec.training.optimizer=sgd": "only refused with optimizer offload; no run trains with it",
+    "spec.training.precision=auto": "precision_flags() is untested; CPU runs set fp32",
+    "spec.training.precision=bf16": "no test sets it",
+    "spec.training.precision=fp16": "no test sets it",
+    "spec.training.precision=fp32": "CPU runs set it; nothing tells it apart from auto on CPU",
+    "spec.training.scheduler=cosine": "the default; runs use it, but nothing checks the learning-rate curve",
+}
+
+#: len(UNPROVEN) when the map was made (issue 13). Lower it with every field that moves to CONSUMPTION;
+#: never raise it: a new field of the API comes with its evidence.
+UNPROVEN_COUNT = 107
+
+#: The case ids of parametrized tests whose ids are computed rather than written in the file.
+GENERATED_IDS: dict[str, Callable[[], Iterable[str]]] = {
+    EXAMPLE: lambda: (p.stem for p in (REPO / "examples").glob("*.yaml") if p.name != "quickstart.yaml"),
+    TASK: lambda: get_args(TaskType),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The walk over FineTuneJobSpec
+# --------------------------------------------------------------------------------------------------
+
+
+def _walk(annotation: Any, path: str) -> Iterator[str]:
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        yield from _walk(get_args(annotation)[0], path)
+    elif origin in (Union, UnionType):  # optionals, and e.g. procsPerNode: int | Literal["auto"]
+        for member in get_args(annotation):
+            if member is not NoneType:
+                yield from _walk(member, path)
+    elif origin is Literal:
+        yield from (f"{path}={value}" for value in get_args(annotation))
+    elif origin is list:
+        (item,) = get_args(annotation)
+        nested = isinstance(item, type) and issubclass(item, BaseModel)
+        yield from _walk(item, f"{path}[]" if nested else path)
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        for name, field in annotation.model_fields.items():
+            yield from _walk(field.annotation, f"{path}.{field.alias or name}")
+    else:  # a scalar, or a dict (labels, node selector, affinity)
+        yield path
+
+
+def spec_leaves() -> set[str]:
+    """Every leaf field and enum value of FineTuneJobSpec, by camelCase path."""
+    return set(_walk(FineTuneJobSpec, "spec"))
+
+
+def _test_reference(evidence: str) -> tuple[Path, str, str | None]:
+    match = re.fullmatch(r"(tests/[\w/]+\.py)::(test_\w+)(?:\[(.+)\])?", evidence)
+    assert match, f"{evidence!r}: name a test as tests/<path>.py::test_name[id], or a refusal as {REFUSED}<id>"
+    return REPO / match.group(1), match.group(2), match.group(3)
+
+
+# --------------------------------------------------------------------------------------------------
+# The checks
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_walk_reaches_nested_models_lists_optionals_and_unions() -> None:
+    leaves = spec_leaves()
+    assert {
+        "spec.training.evaluation.everySteps",  # nested models
+        "spec.resources.env[].valueFrom.secretKeyRef.key",  # a list of models, then optionals
+        "spec.method.type=qlora",  # an enum value
+        "spec.training.evaluation.metrics=perplexity",  # an enum in an optional list
+        "spec.distributed.procsPerNode",  # int | Literal["auto"]: the integer ...
+        "spec.distributed.procsPerNode=auto",  # ... and the word
+        "spec.resources.nodeSelector",  # a dict is one leaf
+    } <= leaves
+    assert "spec.method.type" not in leaves, "an enum field is its values"
+    assert len(leaves) > 250
+
+
+def test_every_leaf_and_enum_value_has_evidence() -> None:
+    leaves = spec_leaves()
+    missing = sorted(leaves - CONSUMPTION.keys() - UNPROVEN.keys())
+    assert not missing, (
+        "fields of the API with no evidence: name the test that shows each one's effect, or the INVALID row "
+        f"of test_api_validation.py that refuses it, in CONSUMPTION: {missing}"
+    )
+    stale = sorted((CONSUMPTION.keys() | UNPROVEN.keys()) - leaves)
+    assert not stale, f"entries for paths the API no longer has: {stale}"
+
+
+def test_a_field_is_either_proven_or_unproven() -> None:
+    both = sorted(CONSUMPTION.keys() & UNPROVEN.keys())
+    assert not both, f"proven fields leave UNPROVEN (and UNPROVEN_COUNT goes down): {both}"
+
+
+def test_unproven_only_shrinks() -> None:
+    assert len(UNPROVEN) == UNPROVEN_COUNT, (
+        f"UNPROVEN has {len(UNPROVEN)} entries, UNPROVEN_COUNT says {UNPROVEN_COUNT}: when a field gets its "
+        "test, move it to CONSUMPTION and lower UNPROVEN_COUNT; a new field needs evidence, not an UNPROVEN entry"
+    )
+    assert all(reason.strip() for reason in UNPROVEN.values())
+
+
+def test_the_map_is_sorted_by_path() -> None:
+    for table in (CONSUMPTION, UNPROVEN):
+        assert list(table) == sorted(table), [a for a, b in zip(table, sorted(table), strict=True) if a != b]
+
+
+def test_every_named_test_exists() -> None:
+    problems = []
+    for path, evidence in CONSUMPTION.items():
+        if evidence.startswith(REFUSED):
+            continue
+        file, name, case = _test_reference(evidence)
+        if not file.is_file():
+            problems.append(f"{path}: {file.relative_to(REPO)} does not exist")
+            continue
+        text = file.read_text(encoding="utf-8")
+        if not re.search(rf"^(async )?def {name}\(", text, re.MULTILINE):
+            problems.append(f"{path}: no def {name} in {file.relative_to(REPO)}")
+        elif case is not None:
+            base = evidence.partition("[")[0]
+            generated = GENERATED_IDS[base]() if base in GENERATED_IDS else ()
+            if f'"{case}"' not in text and f"'{case}'" not in text and case not in set(generated):
+                problems.append(f"{path}: {name} has no case [{case}]")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_named_refusal_is_a_row_the_api_server_replays() -> None:
+    rows = {row[0] for row in INVALID}
+    unknown = {
+        path: evidence.removeprefix(REFUSED)
+        for path, evidence in CONSUMPTION.items()
+        if evidence.startswith(REFUSED) and evidence.removeprefix(REFUSED) not in rows
+    }
+    assert not unknown, f"not INVALID rows of tests/unit/test_api_validation.py: {unknown}"
