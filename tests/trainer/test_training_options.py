@@ -124,3 +124,40 @@ def test_early_stopping_loads_the_best_model(
     # The best model was loaded at the end: evaluating it again gives the best evaluation's loss.
     assert abs(summary["after"]["eval_loss"] - evals[best_step]) < 1e-5
     assert "eval_perplexity" in summary["after"]
+
+
+@pytest.mark.parametrize(
+    ("metrics", "early_stopping"),
+    [
+        pytest.param(["loss"], None, id="loss-only"),
+        pytest.param(["perplexity", "loss"], "perplexity", id="perplexity-early-stopping"),
+    ],
+)
+def test_evaluation_metrics_choose_what_is_reported(
+    metrics: list[str],
+    early_stopping: str | None,
+    tiny_model: Path,
+    train_jsonl: Path,
+    finetune_run: Callable[..., RunResult],
+) -> None:
+    """`training.evaluation.metrics` decides what an evaluation reports ([loss] alone: no perplexity),
+    and early stopping watches a listed metric (perplexity: stops as it stops improving)."""
+    overrides: dict[str, Any] = {"training__evaluation": {"everySteps": 2, "metrics": metrics}}
+    if early_stopping is not None:
+        overrides["training__earlyStopping"] = {"metric": early_stopping, "patience": 1, "threshold": 1e6}
+    else:
+        overrides["training__maxSteps"] = 4
+    manifest = job_manifest(f"metrics-{len(metrics)}", tiny_model, train_jsonl, data__evalSplit=0.1, **overrides)
+    result = finetune_run(manifest)
+    assert result.returncode == 0, result.output[-5000:]
+    evals = [m for m in read_metrics(result.workdir) if "eval_loss" in m]
+    assert evals, "no evaluation was logged"
+    summary = result.summary()
+    reported = "perplexity" in metrics
+    assert all(("eval_perplexity" in m) == reported for m in evals), evals
+    assert ("eval_perplexity" in summary["after"]) == reported, summary["after"]
+    if early_stopping is not None:
+        # No evaluation beats the first by 1e6: training stops after `patience` evaluations.
+        assert summary["steps"] <= 4 < 20, summary["steps"]
+    else:
+        assert summary["steps"] == 4
