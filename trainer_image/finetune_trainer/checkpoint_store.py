@@ -31,6 +31,7 @@ Listing, reading, writing the manifest and deleting go through fsspec everywhere
 
 from __future__ import annotations
 
+import builtins
 import concurrent.futures
 import json
 import logging
@@ -95,7 +96,7 @@ class Manifest:
         return json.dumps(body, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes, uri: str) -> Manifest:
+    def from_json(cls, text: str | builtins.bytes, uri: str) -> Manifest:  # `bytes` is the property above
         raw = json.loads(text)
         return cls(
             step=int(raw["step"]),

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import signal
 import sys
-from typing import Any
+from types import FrameType
 
 from finetune_operator.api.trainer_config import EXIT_PREEMPTED, PERMANENT_EXIT_CODES
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -66,7 +66,7 @@ def exit_code(exc: ChildFailedError) -> int:
     return 128 - code if code < 0 else (code or 1)
 
 
-def forward_sigterm(signum: int, frame: Any) -> None:
+def forward_sigterm(signum: int, frame: FrameType | None) -> None:
     """Pass SIGTERM on to the ranks (this launcher's children) and keep supervising them."""
     import psutil
 
@@ -76,14 +76,14 @@ def forward_sigterm(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)  # type: ignore[no-untyped-call]  # unannotated in torch
     # torchrun installs its own handlers for these when it starts the ranks; SIGTERM stays ours.
     handled = [s.strip() for s in str(args.signals_to_handle).split(",")]
     args.signals_to_handle = ",".join(s for s in handled if s and s != "SIGTERM")
     signal.signal(signal.SIGTERM, forward_sigterm)
     quiet_explained_exits()
     try:
-        torchrun(args)
+        torchrun(args)  # type: ignore[no-untyped-call]  # unannotated in torch
     except ChildFailedError as exc:
         return exit_code(exc)
     return 0

@@ -14,7 +14,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from finetune_operator.api.v1alpha1 import ModelSpec
@@ -131,7 +131,9 @@ def _plain_copy(model: PreTrainedModel) -> PreTrainedModel:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    # transformers leaves from_config unannotated.
+    plain: PreTrainedModel
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)  # type: ignore[no-untyped-call]
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
     return plain
@@ -139,7 +141,7 @@ def _plain_copy(model: PreTrainedModel) -> PreTrainedModel:
 
 def grow_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Resize embeddings to the tokenizer; return the ids of the added rows (empty when none)."""
-    old = model.get_input_embeddings().weight.shape[0]
+    old = cast(torch.Tensor, model.get_input_embeddings().weight).shape[0]  # nn.Module types it Tensor | Module
     new = len(tokenizer)
     if new <= old:
         return []

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
@@ -27,6 +27,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import storage
 from .file_manifest import FileEntry, file_entries, sha256_file
 from .methods import added_tokens
+from .methods.context import base_model
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 ADDED_TOKENS_FILE = "added_tokens.safetensors"
 
@@ -127,7 +131,7 @@ def save_outputs(
     return artifacts
 
 
-def load_adapter_for_inference(base: PreTrainedModel, adapter_dir: str | Path) -> Any:
+def load_adapter_for_inference(base: PreTrainedModel, adapter_dir: str | Path) -> PeftModel:
     """Base model + a saved adapter (with its added-token rows), as the job's output describes it."""
     from peft import PeftModel
 
@@ -138,10 +142,10 @@ def load_adapter_for_inference(base: PreTrainedModel, adapter_dir: str | Path) -
         state = load_file(str(extra))
         first = int(state["first"][0])
         count = state["input_delta"].shape[0]
-        rows = added_tokens.AddedTokenRows(model.get_base_model(), list(range(first, first + count)))
+        rows = added_tokens.AddedTokenRows(base_model(model), list(range(first, first + count)))
         with torch.no_grad():
             rows.input_delta.copy_(state["input_delta"])
             if rows.output_delta is not None:
                 rows.output_delta.copy_(state["output_delta"])
-        setattr(model.get_base_model(), added_tokens.ATTRIBUTE, rows)
+        setattr(base_model(model), added_tokens.ATTRIBUTE, rows)
     return model

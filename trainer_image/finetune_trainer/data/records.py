@@ -156,8 +156,8 @@ def _read_csv(name: str, text: str) -> Iterator[Record | str]:
 
 
 def _read_parquet(name: str, data: bytes) -> Iterator[Record | str]:
-    import pyarrow as pa  # type: ignore[import-untyped, unused-ignore]
-    import pyarrow.parquet as pq  # type: ignore[import-untyped, unused-ignore]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     try:
         rows = pq.read_table(io.BytesIO(data)).to_pylist()

@@ -7,15 +7,21 @@ also define ``load_kwargs(ctx)`` (extra ``from_pretrained`` arguments, e.g. QLoR
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 from transformers import PreTrainedModel, TrainerCallback
 
 from . import adalora, full, ia3, lora, prefix, prompt, qlora
-from .context import MethodContext
+from .context import MethodContext, TunedModel
 
-METHODS: dict[str, ModuleType] = {
+
+class Method(Protocol):
+    """What every method module defines (the optional hooks are looked up with getattr)."""
+
+    def apply(self, model: PreTrainedModel, ctx: MethodContext) -> TunedModel: ...
+
+
+METHODS: dict[str, Method] = {
     "full": full,
     "lora": lora,
     "qlora": qlora,
@@ -31,14 +37,13 @@ def load_kwargs(ctx: MethodContext) -> dict[str, Any]:
     return hook(ctx) if hook else {}
 
 
-def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
-    result: PreTrainedModel = METHODS[ctx.spec.method.type].apply(model, ctx)
-    return result
+def apply(model: PreTrainedModel, ctx: MethodContext) -> TunedModel:
+    return METHODS[ctx.spec.method.type].apply(model, ctx)
 
 
-def callbacks(model: PreTrainedModel, ctx: MethodContext) -> list[TrainerCallback]:
+def callbacks(model: TunedModel, ctx: MethodContext) -> list[TrainerCallback]:
     hook = getattr(METHODS[ctx.spec.method.type], "callbacks", None)
     return list(hook(model, ctx)) if hook else []
 
 
-__all__ = ["METHODS", "MethodContext", "apply", "callbacks", "load_kwargs"]
+__all__ = ["METHODS", "Method", "MethodContext", "TunedModel", "apply", "callbacks", "load_kwargs"]

@@ -13,16 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 from finetune_operator.api.v1alpha1 import AdaLoRAParams
-from peft import AdaLoraConfig, TaskType, get_peft_model
+from peft import AdaLoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedModel, TrainerCallback
 
 from ..errors import ConfigError
 from . import added_tokens
-from .context import MethodContext
+from .context import MethodContext, base_model
 from .lora import target_modules
 
 
-def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
+def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
     params = ctx.spec.method.adalora or AdaLoRAParams()
     lora = ctx.spec.method.lora
     if params.tinit + params.tfinal >= ctx.total_steps:
@@ -41,15 +41,15 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
         beta2=params.beta2,
         orth_reg_weight=params.orth_reg_weight,
         total_step=ctx.total_steps,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; a float works (it only divides by it)
         lora_dropout=lora.dropout,
         target_modules=target_modules(lora),
         bias=lora.bias,
         modules_to_save=list(lora.modules_to_save) or None,
     )
     peft_model = get_peft_model(model, config)
-    added_tokens.attach(peft_model.get_base_model(), ctx.new_token_ids)
-    return peft_model  # type: ignore[no-any-return]
+    added_tokens.attach(base_model(peft_model), ctx.new_token_ids)
+    return peft_model
 
 
 class BudgetSchedule(TrainerCallback):

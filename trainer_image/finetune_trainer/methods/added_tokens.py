@@ -9,6 +9,8 @@ tokens (the same delta when input and output embeddings are tied). It is saved b
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -17,24 +19,33 @@ from transformers import PreTrainedModel
 ATTRIBUTE = "added_token_rows"
 
 
+def weight(module: nn.Module) -> torch.Tensor:
+    """An embedding's or output head's weight (``nn.Module`` types every attribute as Tensor | Module)."""
+    return cast(torch.Tensor, module.weight)
+
+
+def output_embeddings(model: PreTrainedModel) -> nn.Module | None:
+    """The model's output head, None when it has none (transformers leaves the method unannotated)."""
+    head: nn.Module | None = model.get_output_embeddings()  # type: ignore[no-untyped-call]
+    return head
+
+
 class AddedTokenRows(nn.Module):
     def __init__(self, model: PreTrainedModel, token_ids: list[int]):
         super().__init__()
         if token_ids != list(range(token_ids[0], token_ids[0] + len(token_ids))):
             raise ValueError("added token ids must be contiguous")
         embedding = model.get_input_embeddings()
-        output = model.get_output_embeddings()
+        output = output_embeddings(model)
         self.first = token_ids[0]
         self.count = len(token_ids)
-        weight = embedding.weight
-        self.input_delta = nn.Parameter(
-            torch.zeros(self.count, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        )
-        self.tied = output is None or output.weight is weight
+        in_w = weight(embedding)
+        self.input_delta = nn.Parameter(torch.zeros(self.count, in_w.shape[1], dtype=in_w.dtype, device=in_w.device))
+        self.tied = output is None or output.weight is in_w
         self.output_delta: nn.Parameter | None = None
         if not self.tied:
             assert output is not None
-            out_w = output.weight
+            out_w = weight(output)
             self.output_delta = nn.Parameter(
                 torch.zeros(self.count, out_w.shape[1], dtype=out_w.dtype, device=out_w.device)
             )
@@ -60,9 +71,11 @@ class AddedTokenRows(nn.Module):
         for handle in self._handles:
             handle.remove()
         span = slice(self.first, self.first + self.count)
-        model.get_input_embeddings().weight[span] += self.input_delta
+        weight(model.get_input_embeddings())[span] += self.input_delta
         if self.output_delta is not None:
-            model.get_output_embeddings().weight[span] += self.output_delta
+            head = output_embeddings(model)
+            assert head is not None  # an output delta exists only for an untied head
+            weight(head)[span] += self.output_delta
 
     def state(self) -> dict[str, torch.Tensor]:
         state = {"input_delta": self.input_delta.detach().cpu(), "first": torch.tensor([self.first])}
@@ -73,7 +86,7 @@ class AddedTokenRows(nn.Module):
 
 def attach(base: PreTrainedModel, token_ids: list[int]) -> AddedTokenRows | None:
     """Make the added tokens' rows trainable when the embeddings are frozen; no-op otherwise."""
-    if not token_ids or base.get_input_embeddings().weight.requires_grad:
+    if not token_ids or weight(base.get_input_embeddings()).requires_grad:
         return None
     rows = AddedTokenRows(base, token_ids)
     setattr(base, ATTRIBUTE, rows)

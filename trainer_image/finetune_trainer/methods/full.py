@@ -42,7 +42,7 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
         for param in model.parameters():
             param.requires_grad = False
     if freeze.head_only:
-        head = model.get_output_embeddings()
+        head = added_tokens.output_embeddings(model)
         if head is None:
             raise ConfigError("spec.method.freeze.headOnly: the model has no output head")
         for param in head.parameters():

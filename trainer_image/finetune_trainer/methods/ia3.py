@@ -8,14 +8,14 @@ tokens are trained.
 from __future__ import annotations
 
 from finetune_operator.api.v1alpha1 import IA3Params
-from peft import IA3Config, TaskType, get_peft_model
+from peft import IA3Config, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedModel
 
 from . import added_tokens
-from .context import MethodContext
+from .context import MethodContext, base_model
 
 
-def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
+def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
     params = ctx.spec.method.ia3 or IA3Params()
     config = IA3Config(
         task_type=TaskType.CAUSAL_LM,
@@ -23,5 +23,5 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
         feedforward_modules=list(params.feedforward_modules) if params.feedforward_modules else None,
     )
     peft_model = get_peft_model(model, config)
-    added_tokens.attach(peft_model.get_base_model(), ctx.new_token_ids)
-    return peft_model  # type: ignore[no-any-return]
+    added_tokens.attach(base_model(peft_model), ctx.new_token_ids)
+    return peft_model

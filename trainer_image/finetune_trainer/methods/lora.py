@@ -8,11 +8,11 @@ Rows of added tokens are trained. Works with DDP, DeepSpeed ZeRO 1-3 and gradien
 from __future__ import annotations
 
 from finetune_operator.api.v1alpha1 import LoRAParams
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedModel
 
 from . import added_tokens
-from .context import MethodContext
+from .context import MethodContext, base_model
 
 
 def target_modules(params: LoRAParams) -> list[str] | str:
@@ -25,7 +25,7 @@ def lora_config(params: LoRAParams) -> LoraConfig:
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=params.rank,
-        lora_alpha=params.alpha,
+        lora_alpha=params.alpha,  # type: ignore[arg-type]  # peft annotates int; a float works (it only divides by it)
         lora_dropout=params.dropout,
         target_modules=target_modules(params),
         bias=params.bias,
@@ -35,7 +35,7 @@ def lora_config(params: LoRAParams) -> LoraConfig:
     )
 
 
-def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
+def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
     peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora))
-    added_tokens.attach(peft_model.get_base_model(), ctx.new_token_ids)
-    return peft_model  # type: ignore[no-any-return]
+    added_tokens.attach(base_model(peft_model), ctx.new_token_ids)
+    return peft_model

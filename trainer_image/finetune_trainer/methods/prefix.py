@@ -8,14 +8,14 @@ a packed row would share. Rows of added tokens are trained.
 from __future__ import annotations
 
 from finetune_operator.api.v1alpha1 import PrefixParams
-from peft import PrefixTuningConfig, TaskType, get_peft_model
+from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
 from transformers import PreTrainedModel
 
 from . import added_tokens
-from .context import MethodContext
+from .context import MethodContext, base_model
 
 
-def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
+def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
     params = ctx.spec.method.prefix or PrefixParams()
     config = PrefixTuningConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -24,5 +24,5 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
         encoder_hidden_size=model.config.hidden_size,
     )
     peft_model = get_peft_model(model, config)
-    added_tokens.attach(peft_model.get_base_model(), ctx.new_token_ids)
-    return peft_model  # type: ignore[no-any-return]
+    added_tokens.attach(base_model(peft_model), ctx.new_token_ids)
+    return peft_model

@@ -7,17 +7,22 @@ soft prompt would precede only the first sample of a packed row). Rows of added 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from finetune_operator.api.v1alpha1 import PromptParams
-from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from peft import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 from transformers import PreTrainedModel
 
 from ..errors import ConfigError
 from . import added_tokens
-from .context import MethodContext
+from .context import MethodContext, base_model
+
+if TYPE_CHECKING:
+    from peft.tuners.prompt_tuning import PromptEmbedding
 
 
-def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
+def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
     params = ctx.spec.method.prompt or PromptParams()
     config = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -32,8 +37,8 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
             raise ConfigError("spec.method.prompt.initText tokenizes to nothing")
         ids = (ids * (params.num_virtual_tokens // len(ids) + 1))[: params.num_virtual_tokens]
         with torch.no_grad():
-            init = embeddings(torch.tensor(ids, device=embeddings.weight.device))
-            encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+            init = embeddings(torch.tensor(ids, device=added_tokens.weight(embeddings).device))
+            encoder = cast("PromptEmbedding", peft_model.prompt_encoder[peft_model.active_adapter])
             encoder.embedding.weight.copy_(init.to(encoder.embedding.weight.dtype))
-    added_tokens.attach(peft_model.get_base_model(), ctx.new_token_ids)
-    return peft_model  # type: ignore[no-any-return]
+    added_tokens.attach(base_model(peft_model), ctx.new_token_ids)
+    return peft_model

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 from finetune_operator.api.v1alpha1 import QuantizationParams
-from peft import get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from . import added_tokens
-from .context import MethodContext
+from .context import MethodContext, base_model
 from .lora import lora_config
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -31,7 +31,8 @@ def quantization(ctx: MethodContext) -> QuantizationParams:
 def load_kwargs(ctx: MethodContext) -> dict[str, Any]:
     q = quantization(ctx)
     return {
-        "quantization_config": BitsAndBytesConfig(
+        # transformers leaves BitsAndBytesConfig.__init__ unannotated.
+        "quantization_config": BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True,
             bnb_4bit_quant_type=q.quant_type,
             bnb_4bit_use_double_quant=q.double_quant,
@@ -40,12 +41,13 @@ def load_kwargs(ctx: MethodContext) -> dict[str, Any]:
     }
 
 
-def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
-    model = prepare_model_for_kbit_training(
+def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
+    # peft leaves prepare_model_for_kbit_training unannotated; it returns the model it was given.
+    model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
         model,
         use_gradient_checkpointing=ctx.spec.training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora))
-    added_tokens.attach(peft_model.get_base_model(), ctx.new_token_ids)
-    return peft_model  # type: ignore[no-any-return]
+    added_tokens.attach(base_model(peft_model), ctx.new_token_ids)
+    return peft_model

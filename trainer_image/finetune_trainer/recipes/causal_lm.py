@@ -93,14 +93,14 @@ def run(config: TrainerConfig) -> dict[str, Any]:
         model.config.use_cache = False  # no KV cache in training (it would also disable packed-sequence masks)
         attention = getattr(model.config, "_attn_implementation", None)  # as resolved by transformers
         ctx.new_token_ids = modeling.grow_embeddings(model, tokenizer)
-        model = methods.apply(model, ctx)
+        tuned = methods.apply(model, ctx)
         collator = CausalLMCollator.for_attention(tokenizer.pad_token_id, attention)
 
         training = prepared.trainer(
             CausalLMTrainer,
             tokens=collator,
-            callbacks=methods.callbacks(model, ctx),
-            model=model,
+            callbacks=methods.callbacks(tuned, ctx),
+            model=tuned,
             train_dataset=ExampleDataset(train),
             eval_dataset=ExampleDataset(held_out) if held_out else None,
             data_collator=collator,
