@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from finetune_operator.api.trainer_config import TrainerConfig
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Progress
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from . import checkpointing, distributed, storage
@@ -361,23 +361,10 @@ def _zero_stage(args: TrainingArguments) -> int | None:
     return None
 
 
-#: The progress reporter's record keys that are fields of status.progress (the same snake_case names).
-STATUS_FIELDS = (
-    "step",
-    "total_steps",
-    "epoch",
-    "loss",
-    "eval_loss",
-    "learning_rate",
-    "tokens_per_second",
-    "eta_seconds",
-    "last_checkpoint_step",
-)
-
-
 def _status_sink(status: StatusReporter) -> Callable[[dict[str, Any]], None]:
     def sink(record: dict[str, Any]) -> None:
-        status.update(**{key: record[key] for key in STATUS_FIELDS if record.get(key) is not None})
+        # The progress record's keys that are status.progress fields have their snake_case names.
+        status.update(**{k: v for k, v in record.items() if k in Progress.model_fields and v is not None})
 
     return sink
 
