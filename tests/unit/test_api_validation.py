@@ -534,6 +534,12 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.method.lora.useDora",
         "not supported by adalora",
     ),
+    (
+        "lora-params-under-ia3",
+        {"spec.method.type": "ia3", "spec.method.lora": {"r": 8}},
+        "spec.method.lora",
+        "only allowed when spec.method.type is one of: lora, qlora, adalora",
+    ),
 ]
 
 #: Manifests both the API server and `finetune validate` accept (edges of the rules above).
@@ -711,7 +717,7 @@ def test_base_manifest_is_valid_and_gets_defaults() -> None:
     job = validate_object(base_manifest())
     assert isinstance(job, FineTuneJob)
     spec = job.spec
-    assert spec.method.type == "lora" and spec.method.lora.r is None and spec.method.lora.rank == 16
+    assert spec.method.type == "lora" and spec.method.lora is None  # LoRAParams() defaults apply: rank 16
     assert spec.task.type == "sft"
     assert spec.distributed.nodes == 1 and spec.distributed.procs_per_node == "auto"
     assert spec.checkpoint.save_on_preemption is True

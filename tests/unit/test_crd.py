@@ -109,19 +109,21 @@ def test_status_has_no_defaults_and_spec_defaults_are_valid() -> None:
     }
     manifest["spec"] = defaulted(root["properties"]["spec"], manifest["spec"])
     # What the API server stores after defaulting is what the models would have chosen.
-    assert manifest["spec"]["method"]["lora"]["targetModules"] == ["all-linear"]
+    assert manifest["spec"]["method"] == {"type": "lora"}  # spec.method.lora is refused by non-LoRA methods
+    assert manifest["spec"]["checkpoint"]["keepLast"] == 3
     job = validate_object(manifest)
     assert _is_subset(manifest["spec"], job.to_manifest()["spec"])
 
 
 def test_defaults_leave_out_the_fields_rules_test_for_presence() -> None:
     """A CEL `has()` cannot tell a user's value from a default the API server filled in: the fields
-    whose presence a rule refuses (lora.r under adalora, forgetting.ewc/replay) or defers to the task
-    (evaluation.metrics) have no default anywhere in the schema, also inside a defaulted parent."""
+    whose presence a rule refuses (method.lora under non-LoRA methods, lora.r under adalora,
+    forgetting.ewc/replay) or defers to the task (evaluation.metrics) have no default anywhere in the
+    schema, also inside a defaulted parent."""
     spec = schema()["properties"]["spec"]["properties"]
     lora = spec["method"]["properties"]["lora"]
-    assert "default" not in lora["properties"]["r"] and "r" not in lora["default"]
-    assert "r" not in spec["method"]["default"]["lora"]
+    assert "default" not in lora and "default" not in lora["properties"]["r"]
+    assert "lora" not in spec["method"]["default"]
     evaluation = spec["training"]["properties"]["evaluation"]
     assert "default" not in evaluation["properties"]["metrics"] and "metrics" not in evaluation.get("default", {})
     forgetting = spec["training"]["properties"]["forgetting"]

@@ -615,11 +615,12 @@ class MethodSpec(SpecModel):
             "base), `prefix`, `prompt`, `ia3` or `adalora`."
         ),
     )
-    lora: LoRAParams = Field(
-        default_factory=LoRAParams,
+    lora: LoRAParams | None = Field(
+        default=None,
         description=(
-            "Adapter parameters of `lora` and `qlora`; `adalora` uses alpha, dropout, targetModules, bias "
-            "and modulesToSave (its ranks are in spec.method.adalora). Ignored by other methods."
+            "Adapter parameters of `lora` and `qlora` (defaults apply when unset); `adalora` uses alpha, "
+            "dropout, targetModules, bias and modulesToSave (its ranks are in spec.method.adalora). "
+            "Refused with other methods."
         ),
     )
     quantization: QuantizationParams | None = Field(
@@ -638,24 +639,25 @@ class MethodSpec(SpecModel):
         _method_params_only_for(("ia3",), "ia3"),
         _method_params_only_for(("adalora",), "adalora"),
         _method_params_only_for(("full",), "freeze"),
+        _method_params_only_for(("lora", "qlora", "adalora"), "lora"),
         Rule(
             cel="self.type != 'adalora' || !has(self.lora) || !has(self.lora.r)",
             message=(
                 "spec.method.lora.r is not used by adalora: set its ranks in spec.method.adalora.initR and targetR"
             ),
-            check=lambda m: m.type != "adalora" or m.lora.r is None,
+            check=lambda m: m.type != "adalora" or m.lora is None or m.lora.r is None,
             field=".lora.r",
         ),
         Rule(
             cel="self.type != 'adalora' || !has(self.lora) || !has(self.lora.useRslora) || !self.lora.useRslora",
             message="spec.method.lora.useRslora is not supported by adalora (it scales by alpha / current rank)",
-            check=lambda m: m.type != "adalora" or not m.lora.use_rslora,
+            check=lambda m: m.type != "adalora" or m.lora is None or not m.lora.use_rslora,
             field=".lora.useRslora",
         ),
         Rule(
             cel="self.type != 'adalora' || !has(self.lora) || !has(self.lora.useDora) || !self.lora.useDora",
             message="spec.method.lora.useDora is not supported by adalora",
-            check=lambda m: m.type != "adalora" or not m.lora.use_dora,
+            check=lambda m: m.type != "adalora" or m.lora is None or not m.lora.use_dora,
             field=".lora.useDora",
         ),
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune_operator.api.v1alpha1 import AdaLoRAParams
+from finetune_operator.api.v1alpha1 import AdaLoRAParams, LoRAParams
 from peft import AdaLoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedModel, TrainerCallback
 
@@ -24,7 +24,7 @@ from .lora import target_modules
 
 def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
     params = ctx.spec.method.adalora or AdaLoRAParams()
-    lora = ctx.spec.method.lora
+    lora = ctx.spec.method.lora or LoRAParams()
     if params.tinit + params.tfinal >= ctx.total_steps:
         raise ConfigError(
             f"spec.method.adalora: tinit + tfinal ({params.tinit + params.tfinal}) must be below the "

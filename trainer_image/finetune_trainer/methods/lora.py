@@ -36,6 +36,6 @@ def lora_config(params: LoRAParams) -> LoraConfig:
 
 
 def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
-    peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora))
+    peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora or LoRAParams()))
     added_tokens.attach(base_model(peft_model), ctx.new_token_ids)
     return peft_model

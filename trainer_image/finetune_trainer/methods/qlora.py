@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from finetune_operator.api.v1alpha1 import QuantizationParams
+from finetune_operator.api.v1alpha1 import LoRAParams, QuantizationParams
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
@@ -48,6 +48,6 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
         use_gradient_checkpointing=ctx.spec.training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora))
+    peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora or LoRAParams()))
     added_tokens.attach(base_model(peft_model), ctx.new_token_ids)
     return peft_model
