@@ -113,6 +113,11 @@ def config_map(ftj: FineTuneJob, namespace: str, uid: str, settings: OperatorSet
 
 def service(ftj: FineTuneJob, namespace: str, uid: str, settings: OperatorSettings) -> dict[str, Any]:
     spec = ftj.spec
+    ports: list[dict[str, Any]] = [{"name": "rendezvous", "port": spec.distributed.rendezvous_port, "protocol": "TCP"}]
+    if spec.metrics.enabled:
+        # Only when served: with metrics off the rendezvous may take the metrics port, and the API server
+        # refuses a Service that lists one (protocol, port) pair twice.
+        ports.append({"name": "metrics", "port": spec.metrics.port, "protocol": "TCP"})
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -122,10 +127,7 @@ def service(ftj: FineTuneJob, namespace: str, uid: str, settings: OperatorSettin
             # DNS records exist before the pods are ready: rank 0's name resolves at rendezvous time.
             "publishNotReadyAddresses": True,
             "selector": {LABEL_JOB: ftj.metadata.name},
-            "ports": [
-                {"name": "rendezvous", "port": spec.distributed.rendezvous_port, "protocol": "TCP"},
-                {"name": "metrics", "port": spec.metrics.port, "protocol": "TCP"},
-            ],
+            "ports": ports,
         },
     }
 

@@ -48,11 +48,24 @@ def refused(row: str) -> str:
 # The tests the map names (a parametrized one takes its case id in brackets).
 ANCHOR = "tests/trainer/test_anchor.py::test_lora_sft_matches_plain_hf_trainer"
 BAD_RECORDS = "tests/trainer/test_data.py::test_bad_records_are_reported_with_file_and_line_before_training"
+BUILDERS_CREDENTIALS = "tests/unit/test_builders.py::test_the_credentials_secret_keys_become_the_pods_aws_variables"
+BUILDERS_ENV_SOURCES = (
+    "tests/unit/test_builders.py::test_extra_environment_takes_literals_and_secret_and_config_map_keys"
+)
 BUILDERS_GANG = "tests/unit/test_builders.py::test_indexed_job_wires_a_torchrun_gang"
+BUILDERS_GRACE = "tests/unit/test_builders.py::test_the_pod_grace_period_is_the_checkpoint_grace_period_plus_a_margin"
+BUILDERS_METRICS = "tests/unit/test_builders.py::test_metrics_ports_exist_only_when_metrics_are_enabled"
+BUILDERS_POD_LABELS = "tests/unit/test_builders.py::test_pod_labels_reach_the_pods_and_the_operators_own_labels_win"
+BUILDERS_PROCS_AUTO = "tests/unit/test_builders.py::test_auto_procs_per_node_is_one_process_per_gpu"
+BUILDERS_PULL_POLICY = (
+    "tests/unit/test_builders.py::test_the_image_pull_policy_follows_the_spec_unless_the_operator_overrides_it"
+)
+BUILDERS_RESOURCES = "tests/unit/test_builders.py::test_accelerators_and_shared_memory_follow_the_resources_spec"
 BUILDERS_SCHEDULING = "tests/unit/test_builders.py::test_scheduling_fields_queue_and_suspend_pass_through"
 BUILDERS_STORAGE_ENV = (
     "tests/unit/test_builders.py::test_the_pod_environment_reaches_the_checkpoint_store_for_every_uri"
 )
+BUILDERS_TOLERATIONS = "tests/unit/test_builders.py::test_tolerations_reach_the_pods_as_written"
 DATA_DEFECT = "tests/trainer/test_data_defects.py::test_data_defect_exits_3_before_the_model_is_opened"
 DEADLINE = "tests/unit/test_reconcile.py::test_deadline_exceeded_fails_and_deletes_the_job"
 DEEPSPEED_CONFIG = "tests/trainer/test_training_options.py::test_deepspeed_config_follows_the_spec"
@@ -77,9 +90,13 @@ TWO_RANKS = "tests/trainer/test_distributed.py::test_two_ranks"
 
 CONSUMPTION: dict[str, str] = {
     # -- spec.checkpoint: durable checkpoints and resume (trainer), credentials and store (pods) ----------
+    "spec.checkpoint.credentials.accessKeyIdKey": f"{BUILDERS_CREDENTIALS}[own-keys-and-session-token]",
     "spec.checkpoint.credentials.name": BUILDERS_GANG,
+    "spec.checkpoint.credentials.secretAccessKeyKey": f"{BUILDERS_CREDENTIALS}[own-keys-and-session-token]",
+    "spec.checkpoint.credentials.sessionTokenKey": f"{BUILDERS_CREDENTIALS}[own-keys-and-session-token]",
     "spec.checkpoint.endpointUrl": BUILDERS_STORAGE_ENV,
     "spec.checkpoint.everySteps": RESUME,
+    "spec.checkpoint.gracePeriodSeconds": BUILDERS_GRACE,
     "spec.checkpoint.keepBest": PREEMPTION_SCRAPED,
     "spec.checkpoint.keepLast": RESUME,
     "spec.checkpoint.region": BUILDERS_STORAGE_ENV,
@@ -112,6 +129,7 @@ CONSUMPTION: dict[str, str] = {
     "spec.distributed.deepspeed.zeroStage": f"{TWO_RANKS}[zero3-lora]",
     "spec.distributed.nodes": BUILDERS_GANG,
     "spec.distributed.procsPerNode": BUILDERS_GANG,
+    "spec.distributed.procsPerNode=auto": BUILDERS_PROCS_AUTO,
     "spec.distributed.rendezvousPort": POD_TEMPLATE_TRAINS,
     # -- spec.method: which parameters train --------------------------------------------------------------
     "spec.method.lora.alpha": ANCHOR,
@@ -128,6 +146,7 @@ CONSUMPTION: dict[str, str] = {
     "spec.method.type=prompt": f"{METHOD}[prompt]",
     "spec.method.type=qlora": f"{METHOD}[qlora]",
     # -- spec.metrics: Prometheus on every rank -----------------------------------------------------------
+    "spec.metrics.enabled": f"{BUILDERS_METRICS}[disabled]",
     "spec.metrics.port": MONITORING,
     # -- spec.model: the base model -----------------------------------------------------------------------
     "spec.model.addTokens": f"{MERGED_EQUALS_ADAPTER}[untied]",
@@ -142,16 +161,31 @@ CONSUMPTION: dict[str, str] = {
     "spec.resources.cpu": BUILDERS_GANG,
     "spec.resources.env[].name": BUILDERS_SCHEDULING,
     "spec.resources.env[].value": BUILDERS_SCHEDULING,
+    "spec.resources.env[].valueFrom.configMapKeyRef.key": BUILDERS_ENV_SOURCES,
+    "spec.resources.env[].valueFrom.configMapKeyRef.name": BUILDERS_ENV_SOURCES,
+    "spec.resources.env[].valueFrom.secretKeyRef.key": BUILDERS_ENV_SOURCES,
+    "spec.resources.env[].valueFrom.secretKeyRef.name": BUILDERS_ENV_SOURCES,
+    "spec.resources.gpuResourceName": BUILDERS_RESOURCES,
     "spec.resources.gpusPerNode": BUILDERS_GANG,
     "spec.resources.image": BUILDERS_SCHEDULING,
+    "spec.resources.imagePullPolicy=Always": f"{BUILDERS_PULL_POLICY}[Always]",
+    "spec.resources.imagePullPolicy=IfNotPresent": f"{BUILDERS_PULL_POLICY}[IfNotPresent]",
+    "spec.resources.imagePullPolicy=Never": f"{BUILDERS_PULL_POLICY}[Never]",
     "spec.resources.imagePullSecrets[].name": BUILDERS_SCHEDULING,
     "spec.resources.memory": BUILDERS_GANG,
     "spec.resources.nodeSelector": BUILDERS_SCHEDULING,
     "spec.resources.podAnnotations": BUILDERS_SCHEDULING,
+    "spec.resources.podLabels": BUILDERS_POD_LABELS,
     "spec.resources.priorityClassName": BUILDERS_SCHEDULING,
+    "spec.resources.sharedMemory": BUILDERS_RESOURCES,
+    "spec.resources.tolerations[].effect=NoExecute": BUILDERS_TOLERATIONS,
     "spec.resources.tolerations[].effect=NoSchedule": BUILDERS_SCHEDULING,
+    "spec.resources.tolerations[].effect=PreferNoSchedule": BUILDERS_TOLERATIONS,
     "spec.resources.tolerations[].key": BUILDERS_SCHEDULING,
+    "spec.resources.tolerations[].operator=Equal": BUILDERS_TOLERATIONS,
     "spec.resources.tolerations[].operator=Exists": BUILDERS_SCHEDULING,
+    "spec.resources.tolerations[].tolerationSeconds": BUILDERS_TOLERATIONS,
+    "spec.resources.tolerations[].value": BUILDERS_TOLERATIONS,
     # -- spec.runPolicy: lifecycle (the operator) ---------------------------------------------------------
     "spec.runPolicy.activeDeadlineSeconds": DEADLINE,
     "spec.runPolicy.backoffLimit": "tests/unit/test_reconcile.py::test_backoff_exhausted_fails",
@@ -254,12 +288,7 @@ NO_LIMIT = "no test limits the records read"
 #: an admission refusal): then it moves to CONSUMPTION and UNPROVEN_COUNT goes down.
 UNPROVEN: dict[str, str] = {
     # -- spec.checkpoint ----------------------------------------------------------------------------------
-    "spec.checkpoint.credentials.accessKeyIdKey": "test_builders asserts only the default key, AWS_ACCESS_KEY_ID",
-    "spec.checkpoint.credentials.secretAccessKeyKey": "the pod's AWS_SECRET_ACCESS_KEY secretKeyRef is not asserted",
-    "spec.checkpoint.credentials.sessionTokenKey": "no test sets it (AWS_SESSION_TOKEN from the Secret)",
     "spec.checkpoint.everyMinutes": "no test saves by time (rank 0's clock)",
-    "spec.checkpoint.gracePeriodSeconds": "the pod's terminationGracePeriodSeconds (+30) is not asserted; runs only "
-    "check they exit within it",
     # -- spec.data ----------------------------------------------------------------------------------------
     "spec.data.columns.answers": "read only by the qa format (its task is refused); accepted, unused, elsewhere",
     "spec.data.columns.chosen": "read only by the preference format (its tasks are refused); accepted elsewhere",
@@ -287,7 +316,6 @@ UNPROVEN: dict[str, str] = {
     "spec.distributed.deepspeed.config.key": "no test mounts a user DeepSpeed config from a ConfigMap",
     "spec.distributed.deepspeed.config.name": "no test mounts a user DeepSpeed config from a ConfigMap",
     "spec.distributed.deepspeed.offloadParams=none": "the default; on CPU nothing tells offloaded parameters apart",
-    "spec.distributed.procsPerNode=auto": "no test checks --nproc-per-node from gpusPerNode",
     # -- spec.method --------------------------------------------------------------------------------------
     "spec.method.adalora.beta1": "passed to AdaLoraConfig; no test checks it",
     "spec.method.adalora.beta2": "passed to AdaLoraConfig; no test checks it",
@@ -316,8 +344,6 @@ UNPROVEN: dict[str, str] = {
     "spec.method.quantization.computeDtype=fp32": "QLoRA runs set it; bitsandbytes' default is fp32 too",
     "spec.method.quantization.doubleQuant": "the default, true; no test sets it or tells it apart",
     "spec.method.quantization.quantType=fp4": "no test sets it",
-    # -- spec.metrics -------------------------------------------------------------------------------------
-    "spec.metrics.enabled": "e2e jobs set it false; nothing asserts that no metrics port or server exists then",
     # -- spec.model ---------------------------------------------------------------------------------------
     "spec.model.attention=auto": "nothing checks that auto resolves to sdpa (or eager)",
     "spec.model.attention=eager": "no test sets it",
@@ -334,21 +360,6 @@ UNPROVEN: dict[str, str] = {
     "spec.output.save=adapter": "no run sets it (auto writes the adapter of PEFT methods)",
     "spec.output.save=merged": "set only by examples/deepspeed-zero3-full.yaml, whose run checks no artifact kind",
     # -- spec.resources -----------------------------------------------------------------------------------
-    "spec.resources.env[].valueFrom.configMapKeyRef.key": "no test passes a ConfigMap reference to the pod",
-    "spec.resources.env[].valueFrom.configMapKeyRef.name": "no test passes a ConfigMap reference to the pod",
-    "spec.resources.env[].valueFrom.secretKeyRef.key": "no test passes a Secret reference of spec.resources.env",
-    "spec.resources.env[].valueFrom.secretKeyRef.name": "no test passes a Secret reference of spec.resources.env",
-    "spec.resources.gpuResourceName": "only the default, nvidia.com/gpu, is asserted",
-    "spec.resources.imagePullPolicy=Always": "the pod's imagePullPolicy is not asserted",
-    "spec.resources.imagePullPolicy=IfNotPresent": "the pod's imagePullPolicy is not asserted",
-    "spec.resources.imagePullPolicy=Never": "the pod's imagePullPolicy is not asserted",
-    "spec.resources.podLabels": "only shown mutable (e2e); no test checks the pods' labels",
-    "spec.resources.sharedMemory": "only the default /dev/shm size, 2Gi, is asserted",
-    "spec.resources.tolerations[].effect=NoExecute": "passed through like NoSchedule, but no test sets it",
-    "spec.resources.tolerations[].effect=PreferNoSchedule": "passed through like NoSchedule, but no test sets it",
-    "spec.resources.tolerations[].operator=Equal": "passed through like Exists, but no test sets it",
-    "spec.resources.tolerations[].tolerationSeconds": "passed through, but no test sets it",
-    "spec.resources.tolerations[].value": "passed through, but no test sets it",
     # -- spec.training ------------------------------------------------------------------------------------
     "spec.training.dropout": "dropout_overrides() is untested; no run sets it",
     "spec.training.earlyStopping.mode=max": "no run stops early on a metric where higher is better",
@@ -371,7 +382,7 @@ UNPROVEN: dict[str, str] = {
 
 #: len(UNPROVEN) when the map was made (issue 13). Lower it with every field that moves to CONSUMPTION;
 #: never raise it: a new field of the API comes with its evidence.
-UNPROVEN_COUNT = 104
+UNPROVEN_COUNT = 83
 
 #: The case ids of parametrized tests whose ids are computed rather than written in the file.
 GENERATED_IDS: dict[str, Callable[[], Iterable[str]]] = {

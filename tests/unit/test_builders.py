@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from finetune_operator import builders
 from finetune_operator.api.trainer_config import (
     PERMANENT_EXIT_CODES,
@@ -195,3 +197,149 @@ def test_no_wildcards_and_no_shell() -> None:
     text = json.dumps([job, *builders.children(ftj(), "ml", UID, SETTINGS)])
     assert '"*"' not in text
     assert "sh" not in job["spec"]["template"]["spec"]["containers"][0]["command"][:2]
+
+
+def container_of(job: dict[str, Any]) -> dict[str, Any]:
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@pytest.mark.parametrize(
+    ("credentials", "keys"),
+    [
+        pytest.param(
+            {"name": "s3-creds"},
+            {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
+            id="default-keys",
+        ),
+        pytest.param(
+            {"name": "s3-creds", "accessKeyIdKey": "id", "secretAccessKeyKey": "secret", "sessionTokenKey": "token"},
+            {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token"},
+            id="own-keys-and-session-token",
+        ),
+    ],
+)
+def test_the_credentials_secret_keys_become_the_pods_aws_variables(
+    credentials: dict[str, str], keys: dict[str, str]
+) -> None:
+    # Each key of the Secret feeds the variable boto/s3fs read; a session token only when named.
+    job = ftj(checkpoint={"uri": "s3://ckpt", "credentials": credentials})
+    env = env_of(container_of(builders.job(job, "ml", UID, 0, SETTINGS)))
+    aws = {name: source for name, source in env.items() if name.startswith("AWS_")}
+    assert aws == {var: {"secretKeyRef": {"name": "s3-creds", "key": key}} for var, key in keys.items()}
+
+
+def test_the_pod_grace_period_is_the_checkpoint_grace_period_plus_a_margin() -> None:
+    # The kubelet waits terminationGracePeriodSeconds between SIGTERM and SIGKILL: the preemption save
+    # gets gracePeriodSeconds, and the pod 30 s more to commit and exit. The trainer reads the same value
+    # from its config (it warns when a preemption save took longer).
+    for checkpoint, grace in (({"uri": "s3://ckpt"}, 120), ({"uri": "s3://ckpt", "gracePeriodSeconds": 600}, 600)):
+        job = ftj(checkpoint=checkpoint)
+        pod = builders.job(job, "ml", UID, 0, SETTINGS)["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == grace + builders.GRACE_MARGIN_SECONDS == grace + 30
+        config_map = builders.config_map(job, "ml", UID, SETTINGS)
+        config = TrainerConfig.model_validate(json.loads(config_map["data"][builders.CONFIG_KEY]))
+        assert config.spec.checkpoint.grace_period_seconds == grace
+
+
+@pytest.mark.parametrize(
+    ("gpus", "procs"), [pytest.param(8, 8, id="one-process-per-gpu"), pytest.param(0, 1, id="one-process-on-cpu")]
+)
+def test_auto_procs_per_node_is_one_process_per_gpu(gpus: int, procs: int) -> None:
+    job = ftj(distributed={"nodes": 2, "procsPerNode": "auto"}, resources={"gpusPerNode": gpus})
+    container = container_of(builders.job(job, "ml", UID, 0, SETTINGS))
+    assert [arg for arg in container["command"] if arg.startswith("--nproc-per-node=")] == [f"--nproc-per-node={procs}"]
+    # One metrics port per local rank.
+    metrics = [p["containerPort"] for p in container["ports"] if p["name"].startswith("metrics")]
+    assert metrics == [9410 + rank for rank in range(procs)]
+
+
+@pytest.mark.parametrize(
+    ("metrics", "rendezvous", "container_ports", "service_ports"),
+    [
+        pytest.param(
+            {"enabled": True},
+            29500,
+            {"rendezvous": 29500, "metrics-0": 9410, "metrics-1": 9411},
+            {"rendezvous": 29500, "metrics": 9410},
+            id="enabled",
+        ),
+        # With metrics off the rendezvous may take the metrics port (admission allows it): nothing lists
+        # that port twice (the API server refuses a Service with a duplicate (protocol, port) pair).
+        pytest.param({"enabled": False}, 9410, {"rendezvous": 9410}, {"rendezvous": 9410}, id="disabled"),
+    ],
+)
+def test_metrics_ports_exist_only_when_metrics_are_enabled(
+    metrics: dict[str, bool], rendezvous: int, container_ports: dict[str, int], service_ports: dict[str, int]
+) -> None:
+    # The chart's PodMonitor scrapes the container ports named metrics or metrics-<local rank>.
+    job = ftj(metrics=metrics, distributed={"nodes": 2, "procsPerNode": 2, "rendezvousPort": rendezvous})
+    container = container_of(builders.job(job, "ml", UID, 0, SETTINGS))
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == container_ports
+    service = builders.service(job, "ml", UID, SETTINGS)
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == service_ports
+
+
+def test_extra_environment_takes_literals_and_secret_and_config_map_keys() -> None:
+    extra = [
+        {"name": "NCCL_DEBUG", "value": "INFO"},
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub", "key": "token"}}},
+        {"name": "WANDB_PROJECT", "valueFrom": {"configMapKeyRef": {"name": "tracking", "key": "project"}}},
+    ]
+    job = ftj(resources={"gpusPerNode": 4, "env": extra})
+    env = container_of(builders.job(job, "ml", UID, 0, SETTINGS))["env"]
+    assert [e for e in env if e["name"] in {"NCCL_DEBUG", "HF_TOKEN", "WANDB_PROJECT"}] == extra
+
+
+def test_accelerators_and_shared_memory_follow_the_resources_spec() -> None:
+    job = ftj(
+        distributed={"nodes": 1, "procsPerNode": 2},
+        resources={"gpusPerNode": 2, "gpuResourceName": "amd.com/gpu", "sharedMemory": "16Gi"},
+    )
+    rendered = builders.job(job, "ml", UID, 0, SETTINGS)
+    assert container_of(rendered)["resources"] == {"limits": {"amd.com/gpu": "2"}}
+    shm = next(v for v in rendered["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+
+
+@pytest.mark.parametrize("policy", ["Always", "IfNotPresent", "Never"])
+def test_the_image_pull_policy_follows_the_spec_unless_the_operator_overrides_it(policy: str) -> None:
+    # A :latest image: left out, the API server would default the policy to Always.
+    job = ftj(resources={"gpusPerNode": 4, "image": "registry.example/trainer:latest", "imagePullPolicy": policy})
+    assert container_of(builders.job(job, "ml", UID, 0, SETTINGS))["imagePullPolicy"] == policy
+    # The operator's --image-pull-policy (the chart's trainer.pullPolicy) overrides every job's, as documented.
+    override = "Always" if policy == "Never" else "Never"
+    pinned = replace(SETTINGS, image_pull_policy=override)
+    assert container_of(builders.job(job, "ml", UID, 0, pinned))["imagePullPolicy"] == override
+
+
+def test_pod_labels_reach_the_pods_and_the_operators_own_labels_win() -> None:
+    pod_labels = {"team": "nlp", "finetune.io/job": "other", "app.kubernetes.io/managed-by": "someone"}
+    job = ftj(resources={"gpusPerNode": 4, "podLabels": pod_labels})
+    labels = builders.job(job, "ml", UID, 1, SETTINGS)["spec"]["template"]["metadata"]["labels"]
+    assert labels["team"] == "nlp"
+    # The PodMonitor and the operator's pod index select on these: a pod label cannot take them over.
+    assert (labels["finetune.io/job"], labels["app.kubernetes.io/managed-by"], labels["finetune.io/attempt"]) == (
+        "llm",
+        "finetune-operator",
+        "1",
+    )
+    # podLabels may change on a running job (resources are mutable): the next gang attempt's Job, built
+    # from the changed spec, carries the new labels.
+    changed = ftj(resources={"gpusPerNode": 4, "podLabels": {"team": "vision"}})
+    assert builders.job(changed, "ml", UID, 2, SETTINGS)["spec"]["template"]["metadata"]["labels"]["team"] == "vision"
+
+
+def test_tolerations_reach_the_pods_as_written() -> None:
+    tolerations = [
+        {"key": "gpu", "operator": "Equal", "value": "h100", "effect": "NoSchedule"},
+        {"key": "spot", "operator": "Equal", "value": "true", "effect": "PreferNoSchedule"},
+        {
+            "key": "node.kubernetes.io/unreachable",
+            "operator": "Exists",
+            "effect": "NoExecute",
+            "tolerationSeconds": 600,
+        },
+    ]
+    job = ftj(resources={"gpusPerNode": 4, "tolerations": tolerations})
+    assert builders.job(job, "ml", UID, 0, SETTINGS)["spec"]["template"]["spec"]["tolerations"] == tolerations
