@@ -38,7 +38,29 @@ def test_metrics_port_follows_the_local_rank(monkeypatch: pytest.MonkeyPatch) ->
 def test_status_progress_stays_within_the_crd_bounds() -> None:
     body = progress_body(
         {"step": 7, "total_steps": 10, "loss": float("nan"), "eval_loss": -0.5, "eta_seconds": -1.0, "epoch": 0.7}
+        | {"eval_f1": 1.0000001, "eval_accuracy": 0.75, "eval_exact_match": float("inf"), "eval_f1_spam": 0.5}
     )
     assert (body["step"], body["totalSteps"], body["percent"], body["summary"]) == (7, 10, 70.0, "7/10 (70%)")
     assert "loss" not in body and body["evalLoss"] == -0.5 and body["etaSeconds"] == 0.0
+    assert (body["evalF1"], body["evalAccuracy"]) == (1.0, 0.75), "scores stay within 0..1"
+    assert "evalExactMatch" not in body and "evalF1Spam" not in body, "non-finite and per-class values stay out"
     assert body["updatedAt"].endswith("Z")
+
+
+def test_task_metrics_of_an_evaluation_reach_their_gauges() -> None:
+    from finetune_trainer.throughput import Throughput
+
+    metrics = telemetry.TrainingMetrics(namespace="ns", job="j", rank=0)
+    callback = telemetry.TelemetryCallback(metrics, Throughput(SimpleNamespace(tokens=0, samples=0)))
+    callback.on_evaluate(None, None, None, metrics={"eval_loss": 0.5, "eval_f1": 0.25, "eval_accuracy": 0.75})
+    labels = {"namespace": "ns", "job": "j", "rank": "0"}
+
+    def value(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert (value("finetune_eval_loss"), value("finetune_eval_f1"), value("finetune_eval_accuracy")) == (
+        0.5,
+        0.25,
+        0.75,
+    )
+    assert value("finetune_eval_exact_match") is None, "a metric the task does not report has no series"

@@ -105,6 +105,10 @@ class KubeTarget:
 
 #: Progress fields that are never negative in the CRD (losses may be anything finite).
 _NON_NEGATIVE = ("epoch", "learning_rate", "tokens_per_second", "eta_seconds")
+#: Scores between 0 and 1 (status.progress bounds them; a recipe's rounding must not break the patch).
+_FRACTIONS = ("eval_accuracy", "eval_f1", "eval_exact_match")
+#: The numbers copied from the trainer's record (the rest of status.progress is derived here).
+_REPORTED = ("epoch", "loss", "eval_loss", *_FRACTIONS, "learning_rate", "tokens_per_second", "eta_seconds")
 
 
 def progress_body(latest: dict[str, Any]) -> dict[str, Any]:
@@ -112,10 +116,15 @@ def progress_body(latest: dict[str, Any]) -> dict[str, Any]:
     non-finite numbers are left out, the percentage and summary derived."""
     step = int(latest.get("step") or 0)
     fields: dict[str, Any] = {"step": step}
-    for key in ("epoch", "loss", "eval_loss", "learning_rate", "tokens_per_second", "eta_seconds"):
+    for key in _REPORTED:
         value = latest.get(key)
         if isinstance(value, int | float) and math.isfinite(value):
-            fields[key] = max(float(value), 0.0) if key in _NON_NEGATIVE else float(value)
+            number = float(value)
+            if key in _NON_NEGATIVE:
+                number = max(number, 0.0)
+            elif key in _FRACTIONS:
+                number = min(max(number, 0.0), 1.0)
+            fields[key] = number
     total = latest.get("total_steps")
     if total:
         percent = min(100.0, 100.0 * step / total)

@@ -10,6 +10,11 @@ metric                                           type       meaning
 ===============================================  =========  ===============================================
 finetune_train_loss                              gauge      latest logged training loss (mean over ranks)
 finetune_eval_loss                               gauge      latest evaluation loss
+finetune_eval_accuracy                           gauge      latest evaluation accuracy, 0..1 (tasks that
+                                                            report it: classification, reward, dpo)
+finetune_eval_f1                                 gauge      latest evaluation F1, 0..1 (classification:
+                                                            macro F1; qa: SQuAD token F1)
+finetune_eval_exact_match                        gauge      latest evaluation exact match, 0..1 (qa)
 finetune_learning_rate                           gauge      current learning rate
 finetune_global_step                             gauge      optimizer steps done (goes back on resume)
 finetune_total_steps                             gauge      optimizer steps planned
@@ -131,6 +136,14 @@ class TrainingMetrics:
 
         self.train_loss = gauge("finetune_train_loss", "Latest logged training loss (mean over ranks).")
         self.eval_loss = gauge("finetune_eval_loss", "Latest evaluation loss.")
+        #: The gauge of each evaluation metric a recipe reports, by its key in the evaluation's metrics.
+        #: A series appears with the first evaluation that reports it (none for tasks without it).
+        self.eval_metrics: dict[str, Gauge] = {
+            "eval_loss": self.eval_loss,
+            "eval_accuracy": gauge("finetune_eval_accuracy", "Latest evaluation accuracy (0..1)."),
+            "eval_f1": gauge("finetune_eval_f1", "Latest evaluation F1 (0..1; classification: macro F1)."),
+            "eval_exact_match": gauge("finetune_eval_exact_match", "Latest evaluation exact match (0..1)."),
+        }
         self.learning_rate = gauge("finetune_learning_rate", "Current learning rate.")
         self.global_step = gauge("finetune_global_step", "Optimizer steps done.")
         self.total_steps = gauge("finetune_total_steps", "Optimizer steps planned.")
@@ -267,5 +280,6 @@ class TelemetryCallback(TrainerCallback):
             m.set(m.learning_rate, float(logs["learning_rate"]))
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **_: Any) -> None:
-        if metrics and "eval_loss" in metrics:
-            self.metrics.set(self.metrics.eval_loss, float(metrics["eval_loss"]))
+        for key, gauge in self.metrics.eval_metrics.items():
+            if metrics and isinstance(metrics.get(key), int | float):
+                self.metrics.set(gauge, float(metrics[key]))

@@ -1705,6 +1705,13 @@ class Progress(SpecModel):
     epoch: float | None = Field(default=None, ge=0, description="Fractional epoch.")
     loss: float | None = Field(default=None, description="Latest training loss.")
     eval_loss: float | None = Field(default=None, description="Latest evaluation loss.")
+    eval_accuracy: float | None = Field(
+        default=None, ge=0, le=1, description="Latest evaluation accuracy (classification, reward, dpo)."
+    )
+    eval_f1: float | None = Field(
+        default=None, ge=0, le=1, description="Latest evaluation F1 (classification: macro F1; qa: token F1)."
+    )
+    eval_exact_match: float | None = Field(default=None, ge=0, le=1, description="Latest evaluation exact match (qa).")
     learning_rate: float | None = Field(default=None, ge=0, description="Current learning rate.")
     tokens_per_second: float | None = Field(default=None, ge=0, description="Training throughput.")
     eta_seconds: float | None = Field(default=None, ge=0, description="Estimated time to completion.")
