@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune_operator.api.v1alpha1 import AdaLoRAParams, LoRAParams
-from peft import AdaLoraConfig, PeftModel, TaskType, get_peft_model
+from peft import AdaLoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, TrainerCallback
 
 from ..errors import ConfigError
@@ -31,7 +31,7 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
             f"{ctx.total_steps} training steps"
         )
     config = AdaLoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=ctx.peft_task_type,
         init_r=params.init_r,
         target_r=params.target_r,
         tinit=params.tinit,

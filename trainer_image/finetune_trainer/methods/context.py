@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeAlias, cast
 
+from finetune_operator.api.tasks import Head, task_row
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+from peft import TaskType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 if TYPE_CHECKING:
@@ -14,6 +16,24 @@ if TYPE_CHECKING:
 #: What ``apply`` returns: peft's wrapper around the model (every PEFT method), or the model itself
 #: (``full``).
 TunedModel: TypeAlias = "PeftModel | PreTrainedModel"
+
+#: peft's task type for each model head (:data:`finetune_operator.api.tasks.Head`). It picks peft's
+#: wrapper, which keeps a task head trained in full and saved with the adapter: ``SEQ_CLS`` adds the
+#: classification layer (``score``, ``classifier``) to ``modules_to_save``, ``QUESTION_ANS`` the span
+#: layer (``qa_outputs``).
+PEFT_TASK_TYPES: dict[Head, TaskType] = {
+    "causal-lm": TaskType.CAUSAL_LM,
+    "sequence-classification": TaskType.SEQ_CLS,
+    "question-answering": TaskType.QUESTION_ANS,
+    "reward": TaskType.SEQ_CLS,
+}
+#: The attribute names transformers gives the layer of a head other than the LM head (and peft looks
+#: for): ``score`` on Llama-family and other decoder models, ``classifier`` on encoders.
+HEAD_MODULES: dict[Head, tuple[str, ...]] = {
+    "sequence-classification": ("score", "classifier"),
+    "reward": ("score", "classifier"),
+    "question-answering": ("qa_outputs",),
+}
 
 
 def base_model(peft_model: PeftModel) -> PreTrainedModel:
@@ -31,3 +51,13 @@ class MethodContext:
     total_steps: int
     #: Ids of tokens added by spec.model.addTokens; their embedding rows must be trained.
     new_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def head(self) -> Head:
+        """The head the task trains (the task table's)."""
+        return task_row(self.spec.task.type).head
+
+    @property
+    def peft_task_type(self) -> TaskType:
+        """The ``task_type`` of the peft config (see :data:`PEFT_TASK_TYPES`)."""
+        return PEFT_TASK_TYPES[self.head]

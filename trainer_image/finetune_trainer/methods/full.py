@@ -2,8 +2,9 @@
 
 Supports ``spec.method.freeze``:
 
-- ``headOnly``: only the output head (with tied embeddings the head *is* the input embedding matrix,
-  so that is trained too);
+- ``headOnly``: only the task's output layer: the LM head of a causal LM (with tied embeddings the
+  head *is* the input embedding matrix, so that is trained too), the classification layer of a
+  sequence classifier (``score`` on Llama-family models, ``classifier`` on encoders);
 - ``lastLayers: N``: only the last N transformer blocks, plus the parameters outside the blocks that
   are not embeddings (the final norm, an untied head);
 - ``patterns``: parameters whose names match any of these regular expressions are frozen (applied
@@ -17,12 +18,13 @@ from __future__ import annotations
 
 import re
 
+from finetune_operator.api.tasks import Head
 from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import ConfigError
 from . import added_tokens
-from .context import MethodContext
+from .context import HEAD_MODULES, MethodContext
 
 
 def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:
@@ -31,6 +33,17 @@ def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:
     if not lists:
         raise ConfigError("spec.method.freeze.lastLayers: the model has no list of transformer blocks")
     return max(lists, key=len)
+
+
+def task_head(model: PreTrainedModel, head: Head) -> nn.Module | None:
+    """The layer that produces the task's outputs (see the module docstring), None if the model has none."""
+    if head == "causal-lm":
+        return added_tokens.output_embeddings(model)
+    for name in HEAD_MODULES[head]:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
 
 
 def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
@@ -42,7 +55,7 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PreTrainedModel:
         for param in model.parameters():
             param.requires_grad = False
     if freeze.head_only:
-        head = added_tokens.output_embeddings(model)
+        head = task_head(model, ctx.head)
         if head is None:
             raise ConfigError("spec.method.freeze.headOnly: the model has no output head")
         for param in head.parameters():

@@ -8,7 +8,7 @@ tokens are trained.
 from __future__ import annotations
 
 from finetune_operator.api.v1alpha1 import IA3Params
-from peft import IA3Config, PeftModel, TaskType, get_peft_model
+from peft import IA3Config, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from . import added_tokens
@@ -18,7 +18,7 @@ from .context import MethodContext, base_model
 def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
     params = ctx.spec.method.ia3 or IA3Params()
     config = IA3Config(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=ctx.peft_task_type,
         target_modules=list(params.target_modules) if params.target_modules else None,
         feedforward_modules=list(params.feedforward_modules) if params.feedforward_modules else None,
     )

@@ -2,7 +2,9 @@
 
 Supports rank, alpha, dropout, target modules (names or ``all-linear``), bias training, rank-stabilised
 scaling (rsLoRA), DoRA, and ``modulesToSave`` (modules trained in full and saved with the adapter).
-Rows of added tokens are trained. Works with DDP, DeepSpeed ZeRO 1-3 and gradient checkpointing.
+Rows of added tokens are trained. A task head other than the LM head (a classification layer) is
+trained in full and saved with the adapter (peft's task type, :data:`.context.PEFT_TASK_TYPES`).
+Works with DDP, DeepSpeed ZeRO 1-3 and gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ def target_modules(params: LoRAParams) -> list[str] | str:
     return "all-linear" if modules == ["all-linear"] else modules
 
 
-def lora_config(params: LoRAParams) -> LoraConfig:
-    """The peft config of the spec's LoRA parameters (shared by `lora` and `qlora`)."""
+def lora_config(params: LoRAParams, task_type: TaskType) -> LoraConfig:
+    """The peft config of the spec's LoRA parameters (shared by `lora` and `qlora`); ``task_type`` is
+    the task head's (a classification head is trained in full and saved with the adapter)."""
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=task_type,
         r=params.rank,
         lora_alpha=params.alpha,  # type: ignore[arg-type]  # peft annotates int; a float works (it only divides by it)
         lora_dropout=params.dropout,
@@ -36,6 +39,6 @@ def lora_config(params: LoRAParams) -> LoraConfig:
 
 
 def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
-    peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora or LoRAParams()))
+    peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora or LoRAParams(), ctx.peft_task_type))
     added_tokens.attach(base_model(peft_model), ctx.new_token_ids)
     return peft_model

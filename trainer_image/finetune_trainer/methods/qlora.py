@@ -48,6 +48,6 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
         use_gradient_checkpointing=ctx.spec.training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora or LoRAParams()))
+    peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora or LoRAParams(), ctx.peft_task_type))
     added_tokens.attach(base_model(peft_model), ctx.new_token_ids)
     return peft_model
