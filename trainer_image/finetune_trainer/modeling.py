@@ -18,7 +18,16 @@ from typing import Any, cast
 
 import torch
 from finetune_operator.api.v1alpha1 import ModelSpec
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_QUESTION_ANSWERING_MAPPING
 
 from . import storage
 from .distributed import World, local_main_first
@@ -116,16 +125,64 @@ def load_causal_lm(
     **extra: Any,
 ) -> PreTrainedModel:
     """Load a causal LM. ``extra`` carries method-specific arguments (QLoRA's quantization_config)."""
+    return _load(AutoModelForCausalLM, source, model, dtype=dtype, overrides=overrides, **extra)
+
+
+def load_question_answering(
+    source: ModelSource,
+    model: ModelSpec,
+    *,
+    dtype: torch.dtype | str,
+    overrides: dict[str, Any] | None = None,
+    **extra: Any,
+) -> PreTrainedModel:
+    """Load the base with an extractive-QA span head (``AutoModelForQuestionAnswering``: for Llama-family
+    models ``LlamaForQuestionAnswering``, whose ``qa_outputs`` linear layer gives each token a start
+    and an end logit). The head is newly initialized from the current seed unless the checkpoint has
+    one (a QA model saved by an earlier run).
+
+    transformers names the base model of several decoder QA classes ``transformer`` (Llama, Mistral,
+    Qwen2, ...: ``base_model_prefix``, kept for backward compatibility) while their causal-LM
+    checkpoints store it under ``model``: loaded as they are, every base weight would be missing and
+    silently re-initialized (huggingface/transformers#30381). The checkpoint's keys are renamed to the
+    QA class's prefix at load (``key_mapping``); a checkpoint already in the QA layout has no key to
+    rename. ``extra`` as for :func:`load_causal_lm`.
+    """
+    config = AutoConfig.from_pretrained(source.path, **_common_kwargs(source, model))
+    # transformers types its lazy mappings' values loosely: they are model classes.
+    qa_class = cast("type[PreTrainedModel] | None", MODEL_FOR_QUESTION_ANSWERING_MAPPING.get(type(config), None))
+    if qa_class is None:
+        raise ModelSourceError(
+            f"spec.model.uri: transformers has no question-answering head for model type "
+            f"'{config.model_type}' (spec.task.type qa needs AutoModelForQuestionAnswering)"
+        )
+    lm_class = cast("type[PreTrainedModel] | None", MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None))
+    qa_prefix, lm_prefix = qa_class.base_model_prefix, getattr(lm_class, "base_model_prefix", None)
+    if lm_prefix and lm_prefix != qa_prefix:
+        extra = {"key_mapping": {rf"^{lm_prefix}\.": f"{qa_prefix}."}, **extra}
+    return _load(AutoModelForQuestionAnswering, source, model, dtype=dtype, overrides=overrides, **extra)
+
+
+def _load(
+    auto_class: type[_BaseAutoModelClass],
+    source: ModelSource,
+    model: ModelSpec,
+    *,
+    dtype: torch.dtype | str,
+    overrides: dict[str, Any] | None,
+    **extra: Any,
+) -> PreTrainedModel:
+    """``auto_class.from_pretrained`` with the spec's source, attention, dtype and config overrides."""
     kwargs = {**_common_kwargs(source, model), **(overrides or {}), **extra, "dtype": dtype}
     if model.attention != "auto":
         kwargs["attn_implementation"] = model.attention
-    loaded: PreTrainedModel = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    loaded: PreTrainedModel = auto_class.from_pretrained(source.path, **kwargs)
     if source.gguf_file:
-        loaded = _plain_copy(loaded)
+        loaded = _plain_copy(auto_class, loaded)
     return loaded
 
 
-def _plain_copy(model: PreTrainedModel) -> PreTrainedModel:
+def _plain_copy(auto_class: type[_BaseAutoModelClass], model: PreTrainedModel) -> PreTrainedModel:
     """A GGUF model is dequantized at load, but still flagged as quantized, which transformers refuses
     to train or save. Rebuild it as a plain model holding the same (dequantized) weights."""
     config = model.config
@@ -133,7 +190,7 @@ def _plain_copy(model: PreTrainedModel) -> PreTrainedModel:
         del config.quantization_config
     # transformers leaves from_config unannotated.
     plain: PreTrainedModel
-    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)  # type: ignore[no-untyped-call]
+    plain = auto_class.from_config(config, dtype=model.dtype)  # type: ignore[no-untyped-call]
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
     return plain
