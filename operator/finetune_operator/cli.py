@@ -144,3 +144,43 @@ def report(run_dir: str, output: Path | None) -> None:
             output = (local.parent if local.suffix == ".jsonl" else local) / "report"
     for path in plot(run, output):
         click.echo(f"plot: {path}")
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("output", metavar="OUTPUT")
+@click.option(
+    "--input",
+    "input_uri",
+    required=True,
+    help="Records of the job's data format: a file or directory, local or in object storage.",
+)
+@click.option("--artifact", type=click.Choice(["merged", "adapter"]), help="Default: merged if present, else adapter.")
+@click.option(
+    "--predictions",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the predictions (JSON lines) here instead of standard output.",
+)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Longest generated text (causal-LM tasks).")  # fmt: skip
+def predict(output: str, input_uri: str, artifact: str | None, predictions: Path | None, max_new_tokens: int) -> None:
+    """Run a job's saved model on records, to check what was trained.
+
+    OUTPUT is the job's output: its spec.output.uri, or an artifact URI of its status or summary
+    (`finetune run` without spec.output.uri writes WORKDIR/storage/local/NAME/output). Every record
+    gives one JSON line: its file and line, the prediction and the reference; the task's scores over
+    the records go to standard error. Needs the trainer's dependencies
+    (`pip install 'finetune-operator[trainer]'`).
+    """
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("finetune_trainer") is None:
+        click.echo("error: finetune predict needs the trainer: pip install 'finetune-operator[trainer]'", err=True)
+        sys.exit(2)
+    argv = [sys.executable, "-m", "finetune_trainer.predict", output, "--input", input_uri]
+    argv += ["--max-new-tokens", str(max_new_tokens)]
+    if artifact:
+        argv += ["--artifact", artifact]
+    if predictions:
+        argv += ["--predictions", str(predictions)]
+    sys.exit(subprocess.run(argv, check=False).returncode)

@@ -37,7 +37,7 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traine
 from . import checkpointing, distributed, storage
 from .checkpoint_store import CheckpointStore, Manifest, describe
 from .data.records import Record, load_checked, split_eval
-from .outputs import save_outputs
+from .outputs import TRAINER_CONFIG_FILE, save_outputs
 from .progress import ProgressReporter
 from .status import StatusReporter
 from .telemetry import TelemetryCallback, TrainingMetrics, metrics_port
@@ -326,13 +326,16 @@ class Training:
                 if storage.is_remote(config.output_dir)
                 else Path(storage.local_path(config.output_dir))
             )
+            # The config goes along: what the outputs are (task, labels, format, base model) for
+            # `finetune predict`, and how they were made.
+            (work / TRAINER_CONFIG_FILE).write_text(config.dumps(), encoding="utf-8")
             artifacts = save_outputs(
                 trainer.accelerator.unwrap_model(trainer.model),
                 tokenizer,
                 spec,
                 staging=staging,
                 destination=config.output_dir,
-                run_files=[work / "metrics.jsonl"],
+                run_files=[work / "metrics.jsonl", work / TRAINER_CONFIG_FILE],
             )
             self.summary["artifacts"] = [a.__dict__ for a in artifacts]
             self.summary["runtime_seconds"] = time.time() - run.started

@@ -5,6 +5,9 @@ Layout under the output location::
     adapter/        PEFT adapter (+ added_tokens.safetensors, tokenizer) — PEFT methods
     merged/         the full model with the adapter folded in (or the trained model, for `full`)
     manifest.json   every file: path, size, sha256 (entries as a checkpoint's manifest has them)
+    metrics.jsonl   the run's log (``finetune report OUTPUT`` reads it)
+    trainer-config.json  the job's trainer config: its spec (task, labels, data format, base model) and
+                    where it ran (``finetune predict OUTPUT`` reads it)
 
 The artifact digest reported in status is the sha256 of ``manifest.json`` itself, so one value
 verifies every byte. Outputs go to a local staging directory first and are uploaded afterwards.
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 ADDED_TOKENS_FILE = "added_tokens.safetensors"
+TRAINER_CONFIG_FILE = "trainer-config.json"
 
 
 @dataclass(frozen=True)

@@ -92,3 +92,14 @@ def example(record: Record, tokenizer: PreTrainedTokenizerBase, data: DataSpec) 
     else:
         labels = list(ids)
     return Example(ids[: data.max_seq_length], labels[: data.max_seq_length])
+
+
+def prompt(record: Record, tokenizer: PreTrainedTokenizerBase, data: DataSpec) -> tuple[list[int], str]:
+    """The conversation up to its last assistant turn, rendered with the generation prompt as in
+    training (the tokens the reply is generated after), and that turn's content (the reference)."""
+    messages = chat_messages(record, data)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    ids: list[int] = tokenizer(_render(tokenizer, messages[:last], generation_prompt=True), add_special_tokens=False)[
+        "input_ids"
+    ]
+    return ids, messages[last]["content"]

@@ -29,3 +29,10 @@ def example(record: Record, tokenizer: PreTrainedTokenizerBase, data: DataSpec) 
     prompt_labels = [IGNORE] * len(prompt) if data.completion_only_loss else list(prompt)
     labels = (prompt_labels + completion)[: data.max_seq_length]
     return Example(ids, labels)
+
+
+def prompt(record: Record, tokenizer: PreTrainedTokenizerBase, data: DataSpec) -> tuple[list[int], str]:
+    """The tokens a completion is generated after (the training row's prompt part), and the record's
+    completion (the reference)."""
+    ids: list[int] = tokenizer(record.data[data.columns.prompt], add_special_tokens=True)["input_ids"]
+    return ids, record.data[data.columns.completion]

@@ -16,18 +16,32 @@ resume, checkpoints, preemption, telemetry, status, outputs — is the :mod:`..h
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import torch
 from finetune_operator.api.trainer_config import TrainerConfig
 from finetune_operator.api.v1alpha1 import DataSpec, FineTuneJobSpec
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import EvalLoopOutput
 
 from .. import harness, methods, modeling
+from ..data import chat, prompt_completion
 from ..data.collate import CausalLMCollator
 from ..data.examples import Example, ExampleDataset, build_examples
 from ..data.packing import pack, pack_documents
 from ..data.records import Record
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..predict import Predictions, SavedOutput
+
+#: The formats whose records have a prompt to generate after: (prompt tokens, reference) of a record.
+PROMPTS: dict[str, Callable[[Record, Any, DataSpec], tuple[list[int], str]]] = {
+    "promptCompletion": prompt_completion.prompt,
+    "chat": chat.prompt,
+}
 
 
 class CausalLMTrainer(Trainer):
@@ -118,3 +132,35 @@ def run(config: TrainerConfig) -> dict[str, Any]:
 
         training.train(evaluate)
         return training.save_outputs(tokenizer)
+
+
+def predict(
+    saved: SavedOutput, records: list[Record], out: Predictions, *, cache_dir: Path, max_new_tokens: int
+) -> dict[str, float]:
+    """Generate each record's completion greedily after its prompt (``promptCompletion``: the prompt;
+    ``chat``: the conversation before its last assistant turn); the reference is the record's own.
+    No scores: comparing generated text with references (BLEU, ROUGE) is not part of this task's
+    evaluation."""
+    data = saved.config.spec.data
+    if data.format not in PROMPTS:
+        raise ConfigError(f"spec.data.format {data.format}: records without a prompt have nothing to complete")
+    tokenizer = saved.tokenizer()
+    model = saved.model(modeling.load_causal_lm, tokenizer, cache_dir)
+
+    def predictions() -> Iterator[dict[str, Any]]:
+        for record in records:
+            ids, reference = PROMPTS[data.format](record, tokenizer, data)
+            input_ids = torch.tensor([ids])
+            with torch.no_grad():
+                generated = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            text = tokenizer.decode(generated[0, len(ids) :], skip_special_tokens=True)
+            yield {"where": record.where, "prediction": text, "reference": reference}
+
+    out.write(predictions())
+    return {}
