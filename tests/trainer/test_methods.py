@@ -1,8 +1,11 @@
-"""Every method trains ≥20 steps with falling loss through `finetune run`, and writes its outputs."""
+"""Every method trains ≥20 steps with falling loss through `finetune run`, and writes its outputs: the
+artifact kinds spec.output.save asks for (`auto`: an adapter for PEFT methods, the model for `full`),
+and nothing else."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,6 +13,7 @@ from typing import Any
 import pytest
 from finetune_trainer.file_manifest import sha256_file
 from runs import RunResult, assert_loss_falls
+from safetensors import safe_open
 from tiny import QLORA, job_manifest
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -20,12 +24,16 @@ METHODS: dict[str, dict[str, Any]] = {
     "qlora": {
         **QLORA,
     },
-    "prefix": {"method": {"type": "prefix", "prefix": {"numVirtualTokens": 8}}, "training__learningRate": 5e-2},
+    "prefix": {
+        "method": {"type": "prefix", "prefix": {"numVirtualTokens": 8}},
+        "training__learningRate": 5e-2,
+        "output__save": "adapter",
+    },
     "prompt": {
         "method": {"type": "prompt", "prompt": {"numVirtualTokens": 8, "initText": "what color"}},
         "training__learningRate": 3e-2,
     },
-    "ia3": {"method": {"type": "ia3"}, "training__learningRate": 3e-2},
+    "ia3": {"method": {"type": "ia3"}, "training__learningRate": 3e-2, "output__save": "merged"},
     "adalora": {
         "method": {
             "type": "adalora",
@@ -34,6 +42,10 @@ METHODS: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+#: The artifact each case writes (the others write an adapter), and the folder it is in.
+ARTIFACT = {"full": "model", "freeze-head-only": "model", "freeze-last-layer": "model", "ia3": "merged"}
+FOLDER = {"adapter": "adapter", "merged": "merged", "model": "merged"}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -53,5 +65,11 @@ def test_method_trains_and_saves(
         assert sha256_file(output / entry["path"]) == entry["sha256"]
     for artifact in summary["artifacts"]:
         assert artifact["sha256"] == sha256_file(manifest_file)
-    kinds = {a["kind"] for a in summary["artifacts"]}
-    assert kinds == ({"model"} if method.startswith(("full", "freeze")) else {"adapter"})
+    kind = ARTIFACT.get(method, "adapter")
+    assert [a["kind"] for a in summary["artifacts"]] == [kind]
+    assert {p.name for p in output.iterdir() if p.is_dir()} == {FOLDER[kind]}
+    if kind != "adapter":  # a model that loads without peft: no adapter config, no adapter weights
+        assert not (output / "merged" / "adapter_config.json").exists()
+        with safe_open(output / "merged" / "model.safetensors", "pt") as weights:
+            names = list(weights.keys())
+        assert names and not [n for n in names if re.search(r"lora_|ia3_|base_layer", n)]
