@@ -3,7 +3,7 @@
 Prometheus (Debian's package; hack/test.sh installs it) scrapes both ranks every second on loopback.
 Its HTTP API must return every training metric for the job. Then the launcher gets SIGTERM, as a pod's
 first process does: the ranks agree on a step, commit a checkpoint within the grace period and exit
-with 85; keepLast kept the newest checkpoints and the best one.
+with 85; keepLast kept the newest checkpoints and the best one. With metrics off, a rank serves nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -24,7 +25,7 @@ from typing import Any
 import live
 import pytest
 import tiny
-from polling import free_port_pair
+from polling import free_port, free_port_pair
 from tiny import job_manifest
 
 GRACE = 30
@@ -177,3 +178,30 @@ def test_prometheus_scrapes_every_metric_then_sigterm_commits_and_exits_85(
     evals = {m["step"]: m["eval_loss"] for m in tiny.read_metrics(run.workdir) if "eval_loss" in m and m["step"] > 0}
     best_step = min(evals, key=lambda s: evals[s])
     assert best_step in committed and set(committed[-2:]) | {best_step} == set(committed), (committed, evals)
+
+
+def test_metrics_disabled_start_no_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pods list no metrics port then (tests/unit/test_builders.py); the rank must not listen either.
+    from finetune_operator.api.trainer_config import TrainerConfig, build_trainer_config
+    from finetune_operator.api.validation import validate_object
+    from finetune_trainer.distributed import World
+    from finetune_trainer.harness import start_metrics
+
+    port = free_port()
+    monkeypatch.setenv("FINETUNE_METRICS_ADDRESS", "127.0.0.1")
+    monkeypatch.setenv("FINETUNE_METRICS_PORT", str(port))
+    world = World(rank=0, local_rank=0, world_size=1, local_world_size=1)
+
+    def config(enabled: bool) -> TrainerConfig:
+        spec = {"model": {"uri": "org/m"}, "data": {"train": {"uri": "t.jsonl"}}, "training": {"maxSteps": 1}}
+        spec["metrics"] = {"enabled": enabled}
+        manifest = {"apiVersion": "finetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "m"}}
+        return build_trainer_config(validate_object({**manifest, "spec": spec}), namespace="ns")
+
+    assert start_metrics(config(False), world) is None
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    # Enabled, the same call serves this rank's series there (the server lives until the process ends).
+    assert start_metrics(config(True), world) is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        assert 'finetune_preemptions_total{job="m",namespace="ns",rank="0"} 0.0' in response.read().decode()
