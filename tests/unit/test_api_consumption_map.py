@@ -46,6 +46,20 @@ def refused(row: str) -> str:
 
 
 # The tests the map names (a parametrized one takes its case id in brackets).
+DATA_OPTIONS = "tests/trainer/test_data_options.py"
+COLUMNS_READ = f"{DATA_OPTIONS}::test_renamed_columns_are_read"
+FILE_TYPE = f"{DATA_OPTIONS}::test_a_declared_file_type_wins_over_the_extension"
+MAX_SAMPLES = f"{DATA_OPTIONS}::test_max_samples_limits_the_records_read"
+MODEL_OPTIONS = "tests/trainer/test_model_options.py"
+ATTENTION = f"{MODEL_OPTIONS}::test_attention_is_the_loaded_models_implementation"
+DTYPE = f"{MODEL_OPTIONS}::test_dtype_is_the_loaded_weights_dtype"
+TRAINING_OPTIONS = "tests/trainer/test_training_options.py"
+OPTIMIZER_AND_SCHEDULER = f"{TRAINING_OPTIONS}::test_optimizer_and_scheduler_reach_the_trainer"
+PRECISION = f"{TRAINING_OPTIONS}::test_precision_is_the_dtype_training_computes_in"
+EVERY_MINUTES = (
+    "tests/trainer/test_checkpoint_cadence.py::"
+    "test_every_minutes_saves_when_that_much_time_has_passed_since_the_last_save"
+)
 ANCHOR = "tests/trainer/test_anchor.py::test_lora_sft_matches_plain_hf_trainer"
 BAD_RECORDS = "tests/trainer/test_data.py::test_bad_records_are_reported_with_file_and_line_before_training"
 BUILDERS_CREDENTIALS = "tests/unit/test_builders.py::test_the_credentials_secret_keys_become_the_pods_aws_variables"
@@ -102,6 +116,7 @@ CONSUMPTION: dict[str, str] = {
     "spec.checkpoint.credentials.secretAccessKeyKey": f"{BUILDERS_CREDENTIALS}[own-keys-and-session-token]",
     "spec.checkpoint.credentials.sessionTokenKey": f"{BUILDERS_CREDENTIALS}[own-keys-and-session-token]",
     "spec.checkpoint.endpointUrl": BUILDERS_STORAGE_ENV,
+    "spec.checkpoint.everyMinutes": EVERY_MINUTES,
     "spec.checkpoint.everySteps": RESUME,
     "spec.checkpoint.gracePeriodSeconds": BUILDERS_GRACE,
     "spec.checkpoint.keepBest": PREEMPTION_SCRAPED,
@@ -114,9 +129,16 @@ CONSUMPTION: dict[str, str] = {
     "spec.checkpoint.uri": RESUME,
     # -- spec.data: records, formats, tokenization --------------------------------------------------------
     "spec.data.columns.completion": f"{EXAMPLE}[qlora]",  # the example maps completion: output
+    "spec.data.columns.messages": f"{COLUMNS_READ}[messages]",
     "spec.data.columns.prompt": f"{DATA_DEFECT}[column-no-record-has]",
+    "spec.data.columns.text": f"{COLUMNS_READ}[text]",
     "spec.data.completionOnlyLoss": "tests/trainer/test_data.py::test_completion_only_loss_masks_the_prompt",
     "spec.data.eval.fileType=auto": f"{EXAMPLE}[lora-sft-2-nodes]",  # its eval file, read as JSONL by extension
+    "spec.data.eval.fileType=csv": f"{FILE_TYPE}[csv]",
+    "spec.data.eval.fileType=json": f"{FILE_TYPE}[json]",
+    "spec.data.eval.fileType=jsonl": f"{FILE_TYPE}[jsonl]",
+    "spec.data.eval.fileType=parquet": f"{FILE_TYPE}[parquet]",
+    "spec.data.eval.maxSamples": MAX_SAMPLES,
     "spec.data.eval.uri": f"{DATA_DEFECT}[eval-file-broken]",
     "spec.data.evalSplit": f"{DATA_DEFECT}[eval-split-leaves-nothing]",
     "spec.data.format=chat": "tests/trainer/test_data.py::test_assistant_only_masking_token_by_token",
@@ -126,7 +148,14 @@ CONSUMPTION: dict[str, str] = {
     "spec.data.format=qa": refused("task-not-supported-qa"),  # read only by that task
     "spec.data.format=text": ANCHOR,
     "spec.data.maxSeqLength": "tests/trainer/test_data.py::test_text_is_cut_into_blocks",
+    "spec.data.packing": f"{DATA_OPTIONS}::test_packing_packs_the_rows_a_run_trains_on",
+    "spec.data.systemPrompt": f"{DATA_OPTIONS}::test_system_prompt_opens_conversations_that_have_none",
     "spec.data.train.fileType=auto": STORAGE,  # Parquet and CSV files side by side, by extension
+    "spec.data.train.fileType=csv": f"{FILE_TYPE}[csv]",
+    "spec.data.train.fileType=json": f"{FILE_TYPE}[json]",
+    "spec.data.train.fileType=jsonl": f"{FILE_TYPE}[jsonl]",
+    "spec.data.train.fileType=parquet": f"{FILE_TYPE}[parquet]",
+    "spec.data.train.maxSamples": MAX_SAMPLES,
     "spec.data.train.uri": STORAGE,
     # -- spec.distributed: the torchrun gang, DeepSpeed ---------------------------------------------------
     "spec.distributed.backend=auto": f"{TWO_RANKS}[ddp-lora]",  # gloo on CPU
@@ -161,7 +190,17 @@ CONSUMPTION: dict[str, str] = {
     "spec.metrics.port": MONITORING,
     # -- spec.model: the base model -----------------------------------------------------------------------
     "spec.model.addTokens": f"{MERGED_EQUALS_ADAPTER}[untied]",
+    "spec.model.attention=auto": f"{ATTENTION}[auto]",
+    "spec.model.attention=eager": f"{ATTENTION}[eager]",
+    "spec.model.attention=sdpa": f"{ATTENTION}[sdpa]",
+    "spec.model.chatTemplate": f"{MODEL_OPTIONS}::test_chat_template_renders_chat_records",
+    "spec.model.dtype=auto": f"{DTYPE}[auto]",
+    "spec.model.dtype=bf16": f"{DTYPE}[bf16]",
+    "spec.model.dtype=fp16": f"{DTYPE}[fp16]",
+    "spec.model.dtype=fp32": f"{DTYPE}[fp32]",
     "spec.model.ggufFile": "tests/trainer/test_quickstart.py::test_quickstart",
+    "spec.model.revision": f"{MODEL_OPTIONS}::test_revision_selects_the_hub_commit[branch]",
+    "spec.model.trustRemoteCode": f"{MODEL_OPTIONS}::test_trust_remote_code_runs_the_models_own_code",
     "spec.model.uri": STORAGE,
     # -- spec.output: what a finished job leaves ----------------------------------------------------------
     "spec.output.save=auto": f"{METHOD}[lora]",  # an adapter for PEFT methods; [full] saves the model
@@ -240,6 +279,7 @@ CONSUMPTION: dict[str, str] = {
     "spec.task.type=rl": refused("task-not-supported-rl"),
     "spec.task.type=sft": f"{TASK}[sft]",
     # -- spec.training: optimization, evaluation, early stopping, forgetting ------------------------------
+    "spec.training.dropout": f"{MODEL_OPTIONS}::test_dropout_sets_the_models_dropout_probabilities",
     # The task-table rule that refuses accuracy refuses f1 and exactMatch alike (sft and pretrain produce
     # loss and perplexity; the tasks that produce the others are refused).
     "spec.training.earlyStopping.metric=accuracy": refused("early-stopping-metric-the-task-does-not-produce"),
@@ -247,9 +287,11 @@ CONSUMPTION: dict[str, str] = {
     "spec.training.earlyStopping.metric=exactMatch": refused("early-stopping-metric-the-task-does-not-produce"),
     "spec.training.earlyStopping.metric=f1": refused("early-stopping-metric-the-task-does-not-produce"),
     "spec.training.earlyStopping.metric=perplexity": f"{EVAL_METRICS}[perplexity-early-stopping]",
+    "spec.training.earlyStopping.mode=max": f"{EARLY_STOPPING}[max]",
     "spec.training.earlyStopping.mode=min": EARLY_STOPPING,
     "spec.training.earlyStopping.patience": EARLY_STOPPING,
     "spec.training.earlyStopping.threshold": EARLY_STOPPING,
+    "spec.training.epochs": f"{TRAINING_OPTIONS}::test_epochs_set_the_length_of_training",
     "spec.training.evaluation.everySteps": HYPERPARAMETERS,
     "spec.training.evaluation.metrics=accuracy": refused("eval-metric-the-task-does-not-produce"),
     "spec.training.evaluation.metrics=exactMatch": refused("eval-metric-the-task-does-not-produce"),
@@ -266,6 +308,11 @@ CONSUMPTION: dict[str, str] = {
     "spec.training.forgetting.ewc.fisherSamples": refused("forgetting-ewc-not-supported"),
     "spec.training.forgetting.ewc.strength": refused("forgetting-ewc-not-supported"),
     "spec.training.forgetting.generalEval.fileType=auto": REPORT,
+    "spec.training.forgetting.generalEval.fileType=csv": f"{FILE_TYPE}[csv]",
+    "spec.training.forgetting.generalEval.fileType=json": f"{FILE_TYPE}[json]",
+    "spec.training.forgetting.generalEval.fileType=jsonl": f"{FILE_TYPE}[jsonl]",
+    "spec.training.forgetting.generalEval.fileType=parquet": f"{FILE_TYPE}[parquet]",
+    "spec.training.forgetting.generalEval.maxSamples": MAX_SAMPLES,
     "spec.training.forgetting.generalEval.uri": REPORT,
     "spec.training.forgetting.replay.ratio": refused("forgetting-replay-not-supported"),
     "spec.training.forgetting.replay.source.fileType=auto": refused("forgetting-replay-not-supported"),
@@ -283,8 +330,13 @@ CONSUMPTION: dict[str, str] = {
     "spec.training.maxSteps": HYPERPARAMETERS,
     "spec.training.optimizer=adafactor": HYPERPARAMETERS,
     "spec.training.optimizer=adamw": f"{TWO_RANKS}[ddp-lora]",  # the optimizer that steps is torch's AdamW
+    "spec.training.optimizer=sgd": OPTIMIZER_AND_SCHEDULER,
     "spec.training.perDeviceBatchSize": HYPERPARAMETERS,
+    "spec.training.precision=auto": f"{PRECISION}[auto]",
+    "spec.training.precision=bf16": f"{PRECISION}[bf16]",
+    "spec.training.precision=fp32": f"{PRECISION}[fp32]",
     "spec.training.scheduler=constant": HYPERPARAMETERS,
+    "spec.training.scheduler=cosine": OPTIMIZER_AND_SCHEDULER,
     "spec.training.scheduler=linear": HYPERPARAMETERS,
     "spec.training.seed": HYPERPARAMETERS,
     "spec.training.warmupRatio": HYPERPARAMETERS,
@@ -292,35 +344,18 @@ CONSUMPTION: dict[str, str] = {
     "spec.training.weightDecay": HYPERPARAMETERS,
 }
 
-BY_EXTENSION_ONLY = "tests decide file types by extension (auto) only"
-NO_LIMIT = "no test limits the records read"
 
 #: Accepted, and no test shows what they do. Each needs a test that would fail if it were ignored (or
 #: an admission refusal): then it moves to CONSUMPTION and UNPROVEN_COUNT goes down.
 UNPROVEN: dict[str, str] = {
     # -- spec.checkpoint ----------------------------------------------------------------------------------
-    "spec.checkpoint.everyMinutes": "no test saves by time (rank 0's clock)",
     # -- spec.data ----------------------------------------------------------------------------------------
     "spec.data.columns.answers": "read only by the qa format (its task is refused); accepted, unused, elsewhere",
     "spec.data.columns.chosen": "read only by the preference format (its tasks are refused); accepted elsewhere",
     "spec.data.columns.context": "read only by the qa format (its task is refused); accepted, unused, elsewhere",
     "spec.data.columns.label": "read only by the classification format (its task is refused); accepted elsewhere",
-    "spec.data.columns.messages": "no test renames the messages column",
     "spec.data.columns.question": "read only by the qa format (its task is refused); accepted, unused, elsewhere",
     "spec.data.columns.rejected": "read only by the preference format (its tasks are refused); accepted elsewhere",
-    "spec.data.columns.text": "no test renames the text column",
-    "spec.data.eval.fileType=csv": BY_EXTENSION_ONLY,
-    "spec.data.eval.fileType=json": BY_EXTENSION_ONLY,
-    "spec.data.eval.fileType=jsonl": BY_EXTENSION_ONLY,
-    "spec.data.eval.fileType=parquet": BY_EXTENSION_ONLY,
-    "spec.data.eval.maxSamples": NO_LIMIT,
-    "spec.data.packing": "pack() and pack_documents() are tested directly; no run checks that packing switches them on",
-    "spec.data.systemPrompt": "set only by examples/lora-sft-2-nodes.yaml, whose run checks no rendered text",
-    "spec.data.train.fileType=csv": BY_EXTENSION_ONLY,
-    "spec.data.train.fileType=json": BY_EXTENSION_ONLY,
-    "spec.data.train.fileType=jsonl": BY_EXTENSION_ONLY,
-    "spec.data.train.fileType=parquet": BY_EXTENSION_ONLY,
-    "spec.data.train.maxSamples": NO_LIMIT,
     # -- spec.distributed ---------------------------------------------------------------------------------
     "spec.distributed.backend=gloo": "no test sets it (auto picks gloo on CPU)",
     "spec.distributed.backend=nccl": "needs GPUs (refused without: nccl-without-gpus); no GPU test",
@@ -353,44 +388,21 @@ UNPROVEN: dict[str, str] = {
     "spec.method.quantization.doubleQuant": "the default, true; no test sets it or tells it apart",
     "spec.method.quantization.quantType=fp4": "no test sets it",
     # -- spec.model ---------------------------------------------------------------------------------------
-    "spec.model.attention=auto": "nothing checks that auto resolves to sdpa (or eager)",
-    "spec.model.attention=eager": "no test sets it",
     "spec.model.attention=flash_attention_2": "needs GPUs (refused without: flash-attention-without-gpus); no GPU test",
-    "spec.model.attention=sdpa": "no test sets it",
-    "spec.model.chatTemplate": "no run sets it (the tiny model's tokenizer brings its own template)",
-    "spec.model.dtype=auto": "no run uses it, and the tiny model is saved in fp32: nothing tells auto apart",
-    "spec.model.dtype=bf16": "QLoRA runs set it; nothing checks the dtype of the unquantized modules",
-    "spec.model.dtype=fp16": "no test sets it",
-    "spec.model.dtype=fp32": "every CPU run sets it, but the tiny model is fp32 anyway: nothing tells it apart",
-    "spec.model.revision": "used only for Hub ids; no test loads from the Hub",
-    "spec.model.trustRemoteCode": "no test loads a model with its own code",
     # -- spec.output --------------------------------------------------------------------------------------
     "spec.output.save=adapter": "no run sets it (auto writes the adapter of PEFT methods)",
     "spec.output.save=merged": "set only by examples/deepspeed-zero3-full.yaml, whose run checks no artifact kind",
     # -- spec.resources -----------------------------------------------------------------------------------
     # -- spec.training ------------------------------------------------------------------------------------
-    "spec.training.dropout": "dropout_overrides() is untested; no run sets it",
-    "spec.training.earlyStopping.mode=max": "no run stops early on a metric where higher is better",
-    "spec.training.epochs": "no run trains by epochs (the examples' epochs are replaced by maxSteps)",
-    "spec.training.forgetting.generalEval.fileType=csv": BY_EXTENSION_ONLY,
-    "spec.training.forgetting.generalEval.fileType=json": BY_EXTENSION_ONLY,
-    "spec.training.forgetting.generalEval.fileType=jsonl": BY_EXTENSION_ONLY,
-    "spec.training.forgetting.generalEval.fileType=parquet": BY_EXTENSION_ONLY,
-    "spec.training.forgetting.generalEval.maxSamples": NO_LIMIT,
     "spec.training.optimizer=adamw8bit": "needs CUDA (refused without GPUs: cuda-optimizer-without-gpus); no GPU test",
     "spec.training.optimizer=pagedAdamw32bit": "needs CUDA (refused without GPUs); no GPU test",
     "spec.training.optimizer=pagedAdamw8bit": "needs CUDA (refused without GPUs); no GPU test",
-    "spec.training.optimizer=sgd": "only refused with optimizer offload; no run trains with it",
-    "spec.training.precision=auto": "precision_flags() is untested; CPU runs set fp32",
-    "spec.training.precision=bf16": "no test sets it",
-    "spec.training.precision=fp16": "no test sets it",
-    "spec.training.precision=fp32": "CPU runs set it; nothing tells it apart from auto on CPU",
-    "spec.training.scheduler=cosine": "the default; runs use it, but nothing checks the learning-rate curve",
+    "spec.training.precision=fp16": "needs CUDA (refused without GPUs: fp16-without-gpus); no GPU test",
 }
 
 #: len(UNPROVEN) when the map was made (issue 13). Lower it with every field that moves to CONSUMPTION;
 #: never raise it: a new field of the API comes with its evidence.
-UNPROVEN_COUNT = 80
+UNPROVEN_COUNT = 42
 
 #: The case ids of parametrized tests whose ids are computed rather than written in the file.
 GENERATED_IDS: dict[str, Callable[[], Iterable[str]]] = {

@@ -156,7 +156,12 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ("negative-gpus", {"spec.resources.gpusPerNode": -1}, "spec.resources.gpusPerNode", "greater"),
     ("oversized-name", {"metadata.name": "a" * 51}, "metadata.name", "50"),
     ("bad-name", {"metadata.name": "Demo_Job"}, "metadata.name", "DNS label"),
-    ("oversized-system-prompt", {"spec.data.systemPrompt": "x" * 65537}, "spec.data.systemPrompt", "65536"),
+    (
+        "oversized-system-prompt",
+        {"spec.data.format": "chat", "spec.data.systemPrompt": "x" * 65537},
+        "spec.data.systemPrompt",
+        "65536",
+    ),
     (
         "too-many-added-tokens",
         {"spec.model.addTokens": [f"<t{i}>" for i in range(1025)]},
@@ -395,6 +400,24 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "CUDA",
     ),
     (
+        "fp16-without-gpus",
+        {"spec.resources.gpusPerNode": 0, "spec.training.precision": "fp16"},
+        "spec.training.precision",
+        "CUDA",
+    ),
+    (
+        "system-prompt-outside-chat",
+        {"spec.data.systemPrompt": "Answer briefly."},
+        "spec.data.systemPrompt",
+        "spec.data.format chat",
+    ),
+    (
+        "revision-of-a-path",
+        {"spec.model.uri": "s3://bucket/model", "spec.model.revision": "v2"},
+        "spec.model.revision",
+        "only used for Hub ids",
+    ),
+    (
         "metrics-ports-past-65535",
         {"spec.metrics.port": 65535, "spec.resources.gpusPerNode": 2},
         "spec.metrics.port",
@@ -592,6 +615,9 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("cpu-processes", {"spec.resources.gpusPerNode": 0, "spec.distributed.procsPerNode": 4}),
     ("one-process-per-gpu", {"spec.resources.gpusPerNode": 8, "spec.distributed.procsPerNode": 8}),
     ("cuda-optimizer-with-gpus", {"spec.training.optimizer": "adamw8bit"}),
+    ("fp16-with-gpus", {"spec.training.precision": "fp16"}),
+    ("system-prompt-for-chat", {"spec.data.format": "chat", "spec.data.systemPrompt": "Answer briefly."}),
+    ("revision-of-a-hub-id", {"spec.model.revision": "v2"}),
     ("metrics-ports-up-to-65535", {"spec.metrics.port": 65534, "spec.resources.gpusPerNode": 2}),
     ("rendezvous-port-when-metrics-off", {"spec.distributed.rendezvousPort": 9410, "spec.metrics.enabled": False}),
     # The task table's edges.

@@ -494,8 +494,10 @@ class CheckpointCallback(TrainerCallback):
         best_so_far: Manifest | None,
         loss_watch: LossWatch,
         metrics: TrainingMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         c = spec.checkpoint
+        self.clock = clock  #: the seconds everyMinutes counts (rank 0's monotonic clock)
         self.world = world
         self.store = store
         self.uploader = uploader
@@ -512,12 +514,12 @@ class CheckpointCallback(TrainerCallback):
         self.eval_metrics: dict[int, dict[str, float]] = {}
         self.training = False
         self.preempting = False
-        self.last_save = time.monotonic()
+        self.last_save = clock()
 
     # Training window: saves are only ever requested between train begin and end.
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.training = True
-        self.last_save = time.monotonic()
+        self.last_save = self.clock()
         self.preemption.in_training = True
         if self.preemption.requested:  # SIGTERM arrived while the model was being prepared
             raise Preempted("SIGTERM before the first step", self.saved_step)
@@ -537,7 +539,7 @@ class CheckpointCallback(TrainerCallback):
             self.store is not None
             and self.world.is_main
             and self.every_seconds is not None
-            and time.monotonic() - self.last_save >= self.every_seconds
+            and self.clock() - self.last_save >= self.every_seconds
         )
         nonfinite, value = self._loss_nonfinite()
         time_due, preempt, nonfinite_any = distributed.agree(
@@ -579,7 +581,7 @@ class CheckpointCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = state.global_step
         self.saved_step = step
-        self.last_save = time.monotonic()
+        self.last_save = self.clock()
         if self.store is not None:
             distributed.barrier()  # every rank's files are on disk before the upload starts
             if self.world.is_local_main and self.uploader is not None:

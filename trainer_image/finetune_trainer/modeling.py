@@ -69,6 +69,15 @@ def _package_dir(name: str) -> Path:
 def resolve_source(model: ModelSpec, *, base_dir: str | None, cache_dir: str | Path, world: World) -> ModelSource:
     """Turn spec.model into a local directory (downloading if needed) or a Hub id."""
     uri = model.uri
+    local_path = storage.local_path(uri, base_dir)
+    is_dir = not storage.is_remote(uri) and os.path.isdir(local_path)
+    hub_id = not (uri.startswith(("pkg://", "file://", "/", "./", "../")) or storage.is_remote(uri) or is_dir)
+    if model.revision and not hub_id:
+        # Admission refuses a revision with a path or a URI with a scheme; that a relative path which
+        # looks like a Hub id (org/name) is a directory is only known here.
+        raise ModelSourceError(
+            f"spec.model.revision is only used for Hub ids: spec.model.uri {uri} is a directory or a stored copy"
+        )
     if uri.startswith("pkg://"):
         package, _, sub = uri[len("pkg://") :].partition("/")
         path = _package_dir(package) / sub if sub else _package_dir(package)
@@ -77,9 +86,8 @@ def resolve_source(model: ModelSpec, *, base_dir: str | None, cache_dir: str | P
         with local_main_first(world):
             local = storage.download(uri, Path(cache_dir) / "models")
         return ModelSource(str(local), None, model.gguf_file, True)
-    local_path = storage.local_path(uri, base_dir)
-    if uri.startswith(("file://", "/", "./", "../")) or os.path.isdir(local_path):
-        if not os.path.isdir(local_path):
+    if uri.startswith(("file://", "/", "./", "../")) or is_dir:
+        if not is_dir:
             raise ModelSourceError(f"spec.model.uri: directory {local_path} does not exist")
         return ModelSource(local_path, None, model.gguf_file, True)
     return ModelSource(uri, model.revision, model.gguf_file, False)

@@ -92,9 +92,11 @@ def deepspeed_config(ds: DeepSpeedSpec, *, base_dir: str | None = None, optimize
     }
 
 
-def precision_flags(precision: str, *, cuda: bool) -> dict[str, bool]:
+def precision_flags(precision: str, *, bf16_accelerator: bool) -> dict[str, bool]:
+    """TrainingArguments' mixed-precision flags for spec.training.precision. ``auto`` is bf16 on an
+    accelerator that supports it (``bf16_accelerator``), else fp32 (no mixed precision, also on CPU)."""
     if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        precision = "bf16" if bf16_accelerator else "fp32"
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
@@ -116,6 +118,9 @@ def training_arguments(
     cuda = torch.cuda.is_available()
     if t.optimizer in CUDA_ONLY_OPTIMIZERS and not cuda:
         raise ConfigError(f"spec.training.optimizer {t.optimizer} needs CUDA (bitsandbytes paged/8-bit states)")
+    if t.precision == "fp16" and not cuda:
+        # accelerate enables fp16 autocast and loss scaling on accelerators only: on CPU it would train in fp32.
+        raise ConfigError("spec.training.precision fp16 needs CUDA (on CPU, fp16 mixed precision is not applied)")
     evaluate = has_eval and t.evaluation.every_steps is not None
     scheduler = t.scheduler
     warmup: float = t.warmup_steps if t.warmup_steps is not None else (t.warmup_ratio or 0.0)
@@ -148,7 +153,7 @@ def training_arguments(
         "ddp_backend": None if spec.distributed.backend == "auto" else spec.distributed.backend,
         "save_strategy": "no",
         "eval_strategy": "steps" if evaluate else "no",
-        **precision_flags(t.precision, cuda=cuda),
+        **precision_flags(t.precision, bf16_accelerator=cuda and torch.cuda.is_bf16_supported()),
     }
     if t.max_steps is not None:
         kwargs["max_steps"] = t.max_steps

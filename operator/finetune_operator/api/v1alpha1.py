@@ -269,7 +269,15 @@ class ModelSpec(SpecModel):
         description="A Jinja chat template that replaces the tokenizer's own (used by the `chat` format).",
     )
 
-    rules: ClassVar[tuple[Rule, ...]] = ()
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            # A path (absolute, ./ or ../) or a URI with a scheme is not a Hub id: no revision to check out.
+            cel="!has(self.revision) || !self.uri.matches('^([a-z0-9]+://|[.]{0,2}/)')",
+            message="spec.model.revision is only used for Hub ids (org/name), not for a path or a URI with a scheme",
+            check=lambda m: m.revision is None or re.match(r"^([a-z0-9]+://|\.{0,2}/)", m.uri) is None,
+            field=".revision",
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -749,6 +757,12 @@ class DataSpec(SpecModel):
     )
 
     rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.systemPrompt) || self.format == 'chat'",
+            message="spec.data.systemPrompt is only used by spec.data.format chat (it opens conversations)",
+            check=lambda m: m.system_prompt is None or m.format == "chat",
+            field=".systemPrompt",
+        ),
         Rule(
             cel="!(has(self.eval) && self.evalSplit > 0.0)",
             message="spec.data.eval and spec.data.evalSplit are mutually exclusive",
@@ -1621,6 +1635,13 @@ class FineTuneJobSpec(SpecModel):
             message="spec.model.attention flash_attention_2 needs CUDA: spec.resources.gpusPerNode must be at least 1",
             check=lambda s: s.resources.gpus_per_node > 0 or s.model.attention != "flash_attention_2",
             field=".model.attention",
+        ),
+        Rule(
+            # On CPU, accelerate applies no fp16 autocast or loss scaling: the run would train in fp32.
+            cel="self.resources.gpusPerNode > 0 || self.training.precision != 'fp16'",
+            message="spec.training.precision fp16 needs CUDA: spec.resources.gpusPerNode must be at least 1",
+            check=lambda s: s.resources.gpus_per_node > 0 or s.training.precision != "fp16",
+            field=".training.precision",
         ),
         Rule(
             cel=f"!self.metrics.enabled || self.metrics.port + {_CEL_PROCS} - 1 <= 65535",
