@@ -74,7 +74,7 @@ def best_metric(spec: FineTuneJobSpec, *, has_eval: bool) -> BestMetric | None:
     if not has_eval or t.evaluation.every_steps is None:
         return None
     if t.early_stopping is not None:
-        return BestMetric(BEST_METRICS[t.early_stopping.metric], t.early_stopping.mode == "max")
+        return BestMetric(BEST_METRICS[t.early_stopping.metric], t.early_stopping.greater_is_better)
     if spec.checkpoint.keep_best:
         return BestMetric("eval_loss", False)
     return None

@@ -169,7 +169,7 @@ def training_arguments(
             save_steps=t.evaluation.every_steps,
             load_best_model_at_end=True,
             metric_for_best_model=BEST_METRICS[t.early_stopping.metric],
-            greater_is_better=t.early_stopping.mode == "max",
+            greater_is_better=t.early_stopping.greater_is_better,
             save_only_model=False,
         )
     if spec.distributed.deepspeed is not None:

@@ -21,6 +21,8 @@ EvalMetric = Literal["loss", "perplexity", "accuracy", "f1", "exactMatch"]
 #: Metrics early stopping can watch (``spec.training.earlyStopping.metric``): the evaluation metrics,
 #: with ``loss`` spelt ``evalLoss``.
 EarlyStoppingMetric = Literal["evalLoss", "perplexity", "accuracy", "f1", "exactMatch"]
+#: The metrics where higher is better (the others are losses: lower is better).
+HIGHER_IS_BETTER: frozenset[EarlyStoppingMetric] = frozenset({"accuracy", "f1", "exactMatch"})
 #: The model head a task trains: ``causal-lm`` (next-token prediction), ``sequence-classification``
 #: (``task.classification.numLabels`` outputs), ``question-answering`` (answer-span start and end
 #: logits), ``reward`` (a sequence-classification head with one output, the scalar reward).

@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 from .base import Rule, SpecModel
 from .tasks import (
     ALL_METHODS,
+    HIGHER_IS_BETTER,
     IMPLEMENTED_TASKS,
     PROMPT_METHODS,
     TASKS,
@@ -805,11 +806,20 @@ class EarlyStoppingSpec(SpecModel):
             "and, when spec.training.evaluation.metrics is set, one of them (`evalLoss` is `loss`)."
         ),
     )
-    mode: Literal["min", "max"] = Field(
-        default="min", description="Whether lower (`min`, for losses) or higher (`max`) values are better."
+    mode: Literal["min", "max"] | None = Field(
+        default=None,
+        description=(
+            "Whether lower (`min`) or higher (`max`) values are better. Default: `min` for `evalLoss` and "
+            "`perplexity`, `max` for `accuracy`, `f1` and `exactMatch`."
+        ),
     )
     patience: int = Field(default=3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
     threshold: float = Field(default=0.0, ge=0, description="Smallest change that counts as an improvement.")
+
+    @property
+    def greater_is_better(self) -> bool:
+        """Whether a higher value of the metric is an improvement (``mode``, or the metric's own sense)."""
+        return self.mode == "max" if self.mode is not None else self.metric in HIGHER_IS_BETTER
 
 
 class EWCSpec(SpecModel):
