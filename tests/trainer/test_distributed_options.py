@@ -1,5 +1,5 @@
-"""spec.distributed without a gang: the DeepSpeed config, generated or the user's from a ConfigMap,
-reaches transformers as the spec says."""
+"""spec.distributed without a gang: the DeepSpeed config, generated or the user's from a ConfigMap, and
+the collective backend reach DeepSpeed, transformers and the process group as the spec says."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from accelerate.state import PartialState
 from finetune_operator import builders
 from finetune_operator.api.trainer_config import TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
 from finetune_operator.api.validation import validate_object
+from finetune_trainer import distributed
 from finetune_trainer.training_args import deepspeed_config, training_arguments
+from polling import free_port
 
 
 def job(**spec: Any) -> FineTuneJob:
@@ -80,3 +83,23 @@ def test_a_user_deepspeed_config_from_a_config_map_is_what_the_trainer_gets(
     filled = args.hf_deepspeed_config.config
     assert filled["zero_optimization"] == user["zero_optimization"]
     assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"]) == (3, 5)
+
+
+def test_backend_gloo_is_the_process_groups_where_auto_would_pick_nccl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_accelerate_state: None
+) -> None:
+    gloo = job(distributed={"backend": "gloo"}).spec
+    # One process has no group, whatever the backend: transformers is told none (given "gloo", accelerate
+    # asked a group that does not exist for its size, and every single-process gloo job crashed).
+    assert training_arguments(gloo, output_dir=tmp_path, base_dir=None, has_eval=False).ddp_backend is None
+    # A gang: TrainingArguments gets the backend of the group distributed.init brought up ...
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(PartialState, "_shared_state", {})
+        assert training_arguments(gloo, output_dir=tmp_path, base_dir=None, has_eval=False).ddp_backend == "gloo"
+    finally:
+        dist.destroy_process_group()
+    # ... which is the spec's: with GPUs, auto is nccl and gloo stays gloo (this machine has none; torch
+    # is told it has).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (distributed.backend("auto"), distributed.backend("gloo")) == ("nccl", "gloo")

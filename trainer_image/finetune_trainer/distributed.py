@@ -59,6 +59,14 @@ def backend(requested: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def group_backend() -> str | None:
+    """The collective backend of this process's group (:func:`init` chose it), or None without one: a
+    single process has no collectives."""
+    if dist.is_available() and dist.is_initialized():
+        return str(dist.get_backend())
+    return None
+
+
 def init(world: World, requested_backend: str, *, deepspeed: bool) -> None:
     """Bring the process group up before any model is built (ZeRO-3 partitions at construction).
 

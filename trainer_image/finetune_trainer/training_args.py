@@ -11,7 +11,7 @@ import torch
 from finetune_operator.api.v1alpha1 import DeepSpeedSpec, FineTuneJobSpec
 from transformers import TrainingArguments
 
-from . import storage
+from . import distributed, storage
 from .errors import ConfigError
 
 OPTIMIZERS = {
@@ -150,7 +150,9 @@ def training_arguments(
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         "use_cpu": not cuda,
-        "ddp_backend": None if spec.distributed.backend == "auto" else spec.distributed.backend,
+        # The backend of the group distributed.init brought up (spec.distributed.backend); none for a
+        # single process, which has no group: given one, accelerate asks that missing group for its size.
+        "ddp_backend": distributed.group_backend(),
         "save_strategy": "no",
         "eval_strategy": "steps" if evaluate else "no",
         **precision_flags(t.precision, bf16_accelerator=cuda and torch.cuda.is_bf16_supported()),
