@@ -31,18 +31,15 @@ CHATML = (
 )
 
 
-def build_tiny_model(directory: Path, *, tie_embeddings: bool = False, seed: int = 0) -> Path:
-    """A 2-layer Llama with a BPE tokenizer trained on the fruit vocabulary; saved like a Hub model."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def build_tokenizer() -> Any:
+    """The tiny models' BPE tokenizer (a ``PreTrainedTokenizerFast``), trained on the fruit vocabulary,
+    with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    directory.mkdir(parents=True, exist_ok=True)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    from tokenizers import decoders
-
     tok.decoder = decoders.ByteLevel()
     corpus = [" ".join(random.Random(i).choices(WORDS, k=12)) for i in range(400)]
     corpus += [f"user assistant system {w}?" for w in WORDS]
@@ -52,10 +49,16 @@ def build_tiny_model(directory: Path, *, tie_embeddings: bool = False, seed: int
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>", bos_token=None)
     fast.chat_template = CHATML
-    fast.save_pretrained(directory)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(fast),
+    return fast
+
+
+def llama_config(tokenizer: Any, *, tie_embeddings: bool = False, **overrides: Any) -> Any:
+    """The tiny models' ``LlamaConfig``: 2 layers, hidden size 64, grouped-query attention (4 heads,
+    2 key/value heads); ``overrides`` set other config fields (e.g. ``attention_bias=True``)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -63,11 +66,23 @@ def build_tiny_model(directory: Path, *, tie_embeddings: bool = False, seed: int
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=tie_embeddings,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        **overrides,
     )
-    model = LlamaForCausalLM(config)
+
+
+def build_tiny_model(directory: Path, *, tie_embeddings: bool = False, seed: int = 0) -> Path:
+    """A 2-layer Llama with a BPE tokenizer trained on the fruit vocabulary; saved like a Hub model."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fast = build_tokenizer()
+    fast.save_pretrained(directory)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(fast, tie_embeddings=tie_embeddings))
     pretrain(model, fast, seed=seed)
     model.save_pretrained(directory)
     return directory

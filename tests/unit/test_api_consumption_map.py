@@ -46,6 +46,17 @@ def refused(row: str) -> str:
 
 
 # The tests the map names (a parametrized one takes its case id in brackets).
+METHOD_PARAMS = "tests/trainer/test_method_params.py"
+ADALORA_SCHEDULE = f"{METHOD_PARAMS}::test_adalora_budget_follows_the_schedule"
+ADALORA_WEIGHTS = f"{METHOD_PARAMS}::test_adalora_importance_and_orthogonality_weights"
+FREEZE = f"{METHOD_PARAMS}::test_freeze_trains_exactly_what_it_leaves"
+IA3 = f"{METHOD_PARAMS}::test_ia3_rescales_the_modules_it_names"
+LORA_BIAS = f"{METHOD_PARAMS}::test_lora_bias_trains_and_saves_the_biases_it_names"
+LORA_SCALING = f"{METHOD_PARAMS}::test_lora_scaling_and_dora_magnitudes"
+MODULES_TO_SAVE = f"{METHOD_PARAMS}::test_lora_modules_to_save_are_trained_copies_saved_with_the_adapter"
+PROMPT_INIT = f"{METHOD_PARAMS}::test_prompt_init_text_initialises_the_soft_prompt"
+QUANTIZATION = f"{METHOD_PARAMS}::test_quantization_reaches_every_4bit_layer"
+VIRTUAL_TOKENS = f"{METHOD_PARAMS}::test_virtual_tokens_are_trained_and_saved"
 DATA_OPTIONS = "tests/trainer/test_data_options.py"
 COLUMNS_READ = f"{DATA_OPTIONS}::test_renamed_columns_are_read"
 FILE_TYPE = f"{DATA_OPTIONS}::test_a_declared_file_type_wins_over_the_extension"
@@ -175,11 +186,38 @@ CONSUMPTION: dict[str, str] = {
     "spec.distributed.procsPerNode=auto": BUILDERS_PROCS_AUTO,
     "spec.distributed.rendezvousPort": POD_TEMPLATE_TRAINS,
     # -- spec.method: which parameters train --------------------------------------------------------------
+    "spec.method.adalora.beta1": ADALORA_WEIGHTS,
+    "spec.method.adalora.beta2": ADALORA_WEIGHTS,
+    "spec.method.adalora.deltaT": f"{ADALORA_SCHEDULE}[warm-up-and-final-steps]",
+    "spec.method.adalora.initR": f"{ADALORA_SCHEDULE}[to-the-last-step]",
+    "spec.method.adalora.orthRegWeight": ADALORA_WEIGHTS,
+    "spec.method.adalora.targetR": f"{ADALORA_SCHEDULE}[to-the-last-step]",
+    "spec.method.adalora.tfinal": f"{ADALORA_SCHEDULE}[warm-up-and-final-steps]",
+    "spec.method.adalora.tinit": f"{ADALORA_SCHEDULE}[warm-up-and-final-steps]",
+    "spec.method.freeze.headOnly": f"{FREEZE}[head-only]",
+    "spec.method.freeze.lastLayers": f"{FREEZE}[last-layer]",
+    "spec.method.freeze.patterns": f"{FREEZE}[patterns]",
+    "spec.method.ia3.feedforwardModules": f"{IA3}[targets-and-feedforward]",
+    "spec.method.ia3.targetModules": f"{IA3}[targets-and-feedforward]",
     "spec.method.lora.alpha": ANCHOR,
+    "spec.method.lora.bias=all": f"{LORA_BIAS}[all]",
+    "spec.method.lora.bias=lora_only": f"{LORA_BIAS}[lora-only]",
     "spec.method.lora.bias=none": ANCHOR,
     "spec.method.lora.dropout": ANCHOR,
+    "spec.method.lora.modulesToSave": f"{MODULES_TO_SAVE}[lora]",
     "spec.method.lora.r": ANCHOR,
     "spec.method.lora.targetModules": ANCHOR,
+    "spec.method.lora.useDora": f"{LORA_SCALING}[dora]",
+    "spec.method.lora.useRslora": f"{LORA_SCALING}[rslora]",
+    "spec.method.prefix.numVirtualTokens": f"{VIRTUAL_TOKENS}[prefix]",
+    "spec.method.prefix.projection": f"{VIRTUAL_TOKENS}[prefix-projection]",
+    "spec.method.prompt.initText": f"{PROMPT_INIT}[init-text]",
+    "spec.method.prompt.numVirtualTokens": f"{VIRTUAL_TOKENS}[prompt]",
+    "spec.method.quantization.computeDtype=bf16": f"{QUANTIZATION}[defaults]",
+    "spec.method.quantization.computeDtype=fp16": f"{QUANTIZATION}[fp4-single-fp16]",
+    "spec.method.quantization.computeDtype=fp32": f"{QUANTIZATION}[fp32]",
+    "spec.method.quantization.doubleQuant": f"{QUANTIZATION}[fp4-single-fp16]",
+    "spec.method.quantization.quantType=fp4": f"{QUANTIZATION}[fp4-single-fp16]",
     "spec.method.quantization.quantType=nf4": "tests/trainer/test_outputs.py::test_qlora_merge_dequantizes_the_base",
     "spec.method.type=adalora": f"{METHOD}[adalora]",
     "spec.method.type=full": f"{METHOD}[full]",
@@ -207,8 +245,10 @@ CONSUMPTION: dict[str, str] = {
     "spec.model.trustRemoteCode": f"{MODEL_OPTIONS}::test_trust_remote_code_runs_the_models_own_code",
     "spec.model.uri": STORAGE,
     # -- spec.output: what a finished job leaves ----------------------------------------------------------
+    "spec.output.save=adapter": f"{METHOD}[prefix]",
     "spec.output.save=auto": f"{METHOD}[lora]",  # an adapter for PEFT methods; [full] saves the model
     "spec.output.save=both": STORAGE,
+    "spec.output.save=merged": f"{METHOD}[ia3]",
     "spec.output.uri": STORAGE,
     # -- spec.resources: the pods -------------------------------------------------------------------------
     "spec.resources.affinity": BUILDERS_SCHEDULING,
@@ -362,39 +402,8 @@ UNPROVEN: dict[str, str] = {
     "spec.data.columns.rejected": "read only by the preference format (its tasks are refused); accepted elsewhere",
     # -- spec.distributed ---------------------------------------------------------------------------------
     "spec.distributed.backend=nccl": "needs GPUs (refused without: nccl-without-gpus); no GPU test",
-    # -- spec.method --------------------------------------------------------------------------------------
-    "spec.method.adalora.beta1": "passed to AdaLoraConfig; no test checks it",
-    "spec.method.adalora.beta2": "passed to AdaLoraConfig; no test checks it",
-    "spec.method.adalora.deltaT": "test_methods[adalora] sets it; nothing checks the reallocation schedule",
-    "spec.method.adalora.initR": "test_methods[adalora] sets it; nothing checks the ranks",
-    "spec.method.adalora.orthRegWeight": "passed to AdaLoraConfig; no test checks it",
-    "spec.method.adalora.targetR": "test_methods[adalora] sets it; nothing checks the ranks",
-    "spec.method.adalora.tfinal": "test_methods[adalora] sets it; nothing checks the schedule",
-    "spec.method.adalora.tinit": "test_methods[adalora] sets it; nothing checks the schedule",
-    "spec.method.freeze.headOnly": "test_methods[freeze-head-only] trains; nothing checks what stayed frozen",
-    "spec.method.freeze.lastLayers": "test_methods[freeze-last-layer] trains; nothing checks what stayed frozen",
-    "spec.method.freeze.patterns": "set only by examples/continual-pretraining.yaml; nothing checks what froze",
-    "spec.method.ia3.feedforwardModules": "no test sets it",
-    "spec.method.ia3.targetModules": "no test sets it",
-    "spec.method.lora.bias=all": "no test sets it",
-    "spec.method.lora.bias=lora_only": "no test sets it",
-    "spec.method.lora.modulesToSave": "no test sets it",
-    "spec.method.lora.useDora": "no test sets it (refused under adalora only)",
-    "spec.method.lora.useRslora": "no test sets it (refused under adalora only)",
-    "spec.method.prefix.numVirtualTokens": "test_methods[prefix] sets 8; nothing checks the prefix length",
-    "spec.method.prefix.projection": "no test sets it",
-    "spec.method.prompt.initText": "test_methods[prompt] sets it; nothing checks the soft prompt's initial values",
-    "spec.method.prompt.numVirtualTokens": "test_methods[prompt] sets 8; nothing checks the soft prompt's length",
-    "spec.method.quantization.computeDtype=bf16": "no test sets it (CPU runs use fp32)",
-    "spec.method.quantization.computeDtype=fp16": "no test sets it",
-    "spec.method.quantization.computeDtype=fp32": "QLoRA runs set it; bitsandbytes' default is fp32 too",
-    "spec.method.quantization.doubleQuant": "the default, true; no test sets it or tells it apart",
-    "spec.method.quantization.quantType=fp4": "no test sets it",
     # -- spec.model ---------------------------------------------------------------------------------------
     "spec.model.attention=flash_attention_2": "needs GPUs (refused without: flash-attention-without-gpus); no GPU test",
-    # -- spec.output --------------------------------------------------------------------------------------
-    "spec.output.save=adapter": "no run sets it (auto writes the adapter of PEFT methods)",
-    "spec.output.save=merged": "set only by examples/deepspeed-zero3-full.yaml, whose run checks no artifact kind",
     # -- spec.resources -----------------------------------------------------------------------------------
     # -- spec.training ------------------------------------------------------------------------------------
     "spec.training.optimizer=adamw8bit": "needs CUDA (refused without GPUs: cuda-optimizer-without-gpus); no GPU test",
@@ -405,7 +414,7 @@ UNPROVEN: dict[str, str] = {
 
 #: len(UNPROVEN) when the map was made (issue 13). Lower it with every field that moves to CONSUMPTION;
 #: never raise it: a new field of the API comes with its evidence.
-UNPROVEN_COUNT = 41
+UNPROVEN_COUNT = 12
 
 #: The case ids of parametrized tests whose ids are computed rather than written in the file.
 GENERATED_IDS: dict[str, Callable[[], Iterable[str]]] = {

@@ -53,13 +53,19 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
 
 
 class BudgetSchedule(TrainerCallback):
-    """Calls AdaLoRA's update_and_allocate after each optimizer step, while gradients still exist."""
+    """Calls AdaLoRA's update_and_allocate after each optimizer step, while gradients still exist.
+
+    The step it is given counts from 1 (the Trainer's ``global_step`` is still that of the previous
+    step here): then ``tinit`` steps train at the initial budget, the final allocation comes after
+    step ``total - tfinal`` and ``tfinal`` steps follow it, and with ``tfinal: 0`` the last step
+    allocates the target budget (counting from 0, it never would).
+    """
 
     def __init__(self, model: Any):
         self.model = model
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.model.base_model.update_and_allocate(state.global_step)
+        self.model.base_model.update_and_allocate(state.global_step + 1)
 
 
 def callbacks(model: PreTrainedModel, ctx: MethodContext) -> list[TrainerCallback]:
