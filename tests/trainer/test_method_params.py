@@ -395,8 +395,8 @@ def test_adalora_budget_follows_the_schedule(
 
 def test_adalora_importance_and_orthogonality_weights(tokenizer: Any) -> None:
     """beta1 and beta2 are the importance averages' factors; orthRegWeight weighs the orthogonality
-    penalty added to the training loss (its adapter starts as a zero update, so the loss without the
-    penalty is the base model's)."""
+    penalty added to the training loss, not to an evaluation's (the adapter starts as a zero update,
+    so the loss without the penalty is the base model's)."""
 
     def adalora(**params: float) -> Any:
         method = {"type": "adalora", "lora": {"dropout": 0.0}, "adalora": {"initR": 4, "targetR": 2, **params}}
@@ -412,6 +412,10 @@ def test_adalora_importance_and_orthogonality_weights(tokenizer: Any) -> None:
     penalty = losses[1.0] - plain
     assert penalty > 1e-3
     assert losses[2.0] - plain == pytest.approx(2 * penalty, rel=1e-4)
+    # Evaluation measures the data alone; the saved config keeps the weight.
+    evaluated = adalora(orthRegWeight=2.0).eval()
+    assert float(evaluated(**inputs).loss) == pytest.approx(plain, abs=1e-6)
+    assert evaluated.peft_config["default"].orth_reg_weight == 2.0
 
 
 # --------------------------------------------------------------------------------------------------

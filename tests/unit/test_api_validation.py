@@ -233,6 +233,27 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "initR",
     ),
     (
+        "adalora-target-equals-init",
+        {"spec.method.type": "adalora", "spec.method.adalora": {"initR": 8, "targetR": 8}},
+        "spec.method.adalora.targetR",
+        "below initR",
+    ),
+    (
+        "ia3-feedforward-outside-targets",
+        {
+            "spec.method.type": "ia3",
+            "spec.method.ia3": {"targetModules": ["q_proj"], "feedforwardModules": ["down_proj"]},
+        },
+        "spec.method.ia3.feedforwardModules",
+        "among spec.method.ia3.targetModules",
+    ),
+    (
+        "ia3-feedforward-without-targets",
+        {"spec.method.type": "ia3", "spec.method.ia3": {"feedforwardModules": ["down_proj"]}},
+        "spec.method.ia3.feedforwardModules",
+        "set both",
+    ),
+    (
         "packing-for-dpo",
         {"spec.task.type": "dpo", "spec.data.format": "preference", "spec.data.packing": True},
         "spec.data.packing",
@@ -643,6 +664,13 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("merged-output-for-lora", {"spec.output.save": "both"}),
     ("merged-output-for-qlora", {"spec.method.type": "qlora", "spec.output.save": "merged"}),
     ("merged-output-for-ia3", {"spec.method.type": "ia3", "spec.output.save": "merged"}),
+    (
+        "ia3-feedforward-among-targets",
+        {
+            "spec.method.type": "ia3",
+            "spec.method.ia3": {"targetModules": ["q_proj", "up_proj"], "feedforwardModules": ["up_proj"]},
+        },
+    ),
     ("merged-output-for-full", {"spec.method.type": "full", "spec.output.save": "merged"}),
     ("adapter-output-for-prefix", {"spec.method.type": "prefix", "spec.output.save": "adapter"}),
     ("lora-rank", {"spec.method.lora": {"r": 8, "useRslora": True, "useDora": True}}),

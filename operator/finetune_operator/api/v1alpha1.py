@@ -548,7 +548,25 @@ class IA3Params(SpecModel):
     feedforward_modules: list[ModuleName] | None = Field(
         default=None,
         max_length=256,
-        description="Which of `targetModules` are feed-forward layers (scaled on their input).",
+        description=(
+            "Which of `targetModules` are feed-forward layers (scaled on their input; the others on their "
+            "output); needs `targetModules`. Default: the model family's, e.g. the down projection."
+        ),
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel=(
+                "!has(self.feedforwardModules) || "
+                "(has(self.targetModules) && self.feedforwardModules.all(m, m in self.targetModules))"
+            ),
+            message="spec.method.ia3.feedforwardModules must be among spec.method.ia3.targetModules (set both)",
+            check=lambda m: (
+                m.feedforward_modules is None
+                or (m.target_modules is not None and set(m.feedforward_modules) <= set(m.target_modules))
+            ),
+            field=".feedforwardModules",
+        ),
     )
 
 
@@ -556,7 +574,7 @@ class AdaLoRAParams(SpecModel):
     """AdaLoRA: LoRA whose rank budget is reallocated during training by importance."""
 
     init_r: int = Field(default=12, ge=1, le=4096, description="Initial rank of every adapted matrix.")
-    target_r: int = Field(default=8, ge=1, le=4096, description="Average rank after budget pruning.")
+    target_r: int = Field(default=8, ge=1, le=4096, description="Average rank after budget pruning; below initR.")
     tinit: int = Field(default=0, ge=0, description="Warm-up steps before the budget starts to shrink.")
     tfinal: int = Field(default=0, ge=0, description="Final steps trained at the target budget.")
     delta_t: int = Field(default=1, ge=1, description="Steps between two budget reallocations.")
@@ -566,9 +584,10 @@ class AdaLoRAParams(SpecModel):
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
-            cel="self.targetR <= self.initR",
-            message="spec.method.adalora.targetR must not exceed initR",
-            check=lambda m: m.target_r <= m.init_r,
+            # Equal ranks leave nothing to prune, and peft's allocator fails at its first reallocation.
+            cel="self.targetR < self.initR",
+            message="spec.method.adalora.targetR must be below initR (AdaLoRA prunes the ranks from initR to targetR)",
+            check=lambda m: m.target_r < m.init_r,
             field=".targetR",
         ),
     )
@@ -577,12 +596,18 @@ class AdaLoRAParams(SpecModel):
 class FreezeSpec(SpecModel):
     """Partial fine-tuning: train only part of the network (method `full`)."""
 
-    head_only: bool = Field(default=False, description="Train only the output head.")
+    head_only: bool = Field(
+        default=False,
+        description="Train only the output head (a head tied to the input embeddings trains that matrix).",
+    )
     last_layers: int | None = Field(
         default=None,
         ge=1,
         le=10000,
-        description="Train only the last N transformer blocks, plus the final norm and the head.",
+        description=(
+            "Train only the last N transformer blocks, plus the final norm and an untied output head (a head "
+            "tied to the input embeddings stays frozen with them)."
+        ),
     )
     patterns: list[Annotated[str, Field(min_length=1, max_length=512)]] = Field(
         default_factory=list,

@@ -3,7 +3,8 @@
 Supports the initial and target ranks and the budget schedule: ``tinit`` warm-up steps at the initial
 budget, a cubic decrease to the target budget until ``tfinal`` steps before the end, reallocation
 every ``deltaT`` steps, the importance EMA factors ``beta1``/``beta2``, and the orthogonality
-regularizer weight. Alpha, dropout, target modules, bias and modules to save come from
+regularizer weight (the penalty is added to training losses only: evaluation losses, perplexity and
+early stopping measure the data). Alpha, dropout, target modules, bias and modules to save come from
 ``spec.method.lora`` (its rank, rsLoRA and DoRA are refused at admission under adalora). The budget is
 updated after every optimizer step, before gradients are cleared. Rows of added tokens are trained.
 """
@@ -14,6 +15,7 @@ from typing import Any
 
 from finetune_operator.api.v1alpha1 import AdaLoRAParams, LoRAParams
 from peft import AdaLoraConfig, PeftModel, get_peft_model
+from torch import nn
 from transformers import PreTrainedModel, TrainerCallback
 
 from ..errors import ConfigError
@@ -48,8 +50,25 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
         modules_to_save=list(lora.modules_to_save) or None,
     )
     peft_model = get_peft_model(model, config)
+    penalize_while_training_only(peft_model.base_model, params.orth_reg_weight)
     added_tokens.attach(base_model(peft_model), ctx.new_token_ids)
     return peft_model
+
+
+def penalize_while_training_only(adalora_model: Any, weight: float) -> None:
+    """peft's AdaLoRA model (a PeftModel's ``base_model``) adds ``weight`` times the orthogonality
+    penalty to every loss it computes, in eval mode too; its forward passes in eval mode now add none
+    (the configured weight is restored after each pass, so the saved adapter config keeps it)."""
+    config = adalora_model.peft_config[adalora_model.trainable_adapter_name]
+
+    def before(module: nn.Module, args: Any) -> None:
+        config.orth_reg_weight = weight if module.training else 0.0
+
+    def after(module: nn.Module, args: Any, output: Any) -> None:
+        config.orth_reg_weight = weight
+
+    adalora_model.register_forward_pre_hook(before)
+    adalora_model.register_forward_hook(after)
 
 
 class BudgetSchedule(TrainerCallback):
