@@ -558,14 +558,6 @@ def check_file(path: str | Path) -> FileResult:
     return result
 
 
-def validate_document(doc: Document) -> FineTuneJob:
-    """Validate a document as a FineTuneJob; errors carry the file and line."""
-    try:
-        return validate_object(doc.data)
-    except InvalidSpec as exc:
-        raise InvalidSpec([doc.error(e) for e in exc.errors]) from None
-
-
 def load_jobs(path: str | Path) -> list[FineTuneJob]:
     """Every FineTuneJob in a YAML file (other kinds are skipped). Raises InvalidSpec on any error."""
     result = check_file(path)
