@@ -10,6 +10,7 @@ trainable.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from dataclasses import dataclass
