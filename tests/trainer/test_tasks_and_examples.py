@@ -47,6 +47,9 @@ def rows_for(fmt: str, columns: dict[str, str], n: int = 64) -> list[dict[str, A
         rows, defaults = tiny.chat_rows(n), {"messages": "messages"}
     elif fmt == "text":
         rows, defaults = tiny.text_rows(n), {"text": "text"}
+    elif fmt == "qa":
+        rows = tiny.qa_rows(n, unanswerable=0.2)
+        defaults = {"question": "question", "context": "context", "answers": "answers"}
     else:
         raise AssertionError(f"no test data for format {fmt}: add it with the task's recipe")
     names = {key: columns.get(key, key) for key in defaults}
@@ -64,7 +67,12 @@ def test_validate_accepts_a_task_iff_the_trainer_trains_it(
     row = task_row(task)
     fmt = row.formats[0]
     data = tiny.write_jsonl(tmp_path / "train.jsonl", rows_for(fmt, {}) if row.implemented else [{"x": 1}])
-    params = {"classification": {"numLabels": 2}, "rl": {"rewardModel": "org/rm"}, "distill": {"teacher": "org/t"}}
+    params = {
+        "classification": {"numLabels": 2},
+        "qa": {"docStride": 16},  # windows of 64 tokens (maxSeqLength) overlap by less than that
+        "rl": {"rewardModel": "org/rm"},
+        "distill": {"teacher": "org/t"},
+    }
     manifest = tiny.job_manifest(
         f"task-{task}", tiny_model, data, task={"type": task, **({task: params[task]} if task in params else {})}
     )

@@ -138,28 +138,6 @@ def chat_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-#: The classes of :func:`classification_rows`: each fruit's color, in label-id order.
-COLORS = ["red", "yellow", "purple", "orange", "green"]
-
-
-def classification_rows(n: int, seed: int = 0, *, multi_label: bool = False) -> list[dict[str, Any]]:
-    """Sentences about a fruit labelled with its color (``COLORS``), imbalanced as the fruits' colors
-    are (orange 3 in 10, green 1 in 10); with ``multi_label``, about two fruits, labelled with both
-    colors (a list of one when they share it)."""
-    rng = random.Random(seed)
-    templates = ("the {} grows on a tree", "tell me about the {}", "a small {} is in the fruit", "what is the {}")
-    rows: list[dict[str, Any]] = []
-    for _ in range(n):
-        if multi_label:
-            a, b = rng.sample(list(FRUIT), 2)
-            colors = sorted({FRUIT[a][0], FRUIT[b][0]}, key=COLORS.index)
-            rows.append({"text": f"the {a} and the {b}", "label": colors})
-        else:
-            fruit = rng.choice(list(FRUIT))
-            rows.append({"text": rng.choice(templates).format(fruit), "label": FRUIT[fruit][0]})
-    return rows
-
-
 def text_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
     rows = []
@@ -168,6 +146,38 @@ def text_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
         color, taste = FRUIT[fruit]
         length = rng.randint(1, 6)
         rows.append({"text": " ".join([f"the {fruit} is {color} and {taste}."] * length)})
+    return rows
+
+
+def qa_rows(n: int, seed: int = 0, *, fruits: int = 3, unanswerable: float = 0.0) -> list[dict[str, Any]]:
+    """SQuAD-style records: a context of ``fruits`` fruit sentences, a question about the color or
+    taste of one of them with its answer at its offset; a fraction ``unanswerable`` ask about a fruit
+    the context does not mention, with empty answer lists (SQuAD v2)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        chosen = rng.sample(list(FRUIT), fruits + 1)
+        mentioned, absent = chosen[:fruits], chosen[fruits]
+        context = " ".join(f"the {f} is {FRUIT[f][0]} and {FRUIT[f][1]}." for f in mentioned)
+        attribute = rng.randrange(2)
+        question = f"what {('color', 'taste')[attribute]} is the"
+        if rng.random() < unanswerable:
+            rows.append(
+                {"question": f"{question} {absent}?", "context": context, "answers": {"text": [], "answer_start": []}}
+            )
+            continue
+        fruit = rng.choice(mentioned)
+        sentence = f"the {fruit} is {FRUIT[fruit][0]} and "
+        answer = FRUIT[fruit][attribute]
+        start = context.index(sentence) + (len(f"the {fruit} is ") if attribute == 0 else len(sentence))
+        assert context[start : start + len(answer)] == answer
+        rows.append(
+            {
+                "question": f"{question} {fruit}?",
+                "context": context,
+                "answers": {"text": [answer], "answer_start": [start]},
+            }
+        )
     return rows
 
 

@@ -81,7 +81,7 @@ def test_rows_are_consistent() -> None:
 
 
 def test_implemented_tasks_are_those_with_a_recipe_in_the_trainer() -> None:
-    assert IMPLEMENTED_TASKS == ("sft", "pretrain")
+    assert IMPLEMENTED_TASKS == ("sft", "pretrain", "qa")
     for row in TASKS:
         assert row.implemented is (row.recipe is not None)
         if row.recipe is not None:
@@ -108,10 +108,8 @@ def test_a_task_is_accepted_if_and_only_if_it_has_a_recipe(task: str) -> None:
         assert not errors, errors
     else:
         assert set(errors) == {"spec.task.type"}, errors
-        assert (
-            f"spec.task.type {task} is not supported yet: this release trains sft and pretrain"
-            in (errors["spec.task.type"])
-        )
+        trained = ", ".join(IMPLEMENTED_TASKS[:-1]) + " and " + IMPLEMENTED_TASKS[-1]
+        assert f"spec.task.type {task} is not supported yet: this release trains {trained}" in errors["spec.task.type"]
 
 
 @pytest.mark.parametrize("task", [row.type for row in TASKS])
@@ -134,6 +132,13 @@ def test_methods_follow_the_table(task: str) -> None:
 def test_packing_follows_the_table(task: str) -> None:
     errors = _error_paths(_manifest(task, **{"spec.data.packing": True}))
     assert ("spec.data.packing" in errors) is (not task_row(task).packing), errors
+
+
+@pytest.mark.parametrize("task", [row.type for row in TASKS])
+def test_general_eval_needs_a_causal_lm_head(task: str) -> None:
+    """Perplexity on general text goes through the LM head: a task with another head refuses it."""
+    errors = _error_paths(_manifest(task, **{"spec.training.forgetting": {"generalEval": {"uri": "general.jsonl"}}}))
+    assert ("spec.training.forgetting.generalEval" in errors) is (task_row(task).head != "causal-lm"), errors
 
 
 @pytest.mark.parametrize("task", [row.type for row in TASKS])

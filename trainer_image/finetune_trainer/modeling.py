@@ -23,17 +23,20 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.core_model_loading import WeightRenaming
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_QUESTION_ANSWERING_MAPPING
 
 from . import storage
 from .distributed import World, local_main_first
 from .errors import ConfigError
+
+#: The attribute transformers' question-answering models give their span layer.
+QA_HEAD = "qa_outputs"
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -156,7 +159,13 @@ def load_question_answering(
     checkpoints store it under ``model``: loaded as they are, every base weight would be missing and
     silently re-initialized (huggingface/transformers#30381). The checkpoint's keys are renamed to the
     QA class's prefix at load (``key_mapping``); a checkpoint already in the QA layout has no key to
-    rename. ``extra`` as for :func:`load_causal_lm`.
+    rename, and models saved from the loaded one keep the QA layout. ``extra`` as for
+    :func:`load_causal_lm`.
+
+    Under 4-bit quantization (QLoRA) the span layer stays in the weights' dtype, as a causal LM's
+    head does: transformers keeps the last parameter's module unquantized, but the last parameter of
+    ``qa_outputs`` is its bias, so it would quantize the layer (which then cannot be trained) unless
+    told to skip it.
     """
     config = AutoConfig.from_pretrained(source.path, **_common_kwargs(source, model))
     # transformers types its lazy mappings' values loosely: they are model classes.
@@ -168,52 +177,23 @@ def load_question_answering(
         )
     lm_class = cast("type[PreTrainedModel] | None", MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None))
     qa_prefix, lm_prefix = qa_class.base_model_prefix, getattr(lm_class, "base_model_prefix", None)
-    if lm_prefix and lm_prefix != qa_prefix:
-        extra = {"key_mapping": {rf"^{lm_prefix}\.": f"{qa_prefix}."}, **extra}
-    return _load(AutoModelForQuestionAnswering, source, model, dtype=dtype, overrides=overrides, **extra)
-
-
-#: The attributes transformers' sequence-classification models give their classification layer:
-#: ``score`` (Llama-family and other decoders), ``classifier`` (encoders).
-CLASSIFICATION_HEADS = ("score", "classifier")
-
-
-def load_sequence_classification(
-    source: ModelSource,
-    model: ModelSpec,
-    *,
-    dtype: torch.dtype | str,
-    class_names: list[str],
-    multi_label: bool,
-    pad_token_id: int,
-    overrides: dict[str, Any] | None = None,
-    **extra: Any,
-) -> PreTrainedModel:
-    """Load the base with a sequence-classification head (``AutoModelForSequenceClassification``: for
-    Llama-family causal LMs ``LlamaForSequenceClassification``, whose ``score`` layer maps the hidden
-    state of the last token that is not padding to one logit per class; encoders' own heads). The
-    head is newly initialized from the current seed unless the checkpoint has one (a classifier saved
-    by an earlier run). The config gets the classes (``num_labels``, ``id2label``/``label2id`` from
-    ``class_names``), the problem type (single- or multi-label) and the pad token, which decoder
-    classifiers need to find each row's last token. Under 4-bit quantization (QLoRA) the
-    classification layer stays in the weights' dtype, to be trained. ``extra`` as for
-    :func:`load_causal_lm`.
-    """
-    head = {
-        "num_labels": len(class_names),
-        "id2label": dict(enumerate(class_names)),
-        "label2id": {name: i for i, name in enumerate(class_names)},
-        "problem_type": "multi_label_classification" if multi_label else "single_label_classification",
-        "pad_token_id": pad_token_id,
-    }
+    renaming = {rf"^{lm_prefix}\.": f"{qa_prefix}."} if lm_prefix and lm_prefix != qa_prefix else {}
+    if renaming:
+        extra = {"key_mapping": renaming, **extra}
     quantization = extra.get("quantization_config")
     if quantization is not None:
         quantization = copy.deepcopy(quantization)
-        quantization.llm_int8_skip_modules = [*(quantization.llm_int8_skip_modules or []), *CLASSIFICATION_HEADS]
+        quantization.llm_int8_skip_modules = [*(quantization.llm_int8_skip_modules or []), QA_HEAD]
         extra = {**extra, "quantization_config": quantization}
-    return _load(
-        AutoModelForSequenceClassification, source, model, dtype=dtype, overrides={**(overrides or {}), **head}, **extra
-    )
+    loaded = _load(AutoModelForQuestionAnswering, source, model, dtype=dtype, overrides=overrides, **extra)
+    # transformers remembers the renaming and undoes it when the model is saved: a saved (merged) model
+    # would then hold its weights under the causal LM's names, and a plain from_pretrained of the QA
+    # class would miss them all again. Forgotten, saves use the QA class's own names.
+    conversions = getattr(loaded, "_weight_conversions", None)
+    if renaming and conversions:
+        kept = [c for c in conversions if not (isinstance(c, WeightRenaming) and c.source_patterns == list(renaming))]
+        loaded._weight_conversions = kept  # type: ignore[assignment]  # nn.Module types attributes as Tensor | Module
+    return loaded
 
 
 def _load(

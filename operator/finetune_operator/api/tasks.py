@@ -97,6 +97,7 @@ TASKS: tuple[TaskRow, ...] = (
         methods=_NO_PROMPT_METHODS,
         packing=False,
         metrics=("loss", "exactMatch", "f1"),
+        recipe="qa",
     ),
     TaskRow(
         "reward",

@@ -334,11 +334,18 @@ class ClassificationParams(SpecModel):
     )
 
 
+#: spec.task.qa.docStride when unset.
+QA_DOC_STRIDE = 128
+
+
 class QAParams(SpecModel):
     """Parameters of extractive question answering (answer spans in a context)."""
 
     doc_stride: int = Field(
-        default=128, ge=0, le=8192, description="Overlap, in tokens, between windows of a long context."
+        default=QA_DOC_STRIDE,
+        ge=0,
+        le=8192,
+        description="Overlap, in tokens, between windows of a long context; below spec.data.maxSeqLength.",
     )
     max_answer_length: int = Field(default=30, ge=1, le=4096, description="Longest answer span considered, in tokens.")
 
@@ -421,6 +428,26 @@ def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in name)
 
 
+def _series(values: tuple[str, ...] | list[str], last: str) -> str:
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + f" {last} " + values[-1]
+
+
+#: The tasks this release trains, for the field descriptions: "`sft`, `pretrain` and `qa`".
+_TRAINED_TASKS = _series([f"`{t}`" for t in IMPLEMENTED_TASKS], "and")
+
+
+def _metrics_of_trained_tasks(metrics: Callable[[TaskRow], tuple[str, ...]]) -> str:
+    """What each trained task measures, for the field descriptions: "`loss` or `perplexity` for sft
+    and pretrain; `loss`, `exactMatch` or `f1` for qa"."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for row in TASKS:
+        if row.implemented:
+            groups.setdefault(metrics(row), []).append(row.type)
+    return "; ".join(
+        f"{_series([f'`{m}`' for m in names], 'or')} for {_series(tasks, 'and')}" for names, tasks in groups.items()
+    )
+
+
 class TaskSpec(SpecModel):
     """What the model learns: the training objective and its parameters."""
 
@@ -429,8 +456,8 @@ class TaskSpec(SpecModel):
         description=(
             "Training objective: `sft` (supervised fine-tuning), `pretrain` (continual pre-training on "
             "raw text), `classification`, `qa` (extractive question answering), `reward` (reward "
-            "model), `dpo`, `rl` (online RL against a reward model) or `distill`. This release trains "
-            "`sft` and `pretrain`; the others are refused at admission until their recipes land."
+            f"model), `dpo`, `rl` (online RL against a reward model) or `distill`. This release trains "
+            f"{_TRAINED_TASKS}; the others are refused at admission until their recipes land."
         ),
     )
     classification: ClassificationParams | None = Field(
@@ -815,8 +842,8 @@ class EvaluationSpec(SpecModel):
         max_length=8,
         json_schema_extra={"x-kubernetes-list-type": "set"},
         description=(
-            "Metrics to report, among those the task produces: `loss` and `perplexity` for sft and "
-            "pretrain (the tasks this release trains). Default: every metric the task produces."
+            f"Metrics to report, among those the task produces: {_metrics_of_trained_tasks(lambda r: r.metrics)} "
+            "(the tasks this release trains). Default: every metric the task produces."
         ),
     )
 
@@ -827,7 +854,7 @@ class EarlyStoppingSpec(SpecModel):
     metric: EarlyStoppingMetric = Field(
         default="evalLoss",
         description=(
-            "Metric watched, one the task produces (`evalLoss` or `perplexity` for sft and pretrain) "
+            f"Metric watched, one the task produces ({_metrics_of_trained_tasks(lambda r: r.early_stopping_metrics)}) "
             "and, when spec.training.evaluation.metrics is set, one of them (`evalLoss` is `loss`)."
         ),
     )
@@ -1506,6 +1533,21 @@ def _early_stopping_rule(metrics: tuple[str, ...], tasks: tuple[str, ...]) -> Ru
     )
 
 
+def _general_eval_rule(tasks: tuple[str, ...]) -> Rule:
+    return Rule(
+        cel=f"!has(self.training.forgetting) || !has(self.training.forgetting.generalEval) "
+        f"|| self.task.type in [{_cel_list(tasks)}]",
+        message=(
+            f"spec.training.forgetting.generalEval (perplexity on general text, through the LM head) is only "
+            f"supported for spec.task.type {_and(tasks)}"
+        ),
+        check=lambda s: (
+            s.training.forgetting is None or s.training.forgetting.general_eval is None or s.task.type in tasks
+        ),
+        field=".training.forgetting.generalEval",
+    )
+
+
 def _unsupported_task_rule(task: str) -> Rule:
     return Rule(
         cel=f"self.task.type != '{task}'",
@@ -1532,6 +1574,7 @@ TASK_TABLE_RULES: tuple[Rule, ...] = (
     _packing_rule(tuple(row.type for row in TASKS if row.packing)),
     *(_eval_metrics_rule(metrics, tasks) for metrics, tasks in _groups(lambda row: row.metrics)),
     *(_early_stopping_rule(metrics, tasks) for metrics, tasks in _groups(lambda row: row.early_stopping_metrics)),
+    _general_eval_rule(tuple(row.type for row in TASKS if row.head == "causal-lm")),
 )
 #: A task whose recipe does not exist yet is refused, naming spec.task.type.
 TASK_SUPPORT_RULES: tuple[Rule, ...] = tuple(_unsupported_task_rule(row.type) for row in TASKS if not row.implemented)
@@ -1610,6 +1653,17 @@ class FineTuneJobSpec(SpecModel):
             field=".distributed.deepspeed.offloadOptimizer",
         ),
         *TASK_TABLE_RULES,
+        Rule(
+            cel=f"self.task.type != 'qa' "
+            f"|| (has(self.task.qa) && has(self.task.qa.docStride) ? self.task.qa.docStride : {QA_DOC_STRIDE}) "
+            "< self.data.maxSeqLength",
+            message=(
+                "spec.task.qa.docStride (the overlap of consecutive windows of a long context) must be below "
+                "spec.data.maxSeqLength (the length of a window)"
+            ),
+            check=lambda s: s.task.type != "qa" or (s.task.qa or QAParams()).doc_stride < s.data.max_seq_length,
+            field=".task.qa.docStride",
+        ),
         Rule(
             cel="!self.data.packing || !(self.method.type in ['prefix', 'prompt'])",
             message="spec.data.packing cannot be combined with spec.method.type prefix or prompt",

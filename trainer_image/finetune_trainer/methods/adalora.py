@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from ..errors import ConfigError
 from . import added_tokens
 from .context import MethodContext, base_model
-from .lora import target_modules
+from .lora import target_modules, untargeted
 
 
 def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
@@ -48,6 +48,7 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
         target_modules=target_modules(lora),
         bias=lora.bias,
         modules_to_save=list(lora.modules_to_save) or None,
+        exclude_modules=untargeted(ctx),
     )
     peft_model = get_peft_model(model, config)
     penalize_while_training_only(peft_model.base_model, params.orth_reg_weight)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeAlias, cast
 
@@ -9,6 +10,8 @@ from finetune_operator.api.tasks import Head, task_row
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec
 from peft import TaskType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -61,3 +64,19 @@ class MethodContext:
     def peft_task_type(self) -> TaskType:
         """The ``task_type`` of the peft config (see :data:`PEFT_TASK_TYPES`)."""
         return PEFT_TASK_TYPES[self.head]
+
+    def untargeted(self, targets: Sequence[str] | str | None, field: str) -> list[str] | None:
+        """The peft config's ``exclude_modules``: the span layer of a QA model, which peft trains in full
+        (``modules_to_save``) and refuses to wrap once an adapter is on it — and its ``all-linear`` leaves
+        out LM and classification heads, not ``qa_outputs``. Naming that layer in the spec's
+        ``targets`` (at ``field``) is a ConfigError rather than an adapter silently left out."""
+        if self.head != "question-answering":
+            return None
+        head = list(HEAD_MODULES[self.head])
+        named = [t for t in ([targets] if isinstance(targets, str) else targets or []) if t in head]
+        if named:
+            raise ConfigError(
+                f"{field}: {named[0]} is the span head of spec.task.type qa, trained in full and saved with the "
+                "adapter by every method: leave it out"
+            )
+        return head

@@ -4,7 +4,8 @@ Supports ``spec.method.freeze``:
 
 - ``headOnly``: only the task's output layer: the LM head of a causal LM (with tied embeddings the
   head *is* the input embedding matrix, so that is trained too), the classification layer of a
-  sequence classifier (``score`` on Llama-family models, ``classifier`` on encoders);
+  sequence classifier (``score`` on Llama-family models, ``classifier`` on encoders), the span layer
+  of an extractive-QA model (``qa_outputs``);
 - ``lastLayers: N``: only the last N transformer blocks, plus the parameters outside the blocks that
   are not embeddings (the final norm, an untied head);
 - ``patterns``: parameters whose names match any of these regular expressions are frozen (applied

@@ -21,6 +21,7 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
         task_type=ctx.peft_task_type,
         target_modules=list(params.target_modules) if params.target_modules else None,
         feedforward_modules=list(params.feedforward_modules) if params.feedforward_modules else None,
+        exclude_modules=ctx.untargeted(params.target_modules, "spec.method.ia3.targetModules"),
     )
     peft_model = get_peft_model(model, config)
     added_tokens.attach(base_model(peft_model), ctx.new_token_ids)

@@ -22,9 +22,10 @@ def target_modules(params: LoRAParams) -> list[str] | str:
     return "all-linear" if modules == ["all-linear"] else modules
 
 
-def lora_config(params: LoRAParams, task_type: TaskType) -> LoraConfig:
+def lora_config(params: LoRAParams, task_type: TaskType, exclude: list[str] | None = None) -> LoraConfig:
     """The peft config of the spec's LoRA parameters (shared by `lora` and `qlora`); ``task_type`` is
-    the task head's (a classification head is trained in full and saved with the adapter)."""
+    the task head's (a classification head is trained in full and saved with the adapter), ``exclude``
+    the modules no adapter goes on (:meth:`~.context.MethodContext.untargeted`)."""
     return LoraConfig(
         task_type=task_type,
         r=params.rank,
@@ -35,10 +36,17 @@ def lora_config(params: LoRAParams, task_type: TaskType) -> LoraConfig:
         use_rslora=params.use_rslora,
         use_dora=params.use_dora,
         modules_to_save=list(params.modules_to_save) or None,
+        exclude_modules=exclude,
     )
 
 
+def untargeted(ctx: MethodContext) -> list[str] | None:
+    """The modules no LoRA adapter (of `lora`, `qlora`, `adalora`) goes on."""
+    return ctx.untargeted((ctx.spec.method.lora or LoRAParams()).target_modules, "spec.method.lora.targetModules")
+
+
 def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
-    peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora or LoRAParams(), ctx.peft_task_type))
+    config = lora_config(ctx.spec.method.lora or LoRAParams(), ctx.peft_task_type, untargeted(ctx))
+    peft_model = get_peft_model(model, config)
     added_tokens.attach(base_model(peft_model), ctx.new_token_ids)
     return peft_model

@@ -19,7 +19,7 @@ from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from . import added_tokens
 from .context import MethodContext, base_model
-from .lora import lora_config
+from .lora import lora_config, untargeted
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -48,6 +48,7 @@ def apply(model: PreTrainedModel, ctx: MethodContext) -> PeftModel:
         use_gradient_checkpointing=ctx.spec.training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    peft_model = get_peft_model(model, lora_config(ctx.spec.method.lora or LoRAParams(), ctx.peft_task_type))
+    config = lora_config(ctx.spec.method.lora or LoRAParams(), ctx.peft_task_type, untargeted(ctx))
+    peft_model = get_peft_model(model, config)
     added_tokens.attach(base_model(peft_model), ctx.new_token_ids)
     return peft_model
