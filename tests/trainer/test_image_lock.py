@@ -51,3 +51,49 @@ def test_lock_pins_every_trainer_requirement(repo: Path) -> None:
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{requirement} is not in trainer_image/requirements.lock (hack/lock.sh trainer)"
         assert requirement.specifier.contains(pins[name], prereleases=True), (requirement, pins[name])
+
+
+def test_lock_has_linux_arm64_wheels(repo: Path, tmp_path: Path) -> None:
+    """Every package of the lock has a linux/aarch64 wheel (deepspeed excepted: an sdist on every
+    platform), CUDA's included: the trainer image is linux/amd64 only because that is the platform the
+    tests install and train it on (tests/trainer/test_image_steps.py), not for want of a wheel (README,
+    .github/workflows/release.yml)."""
+    # The base image is Debian bookworm (glibc 2.36); pip expands no manylinux tag it is given.
+    platforms = [f"manylinux_2_{minor}_aarch64" for minor in range(17, 37)] + ["manylinux2014_aarch64"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--no-deps",
+            "--quiet",
+            *(arg for platform in platforms for arg in ("--platform", platform)),
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            "--target",
+            str(tmp_path / "target"),
+            "--report",
+            str(tmp_path / "report.json"),
+            "-r",
+            str(repo / "trainer_image" / "requirements.lock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import json
+
+    files = {
+        item["metadata"]["name"].lower(): item["download_info"]["url"].rsplit("/", 1)[-1]
+        for item in json.loads((tmp_path / "report.json").read_text())["install"]
+    }
+    not_wheels = {name: file for name, file in files.items() if not file.endswith(".whl")}
+    assert set(not_wheels) == {"deepspeed"}, not_wheels
+    assert "aarch64" in files["torch"] and "aarch64" in files["nvidia-nccl-cu13"], files

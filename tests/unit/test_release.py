@@ -174,7 +174,7 @@ def test_release_builds_both_images_multi_arch_where_the_wheels_allow() -> None:
     assert jobs["operator"]["dockerfile"] == "operator/Dockerfile"
     assert set(jobs["operator"]["platforms"].split(",")) == {"linux/amd64", "linux/arm64"}
     assert jobs["trainer"]["dockerfile"] == "trainer_image/Dockerfile"
-    assert jobs["trainer"]["platforms"] == "linux/amd64", "the trainer's CUDA wheels are x86_64 only"
+    assert jobs["trainer"]["platforms"] == "linux/amd64", "the platform tests/trainer/test_image_steps.py tests"
     steps = load(IMAGE_ACTION)["runs"]["steps"]
     uses = [s.get("uses", "").split("@")[0] for s in steps]
     for action in ("docker/build-push-action", "sigstore/cosign-installer", "anchore/sbom-action"):
