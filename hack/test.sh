@@ -6,8 +6,9 @@
 #   hack/test.sh tests/unit -x   # extra arguments go to pytest
 #
 # The first run on a fresh machine takes about an hour (see README: "How long the tests take"): the
-# test control plane (etcd, Kubernetes, kwok) is built from the Go module proxy and torch with its
-# CUDA wheels is installed. Both are cached outside the repo (pip's cache, ~/.cache/finetune-operator),
+# test control plane (etcd, Kubernetes, kwok) and the gs:// emulator (fake-gcs-server) are built from the
+# Go module proxy, the az:// emulator (Azurite) is installed from npm, and torch with its CUDA wheels is
+# installed. Both are cached outside the repo (pip's cache, ~/.cache/finetune-operator),
 # so later runs only test. The control plane builds in the background, at low priority, while the
 # virtualenv is installed and the unit and trainer tests run; the e2e tests, which run last, wait for it.
 set -euo pipefail

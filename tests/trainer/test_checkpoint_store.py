@@ -1,4 +1,5 @@
-"""The checkpoint store's commit protocol, on S3 (moto on loopback) and on a local filesystem.
+"""The checkpoint store's commit protocol, on S3 (moto on loopback), Google Cloud Storage
+(fake-gcs-server on loopback), Azure Blob Storage (Azurite on loopback) and a local filesystem.
 
 A checkpoint counts only once its manifest (written last) is there and every file it lists is present
 with its size; downloads verify sha256; keepLast + best rotation; partial uploads (a process killed
@@ -21,7 +22,7 @@ import live
 import pytest
 from finetune_operator.api.trainer_config import build_trainer_config, checkpoint_hash
 from finetune_operator.api.v1alpha1 import FineTuneJob
-from finetune_trainer import checkpointing
+from finetune_trainer import checkpointing, storage
 from finetune_trainer.checkpoint_store import BestMetric, CheckpointError, CheckpointStore
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import ConfigError
@@ -41,21 +42,24 @@ def fake_checkpoint(root: Path, step: int, size: int = 3000) -> Path:
     return d
 
 
-@pytest.fixture(params=["s3", "file"])
-def store_uri(
-    request: pytest.FixtureRequest,
-    s3_endpoint: str,
-    s3_env: dict[str, str],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> str:
+@pytest.fixture(params=["s3", "gs", "az", "file"])
+def store_uri(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh checkpoint prefix on each kind of store; the environment points clients at its server
+    (as a pod's does), for this process and the uploader it starts."""
     if request.param == "file":
         return str(tmp_path / "store" / "ns" / "job")
-    for key, value in s3_env.items():
-        monkeypatch.setenv(key, value)
     bucket = f"store-{uuid.uuid4().hex[:8]}"
-    live.s3_client(s3_endpoint).create_bucket(Bucket=bucket)
-    return f"s3://{bucket}/ckpt/ns/job"
+    if request.param == "s3":
+        for key, value in request.getfixturevalue("s3_env").items():
+            monkeypatch.setenv(key, value)
+        live.s3_client(request.getfixturevalue("s3_endpoint")).create_bucket(Bucket=bucket)
+    else:
+        emulator = request.getfixturevalue("gcs_emulator" if request.param == "gs" else "azure_emulator")
+        for key, value in emulator.env.items():
+            monkeypatch.setenv(key, value)
+        fs, _ = storage.filesystem(f"{request.param}://{bucket}")
+        fs.mkdir(bucket)  # a bucket (gs) or container (az)
+    return f"{request.param}://{bucket}/ckpt/ns/job"
 
 
 def test_commit_download_and_verification(store_uri: str, tmp_path: Path) -> None:

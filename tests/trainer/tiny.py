@@ -138,6 +138,28 @@ def chat_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
+#: The classes of :func:`classification_rows`: each fruit's color, in label-id order.
+COLORS = ["red", "yellow", "purple", "orange", "green"]
+
+
+def classification_rows(n: int, seed: int = 0, *, multi_label: bool = False) -> list[dict[str, Any]]:
+    """Sentences about a fruit labelled with its color (``COLORS``), imbalanced as the fruits' colors
+    are (orange 3 in 10, green 1 in 10); with ``multi_label``, about two fruits, labelled with both
+    colors (a list of one when they share it)."""
+    rng = random.Random(seed)
+    templates = ("the {} grows on a tree", "tell me about the {}", "a small {} is in the fruit", "what is the {}")
+    rows: list[dict[str, Any]] = []
+    for _ in range(n):
+        if multi_label:
+            a, b = rng.sample(list(FRUIT), 2)
+            colors = sorted({FRUIT[a][0], FRUIT[b][0]}, key=COLORS.index)
+            rows.append({"text": f"the {a} and the {b}", "label": colors})
+        else:
+            fruit = rng.choice(list(FRUIT))
+            rows.append({"text": rng.choice(templates).format(fruit), "label": FRUIT[fruit][0]})
+    return rows
+
+
 def text_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
     rows = []

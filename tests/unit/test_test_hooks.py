@@ -30,7 +30,10 @@ def manifest(env: list[dict[str, object]]) -> dict[str, object]:
 
 
 def test_every_hook_variable_has_the_reserved_prefix() -> None:
+    from finetune_trainer.recipes import classification
+
     assert faults.NONFINITE_LOSS_AT_STEP.startswith(TEST_HOOK_ENV_PREFIX)
+    assert classification.BATCH_LOG.startswith(TEST_HOOK_ENV_PREFIX)
 
 
 @pytest.mark.parametrize("name", [faults.NONFINITE_LOSS_AT_STEP, f"{TEST_HOOK_ENV_PREFIX}ANYTHING"])

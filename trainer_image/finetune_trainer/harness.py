@@ -135,9 +135,10 @@ class Run:
     def read_data(self) -> RunData:
         """Train, eval (the file, or ``evalSplit`` of train) and general-eval records, checked."""
         data, base = self.spec.data, self.config.base_dir
-        train = load_checked(data.train, data.format, data.columns, base_dir=base)
+        task = self.spec.task
+        train = load_checked(data.train, data.format, data.columns, task=task, base_dir=base)
         if data.eval is not None:
-            held_out = load_checked(data.eval, data.format, data.columns, base_dir=base)
+            held_out = load_checked(data.eval, data.format, data.columns, task=task, base_dir=base)
         else:
             train, held_out = split_eval(train, data.eval_split, self.spec.training.seed)
         forgetting = self.spec.training.forgetting
@@ -270,9 +271,10 @@ class Training:
     uploader: checkpointing.Uploader | None
     summary: dict[str, Any] = field(default_factory=dict)
 
-    def train(self, evaluate: Callable[[Trainer], dict[str, float]]) -> dict[str, Any]:
+    def train(self, evaluate: Callable[[Trainer], dict[str, Any]]) -> dict[str, Any]:
         """Evaluate, train (resuming where the plan says), evaluate again; return the summary.
-        ``evaluate`` is the recipe's before/after evaluation (its metrics, on its eval sets)."""
+        ``evaluate`` is the recipe's before/after evaluation (its metrics, on its eval sets, and what
+        else an evaluation shows: a classifier's confusion matrix)."""
         run, trainer, plan = self.prepared.run, self.trainer, self.prepared.plan
         spec = run.spec
         self.summary = {
@@ -281,16 +283,22 @@ class Training:
             "task": spec.task.type,
             "world_size": run.world.world_size,
         }
-        before: dict[str, float] = {}
-        if not self.prepared.args.deepspeed:
+        before: dict[str, Any] = {}
+        deepspeed = bool(self.prepared.args.deepspeed)
+        if not deepspeed and run.world.world_size == 1:
             before = evaluate(trainer)
         elif plan.manifest is None:
             # Under DeepSpeed, transformers cannot evaluate before training (ZeRO 0-2 refuse an
-            # inference engine; ZeRO-3's leaves none to train with): the training engine exists once
-            # training begins, before the first step.
+            # inference engine; ZeRO-3's leaves none to train with). Under DDP, an evaluation before
+            # training marks the model as prepared by accelerate, whose prepare() then leaves it
+            # without its DistributedDataParallel wrapper: every rank would train on its own. Both
+            # evaluate once training begins: the model is prepared (wrapped, DeepSpeed's engine
+            # built) and no step is taken yet.
             trainer.add_callback(_AtTrainBegin(lambda: before.update(evaluate(trainer))))
         else:
-            print("resumed under DeepSpeed: no evaluation of the starting weights", flush=True)
+            # When training begins, the checkpoint's weights are loaded already.
+            where = "under DeepSpeed" if deepspeed else f"on {run.world.world_size} ranks"
+            print(f"resumed {where}: no evaluation of the starting weights", flush=True)
         result = trainer.train(resume_from_checkpoint=self.prepared.resume_dir)
         run.preemption.in_training = False  # from here on SIGTERM exits at once: the last checkpoint is committed
         if self.uploader is not None:

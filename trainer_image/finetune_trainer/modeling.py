@@ -23,6 +23,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -194,6 +195,49 @@ def load_question_answering(
         kept = [c for c in conversions if not (isinstance(c, WeightRenaming) and c.source_patterns == list(renaming))]
         loaded._weight_conversions = kept  # type: ignore[assignment]  # nn.Module types attributes as Tensor | Module
     return loaded
+
+
+#: The attributes transformers' sequence-classification models give their classification layer:
+#: ``score`` (Llama-family and other decoders), ``classifier`` (encoders).
+CLASSIFICATION_HEADS = ("score", "classifier")
+
+
+def load_sequence_classification(
+    source: ModelSource,
+    model: ModelSpec,
+    *,
+    dtype: torch.dtype | str,
+    class_names: list[str],
+    multi_label: bool,
+    pad_token_id: int,
+    overrides: dict[str, Any] | None = None,
+    **extra: Any,
+) -> PreTrainedModel:
+    """Load the base with a sequence-classification head (``AutoModelForSequenceClassification``: for
+    Llama-family causal LMs ``LlamaForSequenceClassification``, whose ``score`` layer maps the hidden
+    state of the last token that is not padding to one logit per class; encoders' own heads). The
+    head is newly initialized from the current seed unless the checkpoint has one (a classifier saved
+    by an earlier run). The config gets the classes (``num_labels``, ``id2label``/``label2id`` from
+    ``class_names``), the problem type (single- or multi-label) and the pad token, which decoder
+    classifiers need to find each row's last token. Under 4-bit quantization (QLoRA) the
+    classification layer stays in the weights' dtype, to be trained. ``extra`` as for
+    :func:`load_causal_lm`.
+    """
+    head = {
+        "num_labels": len(class_names),
+        "id2label": dict(enumerate(class_names)),
+        "label2id": {name: i for i, name in enumerate(class_names)},
+        "problem_type": "multi_label_classification" if multi_label else "single_label_classification",
+        "pad_token_id": pad_token_id,
+    }
+    quantization = extra.get("quantization_config")
+    if quantization is not None:
+        quantization = copy.deepcopy(quantization)
+        quantization.llm_int8_skip_modules = [*(quantization.llm_int8_skip_modules or []), *CLASSIFICATION_HEADS]
+        extra = {**extra, "quantization_config": quantization}
+    return _load(
+        AutoModelForSequenceClassification, source, model, dtype=dtype, overrides={**(overrides or {}), **head}, **extra
+    )
 
 
 def _load(

@@ -133,7 +133,7 @@ def verify_manifest(root: Path) -> None:
 def read_records(config: TrainerConfig, uri: str) -> list[Record]:
     """The input's records, checked as the job's training data is."""
     data = config.spec.data
-    return load_checked(DataSource(uri=uri), data.format, data.columns, base_dir=None)
+    return load_checked(DataSource(uri=uri), data.format, data.columns, task=config.spec.task, base_dir=None)
 
 
 class Predictions:

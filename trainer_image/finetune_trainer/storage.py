@@ -1,8 +1,16 @@
 """One way to reach files wherever they are: local paths, ``file://``, ``s3://``, ``gs://``, ``az://``.
 
-Everything goes through fsspec, so tests against an S3-compatible server on loopback exercise the same
-code as production. Credentials come from the environment (in a cluster: a Secret the operator
-injects); an S3-compatible endpoint from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``).
+Everything goes through fsspec (s3fs, gcsfs, adlfs), so tests against servers on loopback (moto's S3,
+fake-gcs-server, Azurite) exercise the same code as production. Credentials come from the environment
+(in a cluster: a Secret the operator injects, see ``finetune_operator.api.trainer_config``), as each
+store's own SDK reads them:
+
+- ``s3://``: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (or any botocore source); an S3-compatible
+  endpoint from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), a region from ``AWS_REGION``.
+- ``gs://``: Google's default credentials (``GOOGLE_APPLICATION_CREDENTIALS``, workload identity); a
+  GCS-compatible endpoint (an emulator) from ``STORAGE_EMULATOR_HOST``, as Google's clients read it.
+- ``az://``: ``AZURE_STORAGE_CONNECTION_STRING`` (account and key or SAS, and the endpoint), or
+  ``AZURE_STORAGE_ACCOUNT_NAME`` with a key, SAS token, service principal or workload identity.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import fsspec
 from fsspec.core import url_to_fs
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
+GCS_SCHEMES = ("gs", "gcs")
 
 
 def is_remote(uri: str) -> bool:
@@ -34,7 +43,17 @@ def storage_options(uri: str, *, endpoint_url: str | None = None, region: str | 
         if region:
             options["client_kwargs"] = {"region_name": region}
         return options
+    if scheme_of(uri) in GCS_SCHEMES:
+        endpoint = endpoint_url or os.environ.get("STORAGE_EMULATOR_HOST")
+        if endpoint and endpoint != "default":
+            # Google's clients accept a bare host:port here and mean http.
+            return {"endpoint_url": endpoint if "://" in endpoint else f"http://{endpoint}"}
     return {}
+
+
+def scheme_of(uri: str) -> str:
+    """The scheme of a URI (``s3``, ``gs``, ...), or ``""`` for a path."""
+    return uri.split("://", 1)[0] if "://" in uri else ""
 
 
 def local_path(uri: str, base_dir: str | None = None) -> str:
@@ -51,7 +70,15 @@ def filesystem(
 ) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the in-filesystem path of a URI."""
     if is_remote(uri):
-        fs, path = url_to_fs(uri, **storage_options(uri, endpoint_url=endpoint_url, region=region))
+        options = storage_options(uri, endpoint_url=endpoint_url, region=region)
+        if scheme_of(uri) in GCS_SCHEMES and "endpoint_url" in options:
+            # Not Google's service: gcsfs's default class would first ask Google's Storage Control API
+            # (gRPC, which no emulator serves) for each bucket's layout, and time out on every call.
+            from gcsfs.core import GCSFileSystem
+
+            gcs = GCSFileSystem(**options)
+            return gcs, gcs._strip_protocol(uri)
+        fs, path = url_to_fs(uri, **options)
         return fs, path
     return fsspec.filesystem("file"), local_path(uri, base_dir)
 

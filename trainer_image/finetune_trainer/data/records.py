@@ -11,7 +11,8 @@ no record has. Only ``\\n`` (or ``\\r\\n``) ends a JSONL line: a JSON string may
 form feeds and the other characters ``str.splitlines`` would break at, so line numbers stay exact.
 
 Each record is checked by its format's module (:data:`FORMATS`), which says which columns it reads
-and why a record is unusable.
+and why a record is unusable; a format whose records must fit the task's parameters (classification:
+the labels) checks them against ``spec.task`` too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from finetune_operator.api.tasks import DataFormat
-from finetune_operator.api.v1alpha1 import ColumnMapping, DataSource
+from finetune_operator.api.v1alpha1 import ColumnMapping, DataSource, TaskSpec
 
 from .. import storage
 
@@ -241,7 +242,12 @@ def need_text(record: Record, column: str) -> str | None:
 
 
 class Format(Protocol):
-    """What a format module tells about its records (each module in :data:`FORMATS` is one)."""
+    """What a format module tells about its records (each module in :data:`FORMATS` is one).
+
+    A module whose records must also fit the task's parameters defines
+    ``check_for_task(record, columns, task) -> str | None`` besides :meth:`check` (looked up with
+    getattr); :func:`load_checked` uses it when given the task.
+    """
 
     #: The columns the format reads, by their ColumnMapping field (``spec.data.columns.<alias>``).
     @property
@@ -272,18 +278,24 @@ def _absent_columns(records: list[Record], fmt: DataFormat, columns: ColumnMappi
 
 
 def load_checked(
-    source: DataSource, fmt: DataFormat, columns: ColumnMapping, *, base_dir: str | None = None
+    source: DataSource,
+    fmt: DataFormat,
+    columns: ColumnMapping,
+    *,
+    task: TaskSpec | None = None,
+    base_dir: str | None = None,
 ) -> list[Record]:
-    """Read a source and check every record; raise DataError listing every bad one, and when nothing
-    is left to train on."""
+    """Read a source and check every record (against ``task`` too, where the format checks that);
+    raise DataError listing every bad one, and when nothing is left to train on."""
     records, problems = read_source(source, base_dir=base_dir)
     absent = _absent_columns(records, fmt, columns) if records else []
     if absent:
         problems += absent
     else:
-        check = FORMATS[fmt].check
+        module = FORMATS[fmt]
+        with_task = getattr(module, "check_for_task", None)
         for record in records:
-            reason = check(record, columns)
+            reason = with_task(record, columns, task) if with_task and task else module.check(record, columns)
             if reason:
                 problems.append(f"{record.where}: {reason}")
     if not records and not problems:
