@@ -7,9 +7,15 @@ The trainer's rank 0 appends one JSON record per log event to ``<work dir>/metri
 before training), and one final record with ``train_runtime`` and ``train_loss``. Every record has
 ``time``, ``step``, ``epoch`` and ``total_steps``.
 
-The run may be a local directory (``finetune run --workdir``), the metrics.jsonl file itself, or a
-copy of it in object storage (``s3://bucket/prefix``, through fsspec; S3-compatible endpoints from
-AWS_ENDPOINT_URL, as the trainer's storage).
+Scores a task reports (``eval_accuracy``, ``eval_f1``, ``eval_exact_match``: classification and
+extractive QA) are summarized and plotted beside the losses. Two files written next to metrics.jsonl
+at the end of a run add what a metric line cannot hold: ``evaluation.json`` (the evaluations before and
+after training, with a classifier's confusion matrix) and ``trainer-config.json`` (the job's spec: the
+class names). From them come a per-class table and ``confusion_matrix.png``.
+
+The run may be a local directory (``finetune run --workdir``, or the job's output directory), the
+metrics.jsonl file itself, or a copy in object storage (``s3://bucket/prefix``, through fsspec;
+S3-compatible endpoints from AWS_ENDPOINT_URL, as the trainer's storage).
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+EVALUATION_FILE = "evaluation.json"
+CONFIG_FILE = "trainer-config.json"
+#: The task scores of an evaluation (0..1, higher is better), by their key in metrics.jsonl.
+SCORES = {"eval_accuracy": "accuracy", "eval_f1": "F1", "eval_exact_match": "exact match"}
 
 
 class ReportError(Exception):
@@ -44,10 +54,11 @@ class Series:
     def __bool__(self) -> bool:
         return bool(self.values)
 
-    def best(self) -> tuple[int, float]:
-        finite = [(v, s) for s, v in zip(self.steps, self.values, strict=True) if math.isfinite(v)]
+    def best(self, *, highest: bool = False) -> tuple[int, float]:
+        """(step, value) of the lowest value (``highest``: the highest; the first of equal ones)."""
+        finite = [(-v if highest else v, s) for s, v in zip(self.steps, self.values, strict=True) if math.isfinite(v)]
         value, step = min(finite) if finite else (math.nan, -1)
-        return step, value
+        return step, -value if highest else value
 
 
 @dataclass
@@ -61,10 +72,23 @@ class Run:
     general_perplexity: Series = field(default_factory=Series)
     learning_rate: Series = field(default_factory=Series)
     tokens_per_second: Series = field(default_factory=Series)
+    #: The task's scores, by their key in metrics.jsonl (those the run logged).
+    scores: dict[str, Series] = field(default_factory=dict)
+    #: evaluation.json: the task, and the evaluations before and after training (None if absent).
+    evaluation: dict[str, Any] | None = None
+    #: The class names of a classification job (from trainer-config.json), in class-id order.
+    classes: list[str] | None = None
 
     @classmethod
     def from_records(cls, source: str, records: list[dict[str, Any]]) -> Run:
         run = cls(source, records)
+        for key in SCORES:
+            series = Series()
+            for r in records:
+                if key in r:
+                    series.add(int(r.get("step") or 0), r[key])
+            if series:
+                run.scores[key] = series
         for r in records:
             step = int(r.get("step") or 0)
             if "loss" in r:
@@ -134,6 +158,26 @@ def read_text(uri: str) -> str:
     return text
 
 
+def _beside(uri: str, name: str) -> dict[str, Any] | None:
+    """A JSON file next to metrics.jsonl, or None when there is none (runs of older releases, or a
+    run still training) or it is not a JSON object."""
+    try:
+        data = json.loads(read_text(uri.rsplit("/", 1)[0] + "/" + name if "/" in uri else name))
+    except (ReportError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def class_names(config: dict[str, Any] | None) -> list[str] | None:
+    """``task.classification.labels`` of a trainer config, or the class ids; None for other tasks."""
+    task = ((config or {}).get("spec") or {}).get("task") or {}
+    params = task.get("classification") if task.get("type") == "classification" else None
+    if not isinstance(params, dict) or not isinstance(params.get("numLabels"), int):
+        return None
+    labels = params.get("labels")
+    return [str(n) for n in labels] if isinstance(labels, list) else [str(i) for i in range(params["numLabels"])]
+
+
 def load(location: str) -> Run:
     uri = _metrics_uri(location)
     records = []
@@ -149,7 +193,10 @@ def load(location: str) -> Run:
         records.append(record)
     if not records:
         raise ReportError(f"{uri}: no records (did the training log anything yet?)")
-    return Run.from_records(uri, records)
+    run = Run.from_records(uri, records)
+    run.evaluation = _beside(uri, EVALUATION_FILE)
+    run.classes = class_names(_beside(uri, CONFIG_FILE))
+    return run
 
 
 def _duration(seconds: float) -> str:
@@ -186,9 +233,40 @@ def summary(run: Run) -> str:
         if perplexity:
             text += f"; perplexity first {perplexity.values[0]:.4f}, last {perplexity.values[-1]:.4f}"
         lines.append(text)
+    for key, series in run.scores.items():
+        best_step, best = series.best(highest=True)
+        lines.append(
+            f"eval {SCORES[key]}: first {series.values[0]:.4f} (step {series.steps[0]}), "
+            f"last {series.values[-1]:.4f}, best {best:.4f} (step {best_step})"
+        )
     if run.tokens_per_second:
         lines.append(f"mean tokens/s: {run.tokens_per_second.values[-1]:.1f}")
+    lines.extend(per_class_table(run))
     return "\n".join(lines)
+
+
+def _evaluations(run: Run) -> list[tuple[str, dict[str, Any]]]:
+    """("before"/"after", metrics) of evaluation.json that hold anything."""
+    evaluation = run.evaluation or {}
+    return [(when, m) for when in ("before", "after") if isinstance(m := evaluation.get(when), dict) and m]
+
+
+def per_class_table(run: Run) -> list[str]:
+    """A classifier's precision, recall and F1 per class after training (and F1 before), as text rows."""
+    evaluations = dict(_evaluations(run))
+    after = evaluations.get("after")
+    if not run.classes or after is None or f"eval_f1_{run.classes[0]}" not in after:
+        return []
+    before = evaluations.get("before", {})
+    width = max(len("class"), *(len(c) for c in run.classes))
+    rows = [f"{'class':<{width}}  precision  recall     f1  f1 before"]
+    for name in run.classes:
+        f1_before = before.get(f"eval_f1_{name}")
+        rows.append(
+            f"{name:<{width}}  {after[f'eval_precision_{name}']:>9.3f}  {after[f'eval_recall_{name}']:>6.3f}"
+            f"  {after[f'eval_f1_{name}']:>5.3f}  {'' if f1_before is None else f'{f1_before:>9.3f}'}".rstrip()
+        )
+    return ["per class, after training:", *rows]
 
 
 def plot(run: Run, output: Path) -> list[Path]:
@@ -207,11 +285,12 @@ def plot(run: Run, output: Path) -> list[Path]:
             [("eval loss", run.eval_loss, "o-"), ("general loss", run.general_loss, "s--")],
         ),
         ("learning_rate.png", "Learning rate", [("learning rate", run.learning_rate, "-")]),
+        ("eval_scores.png", "Evaluation scores", [(SCORES[k], v, "o-") for k, v in run.scores.items()]),
         ("throughput.png", "Throughput (tokens/s, mean since start)", [("tokens/s", run.tokens_per_second, "-")]),
     ]
     written = []
     for name, title, lines in charts:
-        if not lines[0][1]:
+        if not lines or not lines[0][1]:
             continue
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
         for label, series, style in lines:
@@ -227,4 +306,35 @@ def plot(run: Run, output: Path) -> list[Path]:
         fig.savefig(path)
         plt.close(fig)
         written.append(path)
+    matrix = confusion_matrix_plot(run, output, plt)
+    if matrix is not None:
+        written.append(matrix)
     return written
+
+
+def confusion_matrix_plot(run: Run, output: Path, plt: Any) -> Path | None:
+    """``confusion_matrix.png``: a single-label classifier's confusion matrix (rows: the true class,
+    columns: the predicted one) before and after training, each cell with its count; None when the
+    run has none."""
+    panels = [(when, m["eval_confusion_matrix"]) for when, m in _evaluations(run) if "eval_confusion_matrix" in m]
+    if not panels:
+        return None
+    size = len(panels[0][1])
+    names = run.classes if run.classes and len(run.classes) == size else [str(i) for i in range(size)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 2.5 * len(panels) + size * 0.4, 3 + size * 0.4), dpi=100)
+    for ax, (when, matrix) in zip([axes] if len(panels) == 1 else axes, panels, strict=True):
+        ax.imshow(matrix, cmap="Blues")
+        ax.set_title(f"{when} training")
+        ax.set_xticks(range(size), names, rotation=45, ha="right")
+        ax.set_yticks(range(size), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        peak = max(max(row) for row in matrix) or 1
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                ax.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+    fig.tight_layout()
+    path = output / "confusion_matrix.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -22,7 +22,7 @@ import numpy as np
 import tiny
 from PIL import Image
 
-PLOTS = ("loss.png", "eval_loss.png", "learning_rate.png", "throughput.png")
+PLOTS = ("loss.png", "eval_loss.png", "learning_rate.png", "throughput.png")  # a causal-LM run: no scores
 
 
 def finetune_report(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -125,3 +125,48 @@ def test_report_of_a_finished_run(
     assert sorted(p.name for p in (tmp_path / "remote").iterdir()) == sorted(PLOTS)
     missing = finetune_report(f"s3://{bucket}/runs/other", env=s3_env)
     assert missing.returncode == 2 and f"s3://{bucket}/runs/other/metrics.jsonl: not found" in missing.stderr
+
+
+def test_report_of_a_classifier(finetune_run: Callable[..., Any], tiny_model: Path, tmp_path: Path) -> None:
+    """A classification job's report, from its output directory (what a pod leaves): the F1 line from
+    metrics.jsonl, a per-class table and the confusion matrix from the evaluations the job saved."""
+    train = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.classification_rows(200, seed=4))
+    held_out = tiny.write_jsonl(tmp_path / "eval.jsonl", tiny.classification_rows(40, seed=5))
+    job = tiny.job_manifest(
+        "classified",
+        tiny_model,
+        train,
+        task={"type": "classification", "classification": {"numLabels": len(tiny.COLORS), "labels": tiny.COLORS}},
+        data={"train": {"uri": str(train)}, "eval": {"uri": str(held_out)}, "format": "classification"},
+        training__maxSteps=12,
+        training__evaluation={"everySteps": 6},
+    )
+    result = finetune_run(job)
+    assert result.returncode == 0, result.output[-6000:]
+    output = result.workdir / "storage" / "local" / "classified" / "output"
+    proc = finetune_report(str(output), "-o", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = summary_lines(proc.stdout)
+
+    f1 = [(r["step"], r["eval_f1"]) for r in tiny.read_metrics(result.workdir) if "eval_f1" in r]
+    best = max(f1, key=lambda s: s[1])
+    assert (
+        lines["eval F1"] == f"first {f1[0][1]:.4f} (step 0), last {f1[-1][1]:.4f}, best {best[1]:.4f} (step {best[0]})"
+    )
+    after = result.summary()["after"]
+    table = proc.stdout.split("per class, after training:\n", 1)[1].splitlines()
+    assert table[0].split() == ["class", "precision", "recall", "f1", "f1", "before"]
+    assert table[1 + len(tiny.COLORS)].startswith("plot: "), table
+    for color, row in zip(tiny.COLORS, table[1 : 1 + len(tiny.COLORS)], strict=True):
+        values = row.split()
+        assert values[0] == color
+        assert [float(v) for v in values[1:4]] == [
+            round(after[f"eval_{m}_{color}"], 3) for m in ("precision", "recall", "f1")
+        ]
+    # The confusion matrix: every eval example once, a real picture.
+    assert sum(map(sum, after["eval_confusion_matrix"])) == 40
+    with Image.open(tmp_path / "report" / "confusion_matrix.png") as image:
+        assert image.format == "PNG"
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.005
+    assert (tmp_path / "report" / "eval_scores.png").is_file()

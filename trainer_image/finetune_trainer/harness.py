@@ -37,7 +37,7 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traine
 from . import checkpointing, distributed, storage
 from .checkpoint_store import CheckpointStore, Manifest, describe
 from .data.records import Record, load_checked, split_eval
-from .outputs import TRAINER_CONFIG_FILE, save_outputs
+from .outputs import EVALUATION_FILE, TRAINER_CONFIG_FILE, save_outputs
 from .progress import ProgressReporter
 from .status import StatusReporter
 from .telemetry import TelemetryCallback, TrainingMetrics, metrics_port
@@ -335,15 +335,18 @@ class Training:
                 else Path(storage.local_path(config.output_dir))
             )
             # The config goes along: what the outputs are (task, labels, format, base model) for
-            # `finetune predict`, and how they were made.
+            # `finetune predict`, and how they were made; the evaluations before and after training
+            # (with what a metric line cannot hold, e.g. a confusion matrix) for `finetune report`.
             (work / TRAINER_CONFIG_FILE).write_text(config.dumps(), encoding="utf-8")
+            evaluation = {k: self.summary.get(k) for k in ("task", "steps", "before", "after")}
+            (work / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2, default=float), encoding="utf-8")
             artifacts = save_outputs(
                 trainer.accelerator.unwrap_model(trainer.model),
                 tokenizer,
                 spec,
                 staging=staging,
                 destination=config.output_dir,
-                run_files=[work / "metrics.jsonl", work / TRAINER_CONFIG_FILE],
+                run_files=[work / "metrics.jsonl", work / TRAINER_CONFIG_FILE, work / EVALUATION_FILE],
             )
             self.summary["artifacts"] = [a.__dict__ for a in artifacts]
             self.summary["runtime_seconds"] = time.time() - run.started

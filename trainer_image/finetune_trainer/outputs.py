@@ -8,6 +8,8 @@ Layout under the output location::
     metrics.jsonl   the run's log (``finetune report OUTPUT`` reads it)
     trainer-config.json  the job's trainer config: its spec (task, labels, data format, base model) and
                     where it ran (``finetune predict OUTPUT`` reads it)
+    evaluation.json the evaluations before and after training, with what a metric line cannot hold
+                    (a classifier's confusion matrix; ``finetune report`` reads it)
 
 The artifact digest reported in status is the sha256 of ``manifest.json`` itself, so one value
 verifies every byte. Outputs go to a local staging directory first and are uploaded afterwards.
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
 ADDED_TOKENS_FILE = "added_tokens.safetensors"
 TRAINER_CONFIG_FILE = "trainer-config.json"
+EVALUATION_FILE = "evaluation.json"
 
 
 @dataclass(frozen=True)
