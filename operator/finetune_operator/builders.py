@@ -27,7 +27,7 @@ from .api.trainer_config import (
     storage_environment,
     trainer_command,
 )
-from .api.v1alpha1 import API_VERSION, KIND, FineTuneJob
+from .api.v1alpha1 import API_VERSION, KIND, CredentialsRef, FineTuneJob
 
 LABEL_JOB = "finetune.io/job"
 LABEL_ATTEMPT = "finetune.io/attempt"
@@ -42,6 +42,9 @@ CONFIG_DIR = "/etc/finetune"
 IMAGE_ROOT = "/opt/finetune"  #: the image's working copy: relative paths and referenced configs resolve here
 WORK_DIR = "/workspace/run"
 TRAINER_UID = 10001
+#: Where a gs:// service-account key from ``spec.checkpoint.credentials`` is mounted (read-only).
+GCS_KEY_DIR = "/var/run/secrets/finetune.io/gcs"
+GCS_KEY_FILE = "service-account.json"
 #: Seconds the pod gets on top of the checkpoint grace period to commit and exit.
 GRACE_MARGIN_SECONDS = 30
 
@@ -201,15 +204,30 @@ def _env(ftj: FineTuneJob, namespace: str, attempt: int) -> list[dict[str, Any]]
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
     ]
     env += [{"name": var, "value": value} for var, value in storage_environment(spec).items()]
-    creds = spec.checkpoint.credentials
-    if creds is not None:
-        pairs = [("AWS_ACCESS_KEY_ID", creds.access_key_id_key), ("AWS_SECRET_ACCESS_KEY", creds.secret_access_key_key)]
-        if creds.session_token_key:
-            pairs.append(("AWS_SESSION_TOKEN", creds.session_token_key))
-        env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": creds.name, "key": key}}} for var, key in pairs]
+    env += _credentials_env(spec.checkpoint.credentials)
     for var in spec.resources.env:
         env.append(var.to_manifest())
     return env
+
+
+def _credentials_env(creds: CredentialsRef | None) -> list[dict[str, Any]]:
+    """The variables each store's SDK reads its credentials from, filled from the Secret's keys: a
+    service-account key file for gs:// (mounted by :func:`_volumes`), a connection string for az://,
+    else an S3 access key (the Secret's keys default to the variables' names)."""
+    if creds is None:
+        return []
+    if creds.service_account_key_key is not None:
+        return [{"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{GCS_KEY_DIR}/{GCS_KEY_FILE}"}]
+    if creds.connection_string_key is not None:
+        pairs = [("AZURE_STORAGE_CONNECTION_STRING", creds.connection_string_key)]
+    else:
+        pairs = [
+            ("AWS_ACCESS_KEY_ID", creds.access_key_id_key or "AWS_ACCESS_KEY_ID"),
+            ("AWS_SECRET_ACCESS_KEY", creds.secret_access_key_key or "AWS_SECRET_ACCESS_KEY"),
+        ]
+        if creds.session_token_key:
+            pairs.append(("AWS_SESSION_TOKEN", creds.session_token_key))
+    return [{"name": var, "valueFrom": {"secretKeyRef": {"name": creds.name, "key": key}}} for var, key in pairs]
 
 
 def _resources(ftj: FineTuneJob) -> dict[str, Any]:
@@ -244,6 +262,12 @@ def _volumes(ftj: FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
+    creds = ftj.spec.checkpoint.credentials
+    if creds is not None and creds.service_account_key_key is not None:
+        # Readable by the trainer's group (fsGroup) only.
+        item = {"key": creds.service_account_key_key, "path": GCS_KEY_FILE}
+        volumes.append({"name": "gcs-key", "secret": {"secretName": creds.name, "items": [item], "defaultMode": 0o440}})
+        mounts.append({"name": "gcs-key", "mountPath": GCS_KEY_DIR, "readOnly": True})
     ds = ftj.spec.distributed.deepspeed
     if ds is not None and ds.config is not None:
         volumes.append({"name": "deepspeed-config", "configMap": {"name": ds.config.name}})

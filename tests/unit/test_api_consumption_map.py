@@ -78,6 +78,9 @@ QA_RUN = f"{QA}::test_a_qa_run_trains_and_reports_exact_match_and_f1"
 QA_SPEC = f"{QA}::test_the_spec_chooses_the_longest_answer_and_the_metrics_reported"
 BAD_RECORDS = "tests/trainer/test_data.py::test_bad_records_are_reported_with_file_and_line_before_training"
 BUILDERS_CREDENTIALS = "tests/unit/test_builders.py::test_the_credentials_secret_keys_become_the_pods_aws_variables"
+BUILDERS_CLOUD_CREDENTIALS = (
+    "tests/unit/test_builders.py::test_gcs_and_azure_credentials_reach_the_pod_as_their_sdks_read_them"
+)
 BUILDERS_ENV_SOURCES = (
     "tests/unit/test_builders.py::test_extra_environment_takes_literals_and_secret_and_config_map_keys"
 )
@@ -130,8 +133,10 @@ ZERO3_PARAMS_OFFLOAD = (
 CONSUMPTION: dict[str, str] = {
     # -- spec.checkpoint: durable checkpoints and resume (trainer), credentials and store (pods) ----------
     "spec.checkpoint.credentials.accessKeyIdKey": f"{BUILDERS_CREDENTIALS}[own-keys-and-session-token]",
+    "spec.checkpoint.credentials.connectionStringKey": BUILDERS_CLOUD_CREDENTIALS,
     "spec.checkpoint.credentials.name": BUILDERS_GANG,
     "spec.checkpoint.credentials.secretAccessKeyKey": f"{BUILDERS_CREDENTIALS}[own-keys-and-session-token]",
+    "spec.checkpoint.credentials.serviceAccountKeyKey": BUILDERS_CLOUD_CREDENTIALS,
     "spec.checkpoint.credentials.sessionTokenKey": f"{BUILDERS_CREDENTIALS}[own-keys-and-session-token]",
     "spec.checkpoint.endpointUrl": BUILDERS_STORAGE_ENV,
     "spec.checkpoint.everyMinutes": EVERY_MINUTES,

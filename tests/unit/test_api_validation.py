@@ -145,6 +145,42 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.checkpoint.endpointUrl",
         "https://",
     ),
+    (
+        "credentials-of-two-stores",
+        {"spec.checkpoint": {"credentials": {"name": "c", "accessKeyIdKey": "id", "connectionStringKey": "conn"}}},
+        "spec.checkpoint.credentials",
+        "names the keys of one store",
+    ),
+    (
+        "gcs-credentials-without-their-key",
+        {"spec.checkpoint": {"uri": "gs://ckpt", "credentials": {"name": "c"}}},
+        "spec.checkpoint.credentials.serviceAccountKeyKey",
+        "is required with credentials for a gs:// uri",
+    ),
+    (
+        "azure-credentials-without-their-key",
+        {"spec.checkpoint": {"uri": "az://ckpt", "credentials": {"name": "c", "accessKeyIdKey": "id"}}},
+        "spec.checkpoint.credentials.connectionStringKey",
+        "is required with credentials for an az:// uri",
+    ),
+    (
+        "gcs-key-for-s3",
+        {"spec.checkpoint": {"uri": "s3://ckpt", "credentials": {"name": "c", "serviceAccountKeyKey": "key.json"}}},
+        "spec.checkpoint.credentials",
+        "of an s3:// uri are an access key",
+    ),
+    (
+        "endpoint-for-azure",
+        {"spec.checkpoint": {"uri": "az://ckpt", "endpointUrl": "http://azurite:10000/devstoreaccount1"}},
+        "spec.checkpoint.endpointUrl",
+        "the connection string",
+    ),
+    (
+        "region-for-gcs",
+        {"spec.checkpoint": {"uri": "gs://ckpt", "region": "europe-west4"}},
+        "spec.checkpoint.region",
+        "is for S3 stores",
+    ),
     ("malformed-quantity", {"spec.resources.memory": "lots"}, "spec.resources.memory", "quantity"),
     (
         "negative-nodes",
@@ -647,6 +683,35 @@ VALID: list[tuple[str, dict[str, Any]]] = [
             "spec.resources.nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
             "spec.resources.podLabels": {"team": "ml"},
             "spec.resources.podAnnotations": {"sidecar.istio.io/inject": "false"},
+        },
+    ),
+    (
+        "gcs-key-and-endpoint",
+        {
+            "spec.checkpoint": {
+                "uri": "gs://ckpt",
+                "endpointUrl": "http://gcs:4443",
+                "credentials": {"name": "c", "serviceAccountKeyKey": "key.json"},
+            }
+        },
+    ),
+    (
+        "azure-connection-string",
+        {"spec.checkpoint": {"uri": "az://ckpt", "credentials": {"name": "c", "connectionStringKey": "conn"}}},
+    ),
+    # Without a checkpoint uri the Secret serves the model, data and output URIs: any one store.
+    (
+        "azure-credentials-without-checkpoints",
+        {"spec.checkpoint": {"credentials": {"name": "c", "connectionStringKey": "conn"}}},
+    ),
+    (
+        "s3-session-token",
+        {
+            "spec.checkpoint": {
+                "uri": "s3://ckpt",
+                "region": "eu-west-1",
+                "credentials": {"name": "c", "sessionTokenKey": "t"},
+            }
         },
     ),
     ("cpu-processes", {"spec.resources.gpusPerNode": 0, "spec.distributed.procsPerNode": 4}),

@@ -101,6 +101,11 @@ def test_the_pod_environment_reaches_the_checkpoint_store_for_every_uri() -> Non
     assert storage_environment(plain.spec) == {}
     env = env_of(builders.job(plain, "ml", UID, 0, SETTINGS)["spec"]["template"]["spec"]["containers"][0])
     assert not {"AWS_ENDPOINT_URL", "AWS_REGION"} & set(env)
+    # A gs:// store's endpoint (an emulator, a GCS-compatible server) is the variable gcsfs reads.
+    gcs = ftj(checkpoint={"uri": "gs://ckpt", "everySteps": 5, "endpointUrl": "http://gcs:4443"})
+    assert storage_environment(gcs.spec) == {"STORAGE_EMULATOR_HOST": "http://gcs:4443"}
+    env = env_of(builders.job(gcs, "ml", UID, 0, SETTINGS)["spec"]["template"]["spec"]["containers"][0])
+    assert env["STORAGE_EMULATOR_HOST"] == "http://gcs:4443" and "AWS_ENDPOINT_URL" not in env
 
 
 def test_every_finetune_variable_of_the_pod_is_read_by_the_trainer(repo: Path) -> None:
@@ -227,6 +232,32 @@ def test_the_credentials_secret_keys_become_the_pods_aws_variables(
     env = env_of(container_of(builders.job(job, "ml", UID, 0, SETTINGS)))
     aws = {name: source for name, source in env.items() if name.startswith("AWS_")}
     assert aws == {var: {"secretKeyRef": {"name": "s3-creds", "key": key}} for var, key in keys.items()}
+
+
+def test_gcs_and_azure_credentials_reach_the_pod_as_their_sdks_read_them() -> None:
+    # gs://: the service-account key, one key of the Secret, is a read-only file (group-readable: the
+    # trainer runs with the pod's fsGroup) that GOOGLE_APPLICATION_CREDENTIALS names; no AWS variable.
+    gcs = ftj(checkpoint={"uri": "gs://ckpt", "credentials": {"name": "gcs-sa", "serviceAccountKeyKey": "key.json"}})
+    pod = builders.job(gcs, "ml", UID, 0, SETTINGS)["spec"]["template"]["spec"]
+    env = env_of(pod["containers"][0])
+    [volume] = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"] == {
+        "secretName": "gcs-sa",
+        "items": [{"key": "key.json", "path": "service-account.json"}],
+        "defaultMode": 0o440,
+    }
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True and pod["securityContext"]["fsGroup"] == builders.TRAINER_UID
+    assert env["GOOGLE_APPLICATION_CREDENTIALS"] == f"{mount['mountPath']}/service-account.json"
+    assert not [name for name in env if name.startswith(("AWS_", "AZURE_"))]
+
+    # az://: the connection string (account, key or SAS, endpoint) from its key; nothing mounted.
+    azure = ftj(checkpoint={"uri": "az://ckpt", "credentials": {"name": "blob", "connectionStringKey": "conn"}})
+    pod = builders.job(azure, "ml", UID, 0, SETTINGS)["spec"]["template"]["spec"]
+    env = env_of(pod["containers"][0])
+    assert env["AZURE_STORAGE_CONNECTION_STRING"] == {"secretKeyRef": {"name": "blob", "key": "conn"}}
+    assert not [v for v in pod["volumes"] if "secret" in v]
+    assert not [name for name in env if name.startswith(("AWS_", "GOOGLE_"))]
 
 
 def test_the_pod_grace_period_is_the_checkpoint_grace_period_plus_a_margin() -> None:

@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import SpecModel
-from .v1alpha1 import FineTuneJob, FineTuneJobSpec
+from .v1alpha1 import GCS_URI_SCHEMES, FineTuneJob, FineTuneJobSpec, uri_scheme
 
 #: Exit codes of the trainer, shared by the trainer (which exits with them) and the operator (whose
 #: Job podFailurePolicy fails at once on the permanent ones and retries the others).
@@ -164,8 +164,10 @@ def trainer_command(
 
 
 def storage_environment(spec: FineTuneJobSpec) -> dict[str, str]:
-    """Environment of the trainer for ``spec.checkpoint``'s object store: ``AWS_ENDPOINT_URL`` and
-    ``AWS_REGION`` from its ``endpointUrl`` and ``region``.
+    """Environment of the trainer for ``spec.checkpoint``'s object store, from its ``endpointUrl`` and
+    ``region``: for a ``gs://`` uri ``STORAGE_EMULATOR_HOST`` (the variable Google's clients and gcsfs
+    read), otherwise ``AWS_ENDPOINT_URL`` and ``AWS_REGION`` (S3; the API refuses both for ``az://``,
+    whose connection string names its endpoint, and a region for ``gs://``).
 
     The checkpoint store reads both from the config; these variables are how the model, data and output
     URIs on the same store reach it too. Set by the operator in every pod and by ``finetune run`` for its
@@ -173,8 +175,10 @@ def storage_environment(spec: FineTuneJobSpec) -> dict[str, str]:
     Secret in ``checkpoint.credentials``, ``finetune run`` from the caller's environment.
     """
     env: dict[str, str] = {}
-    if spec.checkpoint.endpoint_url:
-        env["AWS_ENDPOINT_URL"] = spec.checkpoint.endpoint_url
+    endpoint = spec.checkpoint.endpoint_url
+    if endpoint:
+        gcs = uri_scheme(spec.checkpoint.uri) in GCS_URI_SCHEMES
+        env["STORAGE_EMULATOR_HOST" if gcs else "AWS_ENDPOINT_URL"] = endpoint
     if spec.checkpoint.region:
         env["AWS_REGION"] = spec.checkpoint.region
     return env

@@ -1310,18 +1310,82 @@ class ResourcesSpec(SpecModel):
 # --------------------------------------------------------------------------------------------------
 
 
+#: ``spec.checkpoint.uri`` schemes by store (the rest: S3, or a filesystem).
+GCS_URI_SCHEMES = ("gs", "gcs")
+AZURE_URI_SCHEMES = ("az", "abfs", "abfss")
+
+
+def _cel_scheme_in(schemes: tuple[str, ...]) -> str:
+    return "(" + " || ".join(f"self.uri.startsWith('{s}://')" for s in schemes) + ")"
+
+
+def uri_scheme(uri: str | None) -> str:
+    """The scheme of a URI (``s3``, ``gs``, ...), ``""`` for a path or no URI."""
+    return uri.split("://", 1)[0] if uri and "://" in uri else ""
+
+
 class CredentialsRef(SpecModel):
-    """A Secret holding object-storage credentials, injected as environment variables."""
+    """A Secret holding object-storage credentials, given to the trainer as each store's SDK reads them.
+
+    The Secret serves one store, the one of ``spec.checkpoint.uri`` (and the model, data and output
+    URIs on that store): S3 (the default) by an access key, Google Cloud Storage by a service-account
+    key file (``serviceAccountKeyKey``), Azure Blob Storage by a connection string
+    (``connectionStringKey``)."""
 
     name: KubeName = Field(description="Secret name, in the job's namespace.")
-    access_key_id_key: str = Field(
-        default="AWS_ACCESS_KEY_ID", max_length=253, description="Key holding the access key id."
+    access_key_id_key: str | None = Field(
+        default=None,
+        max_length=253,
+        description="S3: key holding the access key id (`AWS_ACCESS_KEY_ID` in the pod). Default `AWS_ACCESS_KEY_ID`.",
     )
-    secret_access_key_key: str = Field(
-        default="AWS_SECRET_ACCESS_KEY", max_length=253, description="Key holding the secret key."
+    secret_access_key_key: str | None = Field(
+        default=None,
+        max_length=253,
+        description=(
+            "S3: key holding the secret access key (`AWS_SECRET_ACCESS_KEY` in the pod). "
+            "Default `AWS_SECRET_ACCESS_KEY`."
+        ),
     )
     session_token_key: str | None = Field(
-        default=None, max_length=253, description="Key holding a session token, if any."
+        default=None, max_length=253, description="S3: key holding a session token, if any (`AWS_SESSION_TOKEN`)."
+    )
+    service_account_key_key: str | None = Field(
+        default=None,
+        max_length=253,
+        description=(
+            "Google Cloud Storage (`gs://`): key holding a service-account key (JSON), mounted read-only in "
+            "the pod where `GOOGLE_APPLICATION_CREDENTIALS` names it. Without credentials, gs:// uses the "
+            "pod's own Google identity (Workload Identity)."
+        ),
+    )
+    connection_string_key: str | None = Field(
+        default=None,
+        max_length=253,
+        description=(
+            "Azure Blob Storage (`az://`): key holding the storage account's connection string "
+            "(`AZURE_STORAGE_CONNECTION_STRING` in the pod): the account with its key or a SAS token, and "
+            "its endpoint (`BlobEndpoint=` for Azurite or a sovereign cloud)."
+        ),
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel=(
+                "(has(self.accessKeyIdKey) || has(self.secretAccessKeyKey) || has(self.sessionTokenKey) ? 1 : 0)"
+                " + (has(self.serviceAccountKeyKey) ? 1 : 0) + (has(self.connectionStringKey) ? 1 : 0) <= 1"
+            ),
+            message=(
+                "spec.checkpoint.credentials names the keys of one store: S3 (accessKeyIdKey, "
+                "secretAccessKeyKey, sessionTokenKey), Google Cloud Storage (serviceAccountKeyKey) or Azure "
+                "(connectionStringKey)"
+            ),
+            check=lambda m: (
+                int(any(k is not None for k in (m.access_key_id_key, m.secret_access_key_key, m.session_token_key)))
+                + int(m.service_account_key_key is not None)
+                + int(m.connection_string_key is not None)
+                <= 1
+            ),
+        ),
     )
 
 
@@ -1360,9 +1424,15 @@ class CheckpointSpec(SpecModel):
         default=None,
         max_length=2048,
         pattern=ENDPOINT_URL_PATTERN,
-        description="Endpoint of an S3-compatible store (MinIO, Ceph, …).",
+        description=(
+            "Endpoint of the store of `uri`: an S3-compatible store (MinIO, Ceph, …; `AWS_ENDPOINT_URL` in "
+            "the pod), also without a `uri` or with a local one; for `gs://` a GCS-compatible server (an "
+            "emulator; `STORAGE_EMULATOR_HOST`). Not for `az://`: its connection string names the endpoint."
+        ),
     )
-    region: str | None = Field(default=None, max_length=64, description="Object-storage region.")
+    region: str | None = Field(
+        default=None, max_length=64, description="S3 region (`AWS_REGION`); not for `gs://` or `az://`."
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -1370,6 +1440,72 @@ class CheckpointSpec(SpecModel):
             message="spec.checkpoint needs everySteps or everyMinutes when uri is set",
             check=lambda m: m.uri is None or m.every_steps is not None or m.every_minutes is not None,
             field=".everySteps",
+        ),
+        Rule(
+            cel=(
+                f"!has(self.uri) || !{_cel_scheme_in(GCS_URI_SCHEMES)} || !has(self.credentials)"
+                " || has(self.credentials.serviceAccountKeyKey)"
+            ),
+            message=(
+                "spec.checkpoint.credentials.serviceAccountKeyKey is required with credentials for a gs:// uri "
+                "(the Secret's key holding a service-account key file)"
+            ),
+            check=lambda m: (
+                uri_scheme(m.uri) not in GCS_URI_SCHEMES
+                or m.credentials is None
+                or m.credentials.service_account_key_key is not None
+            ),
+            field=".credentials.serviceAccountKeyKey",
+        ),
+        Rule(
+            cel=(
+                f"!has(self.uri) || !{_cel_scheme_in(AZURE_URI_SCHEMES)} || !has(self.credentials)"
+                " || has(self.credentials.connectionStringKey)"
+            ),
+            message=(
+                "spec.checkpoint.credentials.connectionStringKey is required with credentials for an az:// uri "
+                "(the Secret's key holding the storage account's connection string)"
+            ),
+            check=lambda m: (
+                uri_scheme(m.uri) not in AZURE_URI_SCHEMES
+                or m.credentials is None
+                or m.credentials.connection_string_key is not None
+            ),
+            field=".credentials.connectionStringKey",
+        ),
+        Rule(
+            cel=(
+                "!has(self.uri) || !self.uri.startsWith('s3://') || !has(self.credentials)"
+                " || !(has(self.credentials.serviceAccountKeyKey) || has(self.credentials.connectionStringKey))"
+            ),
+            message=(
+                "spec.checkpoint.credentials of an s3:// uri are an access key: serviceAccountKeyKey is for "
+                "gs://, connectionStringKey for az://"
+            ),
+            check=lambda m: (
+                uri_scheme(m.uri) != "s3"
+                or m.credentials is None
+                or (m.credentials.service_account_key_key is None and m.credentials.connection_string_key is None)
+            ),
+            field=".credentials",
+        ),
+        Rule(
+            cel=f"!has(self.uri) || !{_cel_scheme_in(AZURE_URI_SCHEMES)} || !has(self.endpointUrl)",
+            message=(
+                "spec.checkpoint.endpointUrl is not used for an az:// uri: the connection string in "
+                "credentials.connectionStringKey names the endpoint (BlobEndpoint=...)"
+            ),
+            check=lambda m: uri_scheme(m.uri) not in AZURE_URI_SCHEMES or m.endpoint_url is None,
+            field=".endpointUrl",
+        ),
+        Rule(
+            cel=(
+                f"!has(self.uri) || !({_cel_scheme_in(GCS_URI_SCHEMES)} || {_cel_scheme_in(AZURE_URI_SCHEMES)})"
+                " || !has(self.region)"
+            ),
+            message="spec.checkpoint.region is for S3 stores: a gs:// or az:// bucket has its own location",
+            check=lambda m: uri_scheme(m.uri) not in (*GCS_URI_SCHEMES, *AZURE_URI_SCHEMES) or m.region is None,
+            field=".region",
         ),
     )
 
