@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import live
+import numpy as np
 import pytest
 import torch
 from finetune_operator.api.validation import validate_object
@@ -35,6 +36,7 @@ from finetune_trainer.scoring.classification import score_multi_label, score_sin
 from peft import LoraConfig, get_peft_model
 from runs import RunResult
 from safetensors.torch import load_file
+from sklearn.utils.class_weight import compute_class_weight
 from tiny import COLORS, QLORA, classification_rows, job_manifest, read_metrics, write_jsonl
 from transformers import (
     AutoModelForSequenceClassification,
@@ -113,7 +115,7 @@ def plain_hf_losses(model_dir: Path, train: Path, out: Path, weights: list[float
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def test_lora_classification_matches_plain_hf_trainer_unweighted_and_with_class_weights(
+def test_lora_classification_matches_plain_hf_trainer_unweighted_and_weighted(
     tiny_model: Path, tmp_path: Path, finetune_run: Callable[..., RunResult]
 ) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", classification_rows(300, seed=4))
@@ -125,9 +127,17 @@ def test_lora_classification_matches_plain_hf_trainer_unweighted_and_with_class_
         "logEverySteps": 1,
         "seed": SEED,
     }
+    # balanceClassWeights: scikit-learn's "balanced" weights, N / (K * n_c), computed here independently.
+    labels = [COLORS.index(r["label"]) for r in classification_rows(300, seed=4)]
+    balanced = compute_class_weight("balanced", classes=np.arange(len(COLORS)), y=labels).tolist()
     references = {}
-    for name, weights in (("anchor", None), ("anchor-weighted", WEIGHTS)):
-        task = classification(**({"classWeights": weights} if weights else {}))
+    runs: list[tuple[str, dict[str, Any], list[float] | None]] = [
+        ("anchor", {}, None),
+        ("anchor-weighted", {"classWeights": WEIGHTS}, WEIGHTS),
+        ("anchor-balanced", {"balanceClassWeights": True}, balanced),
+    ]
+    for name, params, weights in runs:
+        task = classification(**params)
         ours = finetune_run(manifest(name, tiny_model, train, task=task, training=training))
         assert ours.returncode == 0, ours.output[-5000:]
         reference = plain_hf_losses(tiny_model, train, tmp_path / f"plain-{name}", weights)
@@ -139,6 +149,7 @@ def test_lora_classification_matches_plain_hf_trainer_unweighted_and_with_class_
         references[name] = reference
     # The weights change the loss from the first step on.
     assert abs(references["anchor"][0] - references["anchor-weighted"][0]) > 1e-3
+    assert abs(references["anchor"][0] - references["anchor-balanced"][0]) > 1e-3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,7 +408,8 @@ def _predict_scores(
     printed = {
         name: value for name, _, value in (line.partition(": ") for line in done.stderr.splitlines()) if name in scores
     }
-    assert printed.keys() == scores.keys(), done.stderr[-3000:]
+    # It prints what the job's evaluations report (training.evaluation.metrics).
+    assert "f1" in printed and printed.keys() <= scores.keys(), done.stderr[-3000:]
     for name, value in printed.items():
         assert float(value) == pytest.approx(scores[name], abs=1e-4), name
     return scores
@@ -415,7 +427,8 @@ def test_head_only_trains_the_score_layer_stops_early_on_f1_and_its_output_repro
         eval_file=eval_file,
         method={"type": "full", "freeze": {"headOnly": True}},
         training__learningRate=3e-2,
-        training__evaluation={"everySteps": 5},
+        # Evaluations report the loss and the F1 family, not accuracy (training.evaluation.metrics).
+        training__evaluation={"everySteps": 5, "metrics": ["loss", "f1"]},
         training__earlyStopping={"metric": "f1", "mode": "max", "patience": 10},
     )
     result = finetune_run(job)
@@ -425,13 +438,13 @@ def test_head_only_trains_the_score_layer_stops_early_on_f1_and_its_output_repro
     after = summary["after"]
     assert after["eval_f1"] > summary["before"]["eval_f1"]
     # Early stopping watched eval_f1 and loaded the best model at the end.
-    logged = [m["eval_f1"] for m in read_metrics(result.workdir) if "eval_f1" in m]
-    assert summary["best_checkpoint"] and after["eval_f1"] == pytest.approx(max(logged[1:]), abs=1e-9)
+    logged = [m["eval_f1"] for m in read_metrics(result.workdir) if "eval_f1" in m and m["step"]]
+    assert summary["best_checkpoint"] and after["eval_f1"] == max(logged)
     matrix = after["eval_confusion_matrix"]
     assert len(matrix) == len(COLORS) and all(len(row) == len(COLORS) for row in matrix)
     truth = collections.Counter(r["label"] for r in classification_rows(40, seed=2))
     assert [sum(row) for row in matrix] == [truth[c] for c in COLORS]
-    assert after["eval_accuracy"] == pytest.approx(sum(matrix[i][i] for i in range(len(COLORS))) / 40)
+    assert "eval_accuracy" not in after
     for name in COLORS:
         assert {f"eval_precision_{name}", f"eval_recall_{name}", f"eval_f1_{name}"} <= after.keys()
 
@@ -444,8 +457,9 @@ def test_head_only_trains_the_score_layer_stops_early_on_f1_and_its_output_repro
     assert changed == ["score.weight"]
 
     scores = _predict_scores(output, eval_file, "merged", tmp_path, multi_label=False)
-    for key in ("accuracy", "f1", "precision_macro", "recall_macro", *(f"recall_{c}" for c in COLORS)):
+    for key in ("f1", "precision_macro", "recall_macro", *(f"recall_{c}" for c in COLORS)):
         assert scores[key] == pytest.approx(after[f"eval_{key}"], abs=1e-6), key
+    assert scores["accuracy"] == pytest.approx(sum(matrix[i][i] for i in range(len(COLORS))) / 40)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,10 +472,13 @@ TWO_RANKS: dict[str, dict[str, Any]] = {
         "task": classification(multiLabel=True, balanceClassWeights=True),
         "output__save": "both",
     },
-    # DeepSpeed ZeRO-2, single-label, undersampled, with class weights.
+    # DeepSpeed ZeRO-2, single-label, undersampled, with class weights; evaluations report the loss
+    # and accuracy only, and early stopping watches accuracy.
     "zero2-undersample": {
         "task": classification(resampling="undersample", classWeights=WEIGHTS),
         "distributed__deepspeed": {"zeroStage": 2},
+        "training__evaluation": {"everySteps": 6, "metrics": ["loss", "accuracy"]},
+        "training__earlyStopping": {"metric": "accuracy", "mode": "max", "patience": 5},
     },
 }
 
@@ -505,6 +522,10 @@ def test_two_ranks_ddp_and_zero2(
                 first = (2 * (step - 1) + rank) * BATCH
                 assert ranks[rank][step][0] == [classes[i] for i in epoch[first : first + BATCH]], (step, rank)
         assert len(after["eval_confusion_matrix"]) == len(COLORS)
+        assert "eval_accuracy" in after and not [k for k in after if k.startswith(("eval_f1", "eval_recall"))]
+        # The best evaluation during training (step > 0; step 0 is before training) was loaded at the end.
+        logged = [m["eval_accuracy"] for m in read_metrics(result.workdir) if "eval_accuracy" in m and m["step"]]
+        assert summary["best_checkpoint"] and after["eval_accuracy"] == max(logged)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -515,27 +536,30 @@ def test_two_ranks_ddp_and_zero2(
 def test_bad_records_exit_3_with_file_and_line_before_the_model_is_opened(
     tmp_path: Path, finetune_run: Callable[..., RunResult]
 ) -> None:
-    good = classification_rows(4)
+    # The label column is called "color" here (spec.data.columns.label).
+    good = [{"text": r["text"], "color": r["label"]} for r in classification_rows(2)]
     rows: list[Any] = [
         good[0],
-        {"text": "the apple is red"},  # 2: no label
-        {"text": "the lemon", "label": "blue"},  # 3: not one of the labels
-        {"text": "the plum", "label": 5},  # 4: id >= numLabels
-        {"text": "the pear", "label": -1},  # 5: negative id
-        {"text": "the pear", "label": ["green", "red"]},  # 6: a list without multiLabel
-        {"text": "", "label": "red"},  # 7: empty text
-        {"text": "the grape", "label": 1.5},  # 8: not an integer
+        {"text": "the apple is red", "label": "red"},  # 2: no "color"
+        {"text": "the lemon", "color": "blue"},  # 3: not one of the labels
+        {"text": "the plum", "color": 5},  # 4: id >= numLabels
+        {"text": "the pear", "color": -1},  # 5: negative id
+        {"text": "the pear", "color": ["green", "red"]},  # 6: a list without multiLabel
+        {"text": "", "color": "red"},  # 7: empty text
+        {"text": "the grape", "color": 1.5},  # 8: not an integer
         good[1],
-        {"text": "the grape", "label": "2"},  # 10: an id as text (CSV style) is fine
+        {"text": "the grape", "color": "2"},  # 10: an id as text (CSV style) is fine
     ]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     # The model directory does not exist: had the run opened it before checking the data, it would
     # have failed on the model (exit 2), not on the records.
-    result = finetune_run(manifest("bad-records", tmp_path / "no-model-here", train))
+    job = manifest("bad-records", tmp_path / "no-model-here", train)
+    job["spec"]["data"]["columns"] = {"label": "color"}
+    result = finetune_run(job)
     assert result.returncode == 3, result.output[-3000:]
     assert "Traceback" not in result.output, result.output[-3000:]
     expected = [
-        f"{train}:2: missing column 'label'",
+        f"{train}:2: missing column 'color'",
         f"{train}:3: label 'blue' is not one of spec.task.classification.labels ('red', 'yellow', 'purple', "
         "'orange', 'green')",
         f"{train}:4: label id 5 is out of range: spec.task.classification.numLabels is 5 (ids 0 to 4)",
@@ -548,3 +572,30 @@ def test_bad_records_exit_3_with_file_and_line_before_the_model_is_opened(
         assert line in result.output, f"{line!r} not reported:\n{result.output[-3000:]}"
     assert f"{train}:1:" not in result.output and f"{train}:10:" not in result.output
     assert not (result.workdir / "metrics.jsonl").exists()
+
+
+def test_multi_label_records_name_lists_of_classes(tmp_path: Path) -> None:
+    """In process: a multi-label label is a list of names or ids (in CSV, a JSON list), or one of them."""
+    from finetune_operator.api.v1alpha1 import ColumnMapping, DataSource, TaskSpec
+    from finetune_trainer.data.classification import class_ids
+    from finetune_trainer.data.records import DataError, load_checked
+
+    task = TaskSpec.model_validate(classification(multiLabel=True))
+    assert task.classification is not None
+    csv = tmp_path / "train.csv"
+    lines = ["text,label", '"the apple","[""red"", 3]"', "the pear,green", "the plum,[]", '"the lemon","[""blue""]"']
+    csv.write_text("\n".join([*lines, 'the fig,"[red"']) + "\n")
+    with pytest.raises(DataError) as info:
+        load_checked(DataSource(uri=str(csv)), "classification", ColumnMapping(), task=task)
+    assert info.value.problems == [
+        f"{csv}:5: label 'blue' is not one of spec.task.classification.labels ('red', 'yellow', 'purple', 'orange', "
+        "'green')",
+        f"{csv}:6: label '[red' is not a JSON list of labels: Expecting value",
+    ]
+    assert class_ids('["red", 3]', task.classification) == [0, 3]
+    assert class_ids("green", task.classification) == [4]
+    assert class_ids([], task.classification) == []
+    assert (
+        class_ids(["2", 7], task.classification)
+        == "label id 7 is out of range: spec.task.classification.numLabels is 5 (ids 0 to 4)"
+    )

@@ -47,6 +47,8 @@ def rows_for(fmt: str, columns: dict[str, str], n: int = 64) -> list[dict[str, A
         rows, defaults = tiny.chat_rows(n), {"messages": "messages"}
     elif fmt == "text":
         rows, defaults = tiny.text_rows(n), {"text": "text"}
+    elif fmt == "classification":
+        rows, defaults = tiny.classification_rows(n), {"text": "text", "label": "label"}
     elif fmt == "qa":
         rows = tiny.qa_rows(n, unanswerable=0.2)
         defaults = {"question": "question", "context": "context", "answers": "answers"}
@@ -68,7 +70,7 @@ def test_validate_accepts_a_task_iff_the_trainer_trains_it(
     fmt = row.formats[0]
     data = tiny.write_jsonl(tmp_path / "train.jsonl", rows_for(fmt, {}) if row.implemented else [{"x": 1}])
     params = {
-        "classification": {"numLabels": 2},
+        "classification": {"numLabels": len(tiny.COLORS), "labels": tiny.COLORS},
         "qa": {"docStride": 16},  # windows of 64 tokens (maxSeqLength) overlap by less than that
         "rl": {"rewardModel": "org/rm"},
         "distill": {"teacher": "org/t"},

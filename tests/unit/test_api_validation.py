@@ -507,13 +507,16 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ),
     ("pretrain-with-chat-data", {"spec.task.type": "pretrain", "spec.data.format": "chat"}, "spec.data.format", "text"),
     (
-        "task-not-supported-classification",
+        "resampling-multi-label",
         {
-            "spec.task": {"type": "classification", "classification": {"numLabels": 3}},
+            "spec.task": {
+                "type": "classification",
+                "classification": {"numLabels": 3, "multiLabel": True, "resampling": "oversample"},
+            },
             "spec.data.format": "classification",
         },
-        "spec.task.type",
-        "classification is not supported yet: this release trains sft, pretrain",
+        "spec.task.classification.resampling",
+        "single-label",
     ),
     (
         "qa-doc-stride-not-below-window",

@@ -89,6 +89,7 @@ TASKS: tuple[TaskRow, ...] = (
         methods=_NO_PROMPT_METHODS,
         packing=False,
         metrics=("loss", "accuracy", "f1"),
+        recipe="classification",
     ),
     TaskRow(
         "qa",

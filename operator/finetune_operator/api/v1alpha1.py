@@ -309,7 +309,11 @@ class ClassificationParams(SpecModel):
     )
     resampling: Literal["none", "oversample", "undersample"] = Field(
         default="none",
-        description="Resample the training data so classes are seen equally often.",
+        description=(
+            "Resample the training data so classes are seen equally often: each epoch holds as many "
+            "examples of every class as the largest class has (`oversample`) or as the smallest has "
+            "(`undersample`). Single-label only."
+        ),
     )
 
     rules: ClassVar[tuple[Rule, ...]] = (
@@ -330,6 +334,15 @@ class ClassificationParams(SpecModel):
             message=("spec.task.classification.balanceClassWeights and classWeights are mutually exclusive"),
             check=lambda m: not (m.class_weights is not None and m.balance_class_weights),
             field=".balanceClassWeights",
+        ),
+        Rule(
+            cel="!(self.multiLabel && self.resampling != 'none')",
+            message=(
+                "spec.task.classification.resampling balances the classes of single-label data; with "
+                "multiLabel, weigh the classes instead (classWeights or balanceClassWeights)"
+            ),
+            check=lambda m: not (m.multi_label and m.resampling != "none"),
+            field=".resampling",
         ),
     )
 
