@@ -11,7 +11,8 @@ Liberties of a laptop: the kwok pods' IPs lead nowhere, so a discovered target's
 test_e2e_contract); the operator runs as a local process, so its ServiceMonitor endpoint becomes a
 static target.
 
-Then: every query of both dashboards returns finite data; a second job that restarts and then fails
+Then: every query of both dashboards returns finite data (the watched job is a classifier, so that
+its evaluation scores are there too); a second job that restarts and then fails
 fires FineTuneJobRestartingRepeatedly and FineTuneJobFailed; stopping rank 1 (SIGSTOP: rank 0 waits
 in its all-reduce, its metrics server still answers) fires FineTuneJobStalled after the window.
 """
@@ -198,12 +199,14 @@ def test_dashboards_and_alerts_against_a_real_training_and_operator(
     boards = dashboards(rendered)
     port = free_port_pair()
     model = tiny_model
-    train = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.prompt_completion_rows(400))
+    # A classifier: its evaluations report accuracy and F1 too, which the dashboard's scores panel shows.
+    train = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.classification_rows(400))
     ftj = tiny.job_manifest(
         "watched",
         model,
         train,
-        data__evalSplit=0.1,
+        task={"type": "classification", "classification": {"numLabels": len(tiny.COLORS), "labels": tiny.COLORS}},
+        data={"train": {"uri": str(train)}, "format": "classification", "evalSplit": 0.1},
         training__maxSteps=100000,  # runs until the test ends
         training__evaluation={"everySteps": 10},
         checkpoint={"uri": f"file://{tmp_path}/storage", "everySteps": 25, "keepLast": 2},
