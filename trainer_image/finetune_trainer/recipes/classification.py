@@ -31,7 +31,8 @@ Supports:
   true class, column: the predicted one, class-id order), or multi-label ``eval_confusion_matrices``,
   one ``[[tn, fp], [fn, tp]]`` per class;
 - early stopping on ``f1``, ``accuracy`` or ``evalLoss``, with the best model loaded at the end; DDP
-  under torchrun and DeepSpeed ZeRO 1-3; :func:`predict` for ``finetune predict``.
+  under torchrun and DeepSpeed ZeRO (the harness's; tested here: ZeRO-2); :func:`predict` for
+  ``finetune predict``.
 
 Everything else — data checks before the model loads, resume, checkpoints, preemption, telemetry,
 status, outputs — is the :mod:`..harness`.
@@ -164,10 +165,11 @@ class Scorer:
         else:
             scores = score_single_label(references.astype(np.int64).tolist(), guesses.tolist(), self.names)
         self.confusion = scores.confusion_matrix
+        # Everything but accuracy is the F1 family (macro and per-class precision, recall, F1).
         return {
             name: value
             for name, value in scores.metrics.items()
-            if ("accuracy" in self.report if name == "accuracy" else "f1" in self.report)
+            if (name == "accuracy" and "accuracy" in self.report) or (name != "accuracy" and "f1" in self.report)
         }
 
     def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
