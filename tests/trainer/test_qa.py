@@ -18,6 +18,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -323,7 +325,9 @@ def test_a_qa_run_trains_and_reports_exact_match_and_f1(
         method={"type": "lora"},  # rank 16 on every linear layer but the span head, which trains in full
         training__maxSteps=80,
         training__learningRate=3e-3,
-        training__evaluation={"everySteps": 40},
+        training__evaluation={"everySteps": 20},
+        # Watches exact match (higher is better): the best checkpoint is loaded at the end.
+        training__earlyStopping={"metric": "exactMatch", "patience": 5},
         output={"save": "both"},
     )
     result = finetune_run(manifest)
@@ -340,16 +344,22 @@ def test_a_qa_run_trains_and_reports_exact_match_and_f1(
     assert after["eval_exact_match"] >= before["eval_exact_match"] + 0.3, (before, after)
     assert after["eval_f1"] >= before["eval_f1"] + 0.3, (before, after)
     assert after["eval_has_ans_f1"] >= before["eval_has_ans_f1"] + 0.4, (before, after)
-    # Every evaluation reports them to metrics.jsonl: before training, every 40 steps, after training.
+    # Every evaluation reports them to metrics.jsonl: before training, every 20 steps, after training;
+    # the model evaluated (and saved) at the end is the best checkpoint by exact match.
     evaluations = [m for m in read_metrics(result.workdir) if "eval_exact_match" in m]
-    assert sorted({m["step"] for m in evaluations}) == [0, 40, 80], evaluations
+    assert [m["step"] for m in evaluations] == [0, 20, 40, 60, 80, 80], evaluations
+    periodic = {m["step"]: m["eval_exact_match"] for m in evaluations[1:-1]}
+    best = max(periodic.values())
+    first_best = min(step for step, value in periodic.items() if value == best)
+    assert summary["best_checkpoint"].endswith(f"checkpoint-{first_best}"), (summary["best_checkpoint"], periodic)
+    assert after["eval_exact_match"] == best
     print(
         f"\nqa lora: eval EM {before['eval_exact_match']:.3f} -> {after['eval_exact_match']:.3f}, "
         f"F1 {before['eval_f1']:.3f} -> {after['eval_f1']:.3f}"
     )
 
     # The saved adapter carries the span head (peft's QUESTION_ANS modules_to_save), and it and the
-    # merged model both reproduce the metrics of the last evaluation.
+    # merged model both reproduce the metrics of the final evaluation (of the best checkpoint).
     output = result.workdir / "storage" / "local" / "qa-lora" / "output"
     adapter_config = json.loads((output / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["task_type"] == "QUESTION_ANS" and "qa_outputs" in adapter_config["modules_to_save"]
@@ -368,6 +378,23 @@ def test_a_qa_run_trains_and_reports_exact_match_and_f1(
         reproduced = eval_metrics_of(model, tokenizer, eval_rows, eval_file, batch=8)
         for key in ("exact_match", "f1", "has_ans_f1", "no_ans_exact_match"):
             assert reproduced[key] == pytest.approx(after[f"eval_{key}"], abs=1e-9), (key, reproduced, after)
+    # `finetune predict` answers the eval records with the saved adapter and prints the same scores.
+    finetune = str(Path(sys.executable).with_name("finetune"))
+    done = subprocess.run(
+        [finetune, "predict", str(output), "--input", str(eval_file), "--artifact", "adapter"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    answered = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [a["where"] for a in answered] == [f"{eval_file}:{n}" for n in range(1, len(eval_rows) + 1)]
+    assert [a["reference"] for a in answered] == [r["answers"]["text"] for r in eval_rows]
+    exact = sum(a["prediction"] == a["reference"][0] if a["reference"] else a["prediction"] == "" for a in answered)
+    assert exact / len(eval_rows) == pytest.approx(after["eval_exact_match"])  # one-word answers: EM is equality
+    for key in ("exact_match", "f1", "no_ans_f1"):
+        assert f"{key}: {after[f'eval_{key}']:.4f}" in done.stderr, done.stderr[-2000:]
 
 
 def textbook_train_features(

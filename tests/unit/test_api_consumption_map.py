@@ -349,7 +349,7 @@ CONSUMPTION: dict[str, str] = {
     # loss and perplexity; the tasks that produce the others are refused).
     "spec.training.earlyStopping.metric=accuracy": f"{CLS_TWO_RANKS}[zero2-undersample]",
     "spec.training.earlyStopping.metric=evalLoss": EARLY_STOPPING,
-    "spec.training.earlyStopping.metric=exactMatch": refused("early-stopping-metric-the-task-does-not-produce"),
+    "spec.training.earlyStopping.metric=exactMatch": QA_RUN,  # the best checkpoint by exact match is loaded
     "spec.training.earlyStopping.metric=f1": CLS_HEAD_ONLY,
     "spec.training.earlyStopping.metric=perplexity": f"{EVAL_METRICS}[perplexity-early-stopping]",
     "spec.training.earlyStopping.mode=max": f"{EARLY_STOPPING}[max]",
@@ -359,7 +359,7 @@ CONSUMPTION: dict[str, str] = {
     "spec.training.epochs": f"{TRAINING_OPTIONS}::test_epochs_set_the_length_of_training",
     "spec.training.evaluation.everySteps": HYPERPARAMETERS,
     "spec.training.evaluation.metrics=accuracy": f"{CLS_TWO_RANKS}[zero2-undersample]",  # no F1 reported
-    "spec.training.evaluation.metrics=exactMatch": refused("eval-metric-the-task-does-not-produce"),
+    "spec.training.evaluation.metrics=exactMatch": QA_SPEC,  # no F1 reported
     "spec.training.evaluation.metrics=f1": CLS_HEAD_ONLY,  # no accuracy reported
     "spec.training.evaluation.metrics=loss": f"{EVAL_METRICS}[loss-only]",
     "spec.training.evaluation.metrics=perplexity": f"{EVAL_METRICS}[perplexity-early-stopping]",

@@ -34,13 +34,17 @@ these), ``eval_total`` questions, and for v2 data ``eval_has_ans_exact_match``, 
 ``eval_no_ans_exact_match``, ``eval_no_ans_f1`` with their counts ``eval_has_ans_total`` and
 ``eval_no_ans_total``; with ``eval_loss`` always. ``training.evaluation.metrics`` can leave out
 ``exactMatch`` or ``f1`` (or both: then no answer is decoded).
+
+:func:`predict` (``finetune predict``) answers records of the ``qa`` format with a saved output,
+decoded the same way, and scores them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -51,6 +55,10 @@ from transformers import EvalPrediction, Trainer, set_seed
 from .. import harness, methods, modeling
 from ..data import qa as qa_data
 from ..scoring.squad import squad_metrics
+
+if TYPE_CHECKING:
+    from ..data.records import Record
+    from ..predict import Predictions, SavedOutput
 
 #: The metric families an evaluation can decode answers for, by their spec.training.evaluation name.
 SPAN_METRICS = {"exactMatch": "exact_match", "f1": "f1"}
@@ -241,3 +249,56 @@ def run(config: TrainerConfig) -> dict[str, Any]:
 
         training.train(evaluate)
         return training.save_outputs(tokenizer)
+
+
+def window_logits(
+    model: Any, windows: Sequence[qa_data.Window], pad_token_id: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The start and end logits of every window (rows in window order, padded with -100 past a
+    window's length, as an evaluation gathers them), computed in batches as the evaluation pads them."""
+    width = max((len(w) for w in windows), default=0)
+    starts, ends = np.full((len(windows), width), -100.0), np.full((len(windows), width), -100.0)
+    collate = QACollator(pad_token_id)
+    dataset = qa_data.WindowDataset(windows)
+    with torch.no_grad():
+        for first in range(0, len(windows), batch_size):
+            batch = collate([dataset[i] for i in range(first, min(first + batch_size, len(windows)))])
+            output = model(
+                input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device)
+            )
+            rows, columns = batch["input_ids"].shape
+            starts[first : first + rows, :columns] = output.start_logits.float().cpu().numpy()
+            ends[first : first + rows, :columns] = output.end_logits.float().cpu().numpy()
+    return starts, ends
+
+
+def predict(
+    saved: SavedOutput, records: list[Record], out: Predictions, *, cache_dir: Path, max_new_tokens: int
+) -> dict[str, float]:
+    """Answer each record's question with the saved model, decoded as the evaluation decodes
+    (``task.qa``'s windows and longest answer; null answers when some record is unanswerable, the
+    training data being out of reach here): one line per record with the answer (empty: no answer)
+    and the record's gold answers; return the SQuAD scores over the records (the evaluation's metrics
+    without the ``eval_`` prefix)."""
+    spec = saved.config.spec
+    qa = spec.task.qa or QAParams()
+    tokenizer = saved.tokenizer()
+    model = saved.model(modeling.load_question_answering, tokenizer, cache_dir)
+    windows = qa_data.windows(records, tokenizer, spec.data, qa)
+    questions = qa_data.questions(records, spec.data.columns)
+    starts, ends = window_logits(model, windows, tokenizer.pad_token_id, spec.training.per_device_batch_size)
+    predicted = answers(
+        questions,
+        windows,
+        starts,
+        ends,
+        max_answer_length=qa.max_answer_length,
+        allow_null=qa_data.unanswerable(records, spec.data.columns),
+    )
+
+    def lines() -> Iterator[dict[str, Any]]:
+        for question in questions:
+            yield {"where": question.id, "prediction": predicted[question.id], "reference": list(question.answers)}
+
+    out.write(lines())
+    return squad_metrics(predicted, {q.id: list(q.answers) for q in questions})
