@@ -99,6 +99,7 @@ BUILDERS_PULL_POLICY = (
     "tests/unit/test_builders.py::test_the_image_pull_policy_follows_the_spec_unless_the_operator_overrides_it"
 )
 BUILDERS_RESOURCES = "tests/unit/test_builders.py::test_accelerators_and_shared_memory_follow_the_resources_spec"
+MEMORY_FIT = "tests/unit/test_memory_estimate.py::test_gpu_memory_decides_the_fit"
 BUILDERS_SCHEDULING = "tests/unit/test_builders.py::test_scheduling_fields_queue_and_suspend_pass_through"
 BUILDERS_STORAGE_ENV = (
     "tests/unit/test_builders.py::test_the_pod_environment_reaches_the_checkpoint_store_for_every_uri"
@@ -278,6 +279,7 @@ CONSUMPTION: dict[str, str] = {
     "spec.resources.env[].valueFrom.configMapKeyRef.name": BUILDERS_ENV_SOURCES,
     "spec.resources.env[].valueFrom.secretKeyRef.key": BUILDERS_ENV_SOURCES,
     "spec.resources.env[].valueFrom.secretKeyRef.name": BUILDERS_ENV_SOURCES,
+    "spec.resources.gpuMemory": MEMORY_FIT,
     "spec.resources.gpuResourceName": BUILDERS_RESOURCES,
     "spec.resources.gpusPerNode": BUILDERS_GANG,
     "spec.resources.image": BUILDERS_SCHEDULING,

@@ -371,6 +371,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ("zero-quantity", {"spec.resources.cpu": 0}, "spec.resources.cpu", "positive"),
     ("negative-int-quantity", {"spec.resources.cpu": -2}, "spec.resources.cpu", "positive"),
     ("nonsense-quantity", {"spec.resources.sharedMemory": "1.2.3Gi"}, "spec.resources.sharedMemory", "quantity"),
+    ("gpu-memory-zero", {"spec.resources.gpuMemory": 0}, "spec.resources.gpuMemory", "positive"),
     ("quantity-unit-typo", {"spec.resources.memory": "16GB"}, "spec.resources.memory", "16Gi"),
     (
         "toleration-exists-with-value",

@@ -17,6 +17,7 @@ from pydantic import Field, PlainValidator, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 from .base import Rule, SpecModel
+from .quantity import quantity_bytes
 from .tasks import (
     ALL_METHODS,
     HIGHER_IS_BETTER,
@@ -1263,6 +1264,13 @@ class ResourcesSpec(SpecModel):
         default="2Gi",
         description="Size of the memory-backed /dev/shm volume used by the collective backend and loaders.",
     )
+    gpu_memory: Quantity | None = Field(
+        default=None,
+        description=(
+            "Memory of each GPU, e.g. `80Gi`: the memory-fit estimate checks the job's peak per GPU "
+            "against it."
+        ),
+    )
     node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
         default_factory=dict,
         max_length=64,
@@ -1308,6 +1316,7 @@ class ResourcesSpec(SpecModel):
         _cel_positive_quantity("cpu"),
         _cel_positive_quantity("memory"),
         _cel_positive_quantity("sharedMemory"),
+        _cel_positive_quantity("gpuMemory"),
         *(_label_map_rules("nodeSelector") + _label_map_rules("podLabels")),
         Rule(
             cel=f"!has(self.podAnnotations) || self.podAnnotations.all(k, {_cel_qualified_name('k')})",
@@ -1316,6 +1325,11 @@ class ResourcesSpec(SpecModel):
             field=".podAnnotations",
         ),
     )
+
+    @property
+    def gpu_memory_bytes(self) -> int | None:
+        """``gpuMemory`` in bytes, None when it is not set."""
+        return None if self.gpu_memory is None else quantity_bytes(self.gpu_memory)
 
 
 # --------------------------------------------------------------------------------------------------
