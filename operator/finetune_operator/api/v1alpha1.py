@@ -1267,8 +1267,7 @@ class ResourcesSpec(SpecModel):
     gpu_memory: Quantity | None = Field(
         default=None,
         description=(
-            "Memory of each GPU, e.g. `80Gi`: the memory-fit estimate checks the job's peak per GPU "
-            "against it."
+            "Memory of each GPU, e.g. `80Gi`: the memory-fit estimate checks the job's peak per GPU against it."
         ),
     )
     node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
