@@ -18,12 +18,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import live
 import numpy as np
 import pytest
 import torch
@@ -607,22 +609,38 @@ def test_naming_the_span_head_as_an_adapter_target_is_refused(tiny_model: Path, 
     assert ctx.untargeted(["q_proj"], "f") == ["qa_outputs"]  # peft's exclude_modules
 
 
-def test_two_ranks_train_and_evaluate_every_window_once(
-    tiny_model: Path, tmp_path: Path, finetune_run: Callable[..., RunResult]
-) -> None:
-    """DDP under torchrun: the evaluation gathers every window's logits from both ranks in order (an odd
-    number of batches of 4, the last one short: the ranks' shares are uneven), so the metrics before
-    training are those of the base model computed here in one process."""
+def two_rank_data(tmp_path: Path) -> tuple[Path, list[dict[str, Any]], Path]:
+    """Training records, and eval records of which some take two windows of 32 tokens: 17 windows."""
     train = write_jsonl(tmp_path / "train.jsonl", qa_rows(64, seed=11, fruits=2, unanswerable=0.2))
     eval_rows = qa_rows(9, seed=12, fruits=2, unanswerable=0.4) + qa_rows(4, seed=13, fruits=4, unanswerable=0.4)
-    eval_file = write_jsonl(tmp_path / "eval.jsonl", eval_rows)
+    return train, eval_rows, write_jsonl(tmp_path / "eval.jsonl", eval_rows)
+
+
+@pytest.mark.parametrize("case", ["ddp", "zero2"])
+def test_two_ranks_train_and_evaluate_every_window_once(
+    case: str, tiny_model: Path, tmp_path: Path, finetune_run: Callable[..., RunResult]
+) -> None:
+    """DDP (and DeepSpeed ZeRO-2) under torchrun: the evaluation gathers every window's logits from both
+    ranks in order (an odd number of batches of 4, the last one short: the ranks' shares are uneven),
+    so the metrics before training are those of the base model computed here in one process."""
+    train, eval_rows, eval_file = two_rank_data(tmp_path)
+    extra = {"distributed__deepspeed": {"zeroStage": 2}} if case == "zero2" else {}
     manifest = qa_job(
-        "qa-ddp", tiny_model, train, eval_file, max_seq_length=32, training__maxSteps=6, training__perDeviceBatchSize=4
+        f"qa-{case}",
+        tiny_model,
+        train,
+        eval_file,
+        max_seq_length=32,
+        training__maxSteps=6,
+        training__perDeviceBatchSize=4,
+        **extra,
     )
     result = finetune_run(manifest, "--nproc", "2")
     assert result.returncode == 0, result.output[-5000:]
     summary = result.summary()
     assert summary["world_size"] == 2 and summary["steps"] == 6
+    # Under ZeRO-2 DeepSpeed's engine trained (and saved its partitioned optimizer state).
+    assert (Path(summary["last_checkpoint"]) / "global_step6").is_dir() is (case == "zero2"), summary
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     windows = qa_data.windows(records(eval_rows), tokenizer, qa_spec(32), QAParams.model_validate(QA_TASK["qa"]))
     batches = math.ceil(len(windows) / 4)
@@ -638,3 +656,55 @@ def test_two_ranks_train_and_evaluate_every_window_once(
         assert summary["before"][f"eval_{key}"] == pytest.approx(expected[key], abs=1e-9), (key, summary["before"])
     assert summary["before"]["eval_no_ans_total"] == 3  # v2 data: the splits are gathered right too
     assert summary["after"]["eval_total"] == len(eval_rows) and len(windows) > len(eval_rows)
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+
+
+def test_a_killed_run_resumes_to_the_same_losses_and_metrics(tiny_model: Path, tmp_path: Path) -> None:
+    """Two ranks, checkpoints every 4 steps: killed (SIGKILL on a rank) after a checkpoint, the rerun
+    of the same command resumes there and ends with the uninterrupted run's losses and eval metrics."""
+    train, _, eval_file = two_rank_data(tmp_path)
+    steps = 16
+
+    def job(name: str) -> dict[str, Any]:
+        return qa_job(
+            name,
+            tiny_model,
+            train,
+            eval_file,
+            max_seq_length=32,
+            training__maxSteps=steps,
+            training__perDeviceBatchSize=4,
+            checkpoint={"everySteps": 4, "keepLast": 2},
+        )
+
+    reference = live.start(tmp_path, job("qa-reference"), "--nproc", "2")
+    assert reference.wait(timeout=300) == 0, reference.output[-5000:]
+    store = tmp_path / "run-qa-victim" / "storage" / "local" / "qa-victim"
+
+    def committed() -> list[int]:
+        return sorted(int(p.parent.name.removeprefix("checkpoint-")) for p in store.glob("checkpoint-*/manifest.json"))
+
+    run = live.start(tmp_path, job("qa-victim"), "--nproc", "2")
+    try:
+        ranks = run.ranks(2)
+        live.wait_for("a committed checkpoint and training past it", lambda: committed() and run.logged_step() > 5, 180)
+        ranks[1].send_signal(signal.SIGKILL)
+        code = run.wait(timeout=120)
+    finally:
+        run.kill()
+    assert code == 128 + signal.SIGKILL, f"exit {code}: the kill landed after training ended?\n{run.output[-3000:]}"
+    newest = committed()[-1]
+    assert newest < steps, newest
+    rerun = live.start(tmp_path, job("qa-victim"), "--nproc", "2", tag="rerun")
+    assert rerun.wait(timeout=300) == 0, rerun.output[-5000:]
+    expected = live.losses_by_step(reference.metrics())
+    resumed = live.losses_by_step(rerun.metrics())
+    assert sorted(resumed)[-(steps - newest) :] == list(range(newest + 1, steps + 1)), sorted(resumed)
+    for step in range(newest + 1, steps + 1):
+        assert abs(resumed[step] - expected[step]) < 1e-4, (step, resumed[step], expected[step])
+    summaries = [json.loads((r.workdir / "summary.json").read_text()) for r in (reference, rerun)]
+    assert summaries[1]["resumed_from_step"] == newest
+    want, got = summaries[0]["after"], summaries[1]["after"]
+    assert abs(got["eval_loss"] - want["eval_loss"]) < 1e-4, (got, want)
+    for key in ("exact_match", "f1", "has_ans_f1", "no_ans_exact_match", "total"):
+        assert got[f"eval_{key}"] == pytest.approx(want[f"eval_{key}"], abs=1e-9), (key, got, want)
