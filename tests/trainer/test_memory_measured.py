@@ -433,6 +433,12 @@ ACTIVATION_CASES: dict[str, dict[str, Any]] = {
     "lora-bf16": {"model__dtype": "bf16"},
     "lora-bf16-autocast": {"model__dtype": "bf16", "training__precision": "bf16"},
     "lora-down-proj-only": {"method": {"type": "lora", "lora": {"targetModules": ["down_proj"]}}},
+    "lora-embeddings-and-norm-saved": {
+        "method": {
+            "type": "lora",
+            "lora": {"targetModules": ["v_proj"], "modulesToSave": ["embed_tokens", "model.norm"]},
+        }
+    },
     "lora-bf16-checkpointed": {"model__dtype": "bf16", "training__gradientCheckpointing": True},
     "dora": {"method": {"type": "lora", "lora": {"useDora": True, "dropout": 0.0}}, "model__dtype": "bf16"},
     "dora-dropout-autocast": {

@@ -655,9 +655,7 @@ def _plan(
         if m.kind != "linear":
             continue
         w = f"{m.name}.weight"
-        weight_dtype = dtypes.get(w, plain_dtype)  # a tied head's weight is the embedding's
-        if w not in dtypes:
-            weight_dtype = dtypes[f"{embed.name}.weight"]
+        weight_dtype = dtypes.get(w) or dtypes[f"{embed.name}.weight"]  # a tied head's weight is the embedding's
         sites[m.name] = _Site(
             module=m,
             weight_dtype=weight_dtype,
@@ -669,8 +667,8 @@ def _plan(
             ranknum_trained=method == "adalora" and base_dtype != "fp32",
             ia3=ia3_sites.get(m.name, "none"),
         )
-    trained_norms = {m.name for m in mods if m.kind == "norm" and (f"{m.name}.weight" in trained or m.name in copies)}
-    embedding_trainable = f"{embed.name}.weight" in trained or embed.name in copies
+    trained_norms = {m.name for m in mods if m.kind == "norm" and (f"{m.name}.weight" in trained | copies)}
+    embedding_trainable = f"{embed.name}.weight" in trained | copies
     return _Plan(
         tensors=tensors,
         sites=sites,
