@@ -347,8 +347,7 @@ CONSUMPTION: dict[str, str] = {
     "spec.task.type=sft": f"{TASK}[sft]",
     # -- spec.training: optimization, evaluation, early stopping, forgetting ------------------------------
     "spec.training.dropout": f"{MODEL_OPTIONS}::test_dropout_sets_the_models_dropout_probabilities",
-    # The task-table rule that refuses accuracy refuses f1 and exactMatch alike (sft and pretrain produce
-    # loss and perplexity; the tasks that produce the others are refused).
+    # accuracy and f1: classification runs that watch them; exactMatch: see the qa task.
     "spec.training.earlyStopping.metric=accuracy": f"{CLS_TWO_RANKS}[zero2-undersample]",
     "spec.training.earlyStopping.metric=evalLoss": EARLY_STOPPING,
     "spec.training.earlyStopping.metric=exactMatch": QA_RUN,  # the best checkpoint by exact match is loaded
