@@ -34,7 +34,7 @@ from finetune_operator.api.trainer_config import TrainerConfig
 from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Progress
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from . import checkpointing, distributed, storage
+from . import checkpointing, distributed, modeling, storage
 from .checkpoint_store import CheckpointStore, Manifest, describe
 from .data.records import Record, load_checked, split_eval
 from .outputs import EVALUATION_FILE, TRAINER_CONFIG_FILE, save_outputs
@@ -145,6 +145,13 @@ class Run:
         general_source = forgetting.general_eval if forgetting else None
         general = load_checked(general_source, "text", data.columns, base_dir=base) if general_source else []
         return RunData(train=train, eval=held_out, general=general)
+
+    def model_source(self) -> modeling.ModelSource:
+        """``spec.model`` as ``from_pretrained`` takes it (a remote model downloaded into the work
+        directory's cache once per node, by its local rank 0)."""
+        return modeling.resolve_source(
+            self.spec.model, base_dir=self.config.base_dir, cache_dir=self.work / "cache", world=self.world
+        )
 
     def prepare(self, *, has_eval: bool) -> Prepared:
         """Process group, TrainingArguments and the resume decision, before any model is loaded."""

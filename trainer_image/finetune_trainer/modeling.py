@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from finetune_operator.api.tasks import Head
 from finetune_operator.api.v1alpha1 import ModelSpec
 from transformers import (
     AutoConfig,
@@ -37,7 +38,14 @@ from .distributed import World, local_main_first
 from .errors import ConfigError
 
 #: The attribute transformers' question-answering models give their span layer.
-QA_HEAD = "qa_outputs"
+#: The attribute names transformers gives the layer of a task head other than the LM head (peft looks
+#: for them too): a sequence classifier's ``score`` (Llama-family and other decoders) or ``classifier``
+#: (encoders), an extractive-QA model's ``qa_outputs``.
+HEAD_MODULES: dict[Head, tuple[str, ...]] = {
+    "sequence-classification": ("score", "classifier"),
+    "reward": ("score", "classifier"),
+    "question-answering": ("qa_outputs",),
+}
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -181,11 +189,7 @@ def load_question_answering(
     renaming = {rf"^{lm_prefix}\.": f"{qa_prefix}."} if lm_prefix and lm_prefix != qa_prefix else {}
     if renaming:
         extra = {"key_mapping": renaming, **extra}
-    quantization = extra.get("quantization_config")
-    if quantization is not None:
-        quantization = copy.deepcopy(quantization)
-        quantization.llm_int8_skip_modules = [*(quantization.llm_int8_skip_modules or []), QA_HEAD]
-        extra = {**extra, "quantization_config": quantization}
+    extra = _head_unquantized(extra, "question-answering")
     loaded = _load(AutoModelForQuestionAnswering, source, model, dtype=dtype, overrides=overrides, **extra)
     # transformers remembers the renaming and undoes it when the model is saved: a saved (merged) model
     # would then hold its weights under the causal LM's names, and a plain from_pretrained of the QA
@@ -195,11 +199,6 @@ def load_question_answering(
         kept = [c for c in conversions if not (isinstance(c, WeightRenaming) and c.source_patterns == list(renaming))]
         loaded._weight_conversions = kept  # type: ignore[assignment]  # nn.Module types attributes as Tensor | Module
     return loaded
-
-
-#: The attributes transformers' sequence-classification models give their classification layer:
-#: ``score`` (Llama-family and other decoders), ``classifier`` (encoders).
-CLASSIFICATION_HEADS = ("score", "classifier")
 
 
 def load_sequence_classification(
@@ -230,14 +229,21 @@ def load_sequence_classification(
         "problem_type": "multi_label_classification" if multi_label else "single_label_classification",
         "pad_token_id": pad_token_id,
     }
-    quantization = extra.get("quantization_config")
-    if quantization is not None:
-        quantization = copy.deepcopy(quantization)
-        quantization.llm_int8_skip_modules = [*(quantization.llm_int8_skip_modules or []), *CLASSIFICATION_HEADS]
-        extra = {**extra, "quantization_config": quantization}
+    extra = _head_unquantized(extra, "sequence-classification")
     return _load(
         AutoModelForSequenceClassification, source, model, dtype=dtype, overrides={**(overrides or {}), **head}, **extra
     )
+
+
+def _head_unquantized(extra: dict[str, Any], head: Head) -> dict[str, Any]:
+    """``extra`` with its 4-bit quantization config (QLoRA), if any, told to leave the task head's
+    layer (:data:`HEAD_MODULES`) in the weights' dtype, to be trained."""
+    quantization = extra.get("quantization_config")
+    if quantization is None:
+        return extra
+    quantization = copy.deepcopy(quantization)
+    quantization.llm_int8_skip_modules = [*(quantization.llm_int8_skip_modules or []), *HEAD_MODULES[head]]
+    return {**extra, "quantization_config": quantization}
 
 
 def _load(

@@ -28,6 +28,7 @@ import torch
 from finetune_operator.api.v1alpha1 import ClassificationParams, ColumnMapping, DataSpec, TaskSpec
 from transformers import PreTrainedTokenizerBase
 
+from .collate import pad_right
 from .records import Record, need_text
 
 COLUMNS: tuple[str, ...] = ("text", "label")
@@ -179,13 +180,7 @@ class ClassificationCollator:
         self.samples = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[row, :n] = torch.tensor(f["input_ids"])
-            mask[row, :n] = 1
+        input_ids, mask = pad_right(features, self.pad_token_id)
         labels = [f["labels"] for f in features]
         targets = torch.tensor(labels, dtype=torch.float if isinstance(labels[0], list) else torch.long)
         self.samples += len(features)

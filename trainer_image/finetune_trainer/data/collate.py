@@ -1,4 +1,5 @@
-"""Batching for causal-LM training: padded rows, or packed rows kept apart.
+"""Batching: :func:`pad_right`, which every task's collator pads with, and the causal-LM collator
+(padded rows, or packed rows kept apart).
 
 Packed rows of a batch stay separate rows ([batch, longest row]), padded at the end with a segment of
 their own (positions restarting at 0, labels ignored), so attention costs grow with each row's length,
@@ -23,6 +24,19 @@ from .examples import IGNORE
 PER_ROW_PACKED_ATTENTION = frozenset({"sdpa", "eager"})
 
 
+def pad_right(features: list[dict[str, Any]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a batch: each row's ``input_ids`` padded on the right with
+    ``pad_token_id`` to the longest row, the mask 1 over the real tokens."""
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[row, :n] = torch.tensor(f["input_ids"])
+        mask[row, :n] = 1
+    return input_ids, mask
+
+
 class CausalLMCollator:
     """Pads unpacked rows; batches packed rows (those with position_ids) as separate padded rows, or
     flattens them into one padding-free row where the attention kernel needs that (``flatten_packed``).
@@ -45,15 +59,10 @@ class CausalLMCollator:
         self.samples += len(features)
         if all("position_ids" in f for f in features):
             return self._packed(features)
-        width = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
+        input_ids, mask = pad_right(features, self.pad_token_id)
+        labels = torch.full_like(input_ids, IGNORE)
         for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[row, :n] = torch.tensor(f["input_ids"])
-            labels[row, :n] = torch.tensor(f["labels"])
-            mask[row, :n] = 1
+            labels[row, : len(f["labels"])] = torch.tensor(f["labels"])
         self.tokens += int(mask.sum())
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 

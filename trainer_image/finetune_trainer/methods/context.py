@@ -12,6 +12,7 @@ from peft import TaskType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import ConfigError
+from ..modeling import HEAD_MODULES
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -29,13 +30,6 @@ PEFT_TASK_TYPES: dict[Head, TaskType] = {
     "sequence-classification": TaskType.SEQ_CLS,
     "question-answering": TaskType.QUESTION_ANS,
     "reward": TaskType.SEQ_CLS,
-}
-#: The attribute names transformers gives the layer of a head other than the LM head (and peft looks
-#: for): ``score`` on Llama-family and other decoder models, ``classifier`` on encoders.
-HEAD_MODULES: dict[Head, tuple[str, ...]] = {
-    "sequence-classification": ("score", "classifier"),
-    "reward": ("score", "classifier"),
-    "question-answering": ("qa_outputs",),
 }
 
 

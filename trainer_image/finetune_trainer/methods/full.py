@@ -24,8 +24,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import ConfigError
+from ..modeling import HEAD_MODULES
 from . import added_tokens
-from .context import HEAD_MODULES, MethodContext
+from .context import MethodContext
 
 
 def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:

@@ -84,9 +84,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:
         records = run.read_data()
         prepared = run.prepare(has_eval=bool(records.eval))
 
-        source = modeling.resolve_source(
-            spec.model, base_dir=config.base_dir, cache_dir=run.work / "cache", world=run.world
-        )
+        source = run.model_source()
         tokenizer = modeling.load_tokenizer(source, spec.model)
         train = _examples(records.train, tokenizer, spec.data, for_training=True)
         held_out = _examples(records.eval, tokenizer, spec.data, for_training=False)

@@ -194,9 +194,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:
         records = run.read_data()
         prepared = run.prepare(has_eval=bool(records.eval))
 
-        source = modeling.resolve_source(
-            spec.model, base_dir=config.base_dir, cache_dir=run.work / "cache", world=run.world
-        )
+        source = run.model_source()
         tokenizer = modeling.load_tokenizer(source, spec.model)
         train = build_examples(records.train, tokenizer, spec.data, spec.task)
         held_out = build_examples(records.eval, tokenizer, spec.data, spec.task)

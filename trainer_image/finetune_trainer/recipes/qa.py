@@ -54,6 +54,7 @@ from transformers import EvalPrediction, Trainer, set_seed
 
 from .. import harness, methods, modeling
 from ..data import qa as qa_data
+from ..data.collate import pad_right
 from ..scoring.squad import squad_metrics
 
 if TYPE_CHECKING:
@@ -75,13 +76,7 @@ class QACollator:
         self.samples = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[row, :n] = torch.tensor(f["input_ids"])
-            mask[row, :n] = 1
+        input_ids, mask = pad_right(features, self.pad_token_id)
         self.samples += len(features)
         self.tokens += int(mask.sum())
         return {
@@ -202,9 +197,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:
         records = run.read_data()
         prepared = run.prepare(has_eval=bool(records.eval))
 
-        source = modeling.resolve_source(
-            spec.model, base_dir=config.base_dir, cache_dir=run.work / "cache", world=run.world
-        )
+        source = run.model_source()
         tokenizer = modeling.load_tokenizer(source, spec.model)
         # Windows before the model: a question too long for a window is a data error (exit 3).
         train = qa_data.windows(records.train, tokenizer, spec.data, qa)
