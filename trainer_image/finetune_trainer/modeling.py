@@ -275,7 +275,8 @@ def _plain_copy(auto_class: type[_BaseAutoModelClass], model: PreTrainedModel) -
     plain: PreTrainedModel
     plain = auto_class.from_config(config, dtype=model.dtype)  # type: ignore[no-untyped-call]
     plain.load_state_dict(model.state_dict())
-    plain.generation_config = model.generation_config
+    if model.can_generate():  # a task head (classification, QA) has no generation config
+        plain.generation_config = model.generation_config
     return plain
 
 
