@@ -6,8 +6,6 @@ differently (``transformer.`` for QA) from the causal LM the file holds."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from finetune_operator.api.v1alpha1 import ModelSpec
