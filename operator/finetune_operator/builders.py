@@ -10,6 +10,10 @@ For a FineTuneJob ``NAME`` in namespace ``NS`` the operator owns:
 - an Indexed Job ``NAME-a<attempt>`` per gang attempt: completions = parallelism = nodes; pod ``i``
   runs torchrun with ``--node-rank`` = its completion index and rendezvouses at pod 0's stable
   hostname ``NAME-a<attempt>-0.NAME``. A gang restart replaces the whole Job with the next attempt.
+- with ``spec.preflight.mode: auto``, before the first gang, a Job ``NAME-pf<attempt>`` per preflight
+  attempt: one CPU-only pod of the trainer image running ``python -m finetune_trainer preflight`` on the
+  same ConfigMap, credentials and ServiceAccount, which leaves its result (a PreflightResult as JSON) in
+  its termination message for the operator to read.
 
 Every child carries an owner reference to the FineTuneJob, so deleting the job deletes them all.
 """
@@ -22,8 +26,11 @@ from typing import Any
 
 from .api.trainer_config import (
     PERMANENT_EXIT_CODES,
+    TERMINATION_LOG,
+    TERMINATION_LOG_ENV,
     Rendezvous,
     build_trainer_config,
+    preflight_command,
     storage_environment,
     trainer_command,
 )
@@ -31,12 +38,17 @@ from .api.v1alpha1 import API_VERSION, KIND, CredentialsRef, FineTuneJob
 
 LABEL_JOB = "finetune.io/job"
 LABEL_ATTEMPT = "finetune.io/attempt"
+#: On the preflight Job and its pod (instead of LABEL_ATTEMPT): the preflight attempt.
+LABEL_PREFLIGHT = "finetune.io/preflight-attempt"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 MANAGER = "finetune-operator"
 
 CONTAINER = "trainer"
+PREFLIGHT_CONTAINER = "preflight"
+#: A finished preflight Job (and its pod, with its log) is kept this long: the result is in status.preflight.
+PREFLIGHT_TTL_SECONDS = 86400
 CONFIG_KEY = "trainer-config.json"
 CONFIG_DIR = "/etc/finetune"
 IMAGE_ROOT = "/opt/finetune"  #: the image's working copy: relative paths and referenced configs resolve here
@@ -72,6 +84,10 @@ def trainer_account_name(job: str) -> str:
 
 def job_name(job: str, attempt: int) -> str:
     return f"{job}-a{attempt}"
+
+
+def preflight_job_name(job: str, attempt: int) -> str:
+    return f"{job}-pf{attempt}"
 
 
 def labels(ftj: FineTuneJob, settings: OperatorSettings, **extra: str) -> dict[str, str]:
@@ -282,6 +298,26 @@ def _volumes(ftj: FineTuneJob) -> tuple[list[dict[str, Any]], list[dict[str, Any
     return volumes, mounts
 
 
+def _container_security() -> dict[str, Any]:
+    """The restricted Pod Security profile, for every container the operator runs."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": TRAINER_UID,
+        "runAsGroup": TRAINER_UID,
+        "fsGroup": TRAINER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 def pod_template(ftj: FineTuneJob, namespace: str, attempt: int, settings: OperatorSettings) -> dict[str, Any]:
     spec = ftj.spec
     r = spec.resources
@@ -310,12 +346,7 @@ def pod_template(ftj: FineTuneJob, namespace: str, attempt: int, settings: Opera
         # The last lines of output become the termination message when the trainer dies: the operator
         # copies it into status.lastFailure.message.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": _container_security(),
     }
     resources = _resources(ftj)
     if resources:
@@ -326,13 +357,7 @@ def pod_template(ftj: FineTuneJob, namespace: str, attempt: int, settings: Opera
         "serviceAccountName": trainer_account_name(name),
         "automountServiceAccountToken": True,
         "terminationGracePeriodSeconds": spec.checkpoint.grace_period_seconds + GRACE_MARGIN_SECONDS,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": TRAINER_UID,
-            "runAsGroup": TRAINER_UID,
-            "fsGroup": TRAINER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _pod_security(),
         "containers": [container],
         "volumes": volumes,
     }
@@ -402,6 +427,92 @@ def job(
     if active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = max(int(active_deadline_seconds), 1)
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def preflight_env(ftj: FineTuneJob) -> list[dict[str, Any]]:
+    """The preflight container's environment: what reaches the job's object store and model hub (the
+    storage variables, the credentials, spec.resources.env) as in the gang, and where the termination
+    message goes; no rendezvous, no metrics, no job identity (the preflight reports through its
+    termination message, not the FineTuneJob's status)."""
+    spec = ftj.spec
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/workspace"},
+        {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        {"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG},
+    ]
+    env += [{"name": var, "value": value} for var, value in storage_environment(spec).items()]
+    env += _credentials_env(spec.checkpoint.credentials)
+    env += [var.to_manifest() for var in spec.resources.env]
+    return env
+
+
+def preflight_job(
+    ftj: FineTuneJob, namespace: str, uid: str, attempt: int, settings: OperatorSettings
+) -> dict[str, Any]:
+    """The Job of one preflight attempt: one CPU-only pod that checks the data, builds the tokenized cache
+    and estimates memory before any GPU is held (``spec.preflight``).
+
+    The trainer image and the gang's ConfigMap, credentials, extra environment, ServiceAccount (for a
+    cloud's workload identity; no API token is mounted: the pod never calls the API server), image pull
+    secrets and pod labels/annotations; none of the GPU node's scheduling (nodeSelector, tolerations,
+    affinity, priority class): it requests no accelerator and runs on any node that has the CPU and
+    memory of ``spec.preflight.resources``. Its result is the container's termination message (a
+    PreflightResult as JSON, under 4096 bytes); when the container dies before writing one, the last
+    lines of its log take its place. backoffLimit 0: the operator decides whether to try again.
+    """
+    spec = ftj.spec
+    r = spec.resources
+    name = ftj.metadata.name
+    volumes, mounts = _volumes(ftj)
+    size = spec.preflight.pod_resources()
+    quantities = {"cpu": str(size.cpu), "memory": str(size.memory)}
+    container: dict[str, Any] = {
+        "name": PREFLIGHT_CONTAINER,
+        "image": r.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy or r.image_pull_policy,
+        "command": preflight_command(f"{CONFIG_DIR}/{CONFIG_KEY}"),
+        "env": preflight_env(ftj),
+        "volumeMounts": mounts,
+        "workingDir": IMAGE_ROOT,
+        "resources": {"requests": dict(quantities), "limits": dict(quantities)},
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _container_security(),
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": trainer_account_name(name),
+        "automountServiceAccountToken": False,
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if r.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [s.to_manifest() for s in r.image_pull_secrets]
+    pod_labels = {**r.pod_labels, **labels(ftj, settings, **{LABEL_PREFLIGHT: str(attempt)})}
+    pod_labels[LABEL_NAME] = "finetune-preflight"
+    meta = _meta(preflight_job_name(name, attempt), namespace, ftj, uid, settings)
+    meta["labels"][LABEL_PREFLIGHT] = str(attempt)
+    meta["labels"][LABEL_NAME] = "finetune-preflight"
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": spec.preflight.deadline_seconds(),
+            "ttlSecondsAfterFinished": PREFLIGHT_TTL_SECONDS,
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    **({"annotations": dict(r.pod_annotations)} if r.pod_annotations else {}),
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
 
 
 def children(ftj: FineTuneJob, namespace: str, uid: str, settings: OperatorSettings) -> list[dict[str, Any]]:

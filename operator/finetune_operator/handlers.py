@@ -192,9 +192,11 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
         job = builders.job(
             ftj, namespace, uid, p.create_job, State.settings, active_deadline_seconds=p.active_deadline_seconds
         )
-        # The Job index may not show a Job this process has just created: don't ask twice.
-        if State.created_jobs.get(key) == job["metadata"]["name"]:
-            job = None
+    elif p.create_preflight is not None:
+        job = builders.preflight_job(ftj, namespace, uid, p.create_preflight, State.settings)
+    # The Job index may not show a Job this process has just created: don't ask twice.
+    if job is not None and State.created_jobs.get(key) == job["metadata"]["name"]:
+        job = None
 
     def kinds(*wanted: str) -> list[dict[str, Any]]:
         return [c for c in children if c["kind"] in wanted]
@@ -212,8 +214,12 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
         State.ensured[key] = (uid, generation, loop.time())
     if p.set_suspend is not None:
         await kube.set_job_suspend(namespace, *p.set_suspend)
-    # A field the plan leaves unset is cleared (null in the merge patch) only if the status has it.
+    # A field the plan leaves unset is cleared (null in the merge patch) only if the status has it; inside
+    # status.preflight too, whose verdict (gpuMemory, fits) follows the spec's GPU memory.
     new_status = {k: v for k, v in p.status.items() if v is not None or k in status}
+    old_preflight, new_preflight = status.get("preflight"), new_status.get("preflight")
+    if isinstance(old_preflight, dict) and isinstance(new_preflight, dict):
+        new_status["preflight"] = {**{k: None for k in old_preflight if k not in new_preflight}, **new_preflight}
     if _differs(status, new_status):
         updated = await kube.patch_status(namespace, name, new_status, meta.get("resourceVersion"))
         if updated is None:
@@ -239,10 +245,10 @@ async def _in_order(kube: Kube, objects: list[dict[str, Any]]) -> None:
 
 
 async def _gang(key: Key, kube: Kube, prerequisites: list[dict[str, Any]], job: dict[str, Any] | None) -> None:
-    """Create the Job (if asked) once the objects its pods need exist."""
+    """Create the Job (a gang's or a preflight's, if asked) once the objects its pods need exist."""
     await asyncio.gather(*(kube.ensure(c) for c in prerequisites))
     if job is not None:
-        if await kube.ensure(job):
+        if await kube.ensure(job) and builders.LABEL_PREFLIGHT not in job["metadata"]["labels"]:
             metrics.JOBS_CREATED.inc()
         State.created_jobs[key] = job["metadata"]["name"]
 

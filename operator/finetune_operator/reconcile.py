@@ -14,6 +14,7 @@ older version wrote), and the new one is built from the API's models and written
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,16 +23,30 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from .api.trainer_config import EXIT_INVALID_CONFIG, EXIT_INVALID_DATA, EXIT_NONFINITE_LOSS, EXIT_PREEMPTED
+from .api.trainer_config import (
+    EXIT_INVALID_CONFIG,
+    EXIT_INVALID_DATA,
+    EXIT_NONFINITE_LOSS,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+)
 from .api.v1alpha1 import (
+    CONDITION_DATA_VALID,
+    CONDITION_FITS_IN_MEMORY,
     CONDITION_REASON_PATTERN,
+    PREFLIGHT_MAX_PROBLEMS,
+    REASON_INVALID_DATA,
+    REASON_WILL_NOT_FIT,
     Condition,
     FailureInfo,
     FineTuneJob,
+    FineTuneJobSpec,
     FineTuneJobStatus,
     Phase,
+    PreflightMemory,
+    PreflightResult,
 )
-from .builders import LABEL_ATTEMPT, job_name
+from .builders import LABEL_ATTEMPT, LABEL_PREFLIGHT, job_name
 
 TERMINAL = ("Succeeded", "Failed")
 EXIT_REASONS = {
@@ -46,6 +61,12 @@ CONDITION_TYPES = ("Created", "Running", "Restarting", "Suspended", "Succeeded",
 MAX_MESSAGE = 4000
 MAX_REASON = 1024
 
+#: Attempts of the preflight before the job fails, and the wait before attempt n (n >= 1):
+#: PREFLIGHT_BACKOFF_SECONDS * 2**(n-1) after the previous attempt's pod finished.
+PREFLIGHT_MAX_ATTEMPTS = 4
+PREFLIGHT_BACKOFF_SECONDS = 10.0
+GIB = 1024**3
+
 #: The status fields the operator writes (FineTuneJobStatus field names). The rest are not its own:
 #: status.progress and status.checkpoints are the trainer's, status.artifacts nobody's yet.
 OPERATOR_FIELDS = (
@@ -56,6 +77,7 @@ OPERATOR_FIELDS = (
     "start_time",
     "completion_time",
     "last_failure",
+    "preflight",
 )
 _ALIASES = {name: FineTuneJobStatus.model_fields[name].alias or name for name in OPERATOR_FIELDS}
 
@@ -77,6 +99,7 @@ class Plan:
     #: The new status: :data:`OPERATOR_FIELDS` as JSON, by :func:`status_json` (None: unset).
     status: dict[str, Any]
     create_job: int | None = None  #: attempt to create
+    create_preflight: int | None = None  #: preflight attempt to create
     active_deadline_seconds: int | None = None  #: for the Job to create
     delete_jobs: list[str] = field(default_factory=list)
     set_suspend: tuple[str, bool] | None = None  #: (job name, suspend)
@@ -93,7 +116,8 @@ def observed_job(obj: Mapping[str, Any]) -> dict[str, Any]:
         "spec": {"suspend": (obj.get("spec") or {}).get("suspend")},
         "status": {
             "conditions": [
-                {k: c.get(k) for k in ("type", "status", "reason", "message")} for c in status.get("conditions") or []
+                {k: c.get(k) for k in ("type", "status", "reason", "message", "lastTransitionTime")}
+                for c in status.get("conditions") or []
             ],
             "completionTime": status.get("completionTime"),
         },
@@ -302,6 +326,343 @@ def _conditions(
     return out
 
 
+# -- the preflight ---------------------------------------------------------------------------------------
+
+PREFLIGHT_CONDITION_TYPES = (CONDITION_DATA_VALID, CONDITION_FITS_IN_MEMORY)
+ConditionStatus = Literal["True", "False", "Unknown"]
+#: What plan() needs to know of a preflight attempt's outcome: the phase it leads to and why.
+Gate = tuple[Phase, str, str, FailureInfo | None, PreflightResult | None]
+
+
+def is_preflight(obj: Mapping[str, Any]) -> bool:
+    """A preflight Job or pod (builders.preflight_job), not one of a training gang."""
+    return LABEL_PREFLIGHT in ((obj.get("metadata") or {}).get("labels") or {})
+
+
+def preflight_attempt_of(obj: Mapping[str, Any]) -> int:
+    return int(obj["metadata"]["labels"][LABEL_PREFLIGHT])
+
+
+def _finished(job: dict[str, Any]) -> bool:
+    return bool(job_condition(job, "Complete") or job_condition(job, "Failed"))
+
+
+def parse_preflight_result(message: str | None) -> PreflightResult | None:
+    """The PreflightResult a preflight container left as its termination message (JSON, camelCase), or None
+    when the message is not one (the container died before writing it: its log's last lines are there).
+
+    Read leniently: keys this version does not know are dropped (a newer image may report more), and
+    problems beyond what status.preflight holds are cut."""
+    try:
+        data = json.loads(message or "")
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    known = {f.alias or n for n, f in PreflightResult.model_fields.items()}
+    data = {k: v for k, v in data.items() if k in known}
+    if isinstance(data.get("memory"), dict):
+        mem = {f.alias or n for n, f in PreflightMemory.model_fields.items()}
+        data["memory"] = {k: v for k, v in data["memory"].items() if k in mem}
+    if isinstance(data.get("problems"), list):
+        data["problems"] = [str(p)[:2048] for p in data["problems"][:PREFLIGHT_MAX_PROBLEMS]]
+    for verdict in ("fits", "gpuMemory"):  # the operator's to decide, not the pod's
+        data.pop(verdict, None)
+    try:
+        return PreflightResult.model_validate(data, by_alias=True, by_name=False)
+    except ValidationError:
+        return None
+
+
+def data_valid(result: PreflightResult) -> bool:
+    return result.bad_records == 0 and not result.problems
+
+
+def _judged(result: PreflightResult, spec: FineTuneJobSpec) -> PreflightResult:
+    """``result`` with the operator's verdict on the fit: the GPU memory it was checked against (from the
+    spec: gpuMemory, or a nvidia.com/gpu.memory node selector) and whether memory.total fits in it."""
+    gpu = spec.resources.gpu_memory_bytes
+    fits = None if result.memory is None or gpu is None else result.memory.total <= gpu
+    return result.model_copy(update={"gpu_memory": gpu, "fits": fits})
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def memory_breakdown(result: PreflightResult) -> str:
+    """The estimate in words: the total per GPU, its parts, and the GPU memory it was checked against."""
+    m = result.memory
+    if m is None:
+        return f"no memory estimate: {result.memory_note or 'the model is not supported by the estimator'}"
+    ranks = f" of {m.world_size} rank{'s' if m.world_size != 1 else ''}" if m.world_size else ""
+    text = (
+        f"estimated {_gib(m.total)} per GPU{ranks} (weights {_gib(m.weights)}, gradients {_gib(m.gradients)}, "
+        f"optimizer {_gib(m.optimizer)}, activations {_gib(m.activations)}, overhead {_gib(m.overhead)})"
+    )
+    if result.gpu_memory is not None:
+        verdict = "fits in" if result.fits else "does not fit in"
+        text += f" {verdict} {_gib(result.gpu_memory)} of GPU memory"
+    return text
+
+
+def problems_message(result: PreflightResult | None, fallback: str = "") -> str:
+    if result is None or not (result.problems or result.bad_records):
+        return fallback or "the preflight found invalid data"
+    count = f"{result.bad_records} bad record{'s' if result.bad_records != 1 else ''}"
+    return "\n".join([f"the preflight found invalid data ({count}):", *result.problems])[:MAX_MESSAGE]
+
+
+def _data_summary(result: PreflightResult) -> str:
+    parts = [f"{result.train_records or 0} training and {result.eval_records or 0} evaluation records, none bad"]
+    if result.token_length_p50 is not None and result.token_length_max is not None:
+        names, values = ["p50"], [f"{result.token_length_p50:g}"]
+        if result.token_length_p95 is not None:
+            names.append("p95")
+            values.append(f"{result.token_length_p95:g}")
+        names.append("max")
+        values.append(str(result.token_length_max))
+        parts.append(f"tokens per sample {'/'.join(names)} {'/'.join(values)}")
+    if result.truncated_fraction is not None:
+        parts.append(f"{result.truncated_fraction:.1%} truncated at maxSeqLength")
+    if result.steps_per_epoch is not None:
+        parts.append(f"{result.steps_per_epoch} steps per epoch")
+    if result.cache_uri:
+        parts.append(f"tokenized cache {'reused' if result.cache_hit else 'written'}: {result.cache_uri}")
+    return "; ".join(parts)
+
+
+def _preflight_conditions(
+    previous: list[Condition], result: PreflightResult, spec: FineTuneJobSpec, generation: int, now: datetime
+) -> list[Condition]:
+    """DataValid and FitsInMemory from status.preflight, by the API conventions (lastTransitionTime moves
+    only when the status flips)."""
+    by_type = {c.type: c for c in previous}
+    data: tuple[ConditionStatus, str, str] = (
+        ("True", "Valid", _data_summary(result))
+        if data_valid(result)
+        else ("False", REASON_INVALID_DATA, problems_message(result))
+    )
+    fit: tuple[ConditionStatus, str, str]
+    if result.memory is None:
+        fit = ("Unknown", "NoEstimate", memory_breakdown(result))
+    elif result.fits is None:
+        fit = (
+            "Unknown",
+            "GPUMemoryUnknown",
+            memory_breakdown(result) + "; set spec.resources.gpuMemory to check it against the GPUs' memory",
+        )
+    elif result.fits:
+        fit = ("True", "Fits", memory_breakdown(result))
+    else:
+        allowed = (
+            " (spec.preflight.allowWillNotFit: the gang starts anyway)" if spec.preflight.allow_will_not_fit else ""
+        )
+        fit = ("False", REASON_WILL_NOT_FIT, memory_breakdown(result) + allowed)
+    out = []
+    for kind, (status, reason, message) in ((CONDITION_DATA_VALID, data), (CONDITION_FITS_IN_MEMORY, fit)):
+        old = by_type.get(kind)
+        since = old.last_transition_time if old is not None and old.status == status else to_second(now)
+        out.append(
+            Condition(
+                type=kind,
+                status=status,
+                reason=reason,
+                message=message[:MAX_MESSAGE],
+                last_transition_time=since,
+                observed_generation=generation,
+            )
+        )
+    return out
+
+
+def _preflight_pending(
+    previous: list[Condition], reason: str, message: str, generation: int, now: datetime
+) -> Condition:
+    """DataValid while the preflight has no result: Unknown, saying what the preflight is doing (running,
+    waiting to try again) or why it ended without one; False when its pod said the data is invalid."""
+    status: Literal["False", "Unknown"] = "False" if reason == REASON_INVALID_DATA else "Unknown"
+    old = next((c for c in previous if c.type == CONDITION_DATA_VALID), None)
+    return Condition(
+        type=CONDITION_DATA_VALID,
+        status=status,
+        reason=condition_reason(reason),
+        message=message[:MAX_MESSAGE],
+        last_transition_time=old.last_transition_time if old is not None and old.status == status else to_second(now),
+        observed_generation=generation,
+    )
+
+
+@dataclass
+class _Outcome:
+    """How a preflight attempt ended, as far as the observations tell."""
+
+    kind: Literal["running", "result", "permanent", "retriable"]
+    result: PreflightResult | None = None
+    exit_code: int | None = None
+    reason: str = ""
+    message: str = ""
+    failure: FailureInfo | None = None
+
+
+def _preflight_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]], now: datetime) -> _Outcome:
+    """The outcome of one preflight attempt from its Job and pod. A result (exit 0 or 3, the termination
+    message a PreflightResult) is read as soon as the pod terminated; another failure is judged once the
+    Job failed too (its reason tells a deadline from a crash)."""
+    done = sorted(
+        (p for p in pods if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed")),
+        key=lambda p: str(p["metadata"].get("name")),
+    )
+    for pod in done:
+        status = pod.get("status") or {}
+        for cs in status.get("containerStatuses") or []:
+            terminated = (cs.get("state") or {}).get("terminated")
+            if not terminated:
+                continue
+            code, text = terminated.get("exitCode"), str(terminated.get("message") or "")
+            result = parse_preflight_result(text) if code in (EXIT_OK, EXIT_INVALID_DATA, EXIT_INVALID_CONFIG) else None
+            failure = FailureInfo(
+                exit_code=code,
+                reason=(EXIT_REASONS.get(code) or terminated.get("reason") or "Error")[:MAX_REASON],
+                message=text[-MAX_MESSAGE:],
+                time=to_second(parse_time(terminated.get("finishedAt")) or now),
+            )
+            if code == EXIT_OK and result is not None:
+                return _Outcome("result", result=result, exit_code=code)
+            if code == EXIT_INVALID_DATA:
+                failure.message = problems_message(result, text)[-MAX_MESSAGE:]
+                return _Outcome(
+                    "result" if result else "permanent", result, code, REASON_INVALID_DATA, failure.message, failure
+                )
+            if code == EXIT_INVALID_CONFIG:
+                detail = "; ".join(result.problems) if result and result.problems else text
+                return _Outcome(
+                    "permanent", None, code, "InvalidSpec", f"the preflight refused the config: {detail}", failure
+                )
+            if code == EXIT_OK:
+                message = f"the preflight exited 0 without a readable result in its termination message: {text[:500]!r}"
+                return _Outcome("permanent", None, code, "PreflightFailed", message, failure)
+            if job is not None and not job_condition(job, "Failed"):
+                return _Outcome("running")  # the Job has not failed yet: its reason decides
+            return _judge_failed_job(job, failure)
+        if status.get("reason") and (job is None or job_condition(job, "Failed")):
+            # Evicted, say: no container terminated. The Job's failure time, where known, paces the retry.
+            failure = FailureInfo(
+                reason=str(status["reason"])[:MAX_REASON],
+                message=str(status.get("message") or "")[-MAX_MESSAGE:],
+                time=_failed_at(job),
+            )
+            return _judge_failed_job(job, failure)
+    if job is not None and (failed := job_condition(job, "Failed")):
+        failure = FailureInfo(
+            reason=str(failed.get("reason") or "Failed")[:MAX_REASON],
+            message=str(failed.get("message") or "")[-MAX_MESSAGE:],
+            time=_failed_at(job),
+        )
+        return _judge_failed_job(job, failure)
+    if job is not None and job_condition(job, "Complete"):
+        failure = FailureInfo(reason="ResultLost", message="the preflight pod was gone before its result was read")
+        return _Outcome("retriable", failure=failure, reason="ResultLost", message=failure.message)
+    return _Outcome("running")
+
+
+def _failed_at(job: dict[str, Any] | None) -> datetime | None:
+    failed = job_condition(job, "Failed") if job is not None else None
+    time = parse_time(failed.get("lastTransitionTime")) if failed is not None else None
+    return to_second(time) if time is not None else None
+
+
+def _judge_failed_job(job: dict[str, Any] | None, failure: FailureInfo) -> _Outcome:
+    failed = job_condition(job, "Failed") if job is not None else None
+    if failed is not None and failed.get("reason") == "DeadlineExceeded":
+        message = (
+            "the preflight ran longer than spec.preflight.activeDeadlineSeconds "
+            f"(raise it for a large dataset): {failed.get('message') or ''}"
+        ).rstrip(": ")
+        return _Outcome("permanent", None, failure.exit_code, "PreflightDeadlineExceeded", message, failure)
+    return _Outcome("retriable", failure=failure, reason=failure.reason, message=failure.message)
+
+
+def _preflight_gate(obs: Observed, out: Plan) -> Gate | None:
+    """The preflight, before the first gang (spec.preflight.mode auto): None once its result is in
+    status.preflight and lets the gang start; otherwise where the job stands, with the preflight Job to
+    create (``out.create_preflight``) or the time to look again (``out.requeue_after``).
+
+    Level-triggered: the attempts are the preflight Jobs (and pods) that exist, the result is
+    status.preflight. A restarted operator sees the same Jobs, so it neither starts a second preflight
+    nor skips one whose result it has not stored."""
+    spec, now, prev = obs.ftj.spec, obs.now, obs.status
+    last_failure = prev.last_failure
+    if prev.preflight is not None:
+        result = _judged(prev.preflight, spec)
+        if not data_valid(result):
+            return "Failed", REASON_INVALID_DATA, problems_message(result), last_failure, result
+        if result.fits is False and not spec.preflight.allow_will_not_fit:
+            return "Failed", REASON_WILL_NOT_FIT, memory_breakdown(result), last_failure, result
+        return None
+    jobs = {preflight_attempt_of(j): j for j in obs.jobs if is_preflight(j)}
+    pods_by_attempt: dict[int, list[dict[str, Any]]] = {}
+    for p in obs.pods:
+        if is_preflight(p):
+            pods_by_attempt.setdefault(preflight_attempt_of(p), []).append(p)
+    attempts = sorted(set(jobs) | set(pods_by_attempt))
+    suspended = spec.run_policy.suspend
+    if not attempts:
+        if suspended:
+            return "Suspended", "Suspended", "runPolicy.suspend is true (the preflight has not run)", last_failure, None
+        out.create_preflight = 0
+        return (
+            "Pending",
+            "PreflightRunning",
+            "preflight attempt 0: checking the data and the memory fit on CPU",
+            last_failure,
+            None,
+        )
+    attempt = attempts[-1]
+    outcome = _preflight_outcome(jobs.get(attempt), pods_by_attempt.get(attempt, []), now)
+    if outcome.kind == "running":
+        message = f"preflight attempt {attempt}: checking the data and the memory fit on CPU"
+        if suspended:  # a preflight that has started finishes (it holds no GPU); none starts after it
+            return "Suspended", "Suspended", f"runPolicy.suspend is true ({message})", last_failure, None
+        return "Pending", "PreflightRunning", message, last_failure, None
+    if outcome.kind == "result":
+        assert outcome.result is not None
+        result = _judged(outcome.result, spec)
+        failure = outcome.failure or last_failure
+        if outcome.exit_code == EXIT_INVALID_DATA or not data_valid(result):
+            return "Failed", REASON_INVALID_DATA, problems_message(result), failure, result
+        if result.fits is False and not spec.preflight.allow_will_not_fit:
+            return "Failed", REASON_WILL_NOT_FIT, memory_breakdown(result), failure, result
+        out.events.append(("Normal", "PreflightPassed", f"{_data_summary(result)}; {memory_breakdown(result)}"[:1024]))
+        out.requeue_after = 0.5  # the next reconcile, from the stored result, creates the gang
+        return "Pending", "PreflightPassed", "the preflight passed: creating the training gang", failure, result
+    if outcome.kind == "permanent":
+        return "Failed", outcome.reason, outcome.message, outcome.failure or last_failure, None
+    failure = outcome.failure
+    assert failure is not None
+    hint = " (raise spec.preflight.resources.memory)" if failure.reason == "OOMKilled" else ""
+    if attempt + 1 >= PREFLIGHT_MAX_ATTEMPTS:
+        message = f"the preflight failed {attempt + 1} times; the last time: {failure.reason}{hint}: {failure.message}"
+        return "Failed", "PreflightFailed", message.rstrip(": "), failure, None
+    if suspended:
+        return (
+            "Suspended",
+            "Suspended",
+            f"runPolicy.suspend is true (preflight attempt {attempt} failed: {failure.reason})",
+            failure,
+            None,
+        )
+    # Paced from when the attempt failed (a stable time, so that every reconcile agrees); unknown: now.
+    wait = PREFLIGHT_BACKOFF_SECONDS * 2**attempt
+    due = (failure.time + timedelta(seconds=wait)) if failure.time is not None else now
+    message = f"preflight attempt {attempt} failed ({failure.reason}{hint}); attempt {attempt + 1}"
+    if now >= due:
+        out.create_preflight = attempt + 1
+        return "Pending", "PreflightRetrying", f"{message} started", failure, None
+    out.requeue_after = (due - now).total_seconds()
+    return "Pending", "PreflightRetrying", f"{message} at {timestamp(due)}", failure, None
+
+
 def plan(obs: Observed) -> Plan:
     ftj, now = obs.ftj, obs.now
     spec = ftj.spec
@@ -315,11 +676,27 @@ def plan(obs: Observed) -> Plan:
     reason, message = "Pending", "waiting for the training gang to be created"
     out = Plan(status={})
 
+    preflight = prev.preflight
+    gang_jobs = [j for j in obs.jobs if not is_preflight(j)]
+    gang_pods = [p for p in obs.pods if not is_preflight(p)]
     current_name = job_name(name, restarts)
-    current = next((j for j in obs.jobs if j["metadata"]["name"] == current_name), None)
-    out.delete_jobs = [j["metadata"]["name"] for j in obs.jobs if attempt_of(j) < restarts]
-    pods = [p for p in obs.pods if p["metadata"].get("labels", {}).get(LABEL_ATTEMPT) == str(restarts)]
-    created = current is not None or bool(obs.jobs) or restarts > 0 or phase != "Pending"
+    current = next((j for j in gang_jobs if j["metadata"]["name"] == current_name), None)
+    out.delete_jobs = [j["metadata"]["name"] for j in gang_jobs if attempt_of(j) < restarts]
+    pods = [p for p in gang_pods if p["metadata"].get("labels", {}).get(LABEL_ATTEMPT) == str(restarts)]
+    # The gang exists or existed: a Job, a restart, a phase only a gang reaches, or the Created condition
+    # (a job that failed or was suspended before its gang, in the preflight, has none).
+    created = (
+        current is not None
+        or bool(gang_jobs)
+        or restarts > 0
+        or phase in ("Running", "Restarting", "Succeeded")
+        or any(c.type == "Created" and c.status == "True" for c in prev.conditions)
+    )
+    preflight_conditions = [c for c in prev.conditions if c.type in PREFLIGHT_CONDITION_TYPES]
+    if created or phase in TERMINAL:
+        # A preflight still running once the gang exists (mode changed to skip, say) or the job is over
+        # has nothing left to do.
+        out.delete_jobs += [j["metadata"]["name"] for j in obs.jobs if is_preflight(j) and not _finished(j)]
 
     if phase in TERMINAL:
         reason = next((c.reason for c in prev.conditions if c.type == phase), phase)
@@ -344,12 +721,16 @@ def plan(obs: Observed) -> Plan:
             completion_time = now
             if current is not None:
                 out.delete_jobs.append(current_name)
-        elif current is None and (lingering := _lingering_pods(obs.pods, restarts)):
+        elif current is None and (lingering := _lingering_pods(gang_pods, restarts)):
             # The previous gang is still stopping (saving a checkpoint on SIGTERM, say): start the next
             # one only when it is gone, so it resumes from that checkpoint and does not share GPUs.
             phase, reason = "Restarting", last_failure.reason if last_failure else "Restarting"
             message = f"waiting for {lingering} pod(s) of the previous attempt to stop"
             out.requeue_after = 2.0
+        elif current is None and not created and spec.preflight.mode == "auto" and (gate := _preflight_gate(obs, out)):
+            phase, reason, message, last_failure, preflight = gate
+            if preflight is None:
+                preflight_conditions = [_preflight_pending(prev.conditions, reason, message, obs.generation, now)]
         elif current is None:
             out.create_job = restarts
             out.active_deadline_seconds = int(remaining) if remaining is not None else deadline
@@ -367,6 +748,9 @@ def plan(obs: Observed) -> Plan:
             )
             if remaining is not None and phase not in TERMINAL:
                 out.requeue_after = max(remaining, 1.0)
+        if preflight is not None:
+            preflight = _judged(preflight, spec)
+            preflight_conditions = _preflight_conditions(prev.conditions, preflight, spec, obs.generation, now)
         if phase == "Running" and start_time is None:
             start_time = now
         if phase in TERMINAL and completion_time is None:
@@ -379,10 +763,12 @@ def plan(obs: Observed) -> Plan:
             phase=phase,
             restarts=restarts,
             observed_generation=obs.generation,
-            conditions=_conditions(prev.conditions, phase, reason, message, obs.generation, now, created),
+            conditions=_conditions(prev.conditions, phase, reason, message, obs.generation, now, created)
+            + preflight_conditions,
             start_time=to_second(start_time) if start_time else None,
             completion_time=to_second(completion_time) if completion_time else None,
             last_failure=last_failure,
+            preflight=preflight,
         )
     )
     if phase != prev.phase:

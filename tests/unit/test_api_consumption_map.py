@@ -126,6 +126,10 @@ PREEMPTION_SCRAPED = (
     "tests/trainer/test_metrics_and_preemption.py::"
     "test_prometheus_scrapes_every_metric_then_sigterm_commits_and_exits_85"
 )
+PREFLIGHT_JOB = (
+    "tests/unit/test_builders.py::test_the_preflight_job_is_cpu_only_with_its_own_resources_and_the_jobs_credentials"
+)
+PREFLIGHT_RUNS = "tests/unit/test_reconcile.py::test_the_preflight_runs_before_the_gang_and_its_stored_result_starts_it"
 REPORT = "tests/trainer/test_report.py::test_report_of_a_finished_run"
 RESUME = "tests/trainer/test_resume.py::test_kill_one_rank_then_resume_exactly"
 RESUME_PLAN = "tests/trainer/test_checkpoint_store.py::test_resume_plan_refuses_another_spec_and_never_starts_over"
@@ -270,6 +274,15 @@ CONSUMPTION: dict[str, str] = {
     "spec.output.save=both": STORAGE,
     "spec.output.save=merged": f"{METHOD}[ia3]",
     "spec.output.uri": STORAGE,
+    # -- spec.preflight: the CPU-only check before the gang (the operator) ---------------------------------
+    "spec.preflight.activeDeadlineSeconds": PREFLIGHT_JOB,
+    "spec.preflight.allowWillNotFit": (
+        "tests/unit/test_reconcile.py::test_a_job_that_cannot_fit_fails_will_not_fit_unless_allowed"
+    ),
+    "spec.preflight.mode=auto": PREFLIGHT_RUNS,
+    "spec.preflight.mode=skip": "tests/unit/test_reconcile.py::test_mode_skip_starts_the_gang_at_once",
+    "spec.preflight.resources.cpu": PREFLIGHT_JOB,
+    "spec.preflight.resources.memory": PREFLIGHT_JOB,
     # -- spec.resources: the pods -------------------------------------------------------------------------
     "spec.resources.affinity": BUILDERS_SCHEDULING,
     "spec.resources.cpu": BUILDERS_GANG,

@@ -640,6 +640,38 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.method.lora",
         "only allowed when spec.method.type is one of: lora, qlora, adalora",
     ),
+    ("unknown-enum-preflight-mode", {"spec.preflight": {"mode": "always"}}, "spec.preflight.mode", "skip"),
+    (
+        "preflight-resources-with-skip",
+        {"spec.preflight": {"mode": "skip", "resources": {"cpu": 2}}},
+        "spec.preflight.resources",
+        "not with spec.preflight.mode skip",
+    ),
+    (
+        "preflight-deadline-with-skip",
+        {"spec.preflight": {"mode": "skip", "activeDeadlineSeconds": 600}},
+        "spec.preflight.activeDeadlineSeconds",
+        "not with spec.preflight.mode skip",
+    ),
+    (
+        "preflight-allow-will-not-fit-with-skip",
+        {"spec.preflight": {"mode": "skip", "allowWillNotFit": True}, "spec.resources.gpuMemory": "80Gi"},
+        "spec.preflight.allowWillNotFit",
+        "not with spec.preflight.mode skip",
+    ),
+    (
+        "preflight-allow-will-not-fit-without-gpu-memory",
+        {"spec.preflight": {"allowWillNotFit": True}},
+        "spec.preflight.allowWillNotFit",
+        "spec.resources.gpuMemory, or an nvidia.com/gpu.memory node selector",
+    ),
+    ("preflight-cpu-zero", {"spec.preflight": {"resources": {"cpu": 0}}}, "spec.preflight.resources.cpu", "positive"),
+    (
+        "preflight-deadline-too-short",
+        {"spec.preflight": {"activeDeadlineSeconds": 10}},
+        "spec.preflight.activeDeadlineSeconds",
+        "60",
+    ),
 ]
 
 #: Manifests both the API server and `finetune validate` accept (edges of the rules above).
@@ -757,6 +789,22 @@ VALID: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("merged-output-for-full", {"spec.method.type": "full", "spec.output.save": "merged"}),
+    ("preflight-skip", {"spec.preflight": {"mode": "skip"}}),
+    (
+        "preflight-sized",
+        {"spec.preflight": {"resources": {"cpu": "500m", "memory": 4000000000}, "activeDeadlineSeconds": 600}},
+    ),
+    (
+        "preflight-will-not-fit-allowed",
+        {"spec.preflight": {"allowWillNotFit": True}, "spec.resources.gpuMemory": "80Gi"},
+    ),
+    (
+        "preflight-will-not-fit-allowed-by-gpu-memory-label",
+        {
+            "spec.preflight": {"allowWillNotFit": True},
+            "spec.resources.nodeSelector": {"nvidia.com/gpu.memory": "81559"},
+        },
+    ),
     ("adapter-output-for-prefix", {"spec.method.type": "prefix", "spec.output.save": "adapter"}),
     ("lora-rank", {"spec.method.lora": {"r": 8, "useRslora": True, "useDora": True}}),
     (

@@ -13,6 +13,7 @@ from finetune_operator.api.trainer_config import (
     PERMANENT_EXIT_CODES,
     Rendezvous,
     TrainerConfig,
+    preflight_command,
     storage_environment,
     trainer_command,
 )
@@ -374,3 +375,76 @@ def test_tolerations_reach_the_pods_as_written() -> None:
     ]
     job = ftj(resources={"gpusPerNode": 4, "tolerations": tolerations})
     assert builders.job(job, "ml", UID, 0, SETTINGS)["spec"]["template"]["spec"]["tolerations"] == tolerations
+
+
+def test_the_preflight_job_is_cpu_only_with_its_own_resources_and_the_jobs_credentials(repo: Path) -> None:
+    job = ftj(
+        resources={
+            "gpusPerNode": 4,
+            "cpu": 16,
+            "memory": "128Gi",
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {}}},
+            "priorityClassName": "gpu-training",
+            "imagePullSecrets": [{"name": "regcred"}],
+            "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub", "key": "token"}}}],
+            "podLabels": {"team": "nlp"},
+            "podAnnotations": {"sidecar.istio.io/inject": "false"},
+        },
+        preflight={"resources": {"cpu": "2", "memory": "6Gi"}, "activeDeadlineSeconds": 900},
+    )
+    pf = builders.preflight_job(job, "ml", UID, 1, SETTINGS)
+    assert pf["metadata"]["name"] == "llm-pf1" and pf["metadata"]["ownerReferences"][0]["uid"] == UID
+    spec = pf["spec"]
+    assert (spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (1, 1, 0)
+    assert spec["activeDeadlineSeconds"] == 900 and spec["ttlSecondsAfterFinished"] == builders.PREFLIGHT_TTL_SECONDS
+    # Its pod is in the operator's pod index (the labels it selects on) and told apart from a gang's.
+    labels = spec["template"]["metadata"]["labels"]
+    assert labels["finetune.io/job"] == "llm" and labels["app.kubernetes.io/managed-by"] == "finetune-operator"
+    assert labels["finetune.io/preflight-attempt"] == "1" and "finetune.io/attempt" not in labels
+    assert labels["team"] == "nlp" and spec["template"]["metadata"]["annotations"] == {
+        "sidecar.istio.io/inject": "false"
+    }
+    pod = spec["template"]["spec"]
+    # CPU only: no accelerator, none of the GPU nodes' scheduling.
+    assert "nvidia.com" not in json.dumps(pod)
+    assert not {"nodeSelector", "tolerations", "affinity", "priorityClassName", "subdomain"} & set(pod)
+    [container] = pod["containers"]
+    assert container["resources"] == {
+        "requests": {"cpu": "2", "memory": "6Gi"},
+        "limits": {"cpu": "2", "memory": "6Gi"},
+    }
+    assert container["command"] == preflight_command("/etc/finetune/trainer-config.json")
+    assert container["command"][:5] == ["python", "-m", "finetune_trainer", "preflight", "--config"]
+    assert container["image"] == "registry.example/trainer:1.2.3" and pod["imagePullSecrets"] == [{"name": "regcred"}]
+    # The result is the termination message, and the last log lines when the container dies without one.
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    # The gang's config, credentials and extra environment; no rendezvous, no metrics, no job identity.
+    assert {"name": "config", "configMap": {"name": "llm-config"}} in pod["volumes"]
+    env = env_of(container)
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["HF_TOKEN"] == {
+        "secretKeyRef": {"name": "hub", "key": "token"}
+    }
+    assert env["FINETUNE_TERMINATION_LOG"] == "/dev/termination-log"
+    assert not {"MASTER_ADDR", "MASTER_PORT", "FINETUNE_METRICS_PORT", "FINETUNE_JOB_NAME"} & set(env)
+    trainer = "\n".join(p.read_text() for p in (repo / "trainer_image" / "finetune_trainer").rglob("*.py"))
+    assert [name for name in env if name.startswith("FINETUNE_") and f'"{name}"' not in trainer] == []
+    # Restricted Pod Security, the job's ServiceAccount (a cloud's workload identity) without an API token.
+    assert pod["restartPolicy"] == "Never" and pod["serviceAccountName"] == "llm-trainer"
+    assert pod["automountServiceAccountToken"] is False
+    assert (
+        pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == builders.TRAINER_UID
+    )
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert '"*"' not in json.dumps(pf)
+    # The defaults: 4 CPUs, 8Gi, an hour.
+    default = builders.preflight_job(ftj(), "ml", UID, 0, SETTINGS)
+    [plain] = default["spec"]["template"]["spec"]["containers"]
+    assert (
+        plain["resources"]["limits"] == {"cpu": "4", "memory": "8Gi"}
+        and default["spec"]["activeDeadlineSeconds"] == 3600
+    )

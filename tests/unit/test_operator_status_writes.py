@@ -22,8 +22,10 @@ TRAINER = {
 class RecordingKube:
     def __init__(self) -> None:
         self.patches: list[dict[str, Any]] = []
+        self.ensured: list[tuple[str, str]] = []
 
     async def ensure(self, obj: dict[str, Any]) -> bool:
+        self.ensured.append((obj["kind"], obj["metadata"]["name"]))
         return True
 
     async def delete(self, kind: str, namespace: str, name: str) -> None:
@@ -114,3 +116,36 @@ def test_an_unreadable_status_is_logged_once_and_rewritten(
     assert len(warnings) == 1 and "status.phase" in warnings[0] and "status.conditions[0]" in warnings[0]
     assert kube.patches[-1]["phase"] == "Pending"
     assert [c["status"] for c in kube.patches[-1]["conditions"]] == ["True"]
+
+
+def test_the_preflight_job_comes_after_what_its_pod_needs_and_only_once(kube: RecordingKube) -> None:
+    # spec.preflight.mode auto (the default), a fresh job: the preflight's Job, not the gang's.
+    reconcile({}, [], [])
+    jobs = [name for kind, name in kube.ensured if kind == "Job"]
+    assert jobs == ["llm-pf0"]
+    order = [kind for kind, _ in kube.ensured]
+    assert order.index("Job") > max(order.index("ConfigMap"), order.index("ServiceAccount"))
+    [patch] = kube.patches
+    assert patch["phase"] == "Pending" and [c["type"] for c in patch["conditions"]] == ["DataValid"]
+    # The Job index does not show it yet: the next reconcile does not ask for it again.
+    reconcile(handlers.State.bodies[KEY]["status"], [], [])
+    assert [name for kind, name in kube.ensured if kind == "Job"] == ["llm-pf0"]
+
+
+def test_the_fit_verdict_is_cleared_when_the_gpu_memory_is_no_longer_known(kube: RecordingKube) -> None:
+    # status.preflight is merged into the status: a verdict the spec no longer supports is cleared (null),
+    # then nothing more is written.
+    judged = {"trainRecords": 9, "badRecords": 0, "cacheHit": False, "writeAccess": [], "problems": []}
+    judged |= {"gpuMemory": 85899345920, "fits": True}
+    created = {"type": "Created", "status": "True", "reason": "JobCreated", "lastTransitionTime": timestamp(NOW)}
+    status = {"phase": "Pending", "preflight": judged, "conditions": [created]}
+    reconcile(status, [job(0)], [pod(0, 0, "Running"), pod(0, 1, "Running")])
+    [patch] = kube.patches
+    assert patch["preflight"] == {**judged, "gpuMemory": None, "fits": None}
+    written = {k: v for k, v in patch["preflight"].items() if v is not None}
+    reconcile(
+        {**handlers.State.bodies[KEY]["status"], "preflight": written},
+        [job(0)],
+        [pod(0, 0, "Running"), pod(0, 1, "Running")],
+    )
+    assert len(kube.patches) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +23,7 @@ NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 
 
 def ftj(**run_policy: Any) -> Any:
+    """A 2-node job whose gang starts at once (spec.preflight.mode skip): the gang's lifecycle."""
     return validate_object(
         {
             "apiVersion": "finetune.io/v1alpha1",
@@ -33,6 +35,7 @@ def ftj(**run_policy: Any) -> Any:
                 "training": {"maxSteps": 10},
                 "distributed": {"nodes": 2},
                 "runPolicy": run_policy,
+                "preflight": {"mode": "skip"},
             },
         }
     )
@@ -118,6 +121,7 @@ def run(
         "startTime",
         "completionTime",
         "lastFailure",
+        "preflight",
     }
     FineTuneJobStatus.parse_manifest({k: v for k, v in full.status.items() if v is not None})
     return full
@@ -318,3 +322,297 @@ def test_status_times_are_whole_seconds_in_utc() -> None:
     now = NOW.replace(microsecond=123456)
     p = run(ftj(), {"phase": "Pending"}, [job(0)], [pod(0, 0, "Running"), pod(0, 1, "Running")], now=now)
     assert p.status["startTime"] == timestamp(NOW) == cond(p, "Running")["lastTransitionTime"]
+
+
+# -- the preflight (spec.preflight.mode auto) -------------------------------------------------------------
+
+GIB = 1024**3
+
+
+def auto(**spec: Any) -> Any:
+    """A 2-node job with the preflight (the default mode) and 80 GiB GPUs."""
+    body: dict[str, Any] = {
+        "model": {"uri": "org/m"},
+        "data": {"train": {"uri": "s3://data/train.jsonl"}},
+        "training": {"maxSteps": 10},
+        "distributed": {"nodes": 2},
+        "resources": {"gpuMemory": "80Gi"},
+    }
+    body.update(spec)
+    return validate_object(
+        {"apiVersion": "finetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "llm"}, "spec": body}
+    )
+
+
+def result(*, total_gib: float = 20, problems: tuple[str, ...] = (), **extra: Any) -> str:
+    """A preflight's termination message: its PreflightResult as compact JSON, as the pod writes it."""
+    total = int(total_gib * GIB)
+    body: dict[str, Any] = {
+        "trainRecords": 900,
+        "evalRecords": 100,
+        "badRecords": len(problems),
+        "tokenLengthP50": 120,
+        "tokenLengthP95": 480.5,
+        "tokenLengthMax": 1024,
+        "truncatedFraction": 0.02,
+        "tokensPerEpoch": 130000,
+        "stepsPerEpoch": 57,
+        "cacheUri": "s3://ckpt/default/llm/cache/3f2a",
+        "cacheHit": False,
+        "memory": {
+            "weights": total // 4,
+            "gradients": total // 8,
+            "optimizer": total // 4,
+            "activations": total // 4,
+            "overhead": total // 8,
+            "total": total,
+            "hostBytes": 0,
+            "worldSize": 2,
+            "parameters": 8_030_261_248,
+            "trainableParameters": 41_943_040,
+        },
+        "writeAccess": ["s3://ckpt/default/llm", "s3://ckpt/default/llm/output"],
+        "problems": list(problems),
+        "completedAt": timestamp(NOW),
+    }
+    body.update(extra)
+    return json.dumps(body, separators=(",", ":"))
+
+
+def pf_job(attempt: int, *, condition: str | None = None, reason: str = "", at: datetime = NOW) -> dict[str, Any]:
+    status: dict[str, Any] = {"active": 0 if condition else 1, "startTime": timestamp(NOW)}
+    if condition:
+        status["conditions"] = [
+            {
+                "type": condition,
+                "status": "True",
+                "reason": reason,
+                "message": reason,
+                "lastTransitionTime": timestamp(at),
+            }
+        ]
+    return {
+        "metadata": {
+            "name": f"llm-pf{attempt}",
+            "labels": {"finetune.io/job": "llm", "finetune.io/preflight-attempt": str(attempt)},
+            "managedFields": [{"manager": "finetune-operator"}],
+        },
+        "spec": {"completions": 1, "template": {"spec": {"containers": [{"name": "preflight"}]}}},
+        "status": status,
+    }
+
+
+def pf_pod(
+    attempt: int,
+    phase: str,
+    *,
+    exit_code: int | None = None,
+    reason: str = "Completed",
+    message: str = "",
+    at: datetime = NOW,
+) -> dict[str, Any]:
+    state: dict[str, Any] = {"running": {"startedAt": timestamp(NOW)}}
+    if exit_code is not None:
+        state = {
+            "terminated": {"exitCode": exit_code, "reason": reason, "message": message, "finishedAt": timestamp(at)}
+        }
+    return {
+        "metadata": {
+            "name": f"llm-pf{attempt}-x7k2p",
+            "labels": {
+                "finetune.io/job": "llm",
+                "finetune.io/preflight-attempt": str(attempt),
+                "job-name": f"llm-pf{attempt}",
+            },
+            "ownerReferences": [{"kind": "Job", "name": f"llm-pf{attempt}"}],
+        },
+        "spec": {"containers": [{"name": "preflight"}]},
+        "status": {"phase": phase, "containerStatuses": [{"name": "preflight", "state": state}]},
+    }
+
+
+def succeeded(message: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return [pf_job(0, condition="Complete")], [pf_pod(0, "Succeeded", exit_code=0, message=message)]
+
+
+def types(p: Plan) -> set[str]:
+    return {c["type"] for c in p.status["conditions"]}
+
+
+def test_the_preflight_runs_before_the_gang_and_its_stored_result_starts_it() -> None:
+    first = run(auto(), {}, [], [])
+    assert first.create_preflight == 0 and first.create_job is None
+    assert first.status["phase"] == "Pending" and first.status["preflight"] is None
+    assert "Created" not in types(first)  # no gang yet
+    assert (cond(first, "DataValid")["status"], cond(first, "DataValid")["reason"]) == ("Unknown", "PreflightRunning")
+    assert first.events == [("Normal", "PreflightRunning", "Pending: " + cond(first, "DataValid")["message"])]
+    running = run(auto(), first.status, [pf_job(0)], [pf_pod(0, "Running")])
+    # Level-triggered: the same observations give the same status, no new preflight, no event.
+    assert running.create_preflight is None and running.create_job is None
+    assert running.status == first.status and running.events == []
+
+    done = run(auto(), running.status, *succeeded(result()))
+    assert done.create_job is None and done.create_preflight is None  # the gang comes from the stored result
+    stored = done.status["preflight"]
+    assert stored["trainRecords"] == 900 and stored["tokenLengthP95"] == 480.5 and stored["memory"]["total"] == 20 * GIB
+    assert stored["gpuMemory"] == 80 * GIB and stored["fits"] is True  # the operator's verdict, not the pod's
+    assert cond(done, "DataValid")["status"] == "True" and "900 training" in cond(done, "DataValid")["message"]
+    fits = cond(done, "FitsInMemory")
+    assert fits["status"] == "True" and fits["reason"] == "Fits" and "20.00 GiB per GPU" in fits["message"]
+    assert [e[1] for e in done.events] == ["PreflightPassed"] and done.requeue_after is not None
+
+    later = NOW + timedelta(seconds=2)
+    gang = run(auto(), done.status, *succeeded(result()), now=later)
+    assert gang.create_job == 0 and gang.create_preflight is None
+    assert cond(gang, "Created")["status"] == "True"
+    # The preflight's conditions keep the time they became what they are.
+    assert cond(gang, "DataValid")["lastTransitionTime"] == cond(done, "DataValid")["lastTransitionTime"]
+    jobs, pods = succeeded(result())
+    on = run(auto(), gang.status, [*jobs, job(0)], [*pods, pod(0, 0, "Running"), pod(0, 1, "Running")], now=later)
+    assert on.status["phase"] == "Running" and on.delete_jobs == [] and on.status["preflight"] == stored
+
+
+def test_restarting_mid_preflight_neither_duplicates_nor_skips_it() -> None:
+    # A restarted operator has no memory of its own: only the status and the Jobs and pods it lists.
+    started = run(auto(), {}, [], [])
+    assert run(auto(), started.status, [pf_job(0)], []).create_preflight is None  # the Job exists: no second one
+    assert run(auto(), {}, [pf_job(0)], [pf_pod(0, "Pending")]).create_preflight is None  # even with no status yet
+    # The pod finished while no operator ran: its result is read, not skipped, and the gang waits for it.
+    harvested = run(auto(), started.status, *succeeded(result()))
+    assert harvested.status["preflight"] is not None and harvested.create_job is None
+
+
+def test_mode_skip_starts_the_gang_at_once() -> None:
+    skip = run(auto(preflight={"mode": "skip"}), {}, [], [])
+    assert skip.create_job == 0 and skip.create_preflight is None and skip.status["preflight"] is None
+    assert not types(skip) & {"DataValid", "FitsInMemory"}
+    # Switched to skip while a preflight runs: the gang starts and the preflight is stopped.
+    switched = run(auto(preflight={"mode": "skip"}), {"phase": "Pending"}, [pf_job(0)], [pf_pod(0, "Running")])
+    assert switched.create_job == 0
+    gang = run(auto(preflight={"mode": "skip"}), switched.status, [pf_job(0), job(0)], [pf_pod(0, "Running")])
+    assert gang.delete_jobs == ["llm-pf0"]
+
+
+def test_bad_data_fails_invalid_data_naming_file_and_line_and_never_starts_the_gang() -> None:
+    problems = ("train.jsonl:7: missing column 'completion'", "train.jsonl:4001: not valid JSON")
+    jobs = [pf_job(0, condition="Failed", reason="BackoffLimitExceeded")]
+    pods = [pf_pod(0, "Failed", exit_code=3, reason="Error", message=result(problems=problems))]
+    p = run(auto(), {"phase": "Pending"}, jobs, pods)
+    assert p.status["phase"] == "Failed" and p.create_job is None and p.create_preflight is None
+    failed = cond(p, "Failed")
+    assert failed["reason"] == "InvalidData" and "train.jsonl:7: missing column" in failed["message"]
+    assert "train.jsonl:4001" in failed["message"] and "2 bad records" in failed["message"]
+    data = cond(p, "DataValid")
+    assert (data["status"], data["reason"]) == ("False", "InvalidData") and "train.jsonl:7" in data["message"]
+    assert p.status["preflight"]["problems"] == list(problems) and p.status["lastFailure"]["exitCode"] == 3
+    assert "Created" not in types(p) and p.events[0][:2] == ("Warning", "InvalidData")
+    # Terminal: nothing is ever created, whatever is observed later.
+    again = run(auto(), p.status, jobs, pods, now=NOW + timedelta(hours=1))
+    assert again.create_job is None and again.create_preflight is None and again.status == p.status
+    # A pod that died with exit 3 before writing its result: the log's last lines are the message.
+    logs = [pf_pod(0, "Failed", exit_code=3, reason="Error", message="eval.jsonl:12: text is not UTF-8 (byte 40)")]
+    text = run(auto(), {"phase": "Pending"}, jobs, logs)
+    assert cond(text, "Failed")["reason"] == "InvalidData" and "eval.jsonl:12" in cond(text, "Failed")["message"]
+    assert text.status["preflight"] is None
+
+
+def test_a_job_that_cannot_fit_fails_will_not_fit_unless_allowed() -> None:
+    big = succeeded(result(total_gib=93.5))
+    p = run(auto(), {"phase": "Pending"}, *big)
+    assert p.status["phase"] == "Failed" and p.create_job is None
+    failed, fits = cond(p, "Failed"), cond(p, "FitsInMemory")
+    assert failed["reason"] == "WillNotFit" and (fits["status"], fits["reason"]) == ("False", "WillNotFit")
+    for text in (failed["message"], fits["message"]):
+        assert "estimated 93.50 GiB per GPU of 2 ranks" in text and "does not fit in 80.00 GiB" in text
+        assert "weights 23.38 GiB" in text and "optimizer" in text and "activations" in text
+    assert p.status["preflight"]["fits"] is False and cond(p, "DataValid")["status"] == "True"
+    assert run(auto(), p.status, *big).create_job is None
+
+    allowed = auto(resources={"gpuMemory": "80Gi"}, preflight={"allowWillNotFit": True})
+    stored = run(allowed, {"phase": "Pending"}, *big)
+    assert stored.status["phase"] == "Pending"
+    gang = run(allowed, stored.status, *big)
+    assert gang.create_job == 0 and cond(gang, "FitsInMemory")["status"] == "False"
+    assert "allowWillNotFit" in cond(gang, "FitsInMemory")["message"]
+
+    # The GPU memory from NVIDIA GPU feature discovery's label, pinned by the node selector (MiB).
+    labelled = auto(resources={"nodeSelector": {"nvidia.com/gpu.memory": "81920"}})
+    assert cond(run(labelled, {"phase": "Pending"}, *big), "Failed")["reason"] == "WillNotFit"
+    # Unknown GPU memory, or no estimate: FitsInMemory Unknown, and the gang starts.
+    unknown = auto(resources={})
+    first = run(unknown, {"phase": "Pending"}, *big)
+    assert (cond(first, "FitsInMemory")["status"], cond(first, "FitsInMemory")["reason"]) == (
+        "Unknown",
+        "GPUMemoryUnknown",
+    )
+    assert "fits" not in first.status["preflight"] and run(unknown, first.status, *big).create_job == 0
+    note = "model_type 'gpt2' is not supported by the estimator"
+    unsupported = run(auto(), {"phase": "Pending"}, *succeeded(result(memory=None, memoryNote=note)))
+    assert (
+        cond(unsupported, "FitsInMemory")["reason"] == "NoEstimate"
+        and note in cond(unsupported, "FitsInMemory")["message"]
+    )
+
+
+def test_a_preflight_that_crashes_is_retried_with_backoff_then_fails() -> None:
+    oom = pf_pod(0, "Failed", exit_code=137, reason="OOMKilled", message="Killed")
+    # The pod failed, the Job not yet: its reason (a deadline?) is not known, nothing is judged.
+    assert run(auto(), {"phase": "Pending"}, [pf_job(0)], [oom]).create_preflight is None
+    failed_job = pf_job(0, condition="Failed", reason="BackoffLimitExceeded")
+    waiting = run(auto(), {"phase": "Pending"}, [failed_job], [oom])
+    assert waiting.create_preflight is None and waiting.requeue_after == 10.0
+    assert waiting.status["phase"] == "Pending" and waiting.status["lastFailure"]["reason"] == "OOMKilled"
+    retrying = cond(waiting, "DataValid")
+    assert (retrying["status"], retrying["reason"]) == ("Unknown", "PreflightRetrying")
+    assert "OOMKilled (raise spec.preflight.resources.memory)" in retrying["message"]
+    assert f"attempt 1 at {timestamp(NOW + timedelta(seconds=10))}" in retrying["message"]
+    # The wait is counted from when the pod finished, so every reconcile until then agrees.
+    assert run(auto(), waiting.status, [failed_job], [oom], now=NOW + timedelta(seconds=4)).status == waiting.status
+    later = run(auto(), waiting.status, [failed_job], [oom], now=NOW + timedelta(seconds=10))
+    assert later.create_preflight == 1 and later.status["lastFailure"] == waiting.status["lastFailure"]
+    # Attempt n waits 10 s x 2^n after attempt n-1 failed; the last allowed attempt's failure fails the job.
+    jobs = [pf_job(n, condition="Failed", reason="BackoffLimitExceeded") for n in range(3)]
+    pods = [pf_pod(n, "Failed", exit_code=1, reason="Error", message="ConnectionResetError") for n in range(3)]
+    assert run(auto(), {"phase": "Pending"}, jobs, pods).requeue_after == 40.0
+    assert run(auto(), {"phase": "Pending"}, jobs, pods, now=NOW + timedelta(seconds=40)).create_preflight == 3
+    jobs.append(pf_job(3, condition="Failed", reason="BackoffLimitExceeded"))
+    pods.append(pf_pod(3, "Failed", exit_code=1, reason="Error", message="ConnectionResetError"))
+    last = run(auto(), {"phase": "Pending"}, jobs, pods)
+    assert last.status["phase"] == "Failed" and cond(last, "Failed")["reason"] == "PreflightFailed"
+    assert (
+        "failed 4 times" in cond(last, "Failed")["message"]
+        and "ConnectionResetError" in cond(last, "Failed")["message"]
+    )
+
+
+def test_a_preflight_that_cannot_succeed_fails_the_job_at_once() -> None:
+    deadline = pf_job(0, condition="Failed", reason="DeadlineExceeded")
+    p = run(auto(), {"phase": "Pending"}, [deadline], [pf_pod(0, "Failed", exit_code=137, reason="Error")])
+    assert (
+        cond(p, "Failed")["reason"] == "PreflightDeadlineExceeded"
+        and "activeDeadlineSeconds" in cond(p, "Failed")["message"]
+    )
+    assert cond(run(auto(), {"phase": "Pending"}, [deadline], []), "Failed")["reason"] == "PreflightDeadlineExceeded"
+    config = [pf_pod(0, "Failed", exit_code=2, reason="Error", message="invalid trainer config: spec.model: ...")]
+    refused = run(auto(), {"phase": "Pending"}, [pf_job(0, condition="Failed", reason="BackoffLimitExceeded")], config)
+    assert cond(refused, "Failed")["reason"] == "InvalidSpec" and "spec.model" in cond(refused, "Failed")["message"]
+    silent = run(auto(), {"phase": "Pending"}, *succeeded("Done."))
+    assert cond(silent, "Failed")["reason"] == "PreflightFailed" and silent.create_job is None
+
+
+def test_suspend_holds_the_preflight_until_resumed() -> None:
+    held = run(auto(runPolicy={"suspend": True}), {}, [], [])
+    assert held.status["phase"] == "Suspended" and held.create_preflight is None and held.create_job is None
+    assert "Created" not in types(held)
+    resumed = run(auto(), held.status, [], [])
+    assert resumed.create_preflight == 0 and resumed.status["phase"] == "Pending"
+
+
+def test_the_result_is_read_leniently_and_bounded() -> None:
+    from finetune_operator.reconcile import parse_preflight_result
+
+    many = [f"train.jsonl:{i}: empty completion" for i in range(1, 40)]
+    parsed = parse_preflight_result(result(problems=tuple(many), newerField=1, fits=True))
+    assert parsed is not None and len(parsed.problems) == 20 and parsed.fits is None  # the fit is the operator's
+    assert parse_preflight_result("Traceback (most recent call last):") is None
+    assert parse_preflight_result("[1, 2]") is None and parse_preflight_result(None) is None

@@ -30,6 +30,16 @@ EXIT_INVALID_DATA = 3  #: a dataset record is malformed: permanent
 EXIT_PREEMPTED = 85  #: SIGTERM handled and full state committed: retriable, resumes from there
 EXIT_NONFINITE_LOSS = 4  #: loss became NaN/inf: permanent; the last good checkpoint is kept
 PERMANENT_EXIT_CODES = (EXIT_INVALID_CONFIG, EXIT_INVALID_DATA, EXIT_NONFINITE_LOSS)
+#: Exit codes of ``python -m finetune_trainer preflight`` (:func:`preflight_command`): 0 the data is valid,
+#: 2 the config is invalid, 3 the data is not (its result's ``problems`` say where). Any other exit (a crash,
+#: OOMKilled, a network failure) is retriable: the operator runs the preflight again.
+PREFLIGHT_EXIT_CODES = (EXIT_OK, EXIT_INVALID_CONFIG, EXIT_INVALID_DATA)
+#: The file the preflight (and the trainer) writes its termination message to; in a pod, the container's
+#: ``terminationMessagePath``. The preflight's is its PreflightResult as compact JSON.
+TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"
+TERMINATION_LOG = "/dev/termination-log"
+#: The kubelet keeps at most this many bytes of a termination message.
+TERMINATION_MESSAGE_MAX_BYTES = 4096
 
 
 class JobIdentity(SpecModel):
@@ -161,6 +171,15 @@ def trainer_command(
         "--config",
         str(config_file),
     ]
+
+
+PREFLIGHT_SUBCOMMAND = "preflight"
+
+
+def preflight_command(config_file: str | Path, *, python: str = "python") -> list[str]:
+    """The argv of the preflight: one process, no torchrun (``python -m finetune_trainer preflight --config
+    FILE``). The operator's preflight pod and ``finetune run`` / ``finetune plan`` run it alike."""
+    return [python, "-m", TRAINER_MODULE, PREFLIGHT_SUBCOMMAND, "--config", str(config_file)]
 
 
 def storage_environment(spec: FineTuneJobSpec) -> dict[str, str]:

@@ -93,6 +93,8 @@ SHA256_PATTERN = r"^[a-f0-9]{64}$"
 #: Environment variables the trainer reads only in tests (fault injection, e.g. a non-finite loss at a
 #: chosen step). No manifest can set them: spec.resources.env refuses every name with this prefix.
 TEST_HOOK_ENV_PREFIX = "FINETUNE_TEST_"
+#: NVIDIA GPU feature discovery's node label: the memory of each GPU of the node, in MiB.
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 #: Human wording of the patterns above, used in error messages instead of the regular expression.
 LABEL_NAME_WORDS = "at most 63 letters, digits, '-', '_' or '.', beginning and ending with a letter or digit"
@@ -1267,7 +1269,8 @@ class ResourcesSpec(SpecModel):
     gpu_memory: Quantity | None = Field(
         default=None,
         description=(
-            "Memory of each GPU, e.g. `80Gi`: the memory-fit estimate checks the job's peak per GPU against it."
+            "Memory of each GPU, e.g. `80Gi`: the memory-fit estimate checks the job's peak per GPU against it "
+            "(without it, the nvidia.com/gpu.memory value of nodeSelector, if any)."
         ),
     )
     node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
@@ -1298,17 +1301,19 @@ class ResourcesSpec(SpecModel):
         default_factory=list, max_length=16, description="Secrets for pulling the image."
     )
     env: list[EnvVar] = Field(
-        default_factory=list, max_length=256, description="Extra environment variables for the trainer."
+        default_factory=list,
+        max_length=256,
+        description="Extra environment variables of the trainer and preflight pods.",
     )
     pod_labels: dict[str, Annotated[str, Field(max_length=63)]] = Field(
         default_factory=dict,
         max_length=64,
-        description="Extra labels on the trainer pods (the operator's own finetune.io/* labels win).",
+        description="Extra labels on the trainer and preflight pods (the operator's own finetune.io/* labels win).",
     )
     pod_annotations: dict[str, Annotated[str, Field(max_length=4096)]] = Field(
         default_factory=dict,
         max_length=64,
-        description="Extra annotations on the trainer pods (e.g. for a service mesh or log shipper).",
+        description="Extra annotations on the trainer and preflight pods (e.g. for a service mesh or log shipper).",
     )
 
     rules: ClassVar[tuple[Rule, ...]] = (
@@ -1327,8 +1332,12 @@ class ResourcesSpec(SpecModel):
 
     @property
     def gpu_memory_bytes(self) -> int | None:
-        """``gpuMemory`` in bytes, None when it is not set."""
-        return None if self.gpu_memory is None else quantity_bytes(self.gpu_memory)
+        """The memory of each GPU in bytes: ``gpuMemory``, else the ``nvidia.com/gpu.memory`` value (MiB, as
+        NVIDIA GPU feature discovery labels nodes) the node selector pins; None when neither says."""
+        if self.gpu_memory is not None:
+            return quantity_bytes(self.gpu_memory)
+        label = self.node_selector.get(GPU_MEMORY_LABEL)
+        return int(label) * 1024**2 if label is not None and label.isascii() and label.isdigit() else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1587,6 +1596,113 @@ class RunPolicy(SpecModel):
 
 
 # --------------------------------------------------------------------------------------------------
+# spec.preflight
+# --------------------------------------------------------------------------------------------------
+
+#: Defaults of the preflight pod's resources (``spec.preflight.resources``) and deadline.
+PREFLIGHT_CPU = "4"
+PREFLIGHT_MEMORY = "8Gi"
+PREFLIGHT_DEADLINE_SECONDS = 3600
+
+
+def _preflight_used_only_by_auto(field: str, cel: str, check: Callable[[Any], bool], what: str) -> Rule:
+    return Rule(
+        cel=f"self.mode != 'skip' || {cel}",
+        message=f"spec.preflight.{field} {what}: not with spec.preflight.mode skip, which runs no preflight",
+        check=lambda m: m.mode != "skip" or check(m),
+        field=f".{field}",
+    )
+
+
+class PreflightResources(SpecModel):
+    """CPU and memory of the preflight pod, each its request and its limit."""
+
+    cpu: Quantity = Field(
+        default=PREFLIGHT_CPU,
+        description="CPU request and limit of the preflight pod; the record checks and tokenization use them all.",
+    )
+    memory: Quantity = Field(default=PREFLIGHT_MEMORY, description="Memory request and limit of the preflight pod.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="type(self.cpu) != int || self.cpu > 0",
+            message=f"spec.preflight.resources.cpu {QUANTITY_HINT}",
+            check=lambda m: _is_quantity(m.cpu),
+            field=".cpu",
+        ),
+        Rule(
+            cel="type(self.memory) != int || self.memory > 0",
+            message=f"spec.preflight.resources.memory {QUANTITY_HINT}",
+            check=lambda m: _is_quantity(m.memory),
+            field=".memory",
+        ),
+    )
+
+
+class PreflightSpec(SpecModel):
+    """The CPU-only check the operator runs before any GPU is held: every record checked, the tokenized
+    cache built, statistics and the memory-fit estimate, written to status.preflight."""
+
+    mode: Literal["auto", "skip"] = Field(
+        default="auto",
+        description=(
+            "`auto`: before the training gang exists, a CPU-only preflight pod (the trainer image, the job's "
+            "credentials) checks every record, builds the tokenized cache, probes write access to the checkpoint "
+            "and output URIs and estimates GPU memory; bad data ends the job Failed (InvalidData), and a job "
+            "that cannot fit in spec.resources.gpuMemory ends Failed (WillNotFit), with no GPU pod created. "
+            "`skip`: the training gang starts at once (its ranks still check the data before training)."
+        ),
+    )
+    resources: PreflightResources | None = Field(
+        default=None,
+        description=f"CPU and memory of the preflight pod. Default: cpu {PREFLIGHT_CPU}, memory {PREFLIGHT_MEMORY}.",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None,
+        ge=60,
+        le=604800,
+        description=(
+            "How long one preflight pod may run before the job fails (PreflightDeadlineExceeded). "
+            f"Default: {PREFLIGHT_DEADLINE_SECONDS}."
+        ),
+    )
+    allow_will_not_fit: bool = Field(
+        default=False,
+        description=(
+            "Start the training gang even when the memory estimate exceeds the GPU memory (FitsInMemory stays "
+            "False, reason WillNotFit). Needs the GPU memory to be known: spec.resources.gpuMemory, or an "
+            "nvidia.com/gpu.memory node selector."
+        ),
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        _preflight_used_only_by_auto(
+            "resources", "!has(self.resources)", lambda m: m.resources is None, "sizes the preflight pod"
+        ),
+        _preflight_used_only_by_auto(
+            "activeDeadlineSeconds",
+            "!has(self.activeDeadlineSeconds)",
+            lambda m: m.active_deadline_seconds is None,
+            "bounds the preflight pod",
+        ),
+        _preflight_used_only_by_auto(
+            "allowWillNotFit",
+            "!self.allowWillNotFit",
+            lambda m: not m.allow_will_not_fit,
+            "overrides the preflight's memory-fit check",
+        ),
+    )
+
+    def pod_resources(self) -> PreflightResources:
+        """The preflight pod's resources: ``resources``, or the defaults."""
+        return self.resources or PreflightResources()
+
+    def deadline_seconds(self) -> int:
+        """The preflight pod's deadline: ``activeDeadlineSeconds``, or the default."""
+        return self.active_deadline_seconds or PREFLIGHT_DEADLINE_SECONDS
+
+
+# --------------------------------------------------------------------------------------------------
 # spec
 # --------------------------------------------------------------------------------------------------
 
@@ -1780,6 +1896,10 @@ class FineTuneJobSpec(SpecModel):
     output: OutputSpec = Field(default_factory=OutputSpec, description="Result artifacts.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Prometheus metrics.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadline, TTL, queue.")
+    preflight: PreflightSpec = Field(
+        default_factory=PreflightSpec,
+        description="The CPU-only data and memory-fit check run before the training gang (status.preflight).",
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -1933,6 +2053,17 @@ class FineTuneJobSpec(SpecModel):
             check=lambda s: not (s.resources.gpus_per_node == 0 and s.distributed.backend == "nccl"),
             field=".distributed.backend",
         ),
+        Rule(
+            cel="!self.preflight.allowWillNotFit || has(self.resources.gpuMemory) "
+            f"|| (has(self.resources.nodeSelector) && '{GPU_MEMORY_LABEL}' in self.resources.nodeSelector "
+            f"&& self.resources.nodeSelector['{GPU_MEMORY_LABEL}'].matches('^[0-9]+$'))",
+            message=(
+                "spec.preflight.allowWillNotFit needs the GPU memory the fit is checked against: "
+                f"spec.resources.gpuMemory, or an {GPU_MEMORY_LABEL} node selector (MiB)"
+            ),
+            check=lambda s: not s.preflight.allow_will_not_fit or s.resources.gpu_memory_bytes is not None,
+            field=".preflight.allowWillNotFit",
+        ),
         # Last: a manifest of a task without a recipe is told about its other mistakes first.
         *TASK_SUPPORT_RULES,
     )
@@ -2017,6 +2148,70 @@ class FailureInfo(SpecModel):
     time: datetime | None = Field(default=None, strict=False, description="When the failure was observed.")
 
 
+#: Condition types the operator sets from the preflight (status.preflight), and their reasons when False.
+CONDITION_DATA_VALID = "DataValid"
+CONDITION_FITS_IN_MEMORY = "FitsInMemory"
+REASON_INVALID_DATA = "InvalidData"
+REASON_WILL_NOT_FIT = "WillNotFit"
+#: At most this many problems are kept in status.preflight.problems (and the termination message).
+PREFLIGHT_MAX_PROBLEMS = 20
+
+
+class PreflightMemory(SpecModel):
+    """The memory-fit estimate of one rank (finetune_operator.api.memory), in bytes."""
+
+    weights: int = Field(ge=0, description="Bytes of the weights a rank holds.")
+    gradients: int = Field(ge=0, description="Bytes of the gradients.")
+    optimizer: int = Field(ge=0, description="Bytes of the optimizer states.")
+    activations: int = Field(ge=0, description="Bytes of the activations at their peak (one micro-batch).")
+    overhead: int = Field(ge=0, description="CUDA context, NCCL buffers and allocator fragmentation.")
+    total: int = Field(ge=0, description="Peak bytes per GPU: what is compared with the GPU's memory.")
+    host_bytes: int | None = Field(default=None, ge=0, description="Host memory per rank for CPU offload.")
+    world_size: int | None = Field(default=None, ge=1, description="Ranks the estimate is for.")
+    parameters: int | None = Field(default=None, ge=0, description="Parameters of the model.")
+    trainable_parameters: int | None = Field(default=None, ge=0, description="Parameters that train.")
+
+
+class PreflightResult(SpecModel):
+    """What the preflight found (``python -m finetune_trainer preflight``, or ``finetune plan``): written by
+    the preflight pod to its termination message as JSON, and by the operator to status.preflight."""
+
+    train_records: int | None = Field(default=None, ge=0, description="Training records that passed the checks.")
+    eval_records: int | None = Field(default=None, ge=0, description="Evaluation records that passed the checks.")
+    bad_records: int = Field(default=0, ge=0, description="Records that failed a check.")
+    token_length_p50: float | None = Field(default=None, ge=0, description="Median tokens per training sample.")
+    token_length_p95: float | None = Field(
+        default=None, ge=0, description="95th percentile of tokens per training sample."
+    )
+    token_length_max: int | None = Field(default=None, ge=0, description="Longest training sample, in tokens.")
+    truncated_fraction: float | None = Field(
+        default=None, ge=0, le=1, description="Fraction of samples cut at spec.data.maxSeqLength."
+    )
+    tokens_per_epoch: int | None = Field(default=None, ge=0, description="Tokens one epoch trains on.")
+    steps_per_epoch: int | None = Field(default=None, ge=0, description="Optimizer steps per epoch.")
+    cache_uri: str | None = Field(default=None, max_length=4096, description="Where the tokenized cache is.")
+    cache_hit: bool = Field(default=False, description="The tokenized cache existed already (nothing tokenized).")
+    memory: PreflightMemory | None = Field(
+        default=None, description="Estimated GPU memory per rank; absent when the model is not supported."
+    )
+    memory_note: str | None = Field(default=None, max_length=1024, description="Why there is no memory estimate.")
+    write_access: list[Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=list, max_length=8, description="URIs a test object was written to and deleted from."
+    )
+    problems: list[Annotated[str, Field(max_length=2048)]] = Field(
+        default_factory=list,
+        max_length=PREFLIGHT_MAX_PROBLEMS,
+        description="The first problems of the data, each `file:line: reason`.",
+    )
+    completed_at: datetime | None = Field(default=None, strict=False, description="When the preflight finished.")
+    gpu_memory: int | None = Field(
+        default=None, ge=0, description="Bytes of GPU memory the estimate was checked against (by the operator)."
+    )
+    fits: bool | None = Field(
+        default=None, description="Whether memory.total fits in gpuMemory (decided by the operator, not the pod)."
+    )
+
+
 class FineTuneJobStatus(SpecModel):
     """Observed state of a FineTuneJob, derived by the operator from the Job and its pods."""
 
@@ -2025,7 +2220,10 @@ class FineTuneJobStatus(SpecModel):
         default_factory=list,
         max_length=32,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-        description="Conditions: Created, Running, Restarting, Succeeded, Failed, Suspended.",
+        description=(
+            "Conditions: Created, Running, Restarting, Succeeded, Failed, Suspended; DataValid and FitsInMemory "
+            "from the preflight."
+        ),
     )
     start_time: datetime | None = Field(default=None, strict=False, description="When training pods first started.")
     completion_time: datetime | None = Field(default=None, strict=False, description="When the job finished.")
@@ -2036,6 +2234,9 @@ class FineTuneJobStatus(SpecModel):
     )
     artifacts: list[Artifact] = Field(default_factory=list, max_length=64, description="Results written by the job.")
     last_failure: FailureInfo | None = Field(default=None, description="The most recent failure.")
+    preflight: PreflightResult | None = Field(
+        default=None, description="The preflight's findings (spec.preflight.mode auto), before the training gang."
+    )
     observed_generation: int | None = Field(
         default=None, ge=0, description="metadata.generation this status was derived from."
     )
