@@ -1,5 +1,9 @@
 """``python -m finetune_trainer --config FILE``: the trainer's entry point, launched by torchrun.
 
+``python -m finetune_trainer preflight --config FILE [--result FILE] [--world-size N]`` runs the
+preflight instead (:mod:`.preflight`: data, tokenizer, write access and memory checked on a CPU, no
+weights loaded; exit 0, 2 or 3 as below).
+
 Exit codes (shared with the operator's podFailurePolicy, defined in finetune_operator.api.trainer_config):
 
 ==  ================================================================================================
@@ -49,6 +53,11 @@ def termination_message(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["preflight"]:
+        from . import preflight
+
+        return preflight.main(args_in[1:])
     parser = argparse.ArgumentParser(prog="finetune_trainer", description=__doc__)
     parser.add_argument("--config", required=True, help="trainer config JSON (written by the operator or finetune run)")
     args = parser.parse_args(argv)

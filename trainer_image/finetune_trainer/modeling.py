@@ -11,6 +11,7 @@ trainable.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -105,6 +106,59 @@ def resolve_source(model: ModelSpec, *, base_dir: str | None, cache_dir: str | P
             raise ModelSourceError(f"spec.model.uri: directory {local_path} does not exist")
         return ModelSource(local_path, None, model.gguf_file, True)
     return ModelSource(uri, model.revision, model.gguf_file, False)
+
+
+#: The files of a stored model that its config and tokenizer are read from: JSON (config.json,
+#: generation_config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json, vocab.json,
+#: added_tokens.json, weight index files), text (merges.txt, vocab.txt), SentencePiece and tiktoken
+#: vocabularies, chat templates, and the Python modules of a ``trustRemoteCode`` model. Never weights
+#: (``*.safetensors``, ``*.bin``, ``*.pt``, ...), which are all other suffixes.
+CONFIG_FILE_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py")
+
+
+def is_config_file(name: str, gguf_file: str | None = None) -> bool:
+    """Whether a stored model's file is needed to read its config and tokenizer (:data:`CONFIG_FILE_SUFFIXES`;
+    for a GGUF model also its ``ggufFile``, which holds both, and its weights)."""
+    base = name.rstrip("/").rsplit("/", 1)[-1]
+    return base.lower().endswith(CONFIG_FILE_SUFFIXES) or (gguf_file is not None and base == gguf_file)
+
+
+def resolve_config_source(model: ModelSpec, *, base_dir: str | None, cache_dir: str | Path) -> ModelSource:
+    """``spec.model`` resolved as :func:`resolve_source` does, for its config and tokenizer only (the
+    preflight): a model in object storage is copied without its weight files (:func:`is_config_file`)
+    into ``<cache_dir>/model-configs``, apart from the training cache, which a partial copy must never
+    stand in for. A local directory or package is read in place; a Hub id is left to transformers,
+    whose config and tokenizer loaders fetch only their own files. A GGUF model's config and tokenizer
+    are inside its one file, which is fetched whole."""
+    uri = model.uri
+    if not storage.is_remote(uri):
+        # No download for a path, a package or a Hub id: the world is irrelevant.
+        return resolve_source(model, base_dir=base_dir, cache_dir=cache_dir, world=World(0, 0, 1, 1))
+    local = _download_config_files(uri, Path(cache_dir) / "model-configs", model.gguf_file)
+    return ModelSource(str(local), None, model.gguf_file, True)
+
+
+def _download_config_files(uri: str, cache_root: Path, gguf_file: str | None) -> Path:
+    """Copy the config and tokenizer files of a stored model (:func:`is_config_file`) into the cache
+    (once; a temporary directory renamed into place when complete, as :func:`.storage.download` does)."""
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = cache_root / digest
+    if target.exists():
+        return target
+    fs, root = storage.filesystem(uri)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        raise ModelSourceError(f"spec.model.uri: {uri} does not exist")
+    files = [p for p in fs.find(root) if is_config_file(p, gguf_file)]
+    if not files:
+        raise ModelSourceError(f"spec.model.uri: {uri} holds no model config (config.json, tokenizer files)")
+    partial = cache_root / f".{digest}.partial-{os.getpid()}"
+    for path in files:
+        local = partial / path[len(root) :].lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(path, str(local))
+    partial.rename(target)
+    return target
 
 
 def _common_kwargs(source: ModelSource, model: ModelSpec) -> dict[str, Any]:

@@ -96,6 +96,7 @@ from .v1alpha1 import (
     IA3Params,
     LoRAParams,
     PrefixParams,
+    PreflightMemory,
     PromptParams,
     QuantizationParams,
 )
@@ -1410,8 +1411,43 @@ def gpu_memory_from_node_label(value: str) -> int:
     return int(value) * MIB
 
 
+def fits_total(total_bytes: int, spec: FineTuneJobSpec) -> bool | None:
+    """Whether a per-rank peak of ``total_bytes`` (:attr:`MemoryEstimate.total`, or the ``total`` of
+    ``status.preflight.memory``) fits the GPU memory of the spec (``spec.resources.gpuMemory``, or an
+    ``nvidia.com/gpu.memory`` node selector: ``ResourcesSpec.gpu_memory_bytes``); None when neither says.
+    The one comparison the operator, ``finetune plan`` and ``finetune run`` make."""
+    declared = spec.resources.gpu_memory_bytes
+    return None if declared is None else total_bytes <= declared
+
+
+#: The lines of a per-rank breakdown (:class:`~.v1alpha1.PreflightMemory`), in the order printed.
+BREAKDOWN_PARTS = ("weights", "gradients", "optimizer", "activations", "overhead", "total")
+
+
+def memory_breakdown(memory: PreflightMemory, spec: FineTuneJobSpec) -> str:
+    """The per-rank estimate of ``status.preflight.memory`` as text (GiB), with the verdict against the
+    GPU memory of the spec (:func:`fits_total`): what ``finetune plan`` prints, and why a job is refused."""
+    n = memory.world_size
+    ranks = f" ({n} rank{'s' if n != 1 else ''})" if n else ""
+    what = "GPU memory per rank" if spec.resources.gpus_per_node else "Memory per rank (CPU training, no GPU)"
+    lines = [f"{what}{ranks}, estimated:"]
+    lines += [f"  {part:<12} {getattr(memory, part) / GIB:8.2f} GiB" for part in BREAKDOWN_PARTS]
+    lines.append("  (total is the peak: gradients and activations peak at different times, so it is not the sum)")
+    declared = spec.resources.gpu_memory_bytes
+    fits = fits_total(memory.total, spec)
+    if declared is None:
+        lines.append(
+            "  fit not checked: no GPU memory declared (spec.resources.gpuMemory, or an nvidia.com/gpu.memory "
+            "node selector)"
+        )
+    elif fits:
+        lines.append(f"  fits in {declared / GIB:.2f} GiB (headroom {(declared - memory.total) / GIB:.2f} GiB)")
+    else:
+        lines.append(f"  does NOT fit in {declared / GIB:.2f} GiB ({(memory.total - declared) / GIB:.2f} GiB over)")
+    return "\n".join(lines)
+
+
 def fits_spec(estimate_: MemoryEstimate, spec: FineTuneJobSpec) -> bool | None:
     """Whether the estimate fits the GPU memory ``spec.resources.gpuMemory`` declares; None when the
     spec does not declare it (the preflight then reads the node label)."""
-    declared = spec.resources.gpu_memory_bytes
-    return None if declared is None else estimate_.fits(declared)
+    return fits_total(estimate_.total, spec)
