@@ -693,9 +693,10 @@ def plan(obs: Observed) -> Plan:
         or any(c.type == "Created" and c.status == "True" for c in prev.conditions)
     )
     preflight_conditions = [c for c in prev.conditions if c.type in PREFLIGHT_CONDITION_TYPES]
-    if created or phase in TERMINAL:
-        # A preflight still running once the gang exists (mode changed to skip, say) or the job is over
-        # has nothing left to do.
+    if created and preflight is None:
+        # A preflight still running once the gang exists without its result (the mode changed to skip)
+        # has nothing left to do. (The one whose result is stored has finished, whatever its Job's status
+        # says yet; one that failed the job keeps its pod and log until its TTL.)
         out.delete_jobs += [j["metadata"]["name"] for j in obs.jobs if is_preflight(j) and not _finished(j)]
 
     if phase in TERMINAL:
