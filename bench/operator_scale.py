@@ -116,6 +116,7 @@ def manifest(name: str) -> dict[str, Any]:
             "training": {"maxSteps": 100},
             "distributed": {"nodes": 1, "procsPerNode": 1},
             "resources": {"gpusPerNode": 0, "podAnnotations": {"testcluster.finetune.io/hold": "true"}},
+            "preflight": {"mode": "skip"},  # the gang's path: apply -> Job
         },
     }
 

@@ -79,6 +79,8 @@ def example_job(namespace: str) -> dict[str, Any]:
         podAnnotations={HOLD: "true"},
     )
     spec["runPolicy"] = {"backoffLimit": 2, "ttlSecondsAfterFinished": 3}
+    # kwok runs no containers, so no preflight pod could read the data (tests/e2e/test_e2e_preflight.py).
+    spec["preflight"] = {"mode": "skip"}
     return job
 
 

@@ -69,6 +69,7 @@ def test_rendered_pod_template_trains_as_two_processes(
     ftj["spec"]["resources"] = {"gpusPerNode": 0, "podAnnotations": {"testcluster.finetune.io/hold": "true"}}
     ftj["spec"]["checkpoint"] = {"uri": f"file://{tmp_path}/storage"}
     ftj["spec"]["metrics"] = {"enabled": False}  # both "pods" share this host's ports
+    ftj["spec"]["preflight"] = {"mode": "skip"}  # the gang's Job at once (test_e2e_preflight.py runs the preflight's)
     cluster.apply(ftj, namespace=ns)
     job = cluster.wait_for("the operator's Job", lambda: cluster.get_json("job", "gang-a0", namespace=ns), timeout=60)
     config_map = cluster.get_json("configmap", "gang-config", namespace=ns)

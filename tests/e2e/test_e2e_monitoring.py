@@ -213,6 +213,7 @@ def test_dashboards_and_alerts_against_a_real_training_and_operator(
         distributed={"nodes": 1, "procsPerNode": 2},
         resources={"gpusPerNode": 0, "podAnnotations": {operator_tests.HOLD: "true"}},
         metrics={"port": port},
+        preflight={"mode": "skip"},  # the gang's pods are what is watched
     )
     cluster.apply(ftj, namespace=ns)
     # A second job, without metrics, that restarts once (exit 137) and then fails for good (exit 3).

@@ -30,6 +30,8 @@ def manifest(name: str, *, nodes: int = 2, hold: bool = True, **spec: Any) -> di
         "distributed": {"nodes": nodes, "procsPerNode": 2},
         "resources": {"gpusPerNode": 2, "podAnnotations": {HOLD: "true"} if hold else {}},
         "checkpoint": {"uri": "s3://ckpt", "credentials": {"name": "s3-creds"}},
+        # The gang's lifecycle: no preflight first (tests/e2e/test_e2e_preflight.py drives that one).
+        "preflight": {"mode": "skip"},
     }
     for key, value in spec.items():
         body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
