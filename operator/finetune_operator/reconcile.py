@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from .api.memory import fits_total
 from .api.trainer_config import (
     EXIT_INVALID_CONFIG,
     EXIT_INVALID_DATA,
@@ -380,10 +381,10 @@ def data_valid(result: PreflightResult) -> bool:
 
 def _judged(result: PreflightResult, spec: FineTuneJobSpec) -> PreflightResult:
     """``result`` with the operator's verdict on the fit: the GPU memory it was checked against (from the
-    spec: gpuMemory, or a nvidia.com/gpu.memory node selector) and whether memory.total fits in it."""
-    gpu = spec.resources.gpu_memory_bytes
-    fits = None if result.memory is None or gpu is None else result.memory.total <= gpu
-    return result.model_copy(update={"gpu_memory": gpu, "fits": fits})
+    spec: gpuMemory, or an nvidia.com/gpu.memory node selector) and whether memory.total fits in it
+    (:func:`~.api.memory.fits_total`, the comparison ``finetune plan`` makes too)."""
+    fits = None if result.memory is None else fits_total(result.memory.total, spec)
+    return result.model_copy(update={"gpu_memory": spec.resources.gpu_memory_bytes, "fits": fits})
 
 
 def _gib(n: int) -> str:
