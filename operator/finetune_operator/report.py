@@ -313,28 +313,67 @@ def plot(run: Run, output: Path) -> list[Path]:
 
 
 def confusion_matrix_plot(run: Run, output: Path, plt: Any) -> Path | None:
-    """``confusion_matrix.png``: a single-label classifier's confusion matrix (rows: the true class,
-    columns: the predicted one) before and after training, each cell with its count; None when the
-    run has none."""
-    panels = [(when, m["eval_confusion_matrix"]) for when, m in _evaluations(run) if "eval_confusion_matrix" in m]
-    if not panels:
+    """``confusion_matrix.png``, before and after training, each cell with its count; None when the run
+    has none. Single-label: one matrix per evaluation (rows: the true class, columns: the predicted
+    one). Multi-label: one 2x2 matrix per class and evaluation (rows: the class is absent / present,
+    columns: not predicted / predicted), a row of them per evaluation."""
+    evaluations = _evaluations(run)
+    single = [(when, m["eval_confusion_matrix"]) for when, m in evaluations if "eval_confusion_matrix" in m]
+    multi = [(when, m["eval_confusion_matrices"]) for when, m in evaluations if "eval_confusion_matrices" in m]
+    if single:
+        size = len(single[0][1])
+        names = _names(run, size)
+        fig, axes = plt.subplots(
+            1, len(single), figsize=(4 + 2.5 * len(single) + size * 0.4, 3 + size * 0.4), dpi=100, squeeze=False
+        )
+        for ax, (when, matrix) in zip(axes[0], single, strict=True):
+            _matrix(ax, matrix, f"{when} training", names, names, xlabel="predicted", ylabel="true")
+    elif multi:
+        size = len(multi[0][1])
+        names = _names(run, size)
+        fig, axes = plt.subplots(
+            len(multi), size, figsize=(1 + 2.2 * size, 0.5 + 2.4 * len(multi)), dpi=100, squeeze=False
+        )
+        for row, (when, matrices) in zip(axes, multi, strict=True):
+            for ax, name, matrix in zip(row, names, matrices, strict=True):
+                _matrix(ax, matrix, f"{name} ({when})", ["no", "yes"], ["absent", "present"], xlabel="predicted")
+    else:
         return None
-    size = len(panels[0][1])
-    names = run.classes if run.classes and len(run.classes) == size else [str(i) for i in range(size)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 + 2.5 * len(panels) + size * 0.4, 3 + size * 0.4), dpi=100)
-    for ax, (when, matrix) in zip([axes] if len(panels) == 1 else axes, panels, strict=True):
-        ax.imshow(matrix, cmap="Blues")
-        ax.set_title(f"{when} training")
-        ax.set_xticks(range(size), names, rotation=45, ha="right")
-        ax.set_yticks(range(size), names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        peak = max(max(row) for row in matrix) or 1
-        for i, row in enumerate(matrix):
-            for j, count in enumerate(row):
-                ax.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
     fig.tight_layout()
     path = output / "confusion_matrix.png"
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _names(run: Run, size: int) -> list[str]:
+    return run.classes if run.classes and len(run.classes) == size else [str(i) for i in range(size)]
+
+
+def _matrix(
+    ax: Any,
+    matrix: list[list[int]],
+    title: str,
+    columns: list[str],
+    rows: list[str],
+    *,
+    xlabel: str,
+    ylabel: str | None = None,
+) -> None:
+    """One confusion matrix on ``ax``, each cell with its count."""
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_title(title)
+    ax.set_xticks(
+        range(len(columns)),
+        columns,
+        rotation=45 if len(columns) > 2 else 0,
+        ha="right" if len(columns) > 2 else "center",
+    )
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    peak = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")

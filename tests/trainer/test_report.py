@@ -170,3 +170,36 @@ def test_report_of_a_classifier(finetune_run: Callable[..., Any], tiny_model: Pa
         pixels = np.asarray(image.convert("L"), dtype=float)
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.005
     assert (tmp_path / "report" / "eval_scores.png").is_file()
+
+
+def test_report_of_a_multi_label_classifier(finetune_run: Callable[..., Any], tiny_model: Path, tmp_path: Path) -> None:
+    """A multi-label classifier's report: the per-class table, and a 2x2 confusion matrix per class
+    (absent / present against not predicted / predicted) for each evaluation."""
+    train = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.classification_rows(120, seed=4, multi_label=True))
+    held_out = tiny.write_jsonl(tmp_path / "eval.jsonl", tiny.classification_rows(30, seed=5, multi_label=True))
+    classification = {"numLabels": len(tiny.COLORS), "labels": tiny.COLORS, "multiLabel": True}
+    job = tiny.job_manifest(
+        "multi-labelled",
+        tiny_model,
+        train,
+        task={"type": "classification", "classification": classification},
+        data={"train": {"uri": str(train)}, "eval": {"uri": str(held_out)}, "format": "classification"},
+        training__maxSteps=6,
+    )
+    result = finetune_run(job)
+    assert result.returncode == 0, result.output[-6000:]
+    output = result.workdir / "storage" / "local" / "multi-labelled" / "output"
+    proc = finetune_report(str(output), "-o", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = proc.stdout.split("per class, after training:\n", 1)[1].splitlines()
+    assert [row.split()[0] for row in table[1 : 1 + len(tiny.COLORS)]] == tiny.COLORS
+    summary = result.summary()
+    for when in ("before", "after"):
+        matrices = summary[when]["eval_confusion_matrices"]
+        assert len(matrices) == len(tiny.COLORS)
+        assert all(sum(map(sum, m)) == 30 for m in matrices)  # every eval example once per class
+    with Image.open(tmp_path / "report" / "confusion_matrix.png") as image:
+        pixels = np.asarray(image.convert("L"), dtype=float)
+        # A row of 2x2 panels per evaluation (before, after): wider than tall.
+        assert image.width > 2 * image.height
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.005
