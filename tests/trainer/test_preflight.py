@@ -305,3 +305,15 @@ def test_an_architecture_the_estimator_does_not_model_gives_a_note(tmp_path: Pat
     assert result.memory is None
     assert result.memory_note is not None and "model_type 'gpt2' is not modeled" in result.memory_note
     assert result.train_records == 8 and result.steps_per_epoch == 1
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_steps_per_epoch_are_those_the_harness_plans(world_size: int, tiny_model: Path, tmp_path: Path) -> None:
+    from finetune_trainer.harness import planned_steps
+
+    for batch, accumulation in ((1, 1), (4, 1), (8, 3), (3, 16)):
+        training = {"epochs": 1, "learningRate": 1e-3, "perDeviceBatchSize": batch}
+        training["gradientAccumulationSteps"] = accumulation
+        spec = FineTuneJob.model_validate(tiny.job_manifest("steps", tiny_model, tmp_path, training=training)).spec
+        for rows in (1, 7, 64, 1001):
+            assert preflight.steps_per_epoch(spec, rows, world_size) == planned_steps(spec, rows, world_size)

@@ -16,7 +16,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from finetune_operator.api.tasks import Head
@@ -30,13 +30,14 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.core_model_loading import WeightRenaming
-from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_QUESTION_ANSWERING_MAPPING
 
 from . import storage
 from .distributed import World, local_main_first
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 #: The attribute transformers' question-answering models give their span layer.
 #: The attribute names transformers gives the layer of a task head other than the LM head (peft looks
@@ -248,6 +249,10 @@ def load_question_answering(
     # transformers remembers the renaming and undoes it when the model is saved: a saved (merged) model
     # would then hold its weights under the causal LM's names, and a plain from_pretrained of the QA
     # class would miss them all again. Forgotten, saves use the QA class's own names.
+    # Imported here: it loads accelerate and the weight-conversion machinery (seconds), which reading a
+    # config and a tokenizer (the preflight) does not need.
+    from transformers.core_model_loading import WeightRenaming
+
     conversions = getattr(loaded, "_weight_conversions", None)
     if renaming and conversions:
         kept = [c for c in conversions if not (isinstance(c, WeightRenaming) and c.source_patterns == list(renaming))]

@@ -18,7 +18,7 @@ run it as a subprocess on this machine. In the order that keeps a refusal cheap:
    fraction of records that lose tokens to ``data.maxSeqLength`` (none for packed ``text``, cut into
    blocks, nor for ``qa``, split into overlapping windows), the tokens of one epoch (the rows' tokens
    after truncation and packing; with class resampling, those of the resampled epoch) and the optimizer
-   steps of one epoch (:func:`~.harness.planned_steps` of one epoch). A record the tokenization refuses
+   steps of one epoch (as :func:`~.harness.planned_steps` counts them). A record the tokenization refuses
    (a QA question too long for a window, a chat template that cannot be located) is bad data too.
 5. **Memory** per rank, by :func:`finetune_operator.api.memory.estimate` from the model's config.json;
    an architecture it does not model gives no estimate and a note, not a failure. Whether the job fits
@@ -174,12 +174,13 @@ def nearest_rank(values: Sequence[int], q: float) -> int:
 
 
 def steps_per_epoch(spec: FineTuneJobSpec, rows: int, world_size: int) -> int:
-    """Optimizer steps of one epoch over ``rows`` rows: :func:`~.harness.planned_steps` of a one-epoch
-    run, the count transformers' Trainer makes."""
-    from .harness import planned_steps
-
-    one_epoch = spec.model_copy(update={"training": spec.training.model_copy(update={"epochs": 1, "max_steps": None})})
-    return planned_steps(one_epoch, rows, world_size)
+    """Optimizer steps of one epoch over ``rows`` rows, as transformers' Trainer counts them: each rank's
+    share of the rows (the sampler pads to equal shares) in micro-batches, ``gradientAccumulationSteps``
+    of them a step, at least one. :func:`~.harness.planned_steps` of a one-epoch run (a test holds them
+    equal; the harness is not imported: it loads transformers' Trainer, seconds of a preflight)."""
+    t = spec.training
+    batches = math.ceil(math.ceil(rows / world_size) / t.per_device_batch_size)
+    return max(batches // t.gradient_accumulation_steps, 1)
 
 
 def data_stats(spec: FineTuneJobSpec, records: Records, tokenizer: Any, *, world_size: int) -> DataStats:
@@ -191,11 +192,17 @@ def data_stats(spec: FineTuneJobSpec, records: Records, tokenizer: Any, *, world
     train = records.train
     if recipe == "causal_lm":
         from .data.examples import build_examples
-        from .recipes.causal_lm import _examples
+        from .data.packing import pack, pack_documents
 
-        rows = _examples(train, tokenizer, data, for_training=True)
-        _examples(records.eval, tokenizer, data, for_training=False)
-        _examples(records.general, tokenizer, data.model_copy(update={"format": "text"}), for_training=False)
+        # The rows recipes.causal_lm trains on (its _examples; not imported: the recipe loads the Trainer).
+        if data.packing and data.format == "text":
+            rows = pack_documents(train, tokenizer, data)
+        elif data.packing:
+            rows = pack(build_examples(train, tokenizer, data), data.max_seq_length)
+        else:
+            rows = build_examples(train, tokenizer, data)
+        build_examples(records.eval, tokenizer, data)
+        build_examples(records.general, tokenizer, data.model_copy(update={"format": "text"}))
         lengths = [len(e) for e in build_examples(train, tokenizer, untruncated)]
         # Packed documents are cut into blocks, nothing dropped; every other row is cut at maxSeqLength.
         cut = data.packing and data.format == "text"
