@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from finetune_operator import handlers
 from finetune_operator.reconcile import observed_job, observed_pod
-from test_reconcile import NOW, job, pod, timestamp
+from test_reconcile import NOW, job, pf_job, pf_pod, pod, result, timestamp
 
 KEY = ("ns", "llm")
 TRAINER = {
@@ -23,6 +23,7 @@ class RecordingKube:
     def __init__(self) -> None:
         self.patches: list[dict[str, Any]] = []
         self.ensured: list[tuple[str, str]] = []
+        self.events: list[str] = []
 
     async def ensure(self, obj: dict[str, Any]) -> bool:
         self.ensured.append((obj["kind"], obj["metadata"]["name"]))
@@ -35,7 +36,7 @@ class RecordingKube:
         pass
 
     async def event(self, ftj: Any, kind: str, reason: str, message: str) -> None:
-        pass
+        self.events.append(reason)
 
     async def patch_status(
         self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None
@@ -149,3 +150,26 @@ def test_the_fit_verdict_is_cleared_when_the_gpu_memory_is_no_longer_known(kube:
         [pod(0, 0, "Running"), pod(0, 1, "Running")],
     )
     assert len(kube.patches) == 1
+
+
+def test_a_fresh_job_through_its_preflight_costs_four_requests_more_than_without(kube: RecordingKube) -> None:
+    # What README says: without the preflight 5 children, the Job, 2 status writes and 2 Events (10); the
+    # preflight adds its Job, 2 status writes and an Event.
+    def requests() -> int:
+        return len(kube.ensured) + len(kube.patches) + len(kube.events)
+
+    running = [pod(0, 0, "Running"), pod(0, 1, "Running")]
+    reconcile({}, [], [], preflight={"mode": "skip"})
+    reconcile(handlers.State.bodies[KEY]["status"], [job(0)], running, preflight={"mode": "skip"})
+    assert requests() == 10 and kube.events == ["Creating", "AllPodsRunning"]
+    handlers._forget(KEY)
+    kube.ensured, kube.patches, kube.events = [], [], []
+
+    done = [pf_job(0, condition="Complete")], [pf_pod(0, "Succeeded", exit_code=0, message=result())]
+    reconcile({}, [], [])  # the preflight's Job
+    reconcile(handlers.State.bodies[KEY]["status"], *done)  # its result, stored
+    reconcile(handlers.State.bodies[KEY]["status"], *done)  # the gang's Job
+    reconcile(handlers.State.bodies[KEY]["status"], [done[0][0], job(0)], [*done[1], *running])
+    assert [name for kind, name in kube.ensured if kind == "Job"] == ["llm-pf0", "llm-a0"]
+    assert kube.events == ["PreflightRunning", "PreflightPassed", "AllPodsRunning"]
+    assert requests() == 14 and len(kube.patches) == 4
