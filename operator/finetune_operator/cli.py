@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .api import crd as crd_module
+from .api.v1alpha1 import FineTuneJob
 from .api.validation import InvalidSpec, check_file, load_jobs
 
 
@@ -79,19 +80,9 @@ def crd(output: Path | None) -> None:
         output.write_text(text, encoding="utf-8")
 
 
-@main.command()
-@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--job", "job_name", help="Name of the FineTuneJob to run when the file holds several.")
-@click.option("--nproc", type=click.IntRange(min=1), help="Training processes (default: procsPerNode, or 1 on CPU).")
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Where checkpoints, outputs and logs go (default: runs/<job name>).",
-)
-def run(manifest: Path, job_name: str | None, nproc: int | None, workdir: Path | None) -> None:
-    """Train a FineTuneJob on this machine (CPU or local GPUs) under torchrun."""
-    from .local_run import run_local
-
+def _one_job(manifest: Path, job_name: str | None) -> FineTuneJob:
+    """The manifest's FineTuneJob (``job_name`` when it holds several), validated as `finetune validate`
+    does; exit 2 with every error as FILE:LINE: FIELD: MESSAGE otherwise."""
     try:
         jobs = load_jobs(manifest)
     except InvalidSpec as exc:
@@ -104,7 +95,36 @@ def run(manifest: Path, job_name: str | None, nproc: int | None, workdir: Path |
         names = ", ".join(j.metadata.name for j in jobs) or "none"
         click.echo(f"{manifest}: expected one FineTuneJob (use --job NAME); found {names}", err=True)
         sys.exit(2)
-    job = jobs[0]
+    return jobs[0]
+
+
+def _require_trainer(command: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("finetune_trainer") is None:
+        click.echo(f"error: finetune {command} needs the trainer: pip install 'finetune-operator[trainer]'", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--job", "job_name", help="Name of the FineTuneJob to run when the file holds several.")
+@click.option("--nproc", type=click.IntRange(min=1), help="Training processes (default: procsPerNode, or 1 on CPU).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where checkpoints, outputs and logs go (default: runs/<job name>).",
+)
+def run(manifest: Path, job_name: str | None, nproc: int | None, workdir: Path | None) -> None:
+    """Train a FineTuneJob on this machine (CPU or local GPUs) under torchrun.
+
+    First the preflight, as the operator runs it (unless spec.preflight.mode is skip; see `finetune
+    plan`): bad data exits 3 before the model is opened, a configuration error 2, and a job whose
+    memory estimate exceeds spec.resources.gpuMemory 5 unless spec.preflight.allowWillNotFit.
+    """
+    from .local_run import run_local
+
+    job = _one_job(manifest, job_name)
     if job.spec.distributed.nodes > 1:
         click.echo(
             f"note: spec.distributed.nodes is {job.spec.distributed.nodes}; running on this machine only", err=True
@@ -112,6 +132,57 @@ def run(manifest: Path, job_name: str | None, nproc: int | None, workdir: Path |
     workdir = workdir or Path("runs") / job.metadata.name
     click.echo(f"finetune: running {job.metadata.name} in {workdir}", err=True)
     sys.exit(run_local(job, manifest=manifest, workdir=workdir, nproc=nproc))
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--job", "job_name", help="Name of the FineTuneJob to plan when the file holds several.")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the trainer config, the model's config and tokenizer, and the result go (default: runs/<job name>).",
+)
+@click.option(
+    "-o", "--output", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="json: the preflight result (status.preflight's fields) with gpuMemory and fits.",
+)  # fmt: skip
+def plan(manifest: Path, job_name: str | None, workdir: Path | None, output_format: str) -> None:
+    """Check a FineTuneJob without training: the operator's preflight, run here.
+
+    Every record checked (each problem as file:line: reason), the model's config and tokenizer read
+    (never its weights), token lengths, truncation, tokens and optimizer steps of one epoch, write access
+    to the checkpoint and output URIs, and the GPU memory per rank, checked against
+    spec.resources.gpuMemory. Exit status: 0 ready to train; 2 an invalid manifest or configuration;
+    3 bad data; 5 the job cannot fit in the GPU memory (a certain OOM).
+    """
+    from .api.trainer_config import EXIT_INVALID_DATA
+    from .local_run import EXIT_WILL_NOT_FIT, preflight_local
+    from .plan import plan_text
+
+    _require_trainer("plan")
+    job = _one_job(manifest, job_name)
+    name = job.metadata.name
+    checked = preflight_local(job, manifest=manifest, workdir=workdir or Path("runs") / name, capture=True)
+    result = checked.result
+    if result is None:
+        click.echo(checked.stderr.rstrip(), err=True)
+        click.echo(f"error: the preflight exited {checked.returncode} without a result", err=True)
+        sys.exit(checked.returncode or 1)
+    fits = checked.fits(job.spec)
+    code = checked.returncode
+    if code == 0 and fits is False and not job.spec.preflight.allow_will_not_fit:
+        code = EXIT_WILL_NOT_FIT
+    if output_format == "json":
+        body = result.model_copy(update={"gpu_memory": job.spec.resources.gpu_memory_bytes, "fits": fits})
+        click.echo(body.model_dump_json(by_alias=True, exclude_none=True))
+    else:
+        verdict = {
+            0: "ready to train" if fits is not False else "ready to train (spec.preflight.allowWillNotFit)",
+            EXIT_INVALID_DATA: "bad data",
+            EXIT_WILL_NOT_FIT: "will not fit in GPU memory",
+        }.get(code, "invalid configuration")
+        click.echo(plan_text(name, result, job.spec, verdict=verdict))
+    sys.exit(code)
 
 
 @main.command()
@@ -171,12 +242,9 @@ def predict(output: str, input_uri: str, artifact: str | None, predictions: Path
     the records go to standard error. Needs the trainer's dependencies
     (`pip install 'finetune-operator[trainer]'`).
     """
-    import importlib.util
     import subprocess
 
-    if importlib.util.find_spec("finetune_trainer") is None:
-        click.echo("error: finetune predict needs the trainer: pip install 'finetune-operator[trainer]'", err=True)
-        sys.exit(2)
+    _require_trainer("predict")
     argv = [sys.executable, "-m", "finetune_trainer.predict", output, "--input", input_uri]
     argv += ["--max-new-tokens", str(max_new_tokens)]
     if artifact:

@@ -1,14 +1,18 @@
-"""``finetune run``: train a FineTuneJob on this machine, under torchrun, as its pods would."""
+"""``finetune run``: train a FineTuneJob on this machine, under torchrun, as its pods would, after the
+preflight its operator would run first (``finetune plan`` runs the preflight alone)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from .api.trainer_config import build_trainer_config, storage_environment, trainer_command
-from .api.v1alpha1 import FineTuneJob
+from .api.memory import fits_total, memory_breakdown
+from .api.trainer_config import build_trainer_config, preflight_command, storage_environment, trainer_command
+from .api.v1alpha1 import FineTuneJob, FineTuneJobSpec, PreflightResult
+from .plan import summary_line
 
 LOCAL_NAMESPACE = "local"
 
@@ -25,8 +29,10 @@ def default_nproc(job: FineTuneJob) -> int:
     return max(torch.cuda.device_count(), 1) if job.spec.resources.gpus_per_node else 1
 
 
-def run_local(job: FineTuneJob, *, manifest: Path, workdir: Path, nproc: int | None = None) -> int:
-    """Write the trainer config into ``workdir`` and run torchrun; return the trainer's exit code."""
+def write_trainer_config(job: FineTuneJob, *, manifest: Path, workdir: Path) -> Path:
+    """The job's trainer config, as the operator renders it, written to ``workdir/trainer-config.json``:
+    relative data paths resolve against the manifest's directory, checkpoints and outputs default to
+    ``workdir/storage``."""
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     config = build_trainer_config(
@@ -38,9 +44,85 @@ def run_local(job: FineTuneJob, *, manifest: Path, workdir: Path, nproc: int | N
     )
     config_path = workdir / "trainer-config.json"
     config_path.write_text(config.dumps(), encoding="utf-8")
-    # As in the pod: the spec's object store (endpoint, region) for every URI on it, not only checkpoints.
+    return config_path
+
+
+def trainer_environment(job: FineTuneJob) -> dict[str, str]:
+    """The environment of the trainer (and of the preflight) here: as in the pod, the spec's object
+    store (endpoint, region) for every URI on it, not only checkpoints, over the caller's own."""
     env = {**os.environ, **storage_environment(job.spec)}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    command = trainer_command(config_path, nproc_per_node=nproc or default_nproc(job), python=sys.executable)
-    return subprocess.run(command, env=env, check=False).returncode
+    return env
+
+
+#: ``finetune run`` and ``finetune plan`` exit with it when the memory estimate of a rank exceeds
+#: ``spec.resources.gpuMemory`` (and ``spec.preflight.allowWillNotFit`` is off): a certain OOM, refused
+#: before training. Not one of the trainer's codes (0, 2, 3, 4, 85) nor a crash's (1).
+EXIT_WILL_NOT_FIT = 5
+PREFLIGHT_RESULT_FILE = "preflight.json"
+
+
+@dataclass(frozen=True)
+class LocalPreflight:
+    """What the preflight subprocess left: its exit code, its result (None when it crashed before
+    writing one) and its standard error when captured."""
+
+    returncode: int
+    result: PreflightResult | None
+    stderr: str = ""
+
+    def fits(self, spec: FineTuneJobSpec) -> bool | None:
+        """Whether the estimate fits ``spec.resources.gpuMemory`` (None: no estimate, or no GPU memory
+        declared), by the comparison the operator makes."""
+        if self.result is None or self.result.memory is None:
+            return None
+        return fits_total(self.result.memory.total, spec)
+
+
+def preflight_local(
+    job: FineTuneJob, *, manifest: Path, workdir: Path, world_size: int | None = None, capture: bool = False
+) -> LocalPreflight:
+    """Run the preflight here as the operator's preflight pod runs it (``preflight_command``, one
+    process) with the trainer's environment; its reasons go to standard error (captured with
+    ``capture``), its result to ``workdir/preflight.json``."""
+    config_path = write_trainer_config(job, manifest=manifest, workdir=workdir)
+    result_path = config_path.parent / PREFLIGHT_RESULT_FILE
+    result_path.unlink(missing_ok=True)
+    command = [*preflight_command(config_path, python=sys.executable), "--result", str(result_path)]
+    if world_size is not None:
+        command += ["--world-size", str(world_size)]
+    proc = subprocess.run(
+        command,
+        env=trainer_environment(job),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE if capture else None,
+        text=True,
+        check=False,
+    )
+    result = None
+    if result_path.is_file():
+        result = PreflightResult.model_validate_json(result_path.read_text(encoding="utf-8"))
+    return LocalPreflight(proc.returncode, result, proc.stderr or "")
+
+
+def run_local(job: FineTuneJob, *, manifest: Path, workdir: Path, nproc: int | None = None) -> int:
+    """Run the preflight (unless ``spec.preflight.mode`` is ``skip``), then torchrun with the trainer
+    config in ``workdir``; return the first refusal's exit code or the trainer's."""
+    procs = nproc or default_nproc(job)
+    spec = job.spec
+    if spec.preflight.mode != "skip":
+        checked = preflight_local(job, manifest=manifest, workdir=workdir, world_size=procs)
+        if checked.returncode != 0:
+            return checked.returncode
+        if checked.result is not None:
+            print(summary_line(checked.result, spec), file=sys.stderr, flush=True)
+        if checked.fits(spec) is False and checked.result is not None and checked.result.memory is not None:
+            verdict = memory_breakdown(checked.result.memory, spec)
+            if not spec.preflight.allow_will_not_fit:
+                print(f"{verdict}\nrefused: set spec.preflight.allowWillNotFit to train anyway", file=sys.stderr)
+                return EXIT_WILL_NOT_FIT
+            print(f"{verdict}\nspec.preflight.allowWillNotFit: training anyway", file=sys.stderr)
+    config_path = write_trainer_config(job, manifest=manifest, workdir=workdir)
+    command = trainer_command(config_path, nproc_per_node=procs, python=sys.executable)
+    return subprocess.run(command, env=trainer_environment(job), check=False).returncode

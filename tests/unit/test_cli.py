@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -352,6 +353,7 @@ def test_finetune_run_starts_the_trainer_as_a_pod_does(tmp_path: Path, monkeypat
     f.write_text(
         GOOD.replace("{uri: train.jsonl}", "{uri: s3://data/train.jsonl}")
         + "  checkpoint: {uri: s3://ckpt, everySteps: 5, endpointUrl: 'http://minio:9000', region: eu-west-1}\n"
+        + "  preflight: {mode: skip}\n"  # the preflight would read the data; test_finetune_plan_* run it
     )
     workdir = tmp_path / "work"
     result = CliRunner().invoke(main, ["run", str(f), "--workdir", str(workdir)])
@@ -363,3 +365,100 @@ def test_finetune_run_starts_the_trainer_as_a_pod_does(tmp_path: Path, monkeypat
     assert storage_environment(config.spec) == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1"}
     assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["AWS_REGION"] == "eu-west-1"
     assert env["AWS_ACCESS_KEY_ID"] == "from-the-caller"
+
+
+# --------------------------------------------------------------------------------------------------
+# finetune plan, and the preflight of finetune run
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def config_only_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama's config and tokenizer without weights: all a preflight reads."""
+    import tiny
+
+    model = tmp_path_factory.mktemp("config-only-model")
+    tokenizer = tiny.build_tokenizer()
+    tokenizer.save_pretrained(model)
+    tiny.llama_config(tokenizer).save_pretrained(model)
+    return model
+
+
+def _plan_job(tmp_path: Path, model: Path, *, rows: list[dict[str, str]] | None = None, **overrides: object) -> Path:
+    import tiny
+
+    train = tiny.write_jsonl(tmp_path / "train.jsonl", rows or tiny.prompt_completion_rows(16))
+    manifest = tiny.job_manifest("planned", model, train, **{"resources": {"gpusPerNode": 1}, **overrides})
+    return tiny.write_manifest(tmp_path / "job.yaml", manifest)
+
+
+def test_finetune_plan_prints_the_preflight_and_the_memory_per_rank(tmp_path: Path, config_only_model: Path) -> None:
+    from finetune_operator.api.memory import GIB, estimate
+    from finetune_operator.api.validation import load_jobs
+    from transformers import AutoTokenizer
+
+    job_file = _plan_job(tmp_path, config_only_model, resources={"gpusPerNode": 1, "gpuMemory": "80Gi"})
+    workdir = tmp_path / "work"
+    result = CliRunner().invoke(main, ["plan", str(job_file), "--workdir", str(workdir)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "FineTuneJob planned: ready to train"
+    assert "  data: 16 training records, 0 evaluation records, 0 bad" in lines
+    for part in ("weights", "gradients", "optimizer", "activations", "overhead", "total"):
+        assert any(line.startswith(f"    {part} ") and line.endswith(" GiB") for line in lines), part
+    [verdict] = [line for line in lines if "fits in" in line]
+    assert verdict.startswith("    fits in 80.00 GiB (headroom ")
+
+    as_json = CliRunner().invoke(main, ["plan", str(job_file), "--workdir", str(workdir), "--output", "json"])
+    assert as_json.exit_code == 0, as_json.output
+    body = json.loads(as_json.output)
+    assert body["trainRecords"] == 16 and body["badRecords"] == 0 and body["stepsPerEpoch"] == 2
+    assert body["fits"] is True and body["gpuMemory"] == 80 * GIB
+    [job] = load_jobs(job_file)
+    cfg = json.loads((config_only_model / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(config_only_model)
+    assert body["memory"]["total"] == estimate(cfg, job.spec, tokenizer_length=len(tokenizer)).total
+    # Nothing but the config and the tokenizer was read: the model directory has no weights at all.
+    assert not list(config_only_model.glob("*.safetensors"))
+
+
+def test_finetune_plan_exits_5_when_the_job_cannot_fit(tmp_path: Path, config_only_model: Path) -> None:
+    job_file = _plan_job(tmp_path, config_only_model, resources={"gpusPerNode": 1, "gpuMemory": "1Gi"})
+    result = CliRunner().invoke(main, ["plan", str(job_file), "--workdir", str(tmp_path / "work")])
+    assert result.exit_code == 5, result.output
+    assert result.output.splitlines()[0] == "FineTuneJob planned: will not fit in GPU memory"
+    assert "    does NOT fit in 1.00 GiB (" in result.output
+
+    # finetune run refuses it before training: no torchrun, no metrics.
+    run = CliRunner().invoke(main, ["run", str(job_file), "--workdir", str(tmp_path / "run")])
+    assert run.exit_code == 5, run.output
+    assert "does NOT fit in 1.00 GiB" in run.output and "spec.preflight.allowWillNotFit" in run.output
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    # The user's override: planned as ready (the estimate still shown as not fitting).
+    allowed = _plan_job(
+        tmp_path,
+        config_only_model,
+        resources={"gpusPerNode": 1, "gpuMemory": "1Gi"},
+        preflight={"allowWillNotFit": True},
+    )
+    result = CliRunner().invoke(main, ["plan", str(allowed), "--workdir", str(tmp_path / "work")])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "FineTuneJob planned: ready to train (spec.preflight.allowWillNotFit)"
+    assert "    does NOT fit in 1.00 GiB (" in result.output
+
+
+def test_finetune_plan_exits_3_on_bad_data_naming_file_and_line(tmp_path: Path, config_only_model: Path) -> None:
+    import tiny
+
+    rows = tiny.prompt_completion_rows(6)
+    rows[1] = {"prompt": "what color is the pear?"}
+    job_file = _plan_job(tmp_path, config_only_model, rows=rows)
+    result = CliRunner().invoke(main, ["plan", str(job_file), "--workdir", str(tmp_path / "work")])
+    assert result.exit_code == 3, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "FineTuneJob planned: bad data"
+    assert f"    {tmp_path / 'train.jsonl'}:2: missing column 'completion'" in lines
+    as_json = CliRunner().invoke(main, ["plan", str(job_file), "--workdir", str(tmp_path / "work"), "-o", "json"])
+    assert as_json.exit_code == 3
+    assert json.loads(as_json.output)["problems"] == [f"{tmp_path / 'train.jsonl'}:2: missing column 'completion'"]
