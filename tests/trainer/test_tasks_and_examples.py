@@ -7,10 +7,11 @@ the end by `finetune run` with the recipe the table names.
 
 Each example of examples/ must validate, and runs through `finetune run` with only what this machine
 cannot provide replaced: the model (a tiny one built from a config), the data (local files of the
-example's format, with the example's column names), accelerators (GPUs, bf16, CUDA-only
-optimizers), the size of the gang, remote storage, and the number of steps. Every other field —
-task, method and its parameters, format, packing, evaluation, early stopping, DeepSpeed, outputs —
-is the example's own. The quickstart runs as written, unchanged, in test_quickstart.py.
+example's format, with the example's column names; a classifier's classes become the test data's),
+accelerators (GPUs, bf16, CUDA-only optimizers), the size of the gang, remote storage, and the
+number of steps. Every other field — task, method and its parameters, format, packing, evaluation,
+early stopping, DeepSpeed, outputs — is the example's own. The quickstart runs as written, unchanged,
+in test_quickstart.py; hack/examples.sh runs every laptop example as written (not in CI).
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ def cpu_sized(example: dict[str, Any], model: Path, data_dir: Path) -> dict[str,
     spec["model"] = {"uri": str(model), "dtype": "bf16" if spec["method"]["type"] == "qlora" else "fp32"}
     if "quantization" in spec["method"]:
         spec["method"]["quantization"]["computeDtype"] = "fp32"
+    classification = spec["task"].get("classification")
+    if classification is not None:  # the test data's classes replace the example's
+        classification.update(numLabels=len(tiny.COLORS), labels=list(tiny.COLORS))
+        classification.pop("classWeights", None)
     data = spec["data"]
     columns = data.get("columns", {})
     for source in ("train", "eval"):

@@ -1,0 +1,144 @@
+"""Run the laptop examples with `finetune run` and check their summaries (called by hack/examples.sh).
+
+Each example is a manifest of examples/ whose model ships with a Python package (``pkg://``): it runs
+as written, on this machine's CPUs. What is checked, from each run's summary.json:
+
+- ``quickstart``: held-out perplexity at least halves; general-text perplexity (forgetting) at most
+  doubles.
+- ``ticket-routing``: macro F1 rises by at least 0.3; and the same manifest without
+  ``balanceClassWeights`` (run here too, from a copy in the work directory) recalls the minority
+  queues — those holding at most 10% of the training tickets — less well than the weighted run does
+  (the mean of their recalls).
+- ``company-facts-qa``: exact match and F1 rise by at least 0.3 each.
+
+Prints every figure it checks and exits 1 if any check fails.
+
+    .venv/bin/python hack/examples.py [NAME ...] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+FINETUNE = Path(sys.executable).with_name("finetune")
+
+Summary = dict[str, Any]
+#: A check's verdict: the line to print, and whether it passed (None: a figure shown, not checked).
+Verdict = tuple[str, bool | None]
+
+
+def run(manifest: Path, workdir: Path) -> Summary:
+    """`finetune run MANIFEST`; its summary."""
+    started = time.monotonic()
+    log = workdir.with_suffix(".log")
+    with log.open("w", encoding="utf-8") as out:
+        proc = subprocess.run(
+            [str(FINETUNE), "run", str(manifest), "--workdir", str(workdir)], stdout=out, stderr=subprocess.STDOUT
+        )
+    print(f"  {manifest.name}: exit {proc.returncode} in {time.monotonic() - started:.0f} s (log: {log})", flush=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{manifest.name} failed:\n" + log.read_text(encoding="utf-8")[-4000:])
+    summary: Summary = json.loads((workdir / "summary.json").read_text(encoding="utf-8"))
+    return summary
+
+
+def rises(summary: Summary, metric: str, *, by: float) -> Verdict:
+    before, after = summary["before"][metric], summary["after"][metric]
+    return f"{metric} {before:.3f} -> {after:.3f} (must rise by {by})", after - before >= by
+
+
+def quickstart(manifest: Path, workdir: Path) -> list[Verdict]:
+    s = run(manifest, workdir / "quickstart")
+    (b, a), (gb, ga) = ((s["before"][k], s["after"][k]) for k in ("eval_perplexity", "general_perplexity"))
+    return [
+        (f"eval_perplexity {b:.2f} -> {a:.2f} (must at least halve)", a <= 0.5 * b),
+        (f"general_perplexity {gb:.2f} -> {ga:.2f} (must at most double)", ga <= 2 * gb),
+    ]
+
+
+def minority_classes(manifest: Path, job: dict[str, Any]) -> list[str]:
+    """The classes holding at most 10% of the training records."""
+    data = job["spec"]["data"]
+    label = data.get("columns", {}).get("label", "label")
+    path = (manifest.parent / data["train"]["uri"]).resolve()
+    counts = collections.Counter(json.loads(line)[label] for line in path.read_text(encoding="utf-8").splitlines())
+    total = sum(counts.values())
+    return [name for name in job["spec"]["task"]["classification"]["labels"] if counts[name] <= 0.1 * total]
+
+
+def ticket_routing(manifest: Path, workdir: Path) -> list[Verdict]:
+    job = yaml.safe_load(manifest.read_text(encoding="utf-8"))
+    weighted = run(manifest, workdir / "ticket-routing")
+    # The same job without class weights: a copy whose data paths are absolute, so that it runs from here.
+    unweighted_job = json.loads(json.dumps(job))
+    unweighted_job["metadata"]["name"] += "-unweighted"
+    del unweighted_job["spec"]["task"]["classification"]["balanceClassWeights"]
+    for source in ("train", "eval"):
+        uri = unweighted_job["spec"]["data"][source]["uri"]
+        unweighted_job["spec"]["data"][source]["uri"] = str((manifest.parent / uri).resolve())
+    copy = workdir / "ticket-routing-unweighted.yaml"
+    copy.write_text(yaml.safe_dump(unweighted_job, sort_keys=False), encoding="utf-8")
+    unweighted = run(copy, workdir / "ticket-routing-unweighted")
+
+    minority = minority_classes(manifest, job)
+    verdicts = [rises(weighted, "eval_f1", by=0.3)]
+    for name, s in (("weighted", weighted), ("unweighted", unweighted)):
+        recalls = ", ".join(
+            f"{c} {s['after'][f'eval_recall_{c}']:.3f}" for c in job["spec"]["task"]["classification"]["labels"]
+        )
+        verdicts.append((f"{name}: macro F1 {s['after']['eval_f1']:.3f}, recall: {recalls}", None))
+
+    def mean_recall(s: Summary) -> float:
+        return sum(s["after"][f"eval_recall_{c}"] for c in minority) / len(minority)
+
+    w, u = mean_recall(weighted), mean_recall(unweighted)
+    verdicts.append((f"minority ({', '.join(minority)}) mean recall: weighted {w:.3f} vs unweighted {u:.3f}", w > u))
+    return verdicts
+
+
+def company_facts_qa(manifest: Path, workdir: Path) -> list[Verdict]:
+    s = run(manifest, workdir / "company-facts-qa")
+    return [rises(s, "eval_exact_match", by=0.3), rises(s, "eval_f1", by=0.3)]
+
+
+CHECKS: dict[str, Callable[[Path, Path], list[Verdict]]] = {
+    "quickstart": quickstart,
+    "ticket-routing": ticket_routing,
+    "company-facts-qa": company_facts_qa,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", choices=[*CHECKS, []], metavar="NAME", help=", ".join(CHECKS))
+    parser.add_argument("--workdir", type=Path, help="where the runs go (default: a new temporary directory)")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="finetune-examples-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name in args.names or list(CHECKS):
+        print(f"{name}:", flush=True)
+        for line, ok in CHECKS[name](EXAMPLES / f"{name}.yaml", workdir):
+            print(f"  {'    ' if ok is None else 'ok  ' if ok else 'FAIL'} {line}", flush=True)
+            if ok is False:
+                failed.append(f"{name}: {line}")
+    if failed:
+        raise SystemExit("failed:\n" + "\n".join(failed))
+    print("every example ran and did what it claims")
+
+
+if __name__ == "__main__":
+    main()
