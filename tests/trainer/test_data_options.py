@@ -21,7 +21,7 @@ import pytest
 from finetune_operator.api.trainer_config import JobIdentity, TrainerConfig
 from finetune_operator.api.v1alpha1 import ColumnMapping, DataSource, DataSpec, FineTuneJobSpec
 from finetune_trainer import harness
-from finetune_trainer.data import chat
+from finetune_trainer.data import chat, pipeline
 from finetune_trainer.data.examples import IGNORE, build_examples
 from finetune_trainer.data.packing import pack
 from finetune_trainer.data.records import DataError, Record, load_checked
@@ -30,7 +30,7 @@ from tiny import chat_rows, job_manifest, prompt_completion_rows, text_rows, wri
 from transformers import AutoTokenizer
 
 
-def read_data(tmp_path: Path, data: dict[str, Any], general: dict[str, Any] | None = None) -> harness.RunData:
+def read_data(tmp_path: Path, data: dict[str, Any], general: dict[str, Any] | None = None) -> pipeline.Checked:
     """The records a run of this ``spec.data`` (and general-eval source) reads, as the harness reads them."""
     training: dict[str, Any] = {"maxSteps": 1}
     if general is not None:

@@ -8,7 +8,9 @@ failing run cheap:
 1. :meth:`Run.open` — this process's place in the gang (:class:`~.distributed.World`), Prometheus
    metrics, SIGTERM handling and the FineTuneJob status reporter; all closed in every outcome.
 2. :meth:`Run.read_data` — every record of the train, eval and general-eval data read and checked
-   before anything heavy happens: a bad record exits 3 before the model is opened.
+   before anything heavy happens: a bad record exits 3 before the model is opened (phase 1 of the
+   data pipeline, :mod:`.data.pipeline`, whose :func:`~.data.pipeline.prepare` then gives the recipe
+   its token rows, from the tokenized cache when a run built it before).
 3. :meth:`Run.prepare` — the process group, the TrainingArguments (before the model: ZeRO-3
    partitions at load time) and the resume decision (a checkpoint of another spec fails the run
    before any model is loaded); the chosen checkpoint is downloaded and verified on every node.
@@ -36,7 +38,7 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traine
 
 from . import checkpointing, distributed, modeling, storage
 from .checkpoint_store import CheckpointStore, Manifest, describe
-from .data.records import Record, load_checked, split_eval
+from .data import pipeline
 from .outputs import EVALUATION_FILE, TRAINER_CONFIG_FILE, save_outputs
 from .progress import ProgressReporter
 from .status import StatusReporter
@@ -66,15 +68,6 @@ def planned_steps(spec: FineTuneJobSpec, rows: int, world_size: int) -> int:
     per_epoch = max(batches // t.gradient_accumulation_steps, 1)
     assert t.epochs is not None
     return math.ceil(t.epochs * per_epoch)
-
-
-@dataclass(frozen=True)
-class RunData:
-    """The checked records of a run: training, held-out evaluation and general text."""
-
-    train: list[Record]
-    eval: list[Record]
-    general: list[Record]
 
 
 def instrumented(trainer_cls: type[TrainerT]) -> Callable[..., TrainerT]:
@@ -132,19 +125,15 @@ class Run:
             if run.status is not None:
                 run.status.close()
 
-    def read_data(self) -> RunData:
-        """Train, eval (the file, or ``evalSplit`` of train) and general-eval records, checked."""
-        data, base = self.spec.data, self.config.base_dir
-        task = self.spec.task
-        train = load_checked(data.train, data.format, data.columns, task=task, base_dir=base)
-        if data.eval is not None:
-            held_out = load_checked(data.eval, data.format, data.columns, task=task, base_dir=base)
-        else:
-            train, held_out = split_eval(train, data.eval_split, self.spec.training.seed)
-        forgetting = self.spec.training.forgetting
-        general_source = forgetting.general_eval if forgetting else None
-        general = load_checked(general_source, "text", data.columns, base_dir=base) if general_source else []
-        return RunData(train=train, eval=held_out, general=general)
+    def read_data(self) -> pipeline.Checked:
+        """Train, eval (the file, or ``evalSplit`` of train) and general-eval records, checked (skipped
+        when a committed tokenized cache of the same data exists)."""
+        return pipeline.check(self.config, self.world)
+
+    def tokenized(self, checked: pipeline.Checked, tokenizer: Any) -> pipeline.PreparedData:
+        """The token rows of the checked data (:func:`.data.pipeline.prepare`): after :meth:`prepare`,
+        the tokenizer being a model file."""
+        return pipeline.prepare(self.config, tokenizer, world=self.world, checked=checked)
 
     def model_source(self) -> modeling.ModelSource:
         """``spec.model`` as ``from_pretrained`` takes it (a remote model downloaded into the work

@@ -8,6 +8,9 @@ even where a template joins turns without special tokens.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from finetune_operator.api.v1alpha1 import ColumnMapping, DataSpec
 from transformers import PreTrainedTokenizerBase
 
@@ -44,7 +47,11 @@ def check(record: Record, columns: ColumnMapping) -> str | None:
 
 def chat_messages(record: Record, data: DataSpec) -> list[dict[str, str]]:
     """The record's messages (role and content only), with the spec's system prompt first if it has none."""
-    messages = [{"role": m["role"], "content": m["content"]} for m in record.data[data.columns.messages]]
+    return _messages(record.data[data.columns.messages], data)
+
+
+def _messages(conversation: list[dict[str, Any]], data: DataSpec) -> list[dict[str, str]]:
+    messages = [{"role": m["role"], "content": m["content"]} for m in conversation]
     if data.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": data.system_prompt})
     return messages
@@ -75,23 +82,39 @@ def assistant_spans(
     return full, spans
 
 
+def require_fast(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Refuse a tokenizer without character offsets (a slow one), naming the first chat record."""
+    if not tokenizer.is_fast:
+        raise ChatTemplateError([f"{where}: chat data needs a fast tokenizer (character offsets)"])
+
+
+def tokenize(
+    columns: Mapping[str, Sequence[Any]], tokenizer: PreTrainedTokenizerBase, data: DataSpec
+) -> dict[str, list[list[int]]]:
+    """A batch of conversations (``columns["messages"]``) as whole rows (not cut to maxSeqLength):
+    each rendered with the chat template, its tokens, and labels on the assistant turns (everything
+    without ``completionOnlyLoss``). Needs a fast tokenizer (:func:`require_fast`)."""
+    rendered = [assistant_spans(tokenizer, _messages(conversation, data)) for conversation in columns["messages"]]
+    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    all_ids: list[list[int]] = encoded["input_ids"]
+    all_labels = []
+    for (_text, spans), ids, offsets in zip(rendered, all_ids, encoded["offset_mapping"], strict=True):
+        if data.completion_only_loss:
+            labels = [
+                token if any(s <= begin < e for s, e in spans) else IGNORE
+                for token, (begin, _end) in zip(ids, offsets, strict=True)
+            ]
+        else:
+            labels = list(ids)
+        all_labels.append(labels)
+    return {"input_ids": all_ids, "labels": all_labels}
+
+
 def example(record: Record, tokenizer: PreTrainedTokenizerBase, data: DataSpec) -> Example:
     """The conversation's training row (cut to maxSeqLength)."""
-    messages = chat_messages(record, data)
-    text, spans = assistant_spans(tokenizer, messages)
-    if not tokenizer.is_fast:
-        raise ChatTemplateError([f"{record.where}: chat data needs a fast tokenizer (character offsets)"])
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = encoded["input_ids"]
-    offsets: list[tuple[int, int]] = encoded["offset_mapping"]
-    if data.completion_only_loss:
-        labels = [
-            token if any(s <= begin < e for s, e in spans) else IGNORE
-            for token, (begin, _end) in zip(ids, offsets, strict=True)
-        ]
-    else:
-        labels = list(ids)
-    return Example(ids[: data.max_seq_length], labels[: data.max_seq_length])
+    require_fast(tokenizer, record.where)
+    row = tokenize({"messages": [record.data[data.columns.messages]]}, tokenizer, data)
+    return Example(row["input_ids"][0][: data.max_seq_length], row["labels"][0][: data.max_seq_length])
 
 
 def prompt(record: Record, tokenizer: PreTrainedTokenizerBase, data: DataSpec) -> tuple[list[int], str]:

@@ -20,7 +20,7 @@ on the right and adds the attention mask.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,50 +121,59 @@ class ClassificationExample:
         return len(self.input_ids)
 
 
+def target(value: Any, params: ClassificationParams) -> int | list[float]:
+    """The training target of a (checked) label value: a class id, or with ``multiLabel`` a multi-hot
+    vector of ``numLabels`` floats."""
+    parsed = class_ids(value, params)
+    assert not isinstance(parsed, str), f"{parsed} (the record was not checked)"
+    if not params.multi_label:
+        return parsed[0]
+    hot = [0.0] * params.num_labels
+    for class_id in parsed:
+        hot[class_id] = 1.0
+    return hot
+
+
+def tokenize(
+    columns: Mapping[str, Sequence[Any]], tokenizer: PreTrainedTokenizerBase, data: DataSpec, task: TaskSpec
+) -> dict[str, list[Any]]:
+    """A batch of checked records (``columns["text"]``, ``columns["label"]``) as rows: each text's
+    tokens whole (not cut to maxSeqLength) as ``input_ids``, its target as ``labels``."""
+    params = _params(task)
+    ids: list[list[int]] = tokenizer(list(columns["text"]), add_special_tokens=True)["input_ids"]
+    return {"input_ids": ids, "labels": [target(value, params) for value in columns["label"]]}
+
+
 def example(
     record: Record, tokenizer: PreTrainedTokenizerBase, data: DataSpec, task: TaskSpec
 ) -> ClassificationExample:
     """The record's row: its text's tokens (cut to maxSeqLength) and its target. The record is checked."""
-    params = _params(task)
-    ids: list[int] = tokenizer(record.data[data.columns.text], add_special_tokens=True)["input_ids"]
-    parsed = class_ids(record.data[data.columns.label], params)
-    assert not isinstance(parsed, str), f"{record.where}: {parsed} (the record was not checked)"
-    label: int | list[float]
-    if params.multi_label:
-        label = [0.0] * params.num_labels
-        for class_id in parsed:
-            label[class_id] = 1.0
-    else:
-        label = parsed[0]
-    return ClassificationExample(ids[: data.max_seq_length], label)
+    [built] = build_examples([record], tokenizer, data, task)
+    return built
 
 
 def build_examples(
     records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, data: DataSpec, task: TaskSpec
 ) -> list[ClassificationExample]:
-    return [example(r, tokenizer, data, task) for r in records]
+    """The records' rows (:func:`tokenize`, cut to maxSeqLength)."""
+    if not records:
+        return []
+    c = data.columns
+    rows = tokenize(
+        {"text": [r.data[c.text] for r in records], "label": [r.data[c.label] for r in records]}, tokenizer, data, task
+    )
+    n = data.max_seq_length
+    return [ClassificationExample(ids[:n], label) for ids, label in zip(rows["input_ids"], rows["labels"], strict=True)]
 
 
 def target_classes(examples: Sequence[ClassificationExample]) -> list[list[int]]:
     """Each example's class ids (one for single-label, any number for multi-label)."""
-    return [
-        [example.label] if isinstance(example.label, int) else [i for i, v in enumerate(example.label) if v]
-        for example in examples
-    ]
+    return classes_of([example.label for example in examples])
 
 
-class ClassificationDataset(torch.utils.data.Dataset[dict[str, Any]]):
-    """Examples as the Trainer's items: ``input_ids`` and ``labels`` (the target)."""
-
-    def __init__(self, examples: Sequence[ClassificationExample]):
-        self.examples = list(examples)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        ex = self.examples[index]
-        return {"input_ids": ex.input_ids, "labels": ex.label}
+def classes_of(targets: Sequence[int | list[float]]) -> list[list[int]]:
+    """The class ids of each target (a class id, or a multi-hot vector)."""
+    return [[t] if isinstance(t, int) else [i for i, v in enumerate(t) if v] for t in targets]
 
 
 class ClassificationCollator:

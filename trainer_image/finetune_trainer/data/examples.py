@@ -1,16 +1,17 @@
 """Training rows for causal-LM training (SFT and continual pre-training), and the dataset serving them.
 
-Each causal-LM format's module (:mod:`.prompt_completion`, :mod:`.chat`, :mod:`.text`) turns one of its
-records into an :class:`Example`; :func:`build_examples` picks the module by the spec's format.
+Each causal-LM format's module (:mod:`.prompt_completion`, :mod:`.chat`, :mod:`.text`) turns a batch of
+its records' columns into whole rows (``tokenize``, what the data pipeline maps over Arrow shards,
+:mod:`.pipeline`); :func:`build_examples` picks the module by the spec's format and cuts the rows to
+maxSeqLength.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import torch
 from finetune_operator.api.v1alpha1 import DataSpec
 from transformers import PreTrainedTokenizerBase
 
@@ -38,34 +39,38 @@ def eos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def build_examples(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, data: DataSpec) -> list[Example]:
-    """Tokenize records in the spec's format (unpacked)."""
+#: A causal-LM format's batched tokenization: the records' columns (by ColumnMapping attribute) to
+#: whole ``input_ids`` and ``labels`` rows.
+Tokenize = Callable[[Mapping[str, Sequence[Any]], PreTrainedTokenizerBase, DataSpec], dict[str, list[list[int]]]]
+
+
+def tokenizer_for(fmt: str) -> Tokenize:
+    """The batched tokenization of a causal-LM format."""
     # The format modules build on Example: imported here, not above, so that they can import this module.
     from . import chat, prompt_completion, text
 
-    examples: dict[str, Callable[[Record, PreTrainedTokenizerBase, DataSpec], Example]] = {
-        "promptCompletion": prompt_completion.example,
-        "chat": chat.example,
-        "text": text.example,
+    functions: dict[str, Tokenize] = {
+        "promptCompletion": prompt_completion.tokenize,
+        "chat": chat.tokenize,
+        "text": text.tokenize,
     }
-    if data.format not in examples:
-        raise ValueError(f"format {data.format} is not a causal-LM format")
-    example = examples[data.format]
-    return [example(r, tokenizer, data) for r in records]
+    if fmt not in functions:
+        raise ValueError(f"format {fmt} is not a causal-LM format")
+    return functions[fmt]
 
 
-class ExampleDataset(torch.utils.data.Dataset[dict[str, list[int]]]):
-    """Examples as the Trainer's items: ``input_ids``, ``labels``, and ``position_ids`` if packed."""
+def build_examples(records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, data: DataSpec) -> list[Example]:
+    """Tokenize records in the spec's format (unpacked), each row cut to maxSeqLength."""
+    from .records import FORMATS
 
-    def __init__(self, examples: Sequence[Example]):
-        self.examples = list(examples)
+    tokenize = tokenizer_for(data.format)
+    if not records:
+        return []
+    if data.format == "chat":
+        from .chat import require_fast
 
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        ex = self.examples[index]
-        item = {"input_ids": ex.input_ids, "labels": ex.labels}
-        if ex.position_ids is not None:
-            item["position_ids"] = ex.position_ids
-        return item
+        require_fast(tokenizer, records[0].where)
+    attrs = FORMATS[data.format].COLUMNS
+    rows = tokenize({a: [r.data[getattr(data.columns, a)] for r in records] for a in attrs}, tokenizer, data)
+    n = data.max_seq_length
+    return [Example(ids[:n], labels[:n]) for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True)]

@@ -6,6 +6,9 @@ Tokens: the prompt's, then the completion's and EOS; the loss covers the complet
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from finetune_operator.api.v1alpha1 import ColumnMapping, DataSpec
 from transformers import PreTrainedTokenizerBase
 
@@ -20,15 +23,27 @@ def check(record: Record, columns: ColumnMapping) -> str | None:
     return need_text(record, columns.prompt) or need_text(record, columns.completion)
 
 
+def tokenize(
+    columns: Mapping[str, Sequence[Any]], tokenizer: PreTrainedTokenizerBase, data: DataSpec
+) -> dict[str, list[list[int]]]:
+    """The training rows of a batch of checked records, whole (not cut to maxSeqLength): ``input_ids``
+    and ``labels`` of each; ``columns`` holds the records' ``prompt`` and ``completion`` values."""
+    prompts: list[list[int]] = tokenizer(list(columns["prompt"]), add_special_tokens=True)["input_ids"]
+    completions: list[list[int]] = tokenizer(list(columns["completion"]), add_special_tokens=False)["input_ids"]
+    end = eos(tokenizer)
+    ids, labels = [], []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        completion = completion + end
+        ids.append(prompt + completion)
+        labels.append(([IGNORE] * len(prompt) if data.completion_only_loss else list(prompt)) + completion)
+    return {"input_ids": ids, "labels": labels}
+
+
 def example(record: Record, tokenizer: PreTrainedTokenizerBase, data: DataSpec) -> Example:
     """The record's training row (cut to maxSeqLength)."""
-    prompt: list[int] = tokenizer(record.data[data.columns.prompt], add_special_tokens=True)["input_ids"]
-    completion: list[int] = tokenizer(record.data[data.columns.completion], add_special_tokens=False)["input_ids"]
-    completion = completion + eos(tokenizer)
-    ids = (prompt + completion)[: data.max_seq_length]
-    prompt_labels = [IGNORE] * len(prompt) if data.completion_only_loss else list(prompt)
-    labels = (prompt_labels + completion)[: data.max_seq_length]
-    return Example(ids, labels)
+    c = data.columns
+    row = tokenize({"prompt": [record.data[c.prompt]], "completion": [record.data[c.completion]]}, tokenizer, data)
+    return Example(row["input_ids"][0][: data.max_seq_length], row["labels"][0][: data.max_seq_length])
 
 
 def prompt(record: Record, tokenizer: PreTrainedTokenizerBase, data: DataSpec) -> tuple[list[int], str]:

@@ -26,7 +26,7 @@ needs a fast (Rust) tokenizer: :func:`require_fast` refuses another.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,25 +136,44 @@ def windows(
     docstring). A question too long to leave room for the ``docStride`` overlap plus one context
     token is a DataError naming its record."""
     require_fast(tokenizer)
-    columns = data.columns
+    c = data.columns
+    columns = {attr: [r.data[getattr(c, attr)] for r in records] for attr in COLUMNS}
+    out, problems = tokenize(columns, tokenizer, data, qa, wheres=[r.where for r in records])
+    if problems:
+        raise DataError(problems[:MAX_REPORTED], total=len(problems))
+    return out
+
+
+def tokenize(
+    columns: Mapping[str, Sequence[Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    data: DataSpec,
+    qa: QAParams,
+    *,
+    wheres: Sequence[str],
+    first: int = 0,
+) -> tuple[list[Window], list[str]]:
+    """The windows of a batch of checked records (``columns`` holds their ``question``, ``context``
+    and ``answers``; ``wheres`` their ``file:line``; ``first`` the index of the batch's first record,
+    which the windows' ``question`` counts from), and the problems of the records whose question
+    leaves no room for the context (no windows are made then). A fast tokenizer (:func:`require_fast`)."""
+    questions, contexts, answers = list(columns["question"]), list(columns["context"]), list(columns["answers"])
     special = tokenizer.num_special_tokens_to_add(pair=True)
     problems: list[str] = []
-    for record in records:
-        question_tokens = len(tokenizer(record.data[columns.question], add_special_tokens=False)["input_ids"])
+    lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]] if questions else []
+    for where, question_tokens in zip(wheres, lengths, strict=True):
         room = data.max_seq_length - question_tokens - special
         if room <= qa.doc_stride:
             problems.append(
-                f"{record.where}: the question takes {question_tokens + special} of the {data.max_seq_length} "
+                f"{where}: the question takes {question_tokens + special} of the {data.max_seq_length} "
                 f"tokens of a window (spec.data.maxSeqLength), leaving {max(room, 0)} for the context, which "
                 f"must exceed the overlap spec.task.qa.docStride {qa.doc_stride}"
             )
-    if problems:
-        raise DataError(problems[:MAX_REPORTED], total=len(problems))
-    if not records:
-        return []
+    if problems or not questions:
+        return [], problems
     encoded = tokenizer(
-        [r.data[columns.question] for r in records],
-        [r.data[columns.context] for r in records],
+        questions,
+        contexts,
         truncation="only_second",
         max_length=data.max_seq_length,
         stride=qa.doc_stride,
@@ -169,9 +188,9 @@ def windows(
             (int(span[0]), int(span[1])) if seq == 1 else None
             for span, seq in zip(encoded["offset_mapping"][i], sequence_ids, strict=True)
         ]
-        start, end = _targets(offsets, records[index].data[columns.answers])
-        out.append(Window(list(input_ids), offsets, index, start, end))
-    return out
+        start, end = _targets(offsets, answers[index])
+        out.append(Window(list(input_ids), offsets, first + index, start, end))
+    return out, problems
 
 
 def _targets(offsets: list[tuple[int, int] | None], answers: dict[str, Any]) -> tuple[int, int]:

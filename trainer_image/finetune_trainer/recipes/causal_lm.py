@@ -29,13 +29,17 @@ from transformers.trainer_utils import EvalLoopOutput
 from .. import harness, methods, modeling
 from ..data import chat, prompt_completion
 from ..data.collate import CausalLMCollator
-from ..data.examples import Example, ExampleDataset, build_examples
+from ..data.examples import Example, build_examples
 from ..data.packing import pack, pack_documents
+from ..data.pipeline import TokenRows
 from ..data.records import Record
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..predict import Predictions, SavedOutput
+
+#: The columns of a row the causal-LM collator takes (``position_ids`` in packed rows only).
+ROW_KEYS = ("input_ids", "labels", "position_ids")
 
 #: The formats whose records have a prompt to generate after: (prompt tokens, reference) of a record.
 PROMPTS: dict[str, Callable[[Record, Any, DataSpec], tuple[list[int], str]]] = {
@@ -70,6 +74,7 @@ def perplexity_for(spec: FineTuneJobSpec) -> frozenset[str]:
 
 
 def _examples(records: list[Record], tokenizer: Any, data: DataSpec, *, for_training: bool) -> list[Example]:
+    """The rows of a list of records, as the data pipeline makes them (:mod:`..data.pipeline`)."""
     if for_training and data.packing:
         if data.format == "text":
             return pack_documents(records, tokenizer, data)
@@ -81,17 +86,16 @@ def run(config: TrainerConfig) -> dict[str, Any]:
     """Train; return the run summary (also written to <work_dir>/summary.json by rank 0)."""
     spec = config.spec
     with harness.Run.open(config) as run:
-        records = run.read_data()
-        prepared = run.prepare(has_eval=bool(records.eval))
+        checked = run.read_data()
+        prepared = run.prepare(has_eval=checked.has_eval)
 
         source = run.model_source()
         tokenizer = modeling.load_tokenizer(source, spec.model)
-        train = _examples(records.train, tokenizer, spec.data, for_training=True)
-        held_out = _examples(records.eval, tokenizer, spec.data, for_training=False)
-        # General text is plain text whatever the task's format.
-        general = _examples(
-            records.general, tokenizer, spec.data.model_copy(update={"format": "text"}), for_training=False
-        )
+        # General text is plain text whatever the task's format (the pipeline tokenizes it so).
+        data = run.tokenized(checked, tokenizer)
+        train = TokenRows(data.train, ROW_KEYS)
+        held_out = TokenRows(data.eval, ROW_KEYS) if data.eval is not None else None
+        general = TokenRows(data.general, ROW_KEYS) if data.general is not None else None
 
         ctx = methods.MethodContext(spec=spec, tokenizer=tokenizer, total_steps=prepared.planned_steps(len(train)))
         set_seed(spec.training.seed)  # the same initial adapter weights on every rank and every run
@@ -113,8 +117,8 @@ def run(config: TrainerConfig) -> dict[str, Any]:
             tokens=collator,
             callbacks=methods.callbacks(tuned, ctx),
             model=tuned,
-            train_dataset=ExampleDataset(train),
-            eval_dataset=ExampleDataset(held_out) if held_out else None,
+            train_dataset=train,
+            eval_dataset=held_out,
             data_collator=collator,
             processing_class=tokenizer,
             perplexity_for=perplexity_for(spec),
@@ -122,10 +126,10 @@ def run(config: TrainerConfig) -> dict[str, Any]:
 
         def evaluate(trainer: Trainer) -> dict[str, float]:
             out: dict[str, float] = {}
-            if held_out:
+            if held_out is not None:
                 out.update(trainer.evaluate())
-            if general:
-                out.update(trainer.evaluate(eval_dataset=ExampleDataset(general), metric_key_prefix="general"))
+            if general is not None:
+                out.update(trainer.evaluate(eval_dataset=general, metric_key_prefix="general"))
             return {k: v for k, v in out.items() if k.endswith(("_loss", "_perplexity"))}
 
         training.train(evaluate)

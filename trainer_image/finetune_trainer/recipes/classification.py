@@ -57,12 +57,11 @@ from transformers import EvalPrediction, Trainer, set_seed
 from .. import harness, methods, modeling
 from ..data.classification import (
     ClassificationCollator,
-    ClassificationDataset,
-    ClassificationExample,
     build_examples,
     class_names,
-    target_classes,
+    classes_of,
 )
+from ..data.pipeline import TokenRows
 from ..data.sampling import ClassBalancedSampler, EpochSetter
 from ..scoring.classification import predict as predict_classes
 from ..scoring.classification import score_multi_label, score_single_label
@@ -75,21 +74,25 @@ if TYPE_CHECKING:
 #: training micro-batch to ``<path>.rank<N>``: the step, the targets and the rows' token ids.
 BATCH_LOG = f"{TEST_HOOK_ENV_PREFIX}CLASSIFICATION_BATCH_LOG"
 
+#: The columns of a row the collator takes.
+ROW_KEYS = ("input_ids", "labels")
+
 #: Keys of transformers' evaluation results that are timings, not metrics.
 _TIMINGS = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
 
 
-def class_weights(params: ClassificationParams, train: Sequence[ClassificationExample]) -> list[float] | None:
-    """The loss weight of each class (see the module docstring), or None for an unweighted loss."""
+def class_weights(params: ClassificationParams, targets: Sequence[int | list[float]]) -> list[float] | None:
+    """The loss weight of each class (see the module docstring) from the training examples' targets,
+    or None for an unweighted loss."""
     if params.class_weights is not None:
         return list(params.class_weights)
     if not params.balance_class_weights:
         return None
     counts = [0] * params.num_labels
-    for classes in target_classes(train):
+    for classes in classes_of(targets):
         for c in classes:
             counts[c] += 1
-    n, k = len(train), params.num_labels
+    n, k = len(targets), params.num_labels
     return [n / (k * count) if count else 1.0 for count in counts]
 
 
@@ -191,16 +194,18 @@ def run(config: TrainerConfig) -> dict[str, Any]:
     params = spec.task.classification
     assert params is not None  # required for classification by the API
     with harness.Run.open(config) as run:
-        records = run.read_data()
-        prepared = run.prepare(has_eval=bool(records.eval))
+        checked = run.read_data()
+        prepared = run.prepare(has_eval=checked.has_eval)
 
         source = run.model_source()
         tokenizer = modeling.load_tokenizer(source, spec.model)
-        train = build_examples(records.train, tokenizer, spec.data, spec.task)
-        held_out = build_examples(records.eval, tokenizer, spec.data, spec.task)
+        data = run.tokenized(checked, tokenizer)
+        train = TokenRows(data.train, ROW_KEYS)
+        held_out = TokenRows(data.eval, ROW_KEYS) if data.eval is not None else None
+        targets: list[int | list[float]] = list(data.train["labels"])
         sampler = None
         if params.resampling != "none":
-            classes = [c for (c,) in target_classes(train)]  # single-label: the API refuses multiLabel here
+            classes = [c for (c,) in classes_of(targets)]  # single-label: the API refuses multiLabel here
             sampler = ClassBalancedSampler(classes, params.resampling, seed=spec.training.seed)
         rows = len(sampler) if sampler is not None else len(train)
 
@@ -230,18 +235,18 @@ def run(config: TrainerConfig) -> dict[str, Any]:
             tokens=collator,
             callbacks=callbacks,
             model=tuned,
-            train_dataset=ClassificationDataset(train),
-            eval_dataset=ClassificationDataset(held_out) if held_out else None,
+            train_dataset=train,
+            eval_dataset=held_out,
             data_collator=collator,
             processing_class=tokenizer,
             compute_metrics=scorer,
-            loss_weights=class_weights(params, train),
+            loss_weights=class_weights(params, targets),
             multi_label=params.multi_label,
             sampler=sampler,
         )
 
         def evaluate(trainer: Trainer) -> dict[str, Any]:
-            if not held_out:
+            if held_out is None:
                 return {}
             out: dict[str, Any] = {
                 k: v for k, v in trainer.evaluate().items() if k.startswith("eval_") and not k.endswith(_TIMINGS)

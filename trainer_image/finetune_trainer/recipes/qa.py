@@ -53,6 +53,7 @@ from finetune_operator.api.v1alpha1 import FineTuneJobSpec, QAParams
 from transformers import EvalPrediction, Trainer, set_seed
 
 from .. import harness, methods, modeling
+from ..data import pipeline
 from ..data import qa as qa_data
 from ..data.collate import pad_right
 from ..scoring.squad import squad_metrics
@@ -60,6 +61,9 @@ from ..scoring.squad import squad_metrics
 if TYPE_CHECKING:
     from ..data.records import Record
     from ..predict import Predictions, SavedOutput
+
+#: The columns of a row the collator takes.
+ROW_KEYS = ("input_ids", "start_positions", "end_positions")
 
 #: The metric families an evaluation can decode answers for, by their spec.training.evaluation name.
 SPAN_METRICS = {"exactMatch": "exact_match", "f1": "f1"}
@@ -191,19 +195,18 @@ def metrics_function(
 def run(config: TrainerConfig) -> dict[str, Any]:
     """Train; return the run summary (also written to <work_dir>/summary.json by rank 0)."""
     spec = config.spec
-    qa = spec.task.qa or QAParams()
-    columns = spec.data.columns
     with harness.Run.open(config) as run:
-        records = run.read_data()
-        prepared = run.prepare(has_eval=bool(records.eval))
+        checked = run.read_data()
+        prepared = run.prepare(has_eval=checked.has_eval)
 
         source = run.model_source()
         tokenizer = modeling.load_tokenizer(source, spec.model)
         # Windows before the model: a question too long for a window is a data error (exit 3).
-        train = qa_data.windows(records.train, tokenizer, spec.data, qa)
-        held_out = qa_data.windows(records.eval, tokenizer, spec.data, qa)
-        questions = qa_data.questions(records.eval, columns)
-        allow_null = qa_data.unanswerable(records.train, columns) or qa_data.unanswerable(records.eval, columns)
+        data = run.tokenized(checked, tokenizer)
+        train = pipeline.TokenRows(data.train, ROW_KEYS)
+        held_out = pipeline.qa_windows(data.eval) if data.eval is not None else []
+        questions = pipeline.qa_questions(data.eval_questions) if data.eval_questions is not None else []
+        allow_null = data.allow_null
         keep = span_metrics_for(spec)
 
         ctx = methods.MethodContext(spec=spec, tokenizer=tokenizer, total_steps=prepared.planned_steps(len(train)))
@@ -225,7 +228,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:
             tokens=collator,
             callbacks=methods.callbacks(tuned, ctx),
             model=tuned,
-            train_dataset=qa_data.WindowDataset(train),
+            train_dataset=train,
             eval_dataset=qa_data.WindowDataset(held_out) if held_out else None,
             data_collator=collator,
             processing_class=tokenizer,
