@@ -113,6 +113,13 @@ def test_statistics_are_those_of_the_tokenizer(tmp_path: Path, tiny_model: Path)
     # The termination message is the same result, compact.
     assert len(termination.encode()) < 4096
     assert PreflightResult.model_validate_json(termination) == result
+    # The tokenized cache is built beside the checkpoints; a second preflight (or the run) reads it.
+    assert result.cache_uri is not None and result.cache_uri.startswith(f"{config.checkpoint_dir}/data-cache/")
+    assert not result.cache_hit
+    code, again, _, _ = run_preflight(tmp_path, config)
+    assert code == EXIT_OK and again.cache_hit and again.cache_uri == result.cache_uri
+    fields = ("token_length_p50", "token_length_p95", "token_length_max", "tokens_per_epoch", "steps_per_epoch")
+    assert [getattr(again, f) for f in fields] == [getattr(result, f) for f in fields]
 
 
 def _stats(tmp_path: Path, manifest: dict[str, Any]) -> PreflightResult:
@@ -257,14 +264,15 @@ def test_a_refused_write_exits_2_naming_the_field(
     assert code == EXIT_INVALID_CONFIG
     assert result.problems[0].startswith(f"spec.output.uri: cannot write to {a_file / 'out'}: ")
 
-    # A bucket that exists: written and left as it was.
+    # A bucket that exists: the probe objects are deleted; what stays is the tokenized cache.
     s3 = live.s3_client(s3_endpoint)
     s3.create_bucket(Bucket="probed")
     manifest = tiny.job_manifest("probe", tiny_model, train, checkpoint={"uri": "s3://probed/ckpt", "everySteps": 5})
     code, result, _, _ = run_preflight(tmp_path, config_for(tmp_path, manifest), env=s3_env)
     assert code == EXIT_OK, result.problems
     assert "s3://probed/ckpt/local/probe" in result.write_access
-    assert s3.list_objects_v2(Bucket="probed").get("KeyCount", 0) == 0
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="probed").get("Contents", [])]
+    assert keys and all(k.startswith("ckpt/local/probe/data-cache/") for k in keys), keys
 
 
 def test_a_model_in_object_storage_is_read_without_its_weights(
@@ -305,15 +313,3 @@ def test_an_architecture_the_estimator_does_not_model_gives_a_note(tmp_path: Pat
     assert result.memory is None
     assert result.memory_note is not None and "model_type 'gpt2' is not modeled" in result.memory_note
     assert result.train_records == 8 and result.steps_per_epoch == 1
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
-def test_steps_per_epoch_are_those_the_harness_plans(world_size: int, tiny_model: Path, tmp_path: Path) -> None:
-    from finetune_trainer.harness import planned_steps
-
-    for batch, accumulation in ((1, 1), (4, 1), (8, 3), (3, 16)):
-        training = {"epochs": 1, "learningRate": 1e-3, "perDeviceBatchSize": batch}
-        training["gradientAccumulationSteps"] = accumulation
-        spec = FineTuneJob.model_validate(tiny.job_manifest("steps", tiny_model, tmp_path, training=training)).spec
-        for rows in (1, 7, 64, 1001):
-            assert preflight.steps_per_epoch(spec, rows, world_size) == planned_steps(spec, rows, world_size)

@@ -7,19 +7,21 @@ run it as a subprocess on this machine. In the order that keeps a refusal cheap:
 1. **Write access**: a small object is written and deleted under the checkpoint directory and under the
    output directory, through the same filesystems training writes them with; a refused write is a
    permanent configuration error (exit 2) naming ``spec.checkpoint.uri`` or ``spec.output.uri``.
-2. **Every record** of the training, evaluation and general-evaluation data read and checked, all
-   problems of every source collected (exit 3, each ``file:line: reason``), before the model is
-   touched at all.
+2. **Every record** of the training, evaluation and general-evaluation data read and checked by the
+   data pipeline's first phase (:func:`~.data.pipeline.check`, as every rank of the run does; exit 3,
+   each ``file:line: reason``), before the model is touched at all.
 3. **The model's config and tokenizer only**, never its weights
    (:func:`~.modeling.resolve_config_source`): a model in object storage is copied without its weight
    files; a Hub model's config and tokenizer loaders fetch their own files only.
-4. **Tokenization** by the recipe's own functions, so the figures are those of training: token lengths
-   of the training records (before truncation: p50, p95 and max by the nearest-rank definition), the
-   fraction of records that lose tokens to ``data.maxSeqLength`` (none for packed ``text``, cut into
-   blocks, nor for ``qa``, split into overlapping windows), the tokens of one epoch (the rows' tokens
-   after truncation and packing; with class resampling, those of the resampled epoch) and the optimizer
-   steps of one epoch (as :func:`~.harness.planned_steps` counts them). A record the tokenization refuses
-   (a QA question too long for a window, a chat template that cannot be located) is bad data too.
+4. **The tokenized cache** built by the pipeline's second phase (:func:`~.data.pipeline.prepare`, the
+   very function the recipes call, so the run that follows reads the rows and tokenizes nothing), and
+   its statistics (:class:`~.data.pipeline.DataStats`): token lengths of the training records before
+   truncation (p50, p95 and max by the nearest-rank definition), the fraction of records that lose
+   tokens to ``data.maxSeqLength`` (none for packed ``text``, cut into blocks, nor for ``qa``, split
+   into overlapping windows), the tokens of one epoch (after truncation and packing; with class
+   resampling, those of the resampled epoch) and its optimizer steps for the job's world size (as
+   :func:`~.harness.planned_steps` counts them). A record the tokenization refuses (a QA question too
+   long for a window) is bad data too.
 5. **Memory** per rank, by :func:`finetune_operator.api.memory.estimate` from the model's config.json;
    an architecture it does not model gives no estimate and a note, not a failure. Whether the job fits
    is not decided here: the operator and ``finetune plan`` compare the total with the GPU's memory
@@ -39,19 +41,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-import re
 import sys
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from finetune_operator.api import memory
-from finetune_operator.api.tasks import DataFormat, task_row
 from finetune_operator.api.trainer_config import (
     EXIT_INVALID_CONFIG,
     EXIT_INVALID_DATA,
@@ -64,7 +62,6 @@ from finetune_operator.api.trainer_config import (
 )
 from finetune_operator.api.v1alpha1 import (
     PREFLIGHT_MAX_PROBLEMS,
-    DataSource,
     FineTuneJobSpec,
     PreflightMemory,
     PreflightResult,
@@ -72,7 +69,8 @@ from finetune_operator.api.v1alpha1 import (
 from pydantic import ValidationError
 
 from . import storage
-from .data.records import MAX_REPORTED, DataError, Record, load_checked, split_eval
+from .data.records import MAX_REPORTED, DataError
+from .distributed import World
 from .errors import ConfigError
 
 #: Bad-record messages kept in the result (the termination message keeps fewer when it must).
@@ -83,170 +81,6 @@ MAX_NOTE_CHARS = 1024
 PROBE_PREFIX = ".finetune-preflight-"
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------
-# Data: checked records and their statistics
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Records:
-    """The checked records of a run (as :meth:`~.harness.Run.read_data` reads them) and every problem
-    met reading and checking them (``file:line: reason``)."""
-
-    train: list[Record]
-    eval: list[Record]
-    general: list[Record]
-    problems: list[str] = field(default_factory=list)
-    bad: int = 0
-
-
-def _count(exc: DataError) -> int:
-    """All the problems a DataError stands for, also those past the ones it lists."""
-    total = getattr(exc, "total", None)
-    if isinstance(total, int):
-        return total
-    more = re.search(r"\n\.\.\. and (\d+) more$", str(exc))
-    return len(exc.problems) + (int(more.group(1)) if more else 0)
-
-
-def read_records(config: TrainerConfig) -> Records:
-    """Every source read and checked, the problems of all of them collected (not only the first
-    source's), then the eval split held out, as the harness does."""
-    spec, base = config.spec, config.base_dir
-    data = spec.data
-    problems: list[str] = []
-    bad = 0
-
-    def checked(source: DataSource, fmt: DataFormat, *, with_task: bool) -> list[Record]:
-        nonlocal bad
-        try:
-            return load_checked(source, fmt, data.columns, task=spec.task if with_task else None, base_dir=base)
-        except DataError as exc:
-            problems.extend(exc.problems)
-            bad += _count(exc)
-            return []
-
-    train = checked(data.train, data.format, with_task=True)
-    held_out = checked(data.eval, data.format, with_task=True) if data.eval is not None else []
-    forgetting = spec.training.forgetting
-    general_source = forgetting.general_eval if forgetting else None
-    general = checked(general_source, "text", with_task=False) if general_source else []
-    if data.eval is None and train and not problems:
-        try:
-            train, held_out = split_eval(train, data.eval_split, spec.training.seed)
-        except DataError as exc:
-            problems.extend(exc.problems)
-            bad += _count(exc)
-    return Records(train, held_out, general, problems, bad)
-
-
-@dataclass(frozen=True)
-class DataStats:
-    """What the training data becomes: records, token lengths, rows, tokens and steps of one epoch."""
-
-    train_records: int
-    eval_records: int
-    #: Each training record's token count before truncation, in record order.
-    token_lengths: list[int]
-    #: Training records that lose tokens to ``data.maxSeqLength``.
-    truncated: int
-    #: Rows of one epoch (after packing, QA windows or class resampling).
-    rows: int
-    tokens_per_epoch: int
-    steps_per_epoch: int
-    cache_uri: str | None = None
-    cache_hit: bool = False
-
-    @property
-    def truncated_fraction(self) -> float:
-        return self.truncated / self.train_records if self.train_records else 0.0
-
-
-def nearest_rank(values: Sequence[int], q: float) -> int:
-    """The ``q`` quantile (0 < q <= 1) of ``values`` by the nearest-rank definition: the smallest value
-    with at least ``q`` of the values at or below it (0 for no values)."""
-    if not values:
-        return 0
-    ordered = sorted(values)
-    return ordered[max(math.ceil(q * len(ordered)), 1) - 1]
-
-
-def steps_per_epoch(spec: FineTuneJobSpec, rows: int, world_size: int) -> int:
-    """Optimizer steps of one epoch over ``rows`` rows, as transformers' Trainer counts them: each rank's
-    share of the rows (the sampler pads to equal shares) in micro-batches, ``gradientAccumulationSteps``
-    of them a step, at least one. :func:`~.harness.planned_steps` of a one-epoch run (a test holds them
-    equal; the harness is not imported: it loads transformers' Trainer, seconds of a preflight)."""
-    t = spec.training
-    batches = math.ceil(math.ceil(rows / world_size) / t.per_device_batch_size)
-    return max(batches // t.gradient_accumulation_steps, 1)
-
-
-def data_stats(spec: FineTuneJobSpec, records: Records, tokenizer: Any, *, world_size: int) -> DataStats:
-    """Tokenize the records with the task recipe's own functions (the evaluation and general-text
-    records too: the tokenization can refuse a record, a DataError) and measure the training data."""
-    recipe = task_row(spec.task.type).recipe
-    data = spec.data
-    untruncated = data.model_copy(update={"max_seq_length": sys.maxsize})
-    train = records.train
-    if recipe == "causal_lm":
-        from .data.examples import build_examples
-        from .data.packing import pack, pack_documents
-
-        # The rows recipes.causal_lm trains on (its _examples; not imported: the recipe loads the Trainer).
-        if data.packing and data.format == "text":
-            rows = pack_documents(train, tokenizer, data)
-        elif data.packing:
-            rows = pack(build_examples(train, tokenizer, data), data.max_seq_length)
-        else:
-            rows = build_examples(train, tokenizer, data)
-        build_examples(records.eval, tokenizer, data)
-        build_examples(records.general, tokenizer, data.model_copy(update={"format": "text"}))
-        lengths = [len(e) for e in build_examples(train, tokenizer, untruncated)]
-        # Packed documents are cut into blocks, nothing dropped; every other row is cut at maxSeqLength.
-        cut = data.packing and data.format == "text"
-        truncated = 0 if cut else sum(n > data.max_seq_length for n in lengths)
-        row_tokens = [len(r) for r in rows]
-    elif recipe == "classification":
-        from .data.classification import build_examples as classification_examples
-        from .data.classification import target_classes
-        from .data.sampling import ClassBalancedSampler
-
-        params = spec.task.classification
-        assert params is not None  # required for classification by the API
-        examples = classification_examples(train, tokenizer, data, spec.task)
-        classification_examples(records.eval, tokenizer, data, spec.task)
-        lengths = [len(e) for e in classification_examples(train, tokenizer, untruncated, spec.task)]
-        truncated = sum(n > data.max_seq_length for n in lengths)
-        order = list(range(len(examples)))
-        if params.resampling != "none" and examples:
-            classes = [c for (c,) in target_classes(examples)]  # single-label: the API refuses multiLabel here
-            order = ClassBalancedSampler(classes, params.resampling, seed=spec.training.seed).epoch_indices(0)
-        row_tokens = [len(examples[i]) for i in order]
-    elif recipe == "qa":
-        from finetune_operator.api.v1alpha1 import QAParams
-
-        from .data import qa as qa_data
-
-        qa = spec.task.qa or QAParams()
-        windows = qa_data.windows(train, tokenizer, data, qa)
-        qa_data.windows(records.eval, tokenizer, data, qa)
-        c = data.columns
-        lengths = [len(tokenizer(r.data[c.question], r.data[c.context])["input_ids"]) for r in train]
-        truncated = 0  # a long context is split into overlapping windows, nothing dropped
-        row_tokens = [len(w) for w in windows]
-    else:  # unreachable: the API refuses a task without a recipe
-        raise ConfigError(f"spec.task.type {spec.task.type} has no recipe")
-    return DataStats(
-        train_records=len(train),
-        eval_records=len(records.eval),
-        token_lengths=lengths,
-        truncated=truncated,
-        rows=len(row_tokens),
-        tokens_per_epoch=sum(row_tokens),
-        steps_per_epoch=steps_per_epoch(spec, len(row_tokens), world_size),
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,17 +206,23 @@ def _config_error(found: dict[str, Any], message: str) -> Outcome:
     return Outcome(result, EXIT_INVALID_CONFIG, f"invalid configuration: {message}")
 
 
+#: The preflight is one process: it checks and builds the tokenized cache as a run's only rank would.
+SINGLE_PROCESS = World(rank=0, local_rank=0, world_size=1, local_world_size=1)
+
+
 def preflight(config: TrainerConfig, *, world_size: int | None = None) -> Outcome:
     """Run every check (module docstring) and return the outcome; a refusal is an outcome, not raised."""
+    from .data import pipeline
+
     spec = config.spec
     world = world_size or memory.world_size_of(spec)
     found: dict[str, Any] = {}
     try:
         found["write_access"] = probe_storage(config)
-        records = read_records(config)
-        found.update(train_records=len(records.train), eval_records=len(records.eval))
-        if records.problems:
-            return _data_error(found, records.problems, records.bad)
+        try:
+            checked = pipeline.check(config, SINGLE_PROCESS)
+        except DataError as exc:
+            return _data_error(found, exc.problems, exc.total)
         model_config, tokenizer = load_model_config(config)
         estimate, note = memory_estimate(model_config, spec, world_size=world, tokenizer_length=len(tokenizer))
         if estimate is not None:
@@ -390,16 +230,20 @@ def preflight(config: TrainerConfig, *, world_size: int | None = None) -> Outcom
         elif note is not None:
             found["memory_note"] = _clip(note, MAX_NOTE_CHARS)
         try:
-            stats = data_stats(spec, records, tokenizer, world_size=world)
-        except DataError as exc:
-            return _data_error(found, exc.problems, _count(exc))
+            prepared = pipeline.prepare(config, tokenizer, world=SINGLE_PROCESS, checked=checked, world_size=world)
+        except DataError as exc:  # a record the tokenization refuses (a QA question too long for a window)
+            return _data_error(found, exc.problems, exc.total)
     except ConfigError as exc:
         return _config_error(found, str(exc))
+    stats = prepared.stats
     result = PreflightResult(
         **found,
-        token_length_p50=nearest_rank(stats.token_lengths, 0.50),
-        token_length_p95=nearest_rank(stats.token_lengths, 0.95),
-        token_length_max=max(stats.token_lengths, default=0),
+        train_records=stats.train_records,
+        eval_records=stats.eval_records,
+        bad_records=stats.bad_records,
+        token_length_p50=stats.token_length_p50,
+        token_length_p95=stats.token_length_p95,
+        token_length_max=stats.token_length_max,
         truncated_fraction=stats.truncated_fraction,
         tokens_per_epoch=stats.tokens_per_epoch,
         steps_per_epoch=stats.steps_per_epoch,
