@@ -58,7 +58,8 @@ class LiveRun:
                     return p
             return None
 
-        return wait_for("the torchrun launcher process", find, timeout=60)
+        # The preflight (a process of its own: ~25 s on 2 loaded cores) runs before torchrun starts.
+        return wait_for("the torchrun launcher process", find, timeout=180)
 
     def ranks(self, world_size: int) -> dict[int, psutil.Process]:
         """Global rank -> trainer process, once all ranks are up."""
@@ -74,7 +75,7 @@ class LiveRun:
                     continue
             return found if len(found) == world_size else None
 
-        return wait_for(f"{world_size} trainer ranks", find, timeout=60)
+        return wait_for(f"{world_size} trainer ranks", find, timeout=180)  # after the preflight, as above
 
     def wait(self, timeout: float) -> int:
         try:
