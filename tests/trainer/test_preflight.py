@@ -110,9 +110,12 @@ def test_statistics_are_those_of_the_tokenizer(tmp_path: Path, tiny_model: Path)
     expected = estimate(cfg, job.spec, world_size=1, tokenizer_length=len(tokenizer), device="cpu")
     assert result.memory is not None
     assert result.memory.model_dump(by_alias=True, exclude_none=True) == expected.to_dict()
-    # The termination message is the same result, compact.
+    # The termination message is the same result, compact, as the operator reads it from the pod.
+    from finetune_operator.reconcile import parse_preflight_result
+
     assert len(termination.encode()) < 4096
     assert PreflightResult.model_validate_json(termination) == result
+    assert parse_preflight_result(termination) == result
     # The tokenized cache is built beside the checkpoints; a second preflight (or the run) reads it.
     assert result.cache_uri is not None and result.cache_uri.startswith(f"{config.checkpoint_dir}/data-cache/")
     assert not result.cache_hit
