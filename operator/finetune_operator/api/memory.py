@@ -1429,7 +1429,7 @@ def memory_breakdown(memory: PreflightMemory, spec: FineTuneJobSpec) -> str:
     GPU memory of the spec (:func:`fits_total`): what ``finetune plan`` prints, and why a job is refused."""
     n = memory.world_size
     ranks = f" ({n} rank{'s' if n != 1 else ''})" if n else ""
-    what = "GPU memory per rank" if spec.resources.gpus_per_node else "Memory per rank (CPU training, no GPU)"
+    what = "GPU memory per rank" if spec.resources.gpus_per_node else "Memory per rank, CPU training"
     lines = [f"{what}{ranks}, estimated:"]
     lines += [f"  {part:<12} {getattr(memory, part) / GIB:8.2f} GiB" for part in BREAKDOWN_PARTS]
     lines.append("  (total is the peak: gradients and activations peak at different times, so it is not the sum)")
