@@ -3,16 +3,16 @@
 The quickstart's Northwind Cloud tickets, now as a classification task: the text is the customer's
 message, the label is the queue that handles it. The classes are deliberately imbalanced, as real
 support traffic is: ``billing`` and ``account`` take seven tickets in ten, ``outage`` one in twelve
-and ``security`` one in twenty-five. And as in real traffic, some tickets are ambiguous: "my password
-stopped working overnight" is most often a locked-out customer (``account``), sometimes a hijacked
-account (``security``); "the service stopped working for us" is sometimes an unpaid bill that made it
-read-only (``billing``), sometimes an ``outage``. Each rare queue has more such tickets *in proportion*
-(40% of ``security``, 25% of ``outage``), the common queue more *in number* (10% of ``account``'s
-tickets is 17, against 8 of ``security``'s). A model that minimises the plain loss routes the ambiguous
-tickets to the common queue, and misses much of the rare ones; weighing each queue by the inverse of
-its frequency (``balanceClassWeights``) routes them to the rare queue, trading a little of the common
-queues' recall for much of the rare ones' — what a support team wants when the rare queue is
-``security``.
+and ``security`` one in twenty-five. And as in real traffic, some tickets say too little to tell:
+"Please call me back about our account." is most often a locked-out customer (``account``),
+sometimes a hijacked account (``security``); "The service stopped working for us." is sometimes an
+unpaid bill that made it read-only (``billing``), sometimes an ``outage``. Each rare queue has more
+such tickets *in proportion* (40% of ``security``, 25% of ``outage``), the common queue more *in
+number* (10% of ``account``'s tickets is 17, against 8 of ``security``'s). A model that minimises the
+plain loss routes the ambiguous tickets to the common queue, and misses many of the rare ones;
+weighing each queue by the inverse of its frequency (``balanceClassWeights``) makes the rare queue's
+share of them outweigh the common queue's count, trading a little of the common queues' recall for
+more of the rare ones' — what a support team wants when the rare queue is ``security``.
 
 Deterministic: ``python make_dataset.py`` rewrites ``train.jsonl`` and ``eval.jsonl`` identically. The
 eval set holds 40 tickets of each queue, so every class's recall is measured on the same footing.
@@ -84,23 +84,11 @@ TEMPLATES = {
         "we think our {product} account was compromised",
     ],
 }
-#: Ambiguous tickets: the queues that get them (each with the share of its tickets that are such), and
-#: their templates.
+#: Tickets that say too little to tell: the queues that get them (each with the share of its tickets
+#: that are such), and the text, always the same.
 AMBIGUOUS = [
-    (
-        {"account": 0.10, "security": 0.40},
-        [
-            "my password for the {product} stopped working overnight",
-            "I cannot get into our {product} account although I changed nothing",
-        ],
-    ),
-    (
-        {"billing": 0.08, "outage": 0.25},
-        [
-            "the {product} stopped working for us",
-            "we cannot use the {product} any more since today",
-        ],
-    ),
+    ({"account": 0.10, "security": 0.40}, "Please call me back about our account."),
+    ({"billing": 0.08, "outage": 0.25}, "The service stopped working for us."),
 ]
 QUESTION_WORDS = {"is", "can", "could", "does", "how", "why"}
 OPENERS = ["Hi,", "Hello team,", "Good morning.", "Hey there,", "Dear support,", "", "Urgent:"]
@@ -124,9 +112,9 @@ def write(path: Path, rows: list[dict[str, str]]) -> None:
 def tickets(rng: random.Random, queue: str, n: int) -> list[dict[str, str]]:
     """``n`` tickets of a queue: its share of ambiguous ones, the rest its own."""
     rows = []
-    for shares, templates in AMBIGUOUS:
+    for shares, text in AMBIGUOUS:
         if queue in shares:
-            rows += [ticket(rng, queue, templates) for _ in range(round(shares[queue] * n))]
+            rows += [{"text": text, "label": queue} for _ in range(round(shares[queue] * n))]
     return rows + [ticket(rng, queue, TEMPLATES[queue]) for _ in range(n - len(rows))]
 
 
