@@ -288,6 +288,9 @@ def _running_pods(pods: list[dict[str, Any]]) -> int:
     return sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Running")
 
 
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
 def _conditions(
     previous: list[Condition], phase: str, reason: str, message: str, generation: int, now: datetime, created: bool
 ) -> list[Condition]:
@@ -312,25 +315,28 @@ def _conditions(
             cond_reason, cond_message = condition_reason(reason), message
         else:
             cond_reason, cond_message = phase, ""
-        status: Literal["True", "False"] = "True" if true else "False"
-        since = old.last_transition_time if old is not None and old.status == status else to_second(now)
-        out.append(
-            Condition(
-                type=kind,
-                status=status,
-                reason=cond_reason,
-                message=cond_message[:MAX_MESSAGE],
-                last_transition_time=since,
-                observed_generation=generation,
-            )
-        )
+        out.append(_condition(kind, "True" if true else "False", cond_reason, cond_message, old, now, generation))
     return out
+
+
+def _condition(
+    kind: str, status: ConditionStatus, reason: str, message: str, old: Condition | None, now: datetime, generation: int
+) -> Condition:
+    """A condition of ``kind``; its lastTransitionTime is ``old``'s unless its status flips."""
+    since = old.last_transition_time if old is not None and old.status == status else to_second(now)
+    return Condition(
+        type=kind,
+        status=status,
+        reason=reason,
+        message=message[:MAX_MESSAGE],
+        last_transition_time=since,
+        observed_generation=generation,
+    )
 
 
 # -- the preflight ---------------------------------------------------------------------------------------
 
 PREFLIGHT_CONDITION_TYPES = (CONDITION_DATA_VALID, CONDITION_FITS_IN_MEMORY)
-ConditionStatus = Literal["True", "False", "Unknown"]
 #: What plan() needs to know of a preflight attempt's outcome: the phase it leads to and why.
 Gate = tuple[Phase, str, str, FailureInfo | None, PreflightResult | None]
 
@@ -462,18 +468,7 @@ def _preflight_conditions(
         fit = ("False", REASON_WILL_NOT_FIT, memory_breakdown(result) + allowed)
     out = []
     for kind, (status, reason, message) in ((CONDITION_DATA_VALID, data), (CONDITION_FITS_IN_MEMORY, fit)):
-        old = by_type.get(kind)
-        since = old.last_transition_time if old is not None and old.status == status else to_second(now)
-        out.append(
-            Condition(
-                type=kind,
-                status=status,
-                reason=reason,
-                message=message[:MAX_MESSAGE],
-                last_transition_time=since,
-                observed_generation=generation,
-            )
-        )
+        out.append(_condition(kind, status, reason, message, by_type.get(kind), now, generation))
     return out
 
 
