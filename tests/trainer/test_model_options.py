@@ -18,6 +18,7 @@ from finetune_trainer.data import chat
 from finetune_trainer.data.examples import IGNORE
 from finetune_trainer.data.records import Record
 from finetune_trainer.distributed import World
+from finetune_trainer.errors import ConfigError
 from tiny import chat_rows
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -111,12 +112,12 @@ def test_attention_is_the_loaded_models_implementation(
 ) -> None:
     """The attention implementation the model runs with: the one named, or with `auto` transformers'
     choice — sdpa where the model supports it (the tiny Llama), else eager (a model whose own code says
-    it has no sdpa support; sdpa named for it is refused)."""
+    it has no sdpa support; sdpa named for it is refused, naming spec.model.attention: exit 2)."""
     expected = {"auto": "sdpa", "eager": "eager", "sdpa": "sdpa"}[attention]
     assert load(spec(tiny_model, attention=attention), tmp_path).config._attn_implementation == expected
     without_sdpa = spec(tiny_with_code, attention=attention, trustRemoteCode=True)
     if attention == "sdpa":
-        with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+        with pytest.raises(ConfigError, match=r"^spec\.model\.attention: sdpa: .*scaled_dot_product_attention"):
             load(without_sdpa, tmp_path)
     else:
         assert load(without_sdpa, tmp_path).config._attn_implementation == "eager"
@@ -126,8 +127,9 @@ def test_attention_is_the_loaded_models_implementation(
 
 
 def test_trust_remote_code_runs_the_models_own_code(tiny_with_code: Path, tmp_path: Path) -> None:
-    """A model that needs its own code is refused by default, and loaded with it under trustRemoteCode."""
-    with pytest.raises(ValueError, match="trust_remote_code"):
+    """A model that needs its own code is refused by default, naming spec.model.trustRemoteCode (a config
+    error, exit 2: retrying cannot help), and loaded with it under trustRemoteCode."""
+    with pytest.raises(ConfigError, match=r"^spec\.model\.trustRemoteCode: .* needs its own code"):
         load(spec(tiny_with_code), tmp_path)
     model = load(spec(tiny_with_code, trustRemoteCode=True), tmp_path)
     assert type(model).__name__ == "FruitForCausalLM"

@@ -14,6 +14,8 @@ import copy
 import hashlib
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -162,6 +164,27 @@ def _download_config_files(uri: str, cache_root: Path, gguf_file: str | None) ->
     return target
 
 
+@contextmanager
+def spec_errors(model: ModelSpec) -> Iterator[None]:
+    """transformers' refusals that a spec.model field decides, as ConfigErrors naming the field (exit 2:
+    retrying cannot help): a model whose own code is needed without ``trustRemoteCode``, an attention
+    implementation the model does not support. Other errors pass unchanged."""
+    try:
+        yield
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        text = str(exc).strip()
+        if "trust_remote_code" in text:
+            raise ConfigError(
+                f"spec.model.trustRemoteCode: {model.uri} needs its own code to load, which runs only with "
+                f"spec.model.trustRemoteCode: true (for a model you trust): {text}"
+            ) from exc
+        if model.attention != "auto" and "attention" in text.lower():
+            raise ConfigError(f"spec.model.attention: {model.attention}: {text}") from exc
+        raise
+
+
 def _common_kwargs(source: ModelSource, model: ModelSpec) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
     if source.revision:
@@ -172,7 +195,8 @@ def _common_kwargs(source: ModelSource, model: ModelSpec) -> dict[str, Any]:
 
 
 def load_tokenizer(source: ModelSource, model: ModelSpec) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **_common_kwargs(source, model))
+    with spec_errors(model):
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **_common_kwargs(source, model))
     if model.chat_template:
         tokenizer.chat_template = model.chat_template
     elif not getattr(tokenizer, "chat_template", None):
@@ -188,7 +212,8 @@ def dropout_overrides(source: ModelSource, model: ModelSpec, dropout: float | No
     """Config overrides that set every dropout probability of the model's config to ``dropout``."""
     if dropout is None:
         return {}
-    config = AutoConfig.from_pretrained(source.path, **_common_kwargs(source, model))
+    with spec_errors(model):
+        config = AutoConfig.from_pretrained(source.path, **_common_kwargs(source, model))
     names = [k for k, v in config.to_dict().items() if isinstance(v, float) and ("dropout" in k or k.endswith("pdrop"))]
     return dict.fromkeys(names, dropout)
 
@@ -231,7 +256,8 @@ def load_question_answering(
     ``qa_outputs`` is its bias, so it would quantize the layer (which then cannot be trained) unless
     told to skip it.
     """
-    config = AutoConfig.from_pretrained(source.path, **_common_kwargs(source, model))
+    with spec_errors(model):
+        config = AutoConfig.from_pretrained(source.path, **_common_kwargs(source, model))
     # transformers types its lazy mappings' values loosely: they are model classes.
     qa_class = cast("type[PreTrainedModel] | None", MODEL_FOR_QUESTION_ANSWERING_MAPPING.get(type(config), None))
     if qa_class is None:
@@ -318,7 +344,8 @@ def _load(
     kwargs = {**_common_kwargs(source, model), **(overrides or {}), **extra, "dtype": dtype}
     if model.attention != "auto":
         kwargs["attn_implementation"] = model.attention
-    loaded: PreTrainedModel = auto_class.from_pretrained(source.path, **kwargs)
+    with spec_errors(model):
+        loaded: PreTrainedModel = auto_class.from_pretrained(source.path, **kwargs)
     if source.gguf_file:
         loaded = _plain_copy(auto_class, loaded)
     return loaded
