@@ -235,7 +235,11 @@ def test_file_problems_are_one_line_each(tmp_path: Path, content: bytes, expecte
 def test_jinja_chat_templates_are_not_template_syntax(tmp_path: Path) -> None:
     f = tmp_path / "job.yaml"
     template = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% endfor %}"
-    f.write_text(GOOD.replace("model: {uri: org/model}", f"model: {{uri: org/model, chatTemplate: {template!r}}}"))
+    f.write_text(
+        GOOD.replace("model: {uri: org/model}", f"model: {{uri: org/model, chatTemplate: {template!r}}}").replace(
+            "data: {train: {uri: train.jsonl}}", "data: {train: {uri: train.jsonl}, format: chat}"
+        )
+    )
     result = CliRunner().invoke(main, ["validate", str(f)])
     assert result.exit_code == 0, result.output
 

@@ -2002,6 +2002,12 @@ class FineTuneJobSpec(SpecModel):
             field=".training.optimizer",
         ),
         Rule(
+            cel="!has(self.model.chatTemplate) || self.data.format == 'chat'",
+            message="spec.model.chatTemplate is only used by spec.data.format chat (it renders the conversations)",
+            check=lambda s: s.model.chat_template is None or s.data.format == "chat",
+            field=".model.chatTemplate",
+        ),
+        Rule(
             cel="self.resources.gpusPerNode > 0 || self.model.attention != 'flash_attention_2'",
             message="spec.model.attention flash_attention_2 needs CUDA: spec.resources.gpusPerNode must be at least 1",
             check=lambda s: s.resources.gpus_per_node > 0 or s.model.attention != "flash_attention_2",
