@@ -106,7 +106,6 @@ def ours(task: str, model_dir: Path, train: Path, steps: int, workdir: Path) -> 
                 "train": {"uri": str(train)},
                 "format": "text",
                 "maxSeqLength": MAX_LEN,
-                "completionOnlyLoss": False,
             }
         }
     manifest = tiny.job_manifest(

@@ -68,7 +68,7 @@ def test_lora_sft_matches_plain_hf_trainer(
         "anchor",
         tiny_model,
         train,
-        data={"train": {"uri": str(train)}, "format": "text", "maxSeqLength": MAX_LEN, "completionOnlyLoss": False},
+        data={"train": {"uri": str(train)}, "format": "text", "maxSeqLength": MAX_LEN},
         training={
             "maxSteps": STEPS,
             "learningRate": LR,

@@ -470,6 +470,12 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.data.format chat",
     ),
     (
+        "completion-only-loss-for-text",
+        {"spec.data.format": "text", "spec.data.completionOnlyLoss": False},
+        "spec.data.completionOnlyLoss",
+        "promptCompletion and chat",
+    ),
+    (
         "chat-template-outside-chat",
         {"spec.model.chatTemplate": "{{ messages }}"},
         "spec.model.chatTemplate",
@@ -762,6 +768,7 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("fp16-with-gpus", {"spec.training.precision": "fp16"}),
     ("system-prompt-for-chat", {"spec.data.format": "chat", "spec.data.systemPrompt": "Answer briefly."}),
     ("revision-of-a-hub-id", {"spec.model.revision": "v2"}),
+    ("completion-only-loss-for-chat", {"spec.data.format": "chat", "spec.data.completionOnlyLoss": False}),
     ("chat-template-for-chat", {"spec.data.format": "chat", "spec.model.chatTemplate": "{{ messages }}"}),
     ("metrics-ports-up-to-65535", {"spec.metrics.port": 65534, "spec.resources.gpusPerNode": 2}),
     ("rendezvous-port-when-metrics-off", {"spec.distributed.rendezvousPort": 9410, "spec.metrics.enabled": False}),

@@ -820,10 +820,18 @@ class DataSpec(SpecModel):
             "sample boundaries."
         ),
     )
-    completion_only_loss: bool = Field(
-        default=True,
-        description="Compute the loss only on completion / assistant tokens, not on prompts.",
+    completion_only_loss: bool | None = Field(
+        default=None,
+        description=(
+            "Compute the loss only on completion / assistant tokens, not on prompts (formats "
+            "`promptCompletion` and `chat`, the ones with prompts; default true)."
+        ),
     )
+
+    @property
+    def prompt_loss_masked(self) -> bool:
+        """Whether prompt tokens take no loss (``completionOnlyLoss``, true unless set false)."""
+        return self.completion_only_loss is not False
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -831,6 +839,15 @@ class DataSpec(SpecModel):
             message="spec.data.systemPrompt is only used by spec.data.format chat (it opens conversations)",
             check=lambda m: m.system_prompt is None or m.format == "chat",
             field=".systemPrompt",
+        ),
+        Rule(
+            cel="!has(self.completionOnlyLoss) || self.format in ['promptCompletion', 'chat']",
+            message=(
+                "spec.data.completionOnlyLoss is only used by spec.data.format promptCompletion and chat "
+                "(the formats with prompts to leave out of the loss)"
+            ),
+            check=lambda m: m.completion_only_loss is None or m.format in ("promptCompletion", "chat"),
+            field=".completionOnlyLoss",
         ),
         Rule(
             cel="!(has(self.eval) && self.evalSplit > 0.0)",

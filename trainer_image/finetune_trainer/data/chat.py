@@ -99,7 +99,7 @@ def tokenize(
     all_ids: list[list[int]] = encoded["input_ids"]
     all_labels = []
     for (_text, spans), ids, offsets in zip(rendered, all_ids, encoded["offset_mapping"], strict=True):
-        if data.completion_only_loss:
+        if data.prompt_loss_masked:
             labels = [
                 token if any(s <= begin < e for s, e in spans) else IGNORE
                 for token, (begin, _end) in zip(ids, offsets, strict=True)

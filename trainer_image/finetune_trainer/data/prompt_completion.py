@@ -35,7 +35,7 @@ def tokenize(
     for prompt, completion in zip(prompts, completions, strict=True):
         completion = completion + end
         ids.append(prompt + completion)
-        labels.append(([IGNORE] * len(prompt) if data.completion_only_loss else list(prompt)) + completion)
+        labels.append(([IGNORE] * len(prompt) if data.prompt_loss_masked else list(prompt)) + completion)
     return {"input_ids": ids, "labels": labels}
 
 
