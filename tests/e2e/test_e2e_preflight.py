@@ -155,6 +155,7 @@ def manifest(name: str, model: Path, train: str, ns: str, endpoint: str, **spec:
         checkpoint={"uri": f"s3://{ns}-ckpt", "endpointUrl": endpoint, "credentials": {"name": "s3-creds"}},
         metrics={"enabled": False},
     )
+    del ftj["spec"]["preflight"]  # what is tested here: the default, mode auto
     for key, value in spec.items():
         ftj["spec"][key] = {**ftj["spec"].get(key, {}), **value}
     return ftj

@@ -81,6 +81,7 @@ def test_validate_accepts_a_task_iff_the_trainer_trains_it(
     )
     manifest["spec"]["data"]["format"] = fmt
     manifest["spec"]["training"]["maxSteps"] = 3
+    manifest["spec"]["preflight"] = {"mode": "auto"}  # every task through finetune run's preflight too
     path = tiny.write_manifest(tmp_path / "job.yaml", manifest)
     checked = validate(path)
     if not row.implemented:

@@ -225,6 +225,10 @@ def job_manifest(name: str, model_dir: Path, train: Path, **spec_overrides: Any)
         },
         "distributed": {"procsPerNode": 1},
         "resources": {"gpusPerNode": 0},
+        # `finetune run` checks a job in a preflight process before training (~10 s of CPU): the runs
+        # that test training skip it; test_preflight.py, the every-task and every-example runs and the
+        # quickstart run it as users do.
+        "preflight": {"mode": "skip"},
     }
     for dotted, value in spec_overrides.items():
         node = spec
