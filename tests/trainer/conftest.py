@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -55,3 +57,29 @@ def finetune_run(tmp_path: Path) -> Callable[..., RunResult]:
         return RunResult(proc.returncode, proc.stdout + proc.stderr, workdir)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_with_code(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as a repository with its own modeling code (a model type transformers does not
+    know), whose model class does not support sdpa attention."""
+    directory = tmp_path_factory.mktemp("tiny-with-code")
+    shutil.copytree(tiny_model, directory, dirs_exist_ok=True)
+    (directory / "configuration_fruit.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass FruitConfig(LlamaConfig):\n    model_type = 'fruit-llama'\n"
+    )
+    (directory / "modeling_fruit.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_fruit import FruitConfig\n\n\n"
+        "class FruitForCausalLM(LlamaForCausalLM):\n    config_class = FruitConfig\n    _supports_sdpa = False\n"
+    )
+    config = json.loads((directory / "config.json").read_text())
+    config.update(
+        model_type="fruit-llama",
+        architectures=["FruitForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_fruit.FruitConfig",
+            "AutoModelForCausalLM": "modeling_fruit.FruitForCausalLM",
+        },
+    )
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory

@@ -316,3 +316,13 @@ def test_an_architecture_the_estimator_does_not_model_gives_a_note(tmp_path: Pat
     assert result.memory is None
     assert result.memory_note is not None and "model_type 'gpt2' is not modeled" in result.memory_note
     assert result.train_records == 8 and result.steps_per_epoch == 1
+
+
+def test_a_model_needing_its_own_code_is_refused_naming_trust_remote_code(tmp_path: Path, tiny_with_code: Path) -> None:
+    """The config alone tells that the model needs its own code: refused before training, exit 2, naming
+    spec.model.trustRemoteCode (not a generic unreadable model)."""
+    train = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.prompt_completion_rows(8))
+    code, result, _, _ = run_preflight(tmp_path, config_for(tmp_path, tiny.job_manifest("code", tiny_with_code, train)))
+    assert code == EXIT_INVALID_CONFIG
+    [problem] = result.problems
+    assert problem.startswith("spec.model.trustRemoteCode: "), problem

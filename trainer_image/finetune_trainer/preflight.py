@@ -145,8 +145,11 @@ def load_model_config(config: TrainerConfig) -> tuple[dict[str, Any], Any]:
     )
     kwargs = modeling._common_kwargs(source, spec.model)
     try:
-        loaded = AutoConfig.from_pretrained(source.path, **kwargs)
+        with modeling.spec_errors(spec.model):  # trustRemoteCode and attention refusals name their field
+            loaded = AutoConfig.from_pretrained(source.path, **kwargs)
         tokenizer = modeling.load_tokenizer(source, spec.model)
+    except ConfigError:
+        raise
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"spec.model.uri: cannot read the config and tokenizer of {spec.model.uri}: {exc}") from None
     raw = Path(source.path) / "config.json"
