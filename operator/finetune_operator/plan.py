@@ -19,7 +19,7 @@ def data_lines(result: PreflightResult, spec: FineTuneJobSpec) -> list[str]:
     if result.token_length_max is not None:
         truncated = result.truncated_fraction or 0.0
         lines.append(
-            f"tokens a training record: p50 {_n(result.token_length_p50)}, p95 {_n(result.token_length_p95)}, "
+            f"tokens per training record: p50 {_n(result.token_length_p50)}, p95 {_n(result.token_length_p95)}, "
             f"max {_n(result.token_length_max)}; {truncated:.1%} cut at spec.data.maxSeqLength "
             f"{spec.data.max_seq_length}"
         )
