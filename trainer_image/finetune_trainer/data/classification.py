@@ -166,11 +166,6 @@ def build_examples(
     return [ClassificationExample(ids[:n], label) for ids, label in zip(rows["input_ids"], rows["labels"], strict=True)]
 
 
-def target_classes(examples: Sequence[ClassificationExample]) -> list[list[int]]:
-    """Each example's class ids (one for single-label, any number for multi-label)."""
-    return classes_of([example.label for example in examples])
-
-
 def classes_of(targets: Sequence[int | list[float]]) -> list[list[int]]:
     """The class ids of each target (a class id, or a multi-hot vector)."""
     return [[t] if isinstance(t, int) else [i for i, v in enumerate(t) if v] for t in targets]

@@ -29,8 +29,6 @@ from transformers.trainer_utils import EvalLoopOutput
 from .. import harness, methods, modeling
 from ..data import chat, prompt_completion
 from ..data.collate import CausalLMCollator
-from ..data.examples import Example, build_examples
-from ..data.packing import pack, pack_documents
 from ..data.pipeline import TokenRows
 from ..data.records import Record
 from ..errors import ConfigError
@@ -71,15 +69,6 @@ def perplexity_for(spec: FineTuneJobSpec) -> frozenset[str]:
     a listed metric)."""
     metrics = spec.training.evaluation.metrics
     return frozenset({"eval", "general"} if metrics is None or "perplexity" in metrics else {"general"})
-
-
-def _examples(records: list[Record], tokenizer: Any, data: DataSpec, *, for_training: bool) -> list[Example]:
-    """The rows of a list of records, as the data pipeline makes them (:mod:`..data.pipeline`)."""
-    if for_training and data.packing:
-        if data.format == "text":
-            return pack_documents(records, tokenizer, data)
-        return pack(build_examples(records, tokenizer, data), data.max_seq_length)
-    return build_examples(records, tokenizer, data)
 
 
 def run(config: TrainerConfig) -> dict[str, Any]:
