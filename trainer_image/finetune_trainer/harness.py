@@ -142,8 +142,16 @@ class Run:
             self.spec.model, base_dir=self.config.base_dir, cache_dir=self.work / "cache", world=self.world
         )
 
-    def prepare(self, *, has_eval: bool) -> Prepared:
-        """Process group, TrainingArguments and the resume decision, before any model is loaded."""
+    def prepare(
+        self,
+        *,
+        has_eval: bool,
+        args_class: type[TrainingArguments] = TrainingArguments,
+        task_args: dict[str, Any] | None = None,
+    ) -> Prepared:
+        """Process group, TrainingArguments and the resume decision, before any model is loaded.
+        ``args_class`` and ``task_args``: the recipe's arguments class (a trl trainer's config) and its
+        task's fields (:func:`.training_args.training_arguments`)."""
         spec = self.spec
         distributed.init(self.world, spec.distributed.backend, deepspeed=spec.distributed.deepspeed is not None)
         store = checkpointing.open_store(self.config)
@@ -152,6 +160,8 @@ class Run:
             output_dir=self.work / "hf-checkpoints",
             base_dir=self.config.base_dir,
             has_eval=has_eval,
+            args_class=args_class,
+            task_args=task_args,
         )
         zero_stage = _zero_stage(args)
         plan = checkpointing.ResumePlan()

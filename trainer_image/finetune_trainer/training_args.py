@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from finetune_operator.api.v1alpha1 import DeepSpeedSpec, FineTuneJobSpec
@@ -13,6 +13,8 @@ from transformers import TrainingArguments
 
 from . import distributed, storage
 from .errors import ConfigError
+
+ArgsT = TypeVar("ArgsT", bound=TrainingArguments)
 
 OPTIMIZERS = {
     # torch's fused AdamW (CUDA and CPU), transformers' own default: one kernel over all parameters
@@ -106,8 +108,14 @@ def training_arguments(
     output_dir: str | Path,
     base_dir: str | None,
     has_eval: bool,
-) -> TrainingArguments:
+    args_class: type[ArgsT] = TrainingArguments,  # type: ignore[assignment]
+    task_args: dict[str, Any] | None = None,
+) -> ArgsT:
     """TrainingArguments for the spec. Build it before the model: ZeRO-3 partitions at load time.
+
+    ``args_class`` is the recipe's arguments class (a trl trainer's config, a subclass of
+    TrainingArguments) and ``task_args`` its task's fields (e.g. DPO's ``beta``), set beside the
+    spec's training fields.
 
     Checkpoints are saved into ``output_dir`` (local staging). The CheckpointCallback alone decides
     when to save and the checkpoint store which checkpoints are kept: transformers deletes none
@@ -178,4 +186,7 @@ def training_arguments(
         if not cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         kwargs["deepspeed"] = deepspeed_config(spec.distributed.deepspeed, base_dir=base_dir, optimizer=t.optimizer)
-    return TrainingArguments(**kwargs)
+    overlap = set(task_args or {}) & set(kwargs)
+    if overlap:
+        raise ValueError(f"task arguments {sorted(overlap)} would override the spec's training fields")
+    return args_class(**kwargs, **(task_args or {}))

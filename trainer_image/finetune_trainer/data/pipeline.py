@@ -65,7 +65,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .. import storage
 from ..distributed import World
-from . import classification, examples, qa
+from . import classification, examples, preference, qa
 from .examples import Example
 from .packing import iter_blocks, iter_packed
 from .records import FORMATS, DataError, Record, RecordSink, scan, split_indices
@@ -528,6 +528,15 @@ def _classification_batch(
     }
 
 
+def _preference_batch(texts: list[str], *, tokenizer: PreTrainedTokenizerBase, data: DataSpec) -> dict[str, list[Any]]:
+    rows: dict[str, list[Any]] = preference.tokenize(_columns_of(texts, "preference", data), tokenizer, data)
+    rows["length"] = [
+        len(p) + max(len(c), len(r))
+        for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], strict=True)
+    ]
+    return rows
+
+
 def _wheres(files: list[str], lines: list[int], units: list[str]) -> list[str]:
     return [f"{f}:{u} {n}" if u else f"{f}:{n}" for f, n, u in zip(files, lines, units, strict=True)]
 
@@ -590,6 +599,9 @@ def _qa_records_batch(
 
 
 _CAUSAL = datasets.Features({"input_ids": _IDS, "labels": _IDS, "length": datasets.Value("int64")})
+_PREFERENCE = datasets.Features(
+    {"prompt_ids": _IDS, "chosen_ids": _IDS, "rejected_ids": _IDS, "length": datasets.Value("int64")}
+)
 _QA_WINDOWS = datasets.Features(
     {
         "input_ids": _IDS,
@@ -680,10 +692,10 @@ def _iter_column(dataset: datasets.Dataset, *columns: str) -> Iterator[tuple[Any
         yield from zip(*(batch[c] for c in columns), strict=True)
 
 
-def _row_lengths(dataset: datasets.Dataset) -> np.ndarray[Any, Any]:
-    """The token count of every row."""
+def _row_lengths(dataset: datasets.Dataset, column: str = "input_ids") -> np.ndarray[Any, Any]:
+    """The token count of every row (of its ``column`` of token ids)."""
     table = dataset.with_format("arrow")[:]
-    return np.asarray(pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False), dtype=np.int64)
+    return np.asarray(pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def _int_column(dataset: datasets.Dataset, column: str) -> np.ndarray[Any, Any]:
@@ -809,6 +821,20 @@ def _tokenize_all(
             )
             out["eval_questions"] = questions.select_columns(["id", "context", "answers"])
         meta["allow_null"] = unanswerable
+    elif data.format == "preference":
+        # Rows stay whole: the recipe cuts them to maxSeqLength as its trainer does (DPO keeps the start of
+        # prompt + response). A row is a pair of sequences, prompt + chosen and prompt + rejected.
+        kw = {"tokenizer": tokenizer, "data": data}
+        train = mapper(train_records, "train-rows", _preference_batch, _PREFERENCE, input_columns=["record"], **kw)
+        lengths = _int_column(train, "length")
+        truncated = int((lengths > cut_at).sum())
+        prompts, chosen, rejected = (_row_lengths(train, c) for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        row_tokens = np.minimum(prompts + chosen, cut_at) + np.minimum(prompts + rejected, cut_at)
+        out["train"] = train
+        if eval_records is not None:
+            out["eval"] = mapper(
+                eval_records, "eval-rows", _preference_batch, _PREFERENCE, input_columns=["record"], **kw
+            )
     else:  # unreachable: the API refuses a task without a recipe
         raise DataError([f"spec.task.type {spec.task.type} has no recipe"])
     ordered = np.sort(lengths)
