@@ -366,14 +366,71 @@ class QAParams(SpecModel):
     max_answer_length: int = Field(default=30, ge=1, le=4096, description="Longest answer span considered, in tokens.")
 
 
+#: spec.task.dpo.lossType: the DPO objectives, as trl's DPOTrainer computes them (its name in brackets).
+DPOLossType = Literal[
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "robust",
+    "exoPair",
+    "bcoPair",
+    "ncaPair",
+    "sppoHard",
+    "apoZero",
+    "apoDown",
+    "sigmoidNorm",
+]
+#: The DPO objectives that read spec.task.dpo.labelSmoothing.
+DPO_SMOOTHED_LOSSES = ("robust", "exoPair")
+
+
 class DPOParams(SpecModel):
     """Parameters of Direct Preference Optimization."""
 
-    beta: float = Field(default=0.1, gt=0, le=100, description="Strength of the implicit KL penalty to the reference.")
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(default="sigmoid", description="DPO loss variant.")
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        le=100,
+        description="Strength of the implicit KL penalty to the reference (for `ipo`, its regularisation tau).",
+    )
+    loss_type: DPOLossType = Field(
+        default="sigmoid",
+        description=(
+            "DPO objective: `sigmoid` (DPO), `ipo` (IPO), `hinge` (SLiC), `robust` (robust DPO, for noisy "
+            "labels: labelSmoothing is the probability a label is flipped), `exoPair` (EXO), `bcoPair` (BCO), "
+            "`ncaPair` (NCA), `sppoHard` (SPPO), `apoZero` and `apoDown` (anchored preference optimisation: "
+            "raise, or lower, the chosen likelihood) or `sigmoidNorm` (DPO on length-normalised "
+            "log-probabilities)."
+        ),
+    )
+    label_smoothing: float | None = Field(
+        default=None,
+        ge=0,
+        lt=0.5,
+        description="Assumed probability that a preference label is wrong (`robust`, `exoPair` only; default 0).",
+    )
     reference_model: ModelUri | None = Field(
         default=None,
-        description="Reference model. Default: the base model (for PEFT methods, the adapter disabled).",
+        description=(
+            "Reference model. Default: the base model (for PEFT methods, the policy with its adapter "
+            "disabled: no second copy in memory)."
+        ),
+    )
+    precompute_reference_log_probs: bool = Field(
+        default=False,
+        description=(
+            "Compute the reference model's log-probabilities of every training and eval pair once, before "
+            "training, and keep no reference model in memory while training."
+        ),
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel=f"!has(self.labelSmoothing) || self.lossType in {list(DPO_SMOOTHED_LOSSES)}",
+            message="spec.task.dpo.labelSmoothing is only used by spec.task.dpo.lossType robust and exoPair",
+            check=lambda m: m.label_smoothing is None or m.loss_type in DPO_SMOOTHED_LOSSES,
+            field=".labelSmoothing",
+        ),
     )
 
 
