@@ -160,6 +160,40 @@ def classification_rows(n: int, seed: int = 0, *, multi_label: bool = False) -> 
     return rows
 
 
+def preference_rows(n: int, seed: int = 0, *, chat: bool = False) -> list[dict[str, Any]]:
+    """``preference`` records about the fruits' colors: the prompt asks a fruit's color, ``chosen``
+    says the true one and ``rejected`` a wrong one (another fruit's color). Plain text (a prompt and
+    responses that follow it), or with ``chat`` a conversation (the prompt a system and a user
+    message, each response one assistant message)."""
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for _ in range(n):
+        fruit = rng.choice(list(FRUIT))
+        color = FRUIT[fruit][0]
+        wrong = rng.choice([c for c in COLORS if c != color])
+        if chat:
+            prompt = [
+                {"role": "system", "content": "answer about fruit"},
+                {"role": "user", "content": f"what color is the {fruit}?"},
+            ]
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": f"the {fruit} is {color}"}],
+                    "rejected": [{"role": "assistant", "content": f"the {fruit} is {wrong}"}],
+                }
+            )
+        else:
+            rows.append(
+                {
+                    "prompt": f"what color is the {fruit}?",
+                    "chosen": f" the {fruit} is {color}",
+                    "rejected": f" the {fruit} is {wrong}",
+                }
+            )
+    return rows
+
+
 def text_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
     rows = []
