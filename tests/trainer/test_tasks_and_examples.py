@@ -53,6 +53,8 @@ def rows_for(fmt: str, columns: dict[str, str], n: int = 64) -> list[dict[str, A
     elif fmt == "qa":
         rows = tiny.qa_rows(n, unanswerable=0.2)
         defaults = {"question": "question", "context": "context", "answers": "answers"}
+    elif fmt == "preference":
+        rows, defaults = tiny.preference_rows(n), {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
     else:
         raise AssertionError(f"no test data for format {fmt}: add it with the task's recipe")
     names = {key: columns.get(key, key) for key in defaults}
