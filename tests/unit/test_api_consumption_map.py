@@ -58,6 +58,7 @@ PROMPT_INIT = f"{METHOD_PARAMS}::test_prompt_init_text_initialises_the_soft_prom
 QUANTIZATION = f"{METHOD_PARAMS}::test_quantization_reaches_every_4bit_layer"
 VIRTUAL_TOKENS = f"{METHOD_PARAMS}::test_virtual_tokens_are_trained_and_saved"
 DATA_OPTIONS = "tests/trainer/test_data_options.py"
+PREFERENCE_COLUMNS = "tests/trainer/test_preference_data.py::test_mapped_columns_are_read"
 COLUMNS_READ = f"{DATA_OPTIONS}::test_renamed_columns_are_read"
 FILE_TYPE = f"{DATA_OPTIONS}::test_a_declared_file_type_wins_over_the_extension"
 MAX_SAMPLES = f"{DATA_OPTIONS}::test_max_samples_limits_the_records_read"
@@ -163,12 +164,14 @@ CONSUMPTION: dict[str, str] = {
     "spec.checkpoint.uri": RESUME,
     # -- spec.data: records, formats, tokenization --------------------------------------------------------
     "spec.data.columns.answers": QA_RUN,  # the run's data has its own column names
+    "spec.data.columns.chosen": PREFERENCE_COLUMNS,  # renamed columns read, and named in the problem
     "spec.data.columns.completion": f"{EXAMPLE}[qlora]",  # the example maps completion: output
     "spec.data.columns.context": QA_RUN,
     "spec.data.columns.label": CLS_BAD_RECORDS,  # the records' label column is called color
     "spec.data.columns.messages": f"{COLUMNS_READ}[messages]",
     "spec.data.columns.prompt": f"{DATA_DEFECT}[column-no-record-has]",
     "spec.data.columns.question": QA_RUN,
+    "spec.data.columns.rejected": PREFERENCE_COLUMNS,
     "spec.data.columns.text": f"{COLUMNS_READ}[text]",
     "spec.data.completionOnlyLoss": "tests/trainer/test_data.py::test_completion_only_loss_masks_the_prompt",
     "spec.data.eval.fileType=auto": f"{EXAMPLE}[lora-sft-2-nodes]",  # its eval file, read as JSONL by extension
@@ -439,8 +442,6 @@ CONSUMPTION: dict[str, str] = {
 UNPROVEN: dict[str, str] = {
     # -- spec.checkpoint ----------------------------------------------------------------------------------
     # -- spec.data ----------------------------------------------------------------------------------------
-    "spec.data.columns.chosen": "read only by the preference format (its tasks are refused); accepted elsewhere",
-    "spec.data.columns.rejected": "read only by the preference format (its tasks are refused); accepted elsewhere",
     # -- spec.distributed ---------------------------------------------------------------------------------
     "spec.distributed.backend=nccl": "needs GPUs (refused without: nccl-without-gpus); no GPU test",
     # -- spec.model ---------------------------------------------------------------------------------------
@@ -455,7 +456,7 @@ UNPROVEN: dict[str, str] = {
 
 #: len(UNPROVEN) when the map was made (issue 13). Lower it with every field that moves to CONSUMPTION;
 #: never raise it: a new field of the API comes with its evidence.
-UNPROVEN_COUNT = 8
+UNPROVEN_COUNT = 6
 
 #: The case ids of parametrized tests whose ids are computed rather than written in the file.
 GENERATED_IDS: dict[str, Callable[[], Iterable[str]]] = {
