@@ -828,8 +828,8 @@ def _tokenize_all(
         train = mapper(train_records, "train-rows", _preference_batch, _PREFERENCE, input_columns=["record"], **kw)
         lengths = _int_column(train, "length")
         truncated = int((lengths > cut_at).sum())
-        prompts, chosen, rejected = (_row_lengths(train, c) for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
-        row_tokens = np.minimum(prompts + chosen, cut_at) + np.minimum(prompts + rejected, cut_at)
+        prompt_n, chosen_n, rejected_n = (_row_lengths(train, c) for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        row_tokens = np.minimum(prompt_n + chosen_n, cut_at) + np.minimum(prompt_n + rejected_n, cut_at)
         out["train"] = train
         if eval_records is not None:
             out["eval"] = mapper(
