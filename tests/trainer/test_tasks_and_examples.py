@@ -75,7 +75,7 @@ def test_validate_accepts_a_task_iff_the_trainer_trains_it(
     params = {
         "classification": {"numLabels": len(tiny.COLORS), "labels": tiny.COLORS},
         "qa": {"docStride": 16},  # windows of 64 tokens (maxSeqLength) overlap by less than that
-        "rl": {"rewardModel": "org/rm"},
+        "rl": {"rewards": [{"type": "contains"}], "maxNewTokens": 8},
         "distill": {"teacher": "org/t"},
     }
     manifest = tiny.job_manifest(

@@ -79,6 +79,14 @@ CLS_BAD_RECORDS = f"{CLS}::test_bad_records_exit_3_with_file_and_line_before_the
 CLS_HEAD_ONLY = f"{CLS}::test_head_only_trains_the_score_layer_stops_early_on_f1_and_its_output_reproduces_the_metrics"
 CLS_RESUME = f"{CLS}::test_oversampling_counts_and_a_killed_run_resumes_on_exactly_the_same_batches"
 CLS_TWO_RANKS = f"{CLS}::test_two_ranks_ddp_and_zero2"
+RL = "tests/trainer/test_rl.py"
+RL_GRPO = f"{RL}::test_grpo_matches_plain_trl_and_the_reward_rises"
+RL_RLOO = f"{RL}::test_rloo_trains_on_chat_against_a_reward_model"
+RL_FLAT = f"{RL}::test_a_group_without_reward_spread_has_zero_advantage"
+RL_ZERO2 = f"{RL}::test_two_ranks_zero2_killed_then_resumed_draw_every_prompt_once"
+RL_REWARDS = "tests/unit/test_rewards.py"
+RL_LENGTH = f"{RL_REWARDS}::test_length_counts_generated_tokens_without_the_end_of_sequence"
+RL_EXACT = f"{RL_REWARDS}::test_exact_match_and_contains_compare_with_the_reference"
 QA = "tests/trainer/test_qa.py"
 QA_ANCHOR = f"{QA}::test_full_qa_matches_plain_hf_question_answering_trainer"
 QA_RUN = f"{QA}::test_a_qa_run_trains_and_reports_exact_match_and_f1"
@@ -355,21 +363,33 @@ CONSUMPTION: dict[str, str] = {
     "spec.task.qa.docStride": QA_ANCHOR,  # the run's windows are the textbook's with that stride
     "spec.task.qa.maxAnswerLength": QA_SPEC,
     "spec.task.reward.centerRewardsCoefficient": refused("task-not-supported-reward"),
-    "spec.task.rl.algorithm=grpo": refused("task-not-supported-rl"),
-    "spec.task.rl.algorithm=ppo": refused("task-not-supported-rl"),
-    "spec.task.rl.algorithm=rloo": refused("task-not-supported-rl"),
-    "spec.task.rl.klCoef": refused("task-not-supported-rl"),
-    "spec.task.rl.maxNewTokens": refused("task-not-supported-rl"),
-    "spec.task.rl.numGenerations": refused("task-not-supported-rl"),
-    "spec.task.rl.rewardModel": refused("task-not-supported-rl"),
-    "spec.task.rl.temperature": refused("task-not-supported-rl"),
+    # GRPO's per-step loss, reward and KL equal a plain trl script's with the same (non-default) klCoef,
+    # temperature, maxNewTokens and regex; RLOO's reward is the weighted sum of the reward model's and
+    # the verifiable rewards'; the length, exactMatch and contains rules are the unit tests' cases.
+    "spec.task.rl.algorithm=grpo": RL_GRPO,
+    "spec.task.rl.algorithm=ppo": refused("rl-ppo-not-available"),
+    "spec.task.rl.algorithm=rloo": RL_RLOO,
+    "spec.task.rl.klCoef": RL_GRPO,
+    "spec.task.rl.maxNewTokens": RL_GRPO,
+    "spec.task.rl.numGenerations": RL_ZERO2,  # 2 per group: the prompts a step draws
+    "spec.task.rl.rewardModel": RL_RLOO,
+    "spec.task.rl.rewards[].maxTokens": RL_LENGTH,
+    "spec.task.rl.rewards[].minTokens": RL_LENGTH,
+    "spec.task.rl.rewards[].pattern": RL_GRPO,
+    "spec.task.rl.rewards[].type=contains": RL_RLOO,
+    "spec.task.rl.rewards[].type=exactMatch": RL_EXACT,
+    "spec.task.rl.rewards[].type=jsonValid": RL_FLAT,
+    "spec.task.rl.rewards[].type=length": RL_RLOO,
+    "spec.task.rl.rewards[].type=regex": RL_GRPO,
+    "spec.task.rl.rewards[].weight": RL_RLOO,
+    "spec.task.rl.temperature": RL_GRPO,
     "spec.task.type=classification": f"{TASK}[classification]",
     "spec.task.type=distill": refused("task-not-supported-distill"),
     "spec.task.type=dpo": refused("task-not-supported-dpo"),
     "spec.task.type=pretrain": f"{TASK}[pretrain]",
     "spec.task.type=qa": QA_RUN,
     "spec.task.type=reward": refused("task-not-supported-reward"),
-    "spec.task.type=rl": refused("task-not-supported-rl"),
+    "spec.task.type=rl": RL_GRPO,
     "spec.task.type=sft": f"{TASK}[sft]",
     # -- spec.training: optimization, evaluation, early stopping, forgetting ------------------------------
     "spec.training.dropout": f"{MODEL_OPTIONS}::test_dropout_sets_the_models_dropout_probabilities",

@@ -261,6 +261,67 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.task.rl.numGenerations",
         "at least 2",
     ),
+    (
+        "rl-ppo-not-available",
+        {"spec.task": {"type": "rl", "rl": {"algorithm": "ppo", "rewardModel": "org/rm"}}},
+        "spec.task.rl.algorithm",
+        "ppo is not available yet",
+    ),
+    (
+        "rl-without-rewards",
+        {"spec.task": {"type": "rl", "rl": {"algorithm": "rloo"}}},
+        "spec.task.rl.rewards",
+        "needs a rewardModel or at least one of rewards",
+    ),
+    (
+        "rl-batch-not-whole-groups",
+        {"spec.task": {"type": "rl", "rl": {"numGenerations": 3, "rewards": [{"type": "contains"}]}}},
+        "spec.training.perDeviceBatchSize",
+        "multiple of spec.task.rl.numGenerations",
+    ),
+    (
+        "rl-reward-zero-weight",
+        {"spec.task": {"type": "rl", "rl": {"rewards": [{"type": "exactMatch", "weight": 0}]}}},
+        "spec.task.rl.rewards[0].weight",
+        "must not be 0",
+    ),
+    (
+        "rl-regex-without-pattern",
+        {"spec.task": {"type": "rl", "rl": {"rewards": [{"type": "regex"}]}}},
+        "spec.task.rl.rewards[0].pattern",
+        "required for type regex",
+    ),
+    (
+        "rl-pattern-of-another-type",
+        {"spec.task": {"type": "rl", "rl": {"rewards": [{"type": "contains", "pattern": "red"}]}}},
+        "spec.task.rl.rewards[0].pattern",
+        "only used by it",
+    ),
+    (
+        # A back-reference: Python's re reads it, RE2 refuses it.
+        "rl-pattern-outside-the-shared-subset",
+        {"spec.task": {"type": "rl", "rl": {"rewards": [{"type": "regex", "pattern": "(a)\\1"}]}}},
+        "spec.task.rl.rewards[0].pattern",
+        "subset Python and RE2 read alike",
+    ),
+    (
+        "rl-length-without-bounds",
+        {"spec.task": {"type": "rl", "rl": {"rewards": [{"type": "length"}]}}},
+        "spec.task.rl.rewards[0].type",
+        "needs minTokens or maxTokens",
+    ),
+    (
+        "rl-length-bounds-for-another-type",
+        {"spec.task": {"type": "rl", "rl": {"rewards": [{"type": "jsonValid", "maxTokens": 9}]}}},
+        "spec.task.rl.rewards[0].type",
+        "which only it uses",
+    ),
+    (
+        "rl-length-bounds-reversed",
+        {"spec.task": {"type": "rl", "rl": {"rewards": [{"type": "length", "minTokens": 9, "maxTokens": 3}]}}},
+        "spec.task.rl.rewards[0].minTokens",
+        "must not exceed maxTokens",
+    ),
     ("params-for-other-task", {"spec.task.dpo": {"beta": 0.2}}, "spec.task.dpo", "only allowed"),
     (
         "adalora-target-above-init",
@@ -564,12 +625,6 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         {"spec.task": {"type": "dpo", "dpo": {"beta": 0.1}}, "spec.data.format": "preference"},
         "spec.task.type",
         "dpo is not supported yet",
-    ),
-    (
-        "task-not-supported-rl",
-        {"spec.task": {"type": "rl", "rl": {"rewardModel": "org/rm"}}},
-        "spec.task.type",
-        "rl is not supported yet",
     ),
     (
         "task-not-supported-distill",

@@ -123,6 +123,7 @@ TASKS: tuple[TaskRow, ...] = (
         methods=_NO_PROMPT_METHODS,
         packing=False,
         metrics=("loss",),
+        recipe="rl",
     ),
     TaskRow(
         "distill",

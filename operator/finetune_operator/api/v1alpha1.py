@@ -442,24 +442,183 @@ class RewardParams(SpecModel):
     )
 
 
-class RLParams(SpecModel):
-    """Parameters of online reinforcement learning against a reward model."""
+#: spec.task.rl.rewards[].type: the verifiable rewards, computed by the trainer without a model.
+RewardType = Literal["exactMatch", "contains", "regex", "jsonValid", "length"]
 
-    algorithm: Literal["ppo", "grpo", "rloo"] = Field(default="grpo", description="Online RL algorithm.")
-    reward_model: ModelUri = Field(description="The reward model that scores generated completions.")
+# A spec.task.rl.rewards[].pattern is a regular expression in a subset that Python's ``re`` (``finetune
+# validate``, the trainer) and RE2 (the API server's CEL) read alike, so that the same patterns are
+# accepted by both and match the same text. The subset is itself a regular language, checked by the
+# one expression below in CEL and in Python: alternatives of atoms, each with at most one greedy
+# quantifier; an atom is a literal character, an escaped metacharacter, ``.``, ``\d \D \w \W \t \n``, or a
+# bracket class of single characters, the ranges a-z, A-Z and 0-9 and those escapes. Left out, each for
+# a reason: groups (RE2 and ``re`` differ in back-references, look-arounds and named groups; nested
+# quantifiers are what makes ``re`` backtrack for ever), ``\s`` (``re`` counts \v as a space, RE2 does
+# not), counted repetition {m,n} (a reversed range is an error only one side would catch at matching
+# time), lazy and possessive quantifiers, and other character ranges (``[z-a]`` would be accepted here
+# and fail to compile). ``$`` is the end of the text, as in RE2 (the trainer matches it as ``\Z``:
+# Python's ``$`` would also match before a final newline); ``\d`` and ``\w`` are ASCII, as in RE2.
+_RX_LITERAL = r"[A-Za-z0-9 _,:;!@#%&=~\"<>/-]"
+_RX_ESCAPE = r"\\[dDwWtn.\\^$|?*+()\[\]{}/-]"
+_RX_CLASS = r"\[\^?(a-z|A-Z|0-9|\\[dDwWtn\\\]\[^-]|[A-Za-z0-9 _,.:;!@#%&=~\"<>/*+?(){}|$])+\]"
+_RX_ATOM = rf"({_RX_ESCAPE}|{_RX_LITERAL}|\.|{_RX_CLASS})[*+?]?"
+_RX_BRANCH = rf"\^?({_RX_ATOM})+\$?"
+#: The regular expressions spec.task.rl.rewards[].pattern may be (see above).
+REWARD_PATTERN_GRAMMAR = rf"^{_RX_BRANCH}(\|{_RX_BRANCH})*$"
+REWARD_PATTERN_HINT = (
+    "must be a regular expression of the subset Python and RE2 read alike: alternatives (|) of characters, "
+    "escaped metacharacters, '.', \\d \\D \\w \\W \\t \\n and bracket classes (ranges a-z, A-Z, 0-9 only), each "
+    "with at most one of * + ?, each alternative optionally anchored at its start and end; no groups, no counted "
+    "repetition, no \\s"
+)
+
+
+class RewardSpec(SpecModel):
+    """A verifiable reward: a score of each generated completion computed without a model."""
+
+    type: RewardType = Field(
+        description=(
+            "`exactMatch`: 1 when the completion, stripped of surrounding whitespace, equals the record's "
+            "reference answer (its completion, or its last assistant turn), else 0; `contains`: 1 when the "
+            "completion contains the stripped reference; `regex`: 1 when `pattern` matches somewhere in the "
+            "completion; `jsonValid`: 1 when the stripped completion parses as a JSON object or array (a bare "
+            "number or string would be a trivial way to score); `length`: 1 when the completion's token count "
+            "is within [minTokens, maxTokens]. Each is 0 otherwise."
+        ),
+    )
+    weight: float = Field(
+        default=1.0,
+        ge=-100,
+        le=100,
+        description=(
+            "Weight of this reward in the sum of rewards (the reward model, if any, weighs 1). Negative: a penalty."
+        ),
+    )
+    pattern: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description=f"The regular expression of a `regex` reward; it {REWARD_PATTERN_HINT}.",
+    )
+    min_tokens: int | None = Field(
+        default=None, ge=0, le=32768, description="Fewest completion tokens a `length` reward scores 1 (default 0)."
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=32768, description="Most completion tokens a `length` reward scores 1 (default none)."
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.weight != 0.0",
+            message="spec.task.rl.rewards[].weight must not be 0 (leave the reward out instead)",
+            check=lambda m: m.weight != 0,
+            field=".weight",
+        ),
+        Rule(
+            cel="has(self.pattern) == (self.type == 'regex')",
+            message="spec.task.rl.rewards[].pattern is required for type regex and only used by it",
+            check=lambda m: (m.pattern is not None) == (m.type == "regex"),
+            field=".pattern",
+        ),
+        Rule(
+            cel=f"!has(self.pattern) || self.pattern.matches(r'{REWARD_PATTERN_GRAMMAR}')",
+            message=f"spec.task.rl.rewards[].pattern {REWARD_PATTERN_HINT}",
+            check=lambda m: m.pattern is None or re.fullmatch(REWARD_PATTERN_GRAMMAR, m.pattern) is not None,
+            field=".pattern",
+        ),
+        Rule(
+            cel="(has(self.minTokens) || has(self.maxTokens)) == (self.type == 'length')",
+            message="spec.task.rl.rewards[] type length needs minTokens or maxTokens, which only it uses",
+            check=lambda m: (m.min_tokens is not None or m.max_tokens is not None) == (m.type == "length"),
+            field=".type",
+        ),
+        Rule(
+            cel="!has(self.minTokens) || !has(self.maxTokens) || self.minTokens <= self.maxTokens",
+            message="spec.task.rl.rewards[].minTokens must not exceed maxTokens",
+            check=lambda m: m.min_tokens is None or m.max_tokens is None or m.min_tokens <= m.max_tokens,
+            field=".minTokens",
+        ),
+    )
+
+
+#: spec.task.rl.klCoef when unset: the KL weight of the GRPO paper (DeepSeekMath), trl's own default until it
+#: chose 0 (no reference model) for speed.
+RL_KL_COEF = 0.04
+
+
+class RLParams(SpecModel):
+    """Parameters of online reinforcement learning: completions sampled from the policy, scored by a reward
+    model and/or verifiable rewards, and the policy moved towards the better ones (GRPO, RLOO).
+
+    What trl 1.16 decides and we keep: GRPO's loss is trl's default ``dapo`` (token losses summed over the
+    whole accumulated batch and divided by its completion tokens: no length bias), rewards are scaled by
+    the standard deviation of their group (``scale_rewards=group``), one policy update per generation
+    (``num_iterations=1``, so the clipped ratio is 1 and clipping at 0.2 never acts), nucleus sampling off
+    (top_p 1, top_k 0). What we change: the KL weight, ``klCoef``, defaults to 0.04 where trl's GRPO
+    defaults to 0 and its RLOO to 0.05 — one default for both algorithms, keeping the policy near its
+    start unless the manifest says otherwise. In GRPO the KL is a loss term; in RLOO it is subtracted
+    from the reward (as the RLOO paper does).
+    """
+
+    algorithm: Literal["ppo", "grpo", "rloo"] = Field(
+        default="grpo",
+        description=(
+            "Online RL algorithm: `grpo` (group-relative advantages: each completion's reward less its group's "
+            "mean, over the group's standard deviation) or `rloo` (REINFORCE leave-one-out: less the mean of the "
+            "other completions of its prompt). `ppo` is not available yet (it needs a value model; trl ships "
+            "no PPO trainer) and is refused at admission."
+        ),
+    )
+    reward_model: ModelUri | None = Field(
+        default=None,
+        description=(
+            "A reward model that scores prompt + completion (a sequence-classification model with one output, "
+            "e.g. the output of a `reward` job); it must use the policy's tokenizer."
+        ),
+    )
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Verifiable rewards, summed with their weights (and the reward model's score, if any).",
+    )
     num_generations: int = Field(
-        default=4, ge=1, le=256, description="Completions sampled per prompt (GRPO/RLOO group size)."
+        default=4,
+        ge=1,
+        le=256,
+        description=(
+            "Completions sampled per prompt (the group). spec.training.perDeviceBatchSize counts completions "
+            "and must be a multiple of it."
+        ),
     )
     max_new_tokens: int = Field(default=128, ge=1, le=32768, description="Longest generated completion, in tokens.")
     temperature: float = Field(default=1.0, gt=0, le=10, description="Sampling temperature.")
-    kl_coef: float = Field(default=0.04, ge=0, le=100, description="Weight of the KL penalty to the reference policy.")
+    kl_coef: float = Field(
+        default=RL_KL_COEF,
+        ge=0,
+        le=100,
+        description="Weight of the KL penalty to the reference policy (the starting model); 0 loads no reference.",
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.algorithm != 'ppo'",
+            message=(
+                "spec.task.rl.algorithm ppo is not available yet (it needs a value model, and trl ships no PPO "
+                "trainer): use grpo or rloo"
+            ),
+            check=lambda m: m.algorithm != "ppo",
+            field=".algorithm",
+        ),
         Rule(
             cel="self.algorithm == 'ppo' || self.numGenerations >= 2",
             message="spec.task.rl.numGenerations must be at least 2 for grpo and rloo",
             check=lambda m: m.algorithm == "ppo" or m.num_generations >= 2,
             field=".numGenerations",
+        ),
+        Rule(
+            cel="has(self.rewardModel) || (has(self.rewards) && size(self.rewards) > 0)",
+            message="spec.task.rl needs a rewardModel or at least one of rewards to score completions with",
+            check=lambda m: m.reward_model is not None or bool(m.rewards),
+            field=".rewards",
         ),
     )
 
@@ -2126,6 +2285,20 @@ class FineTuneJobSpec(SpecModel):
                 or s.method.adalora.tinit + s.method.adalora.tfinal < s.training.max_steps
             ),
             field=".method.adalora.tfinal",
+        ),
+        Rule(
+            cel="self.task.type != 'rl' || !has(self.task.rl) "
+            "|| self.training.perDeviceBatchSize % self.task.rl.numGenerations == 0",
+            message=(
+                "spec.training.perDeviceBatchSize counts completions under spec.task.type rl and must be a "
+                "multiple of spec.task.rl.numGenerations (each micro-batch holds whole groups of one prompt)"
+            ),
+            check=lambda s: (
+                s.task.type != "rl"
+                or s.task.rl is None
+                or s.training.per_device_batch_size % s.task.rl.num_generations == 0
+            ),
+            field=".training.perDeviceBatchSize",
         ),
         Rule(
             cel="!(self.resources.gpusPerNode == 0 && self.distributed.backend == 'nccl')",

@@ -821,6 +821,27 @@ def _tokenize_all(
             )
             out["eval_questions"] = questions.select_columns(["id", "context", "answers"])
         meta["allow_null"] = unanswerable
+    elif recipe == "rl":
+        # Rows are prompts (text, or chat messages) with their reference answers, never cut (.rl).
+        from . import rl
+
+        where = ["record", "file", "line", "unit"]
+        kw = {"tokenizer": tokenizer, "data": data}
+
+        def prompts(records: datasets.Dataset, name: str) -> datasets.Dataset:
+            made = mapper(records, name, rl.batch, rl.features(data.format), input_columns=where, **kw)
+            problems = pc.drop_null(made.with_format("arrow")[:].column("problem")).to_pylist()
+            if problems:
+                raise DataError([str(p) for p in problems[:50]], total=len(problems))
+            return made.remove_columns("problem")
+
+        train = prompts(train_records, "train-prompts")
+        lengths = _int_column(train, "length")
+        truncated = 0
+        row_tokens = lengths
+        out["train"] = train
+        if eval_records is not None:
+            out["eval"] = prompts(eval_records, "eval-prompts")
     elif data.format == "preference":
         # Rows stay whole: the recipe cuts them to maxSeqLength as its trainer does (DPO keeps the start of
         # prompt + response). A row is a pair of sequences, prompt + chosen and prompt + rejected.
