@@ -268,7 +268,15 @@ def _previous_status(key: Key, raw: Mapping[str, Any]) -> FineTuneJobStatus:
 
 
 def _differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    return any(old.get(k) != v for k, v in new.items())
+    """Whether merging ``new`` into ``old`` changes it. An object field is merged key by key (a merge
+    patch keeps the keys it does not name: status.provenance holds the trainer's beside the operator's)."""
+
+    def changes(before: Any, after: Any) -> bool:
+        if isinstance(after, dict) and isinstance(before, dict):
+            return any(before.get(k) != v for k, v in after.items())
+        return bool(before != after)
+
+    return any(changes(old.get(k), v) for k, v in new.items())
 
 
 def _count_transition(old: dict[str, Any], new: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from . import __version__
 from .api.memory import fits_total
 from .api.trainer_config import (
     EXIT_INVALID_CONFIG,
@@ -36,6 +37,7 @@ from .api.v1alpha1 import (
     CONDITION_FITS_IN_MEMORY,
     CONDITION_REASON_PATTERN,
     PREFLIGHT_MAX_PROBLEMS,
+    PROVENANCE_OPERATOR_FIELDS,
     REASON_INVALID_DATA,
     REASON_WILL_NOT_FIT,
     Condition,
@@ -46,8 +48,9 @@ from .api.v1alpha1 import (
     Phase,
     PreflightMemory,
     PreflightResult,
+    Provenance,
 )
-from .builders import LABEL_ATTEMPT, LABEL_PREFLIGHT, job_name
+from .builders import CONTAINER, LABEL_ATTEMPT, LABEL_PREFLIGHT, job_name
 
 TERMINAL = ("Succeeded", "Failed")
 EXIT_REASONS = {
@@ -69,7 +72,8 @@ PREFLIGHT_BACKOFF_SECONDS = 10.0
 GIB = 1024**3
 
 #: The status fields the operator writes (FineTuneJobStatus field names). The rest are not its own:
-#: status.progress and status.checkpoints are the trainer's, status.artifacts nobody's yet.
+#: status.progress, status.checkpoints and status.artifacts are the trainer's; status.provenance is
+#: shared — the operator writes ``PROVENANCE_OPERATOR_FIELDS`` of it, the trainer the others.
 OPERATOR_FIELDS = (
     "phase",
     "restarts",
@@ -79,7 +83,10 @@ OPERATOR_FIELDS = (
     "completion_time",
     "last_failure",
     "preflight",
+    "provenance",
 )
+#: Nodes kept in status.provenance.nodes (the API's bound).
+MAX_NODES = 256
 _ALIASES = {name: FineTuneJobStatus.model_fields[name].alias or name for name in OPERATOR_FIELDS}
 
 
@@ -135,6 +142,7 @@ def observed_pod(obj: Mapping[str, Any]) -> dict[str, Any]:
             "labels": dict(meta.get("labels") or {}),
             "annotations": {COMPLETION_INDEX: index} if index is not None else {},
         },
+        "spec": {"nodeName": (obj.get("spec") or {}).get("nodeName")},
         "status": {
             "phase": status.get("phase"),
             "reason": status.get("reason"),
@@ -144,10 +152,15 @@ def observed_pod(obj: Mapping[str, Any]) -> dict[str, Any]:
                 for c in status.get("conditions") or []
                 if c.get("type") == "DisruptionTarget"
             ],
+            # Each container's name and image by digest; its termination when it has terminated.
             "containerStatuses": [
-                {"state": {"terminated": {k: cs["state"]["terminated"].get(k) for k in TERMINATED_FIELDS}}}
+                {
+                    "name": cs.get("name"),
+                    "imageID": cs.get("imageID"),
+                    "state": {"terminated": {k: terminated.get(k) for k in TERMINATED_FIELDS}} if terminated else {},
+                }
                 for cs in status.get("containerStatuses") or []
-                if (cs.get("state") or {}).get("terminated")
+                for terminated in [(cs.get("state") or {}).get("terminated")]
             ],
         },
     }
@@ -282,6 +295,29 @@ def _lingering_pods(pods: list[dict[str, Any]], attempt: int) -> int:
         if int(p["metadata"].get("labels", {}).get(LABEL_ATTEMPT, attempt)) < attempt
         and (p.get("status") or {}).get("phase") in ("Pending", "Running")
     )
+
+
+def _provenance(prev: Provenance | None, gang_pods: list[dict[str, Any]]) -> Provenance | None:
+    """The operator's fields of status.provenance: the trainer image by digest (of the newest attempt's
+    pod that reports one), every node a training pod ran on (those recorded before, whose pods may be
+    gone, and the pods' now), and the operator's version; None until a training pod is scheduled. The
+    trainer's fields are left as they are (they are not in this patch)."""
+    nodes = set(prev.nodes if prev else [])
+    nodes.update(n for p in gang_pods if (n := (p.get("spec") or {}).get("nodeName")))
+    newest = sorted(gang_pods, key=lambda p: int(p["metadata"].get("labels", {}).get(LABEL_ATTEMPT, 0)), reverse=True)
+    image = next(
+        (
+            cs["imageID"]
+            for p in newest
+            for cs in (p.get("status") or {}).get("containerStatuses") or []
+            if cs.get("name") == CONTAINER and cs.get("imageID")
+        ),
+        None,
+    )
+    image = image or (prev.image if prev else None)
+    if not nodes and image is None:
+        return prev
+    return Provenance(image=image, nodes=sorted(nodes)[:MAX_NODES], operator_version=__version__)
 
 
 def _running_pods(pods: list[dict[str, Any]]) -> int:
@@ -766,8 +802,14 @@ def plan(obs: Observed) -> Plan:
             completion_time=to_second(completion_time) if completion_time else None,
             last_failure=last_failure,
             preflight=preflight,
+            provenance=_provenance(prev.provenance, gang_pods),
         )
     )
+    # Only the operator's fields of status.provenance, and never a null: the trainer's stay as they are.
+    provenance = out.status.pop("provenance")
+    if provenance is not None:
+        keys = [Provenance.model_fields[name].alias or name for name in PROVENANCE_OPERATOR_FIELDS]
+        out.status["provenance"] = {k: provenance[k] for k in keys if k in provenance}
     if phase != prev.phase:
         kind = "Warning" if phase in ("Failed", "Restarting") else "Normal"
         out.events.append((kind, reason, f"{phase}: {message}" if message else phase))

@@ -31,6 +31,7 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 EVALUATION_FILE = "evaluation.json"
 CONFIG_FILE = "trainer-config.json"
+PROVENANCE_FILE = "provenance.json"
 #: The task scores of an evaluation (0..1, higher is better), by their key in metrics.jsonl.
 SCORES = {"eval_accuracy": "accuracy", "eval_f1": "F1", "eval_exact_match": "exact match"}
 
@@ -78,6 +79,8 @@ class Run:
     evaluation: dict[str, Any] | None = None
     #: The class names of a classification job (from trainer-config.json), in class-id order.
     classes: list[str] | None = None
+    #: provenance.json: what produced the model (None if absent: a run still training, or an older release).
+    provenance: dict[str, Any] | None = None
 
     @classmethod
     def from_records(cls, source: str, records: list[dict[str, Any]]) -> Run:
@@ -196,6 +199,7 @@ def load(location: str) -> Run:
     run = Run.from_records(uri, records)
     run.evaluation = _beside(uri, EVALUATION_FILE)
     run.classes = class_names(_beside(uri, CONFIG_FILE))
+    run.provenance = _beside(uri, PROVENANCE_FILE)
     return run
 
 
@@ -242,7 +246,36 @@ def summary(run: Run) -> str:
     if run.tokens_per_second:
         lines.append(f"mean tokens/s: {run.tokens_per_second.values[-1]:.1f}")
     lines.extend(per_class_table(run))
+    lines.extend(provenance_lines(run.provenance))
     return "\n".join(lines)
+
+
+def provenance_lines(provenance: dict[str, Any] | None) -> list[str]:
+    """What produced the model, from its provenance.json (status.provenance has the same fields)."""
+    if not provenance:
+        return []
+    lines = ["provenance:"]
+    model = provenance.get("model") or {}
+    if model:
+        ident = model.get("revision") or (f"sha256 {model['sha256']}" if model.get("sha256") else "")
+        lines.append(f"  model: {model.get('uri')} {ident}".rstrip())
+    for item in provenance.get("data") or []:
+        ident = f"sha256 {item['sha256']}" if item.get("sha256") else f"etag {item.get('etag')}"
+        lines.append(f"  data ({item.get('role')}): {item.get('uri')} ({item.get('bytes')} B, {ident})")
+    for key, label in (
+        ("tokenizerSha256", "tokenizer sha256"),
+        ("chatTemplateSha256", "chat template sha256"),
+        ("seed", "seed"),
+        ("checkpointSha256", "last checkpoint manifest sha256"),
+        ("image", "trainer image"),
+        ("accelerator", "accelerator"),
+    ):
+        if provenance.get(key) is not None:
+            lines.append(f"  {label}: {provenance[key]}")
+    libraries = provenance.get("libraries") or {}
+    if libraries:
+        lines.append("  libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(libraries.items())))
+    return lines
 
 
 def _evaluations(run: Run) -> list[tuple[str, dict[str, Any]]]:

@@ -8,6 +8,7 @@ job. Aimed at another job it is refused (403) and carries on; an unreachable API
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ CRD_NAME = "finetunejobs.finetune.io"
 REPORTER = textwrap.dedent(
     """
     import logging, time
-    from finetune_operator.api.v1alpha1 import CheckpointRecord
+    from finetune_operator.api.v1alpha1 import Artifact, CheckpointRecord, Provenance
     from finetune_trainer.status import StatusReporter
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -41,6 +42,16 @@ REPORTER = textwrap.dedent(
     checkpoint = CheckpointRecord(step=4, uri="s3://ckpt/ns/job/checkpoint-4", time="2026-11-01T10:00:00Z")
     reporter.set_checkpoints([checkpoint])
     reporter.update(step=5, loss=1.75, eval_loss=1.9)
+    # The outputs at the end, with the trainer's provenance (an image set here is the operator's: not sent).
+    digest = "ab" * 32
+    artifact = Artifact(kind="adapter", uri="s3://out/ns/job/adapter", sha256=digest, bytes=1234)
+    provenance = Provenance.model_validate({
+        "image": "not-the-trainers@sha256:" + "00" * 32, "seed": 7, "accelerator": "cpu",
+        "model": {"uri": "s3://models/tiny", "sha256": digest}, "tokenizerSha256": digest,
+        "data": [{"uri": "s3://data/train.jsonl", "role": "train", "bytes": 10, "etag": "e1"}],
+        "libraries": {"torch": "2.13.0", "cuda": "none"},
+    })
+    reporter.set_outputs([artifact], provenance)
     reporter.close(timeout=10)
     print(f"sent={reporter.sent} failures={reporter.failures} last_status={reporter.last_status}", flush=True)
     """
@@ -134,9 +145,27 @@ def test_status_reporter_patches_its_job_only(cluster: Cluster, namespace: str, 
     token_file = tmp_path / "token"
     token_file.write_text(cluster.kubectl("create", "token", "trainer", "-n", ns, "--duration=10m").strip())
 
+    # What the operator derives from the pods is there already; the trainer's patch must keep it.
+    operator_part = {"image": "trainer@sha256:" + "cd" * 32, "nodes": ["node-0"], "operatorVersion": "0.1.0"}
+    cluster.kubectl(
+        "patch", "finetunejob", "reported", "-n", ns, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"provenance": operator_part}}),
+    )  # fmt: skip
     out = run_reporter(cluster, ns, "reported", token_file)
     assert "failures=0" in out and "last_status=200" in out, out
     status = cluster.get_json("finetunejob", "reported", namespace=ns)["status"]
+    assert status["artifacts"] == [
+        {"kind": "adapter", "uri": "s3://out/ns/job/adapter", "sha256": "ab" * 32, "bytes": 1234}
+    ]
+    assert status["provenance"] == {
+        **operator_part,
+        "seed": 7,
+        "accelerator": "cpu",
+        "model": {"uri": "s3://models/tiny", "sha256": "ab" * 32},
+        "tokenizerSha256": "ab" * 32,
+        "data": [{"uri": "s3://data/train.jsonl", "role": "train", "bytes": 10, "etag": "e1"}],
+        "libraries": {"torch": "2.13.0", "cuda": "none"},
+    }, status["provenance"]
     progress = status["progress"]
     assert (progress["step"], progress["totalSteps"], progress["summary"]) == (5, 20, "5/20 (25%)"), progress
     assert progress["loss"] == 1.75 and progress["evalLoss"] == 1.9 and progress["learningRate"] == 2e-4

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +15,7 @@ import torch
 from finetune_trainer.outputs import ADDED_TOKENS_FILE, load_adapter_for_inference
 from runs import RunResult, assert_loss_falls
 from safetensors.torch import load_file
-from tiny import QLORA, job_manifest, prompt_completion_rows, write_jsonl
+from tiny import CHATML, QLORA, job_manifest, prompt_completion_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 
@@ -38,7 +42,12 @@ def test_lora_merged_equals_adapter_and_added_tokens_train(
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     name = "merge-tied" if tied else "merge"
     manifest = job_manifest(
-        name, model_dir, train, output__save="both", model__addTokens=["<fruit-end>", "<unused-tok>"]
+        name,
+        model_dir,
+        train,
+        output__save="both",
+        model__addTokens=["<fruit-end>", "<unused-tok>"],
+        checkpoint__everySteps=20,  # the provenance names the last checkpoint's manifest
     )
     result = finetune_run(manifest)
     assert_loss_falls(result)
@@ -58,6 +67,8 @@ def test_lora_merged_equals_adapter_and_added_tokens_train(
 
     torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-5, rtol=0)
     assert (merged_logits - base_logits).abs().max() > 1e-3
+    if not tied:
+        _check_provenance(result, out, model_dir, train)
 
     # The added token's embedding row was trained (it is used in the data). An unused added token's
     # input row gets no gradient; with tied embeddings the same row is also the output row, which the
@@ -70,6 +81,42 @@ def test_lora_merged_equals_adapter_and_added_tokens_train(
     if not tied:
         assert deltas["input_delta"][unused - first].abs().max() == 0
         assert deltas["output_delta"][unused - first].abs().max() > 0
+
+
+def _check_provenance(result: RunResult, out: Path, model_dir: Path, train: Path) -> None:
+    """The output's provenance.json says what produced it, each digest recomputed here from the files."""
+    provenance = json.loads((out / "provenance.json").read_text())
+    listed = {f["path"] for f in json.loads((out / "manifest.json").read_text())["files"]}
+    assert "provenance.json" in listed  # the artifact's digest covers it
+    summary = json.loads((result.workdir / "summary.json").read_text())
+    assert summary["provenance"] == provenance
+    model_files = [
+        {"path": p.relative_to(model_dir).as_posix(), "size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(model_dir.rglob("*"))
+        if p.is_file()
+    ]
+    assert provenance["model"] == {
+        "uri": str(model_dir),
+        "sha256": hashlib.sha256(json.dumps(model_files, sort_keys=True).encode()).hexdigest(),
+    }
+    assert provenance["data"] == [
+        {"uri": str(train), "role": "train", "bytes": train.stat().st_size, "sha256": _sha256(train)}
+    ]
+    assert provenance["chatTemplateSha256"] == hashlib.sha256(CHATML.encode()).hexdigest()
+    assert re.fullmatch("[0-9a-f]{64}", provenance["tokenizerSha256"])
+    assert provenance["seed"] == 7 and provenance["accelerator"] == "cpu"
+    libraries = provenance["libraries"]
+    assert libraries["torch"] == importlib.metadata.version("torch") and libraries["cuda"] == (
+        torch.version.cuda or "none"
+    )
+    assert {"python", "transformers", "peft", "trl", "deepspeed", "bitsandbytes"} <= set(libraries)
+    # The manifest the last checkpoint was committed with.
+    manifest = Path(summary["last_checkpoint"].removeprefix("file://")) / "manifest.json"
+    assert provenance["checkpointSha256"] == _sha256(manifest)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_qlora_merge_dequantizes_the_base(

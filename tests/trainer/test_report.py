@@ -8,6 +8,7 @@ server, metrics log included: `finetune report s3://OUTPUT` gives the same summa
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -104,6 +105,12 @@ def test_report_of_a_finished_run(
     assert abs(shown - (max(times) - min(times))) <= 1
     runtime = next(r["train_runtime"] for r in records if "train_runtime" in r)
     assert abs(int(m.group(3) or 0) * 60 + int(m.group(4)) - runtime) <= 1
+
+    # What produced the model (its provenance.json), the train file by its sha256.
+    digest = hashlib.sha256(train_jsonl.read_bytes()).hexdigest()
+    assert f"  data (train): {train_jsonl} ({train_jsonl.stat().st_size} B, sha256 {digest})" in proc.stdout
+    assert f"  data (general): {general}" in proc.stdout and "  seed: 7" in proc.stdout, proc.stdout
+    assert re.search(r"^  model: \S+ sha256 [0-9a-f]{64}$", proc.stdout, re.M), proc.stdout
 
     # The plots: one per series, real pictures.
     assert sorted(p.name for p in out.iterdir()) == sorted(PLOTS)

@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from finetune_operator import __version__
 from finetune_operator.api.v1alpha1 import FineTuneJobStatus
 from finetune_operator.api.validation import validate_object
 from finetune_operator.reconcile import (
@@ -86,7 +87,13 @@ def pod(
             }
         ]
     else:
-        status["containerStatuses"] = [{"name": "trainer", "state": {"running": {"startedAt": timestamp(NOW)}}}]
+        status["containerStatuses"] = [
+            {
+                "name": "trainer",
+                "state": {"running": {"startedAt": timestamp(NOW)}},
+                "imageID": f"registry.example/trainer@sha256:{'ab' * 32}",
+            }
+        ]
     status["conditions"] = [{"type": "Ready", "status": "True", "lastTransitionTime": timestamp(NOW)}]
     if disrupted:
         status["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"})
@@ -112,8 +119,9 @@ def run(
     # must come out the same from those as from the whole objects.
     cut = [observed_job(j) for j in jobs], [observed_pod(p) for p in pods]
     assert plan(Observed(ftj=spec, generation=3, status=previous, jobs=cut[0], pods=cut[1], now=now)) == full
-    # The operator writes only its own fields, as the API's typed status has them.
-    assert set(full.status) == {
+    # The operator writes only its own fields, as the API's typed status has them; of status.provenance,
+    # only what it derives from the pods, and only once there is something (never a null over the trainer's).
+    assert set(full.status) - {"provenance"} == {
         "phase",
         "restarts",
         "observedGeneration",
@@ -123,6 +131,7 @@ def run(
         "lastFailure",
         "preflight",
     }
+    assert set(full.status.get("provenance") or {"nodes": 1}) <= {"image", "nodes", "operatorVersion"}
     FineTuneJobStatus.parse_manifest({k: v for k, v in full.status.items() if v is not None})
     return full
 
@@ -276,6 +285,24 @@ def test_the_trainers_fields_are_neither_read_nor_written() -> None:
     p = run(ftj(), {"phase": "Pending", **trainer}, [job(0)], [pod(0, 0, "Running"), pod(0, 1, "Running")])
     assert p.status["phase"] == "Running"
     assert "progress" not in p.status and "checkpoints" not in p.status and "artifacts" not in p.status
+
+
+def test_provenance_names_the_image_by_digest_and_every_node_and_keeps_the_trainers_part() -> None:
+    trainer_part = {"seed": 7, "accelerator": "cpu", "libraries": {"torch": "2.13.0"}}
+    running = [pod(0, 0, "Running"), {**pod(0, 1, "Running"), "spec": {"nodeName": "node-1"}}]
+    p = run(ftj(), {"phase": "Pending", "provenance": trainer_part}, [job(0)], running)
+    assert p.status["provenance"] == {
+        "image": f"registry.example/trainer@sha256:{'ab' * 32}",
+        "nodes": ["node-0", "node-1"],
+        "operatorVersion": __version__,
+    }
+    # The next attempt runs elsewhere: the nodes of the first stay recorded after its pods are gone.
+    status = {"phase": "Restarting", "restarts": 1, "provenance": {**trainer_part, **p.status["provenance"]}}
+    moved = {**pod(1, 0, "Running"), "spec": {"nodeName": "node-7"}}
+    again = run(ftj(), status, [job(1)], [moved, pod(1, 1, "Running")])
+    assert again.status["provenance"]["nodes"] == ["node-0", "node-1", "node-7"]
+    # Nothing scheduled yet: no provenance in the patch at all (not a null that would clear the trainer's).
+    assert "provenance" not in run(ftj(), {}, [], []).status
 
 
 def test_a_status_an_older_version_wrote_is_read_as_far_as_it_goes() -> None:

@@ -23,6 +23,7 @@ failing run cheap:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -33,13 +34,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from finetune_operator.api.trainer_config import TrainerConfig
-from finetune_operator.api.v1alpha1 import FineTuneJobSpec, Progress
+from finetune_operator.api.v1alpha1 import Artifact, FineTuneJobSpec, Progress
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from . import checkpointing, distributed, modeling, storage
+from . import checkpointing, distributed, modeling, provenance, storage
 from .checkpoint_store import CheckpointStore, Manifest, describe
 from .data import pipeline
 from .outputs import EVALUATION_FILE, TRAINER_CONFIG_FILE, save_outputs
+from .outputs import Artifact as SavedArtifact
 from .progress import ProgressReporter
 from .status import StatusReporter
 from .telemetry import TelemetryCallback, TrainingMetrics, metrics_port
@@ -112,6 +114,8 @@ class Run:
         self.telemetry = start_metrics(config, self.world)
         self.preemption = checkpointing.Preemption(save=self.spec.checkpoint.save_on_preemption, metrics=self.telemetry)
         self.status = StatusReporter.from_env() if self.world.is_main else None
+        #: Where the model came from, once :meth:`model_source` resolved it (for the provenance).
+        self.source: modeling.ModelSource | None = None
 
     @classmethod
     @contextmanager
@@ -138,9 +142,10 @@ class Run:
     def model_source(self) -> modeling.ModelSource:
         """``spec.model`` as ``from_pretrained`` takes it (a remote model downloaded into the work
         directory's cache once per node, by its local rank 0)."""
-        return modeling.resolve_source(
+        self.source = modeling.resolve_source(
             self.spec.model, base_dir=self.config.base_dir, cache_dir=self.work / "cache", world=self.world
         )
+        return self.source
 
     def prepare(
         self,
@@ -346,15 +351,33 @@ class Training:
             (work / TRAINER_CONFIG_FILE).write_text(config.dumps(), encoding="utf-8")
             evaluation = {k: self.summary.get(k) for k in ("task", "steps", "before", "after")}
             (work / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2, default=float), encoding="utf-8")
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            committed = self.uploader.committed if self.uploader is not None else None
+            assert run.source is not None  # the recipe resolved it to load the model
+            made_by = provenance.collect(
+                config,
+                source=run.source,
+                model_config=model.config,
+                tokenizer=tokenizer,
+                checkpoint_sha256=hashlib.sha256(committed.to_json().encode()).hexdigest() if committed else None,
+            )
             artifacts = save_outputs(
-                trainer.accelerator.unwrap_model(trainer.model),
+                model,
                 tokenizer,
                 spec,
                 staging=staging,
                 destination=config.output_dir,
-                run_files=[work / "metrics.jsonl", work / TRAINER_CONFIG_FILE, work / EVALUATION_FILE],
+                run_files=[
+                    work / "metrics.jsonl",
+                    work / TRAINER_CONFIG_FILE,
+                    work / EVALUATION_FILE,
+                    provenance.write(made_by, work / provenance.PROVENANCE_FILE),
+                ],
             )
             self.summary["artifacts"] = [a.__dict__ for a in artifacts]
+            self.summary["provenance"] = made_by.model_dump(by_alias=True, mode="json", exclude_none=True)
+            if run.status is not None:
+                run.status.set_outputs([_artifact(a) for a in artifacts], made_by)
             self.summary["runtime_seconds"] = time.time() - run.started
             (work / "summary.json").write_text(json.dumps(self.summary, indent=2, default=float), encoding="utf-8")
             _print_summary(self.summary)
@@ -371,6 +394,13 @@ class _AtTrainBegin(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.action()
+
+
+def _artifact(artifact: SavedArtifact) -> Artifact:
+    """An :class:`~.outputs.Artifact` as status.artifacts holds it."""
+    return Artifact.model_validate(
+        {"kind": artifact.kind, "uri": artifact.uri, "sha256": artifact.sha256, "bytes": artifact.bytes}
+    )
 
 
 def _zero_stage(args: TrainingArguments) -> int | None:

@@ -31,7 +31,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.v1alpha1 import CheckpointRecord, Progress
+from finetune_operator.api.v1alpha1 import (
+    PROVENANCE_OPERATOR_FIELDS,
+    Artifact,
+    CheckpointRecord,
+    Progress,
+    Provenance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +153,7 @@ class StatusReporter:
         self._stop = threading.Event()
         self._progress: dict[str, Any] = {}
         self._checkpoints: list[CheckpointRecord] | None = None
+        self._outputs: dict[str, Any] | None = None
         self._dirty = False
         self._last_sent = -float("inf")
         self._last_error: str | None = None
@@ -181,11 +188,28 @@ class StatusReporter:
             self._dirty = True
         self._wake.set()
 
+    def set_outputs(self, artifacts: list[Artifact], provenance: Provenance) -> None:
+        """What the job wrote (status.artifacts) and what produced it (the trainer's fields of
+        status.provenance: those the operator sets are left out of the patch, so neither overwrites
+        the other's)."""
+        trainer_part = provenance.model_dump(
+            by_alias=True, mode="json", exclude_none=True, exclude=set(PROVENANCE_OPERATOR_FIELDS)
+        )
+        with self._lock:
+            self._outputs = {
+                "artifacts": [a.model_dump(by_alias=True, mode="json") for a in artifacts],
+                "provenance": trainer_part,
+            }
+            self._dirty = True
+        self._wake.set()
+
     def _body(self) -> dict[str, Any]:
         with self._lock:
             status: dict[str, Any] = {"progress": progress_body(self._progress)}
             if self._checkpoints is not None:
                 status["checkpoints"] = [c.model_dump(by_alias=True, mode="json") for c in self._checkpoints]
+            if self._outputs is not None:
+                status.update(self._outputs)
             self._dirty = False
         return {"status": status}
 

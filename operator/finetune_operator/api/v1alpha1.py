@@ -2392,6 +2392,75 @@ class Artifact(SpecModel):
     bytes: int = Field(ge=0, description="Total size in bytes.")
 
 
+class DataFileProvenance(SpecModel):
+    """One data file a job read, and what identifies its content."""
+
+    uri: str = Field(max_length=4096, description="The file (a local path, or an object-storage URI).")
+    role: Literal["train", "eval", "general"] = Field(description="What the job read it for.")
+    bytes: int | None = Field(default=None, ge=0, description="Size in bytes.")
+    sha256: str | None = Field(default=None, pattern=SHA256_PATTERN, description="SHA-256 of a local file's bytes.")
+    etag: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="A stored object's ETag or version (its store's identity of the content; not re-read).",
+    )
+
+
+class ModelProvenance(SpecModel):
+    """The base model a job trained from."""
+
+    uri: str = Field(max_length=4096, description="spec.model.uri as given.")
+    revision: str | None = Field(
+        default=None, max_length=256, description="The Hub commit the revision (or the default branch) resolved to."
+    )
+    sha256: str | None = Field(
+        default=None,
+        pattern=SHA256_PATTERN,
+        description="SHA-256 of the model files' manifest (every file's path, size and SHA-256), for a stored copy.",
+    )
+
+
+#: The fields of status.provenance the operator sets (from the pods, and its own version); the trainer
+#: sets the others. Each patches only its own, so neither overwrites the other's.
+PROVENANCE_OPERATOR_FIELDS = ("image", "operator_version", "nodes")
+
+
+class Provenance(SpecModel):
+    """What produced a job's model: code, model, data, randomness and hardware. The trainer reports it
+    with the outputs (also in the output's ``provenance.json``); the operator adds what only the cluster
+    knows (the image digest, the nodes, its own version)."""
+
+    image: str | None = Field(
+        default=None, max_length=1024, description="The trainer image by digest (the trainer pod's imageID)."
+    )
+    operator_version: str | None = Field(default=None, max_length=64, description="Version of the operator.")
+    nodes: list[Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=list, max_length=256, description="Nodes the training pods ran on."
+    )
+    accelerator: str | None = Field(
+        default=None, max_length=256, description="Accelerator the trainer ran on (e.g. `NVIDIA H200`; `cpu`)."
+    )
+    model: ModelProvenance | None = Field(default=None, description="The base model.")
+    data: list[DataFileProvenance] = Field(default_factory=list, max_length=1024, description="Every data file read.")
+    tokenizer_sha256: str | None = Field(
+        default=None,
+        pattern=SHA256_PATTERN,
+        description="SHA-256 of the tokenizer as loaded (vocabulary, merges, added and special tokens, template).",
+    )
+    chat_template_sha256: str | None = Field(
+        default=None, pattern=SHA256_PATTERN, description="SHA-256 of the chat template in use, if any."
+    )
+    seed: int | None = Field(default=None, description="spec.training.seed.")
+    checkpoint_sha256: str | None = Field(
+        default=None, pattern=SHA256_PATTERN, description="SHA-256 of the manifest of the last committed checkpoint."
+    )
+    libraries: dict[str, Annotated[str, Field(max_length=128)]] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Versions of what trained it: python, torch, cuda, transformers, peft, trl, deepspeed, ...",
+    )
+
+
 class FailureInfo(SpecModel):
     """The most recent failure of a trainer container."""
 
@@ -2486,6 +2555,7 @@ class FineTuneJobStatus(SpecModel):
         default_factory=list, max_length=1000, description="Committed checkpoints, oldest first."
     )
     artifacts: list[Artifact] = Field(default_factory=list, max_length=64, description="Results written by the job.")
+    provenance: Provenance | None = Field(default=None, description="What produced the job's model.")
     last_failure: FailureInfo | None = Field(default=None, description="The most recent failure.")
     preflight: PreflightResult | None = Field(
         default=None, description="The preflight's findings (spec.preflight.mode auto), before the training gang."

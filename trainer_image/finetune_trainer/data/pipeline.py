@@ -322,16 +322,22 @@ def file_fingerprint(path: str, base_dir: str | None) -> list[Any]:
         return [path, "unreadable", str(exc)]
 
 
-def data_key(config: TrainerConfig, named: dict[str, Source]) -> str:
-    """The hash of everything the checked, tokenized rows depend on but the tokenizer (module docstring)."""
-    spec = config.spec
-    files = {
+def data_files(config: TrainerConfig, named: dict[str, Source] | None = None) -> dict[str, list[list[Any]]]:
+    """Every data file of the run's sources (``named``, default :func:`sources`), by source name, as
+    its :func:`file_fingerprint`."""
+    return {
         name: [
             file_fingerprint(p, config.base_dir)
             for p in storage.list_files(src.source.uri, base_dir=config.base_dir, suffixes=tuple(_suffixes()))
         ]
-        for name, src in named.items()
+        for name, src in (sources(config) if named is None else named).items()
     }
+
+
+def data_key(config: TrainerConfig, named: dict[str, Source]) -> str:
+    """The hash of everything the checked, tokenized rows depend on but the tokenizer (module docstring)."""
+    spec = config.spec
+    files = data_files(config, named)
     described = {
         "version": VERSION,
         "data": spec.data.model_dump(mode="json", by_alias=True),
