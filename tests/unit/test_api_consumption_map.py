@@ -91,6 +91,11 @@ QA = "tests/trainer/test_qa.py"
 QA_ANCHOR = f"{QA}::test_full_qa_matches_plain_hf_question_answering_trainer"
 QA_RUN = f"{QA}::test_a_qa_run_trains_and_reports_exact_match_and_f1"
 QA_SPEC = f"{QA}::test_the_spec_chooses_the_longest_answer_and_the_metrics_reported"
+REWARD = "tests/trainer/test_reward.py"
+REWARD_ANCHOR = f"{REWARD}::test_lora_reward_matches_plain_trl_reward_trainer_with_centred_rewards"
+REWARD_RUN = (
+    f"{REWARD}::test_a_base_without_pad_token_learns_the_preferences_and_its_output_scores_chosen_above_rejected"
+)
 BAD_RECORDS = "tests/trainer/test_data.py::test_bad_records_are_reported_with_file_and_line_before_training"
 BUILDERS_CREDENTIALS = "tests/unit/test_builders.py::test_the_credentials_secret_keys_become_the_pods_aws_variables"
 BUILDERS_CLOUD_CREDENTIALS = (
@@ -362,7 +367,8 @@ CONSUMPTION: dict[str, str] = {
     "spec.task.dpo.referenceModel": refused("task-not-supported-dpo"),
     "spec.task.qa.docStride": QA_ANCHOR,  # the run's windows are the textbook's with that stride
     "spec.task.qa.maxAnswerLength": QA_SPEC,
-    "spec.task.reward.centerRewardsCoefficient": refused("task-not-supported-reward"),
+    # Our per-step losses equal trl's with the coefficient, whose first loss differs from trl's without it.
+    "spec.task.reward.centerRewardsCoefficient": REWARD_ANCHOR,
     # GRPO's per-step loss, reward and KL equal a plain trl script's with the same (non-default) klCoef,
     # temperature, maxNewTokens and regex; RLOO's reward is the weighted sum of the reward model's and
     # the verifiable rewards'; the length, exactMatch and contains rules are the unit tests' cases.
@@ -388,7 +394,7 @@ CONSUMPTION: dict[str, str] = {
     "spec.task.type=dpo": refused("task-not-supported-dpo"),
     "spec.task.type=pretrain": f"{TASK}[pretrain]",
     "spec.task.type=qa": QA_RUN,
-    "spec.task.type=reward": refused("task-not-supported-reward"),
+    "spec.task.type=reward": REWARD_RUN,
     "spec.task.type=rl": RL_GRPO,
     "spec.task.type=sft": f"{TASK}[sft]",
     # -- spec.training: optimization, evaluation, early stopping, forgetting ------------------------------

@@ -320,6 +320,30 @@ def load_sequence_classification(
     )
 
 
+def load_reward_model(
+    source: ModelSource,
+    model: ModelSpec,
+    *,
+    dtype: torch.dtype | str,
+    pad_token_id: int,
+    overrides: dict[str, Any] | None = None,
+    **extra: Any,
+) -> PreTrainedModel:
+    """Load the base with a reward head: ``AutoModelForSequenceClassification`` with one output, the
+    scalar reward of a sequence (``num_labels=1``, as trl's RewardTrainer loads one). Llama-family
+    decoders' ``score`` layer reads the hidden state of the last token that is not the pad token, so
+    the config gets the tokenizer's: without one transformers refuses a batch of several rows and
+    scores the last position of a single one. The head is newly initialized from the current seed unless
+    the checkpoint has one (a reward model saved by an earlier run); under 4-bit quantization (QLoRA)
+    it stays in the weights' dtype, to be trained. ``extra`` as for :func:`load_causal_lm`.
+    """
+    head = {"num_labels": 1, "pad_token_id": pad_token_id}
+    extra = _head_unquantized(extra, "reward")
+    return _load(
+        AutoModelForSequenceClassification, source, model, dtype=dtype, overrides={**(overrides or {}), **head}, **extra
+    )
+
+
 def _head_unquantized(extra: dict[str, Any], head: Head) -> dict[str, Any]:
     """``extra`` with its 4-bit quantization config (QLoRA), if any, told to leave the task head's
     layer (:data:`HEAD_MODULES`) in the weights' dtype, to be trained."""

@@ -107,6 +107,7 @@ TASKS: tuple[TaskRow, ...] = (
         methods=_NO_PROMPT_METHODS,
         packing=False,
         metrics=("loss", "accuracy"),
+        recipe="reward",
     ),
     TaskRow(
         "dpo",
