@@ -16,6 +16,7 @@ KEY = ("ns", "llm")
 TRAINER = {
     "progress": {"step": 7, "totalSteps": 10},
     "checkpoints": [{"step": 5, "uri": "s3://b/ckpt-5", "time": timestamp(NOW)}],
+    "provenance": {"seed": 7, "accelerator": "cpu"},  # the trainer's part of it
 }
 
 
@@ -43,7 +44,20 @@ class RecordingKube:
     ) -> dict[str, Any]:
         self.patches.append(status)
         body = handlers.State.bodies[(namespace, name)]
-        return {**body, "status": {**body.get("status", {}), **status}}
+        return {**body, "status": merge_patch(body.get("status", {}), status)}
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """``patch`` applied to ``target`` as the API server applies a JSON merge patch (RFC 7386)."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
 
 
 def body(status: dict[str, Any], **spec: Any) -> dict[str, Any]:
@@ -82,9 +96,12 @@ def test_the_patch_holds_the_operators_fields_and_clears_only_what_is_there(kube
     running = [pod(0, 0, "Running"), pod(0, 1, "Running")]
     reconcile({"phase": "Pending", **TRAINER}, [job(0)], running)
     [patch] = kube.patches
-    assert set(patch) == {"phase", "restarts", "observedGeneration", "conditions", "startTime"}
+    assert set(patch) == {"phase", "restarts", "observedGeneration", "conditions", "startTime", "provenance"}
     assert patch["phase"] == "Running" and patch["observedGeneration"] == 2
-    # Unchanged observations: nothing to write.
+    # Of status.provenance, the operator's fields only: merged, the trainer's stay.
+    assert set(patch["provenance"]) == {"image", "nodes", "operatorVersion"}
+    assert handlers.State.bodies[KEY]["status"]["provenance"]["seed"] == 7
+    # Unchanged observations: nothing to write (the merged provenance holds what the patch would set).
     reconcile(handlers.State.bodies[KEY]["status"], [job(0)], running)
     assert len(kube.patches) == 1
     # A completionTime left from before is cleared (null in the merge patch); the trainer's fields
