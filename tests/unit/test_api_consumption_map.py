@@ -150,6 +150,11 @@ RESUME_PLAN = "tests/trainer/test_checkpoint_store.py::test_resume_plan_refuses_
 STORAGE = "tests/trainer/test_storage.py::test_model_data_and_outputs_on_s3"
 TASK = "tests/trainer/test_tasks_and_examples.py::test_validate_accepts_a_task_iff_the_trainer_trains_it"
 TWO_RANKS = "tests/trainer/test_distributed.py::test_two_ranks"
+DPO = "tests/trainer/test_dpo.py"
+DPO_ANCHOR = f"{DPO}::test_lora_dpo_matches_plain_trl"
+DPO_LOSSES = f"{DPO}::test_every_loss_type_reaches_trl"
+DPO_PRECOMPUTED = f"{DPO}::test_full_dpo_reference_copy_or_precomputed"
+DPO_REFERENCE = f"{DPO}::test_reference_model_is_the_one_named"
 ZERO3_PARAMS_OFFLOAD = (
     "tests/trainer/test_distributed_options.py::"
     "test_zero3_keeps_the_parameters_on_the_device_unless_their_offload_is_asked"
@@ -197,7 +202,7 @@ CONSUMPTION: dict[str, str] = {
     "spec.data.evalSplit": f"{DATA_DEFECT}[eval-split-leaves-nothing]",
     "spec.data.format=chat": "tests/trainer/test_data.py::test_assistant_only_masking_token_by_token",
     "spec.data.format=classification": f"{TASK}[classification]",
-    "spec.data.format=preference": refused("sft-with-preference-data"),  # its tasks, dpo and reward, are refused
+    "spec.data.format=preference": f"{DPO_ANCHOR}[sigmoid]",
     "spec.data.format=promptCompletion": BAD_RECORDS,
     "spec.data.format=qa": QA_RUN,
     "spec.data.format=text": ANCHOR,
@@ -350,21 +355,21 @@ CONSUMPTION: dict[str, str] = {
     "spec.task.distill.alpha": refused("task-not-supported-distill"),
     "spec.task.distill.teacher": refused("task-not-supported-distill"),
     "spec.task.distill.temperature": refused("task-not-supported-distill"),
-    "spec.task.dpo.beta": refused("task-not-supported-dpo"),
-    "spec.task.dpo.labelSmoothing": refused("task-not-supported-dpo"),
-    "spec.task.dpo.lossType=apoDown": refused("task-not-supported-dpo"),
-    "spec.task.dpo.lossType=apoZero": refused("task-not-supported-dpo"),
-    "spec.task.dpo.lossType=bcoPair": refused("task-not-supported-dpo"),
-    "spec.task.dpo.lossType=exoPair": refused("task-not-supported-dpo"),
-    "spec.task.dpo.lossType=hinge": refused("task-not-supported-dpo"),
-    "spec.task.dpo.lossType=ipo": refused("task-not-supported-dpo"),
-    "spec.task.dpo.lossType=ncaPair": refused("task-not-supported-dpo"),
-    "spec.task.dpo.lossType=robust": refused("task-not-supported-dpo"),
-    "spec.task.dpo.lossType=sigmoid": refused("task-not-supported-dpo"),
-    "spec.task.dpo.lossType=sigmoidNorm": refused("task-not-supported-dpo"),
-    "spec.task.dpo.lossType=sppoHard": refused("task-not-supported-dpo"),
-    "spec.task.dpo.precomputeReferenceLogProbs": refused("task-not-supported-dpo"),
-    "spec.task.dpo.referenceModel": refused("task-not-supported-dpo"),
+    "spec.task.dpo.beta": DPO_LOSSES,
+    "spec.task.dpo.labelSmoothing": DPO_LOSSES,
+    "spec.task.dpo.lossType=apoDown": DPO_LOSSES,
+    "spec.task.dpo.lossType=apoZero": DPO_LOSSES,
+    "spec.task.dpo.lossType=bcoPair": DPO_LOSSES,
+    "spec.task.dpo.lossType=exoPair": DPO_LOSSES,
+    "spec.task.dpo.lossType=hinge": DPO_LOSSES,
+    "spec.task.dpo.lossType=ipo": f"{DPO_ANCHOR}[ipo]",
+    "spec.task.dpo.lossType=ncaPair": DPO_LOSSES,
+    "spec.task.dpo.lossType=robust": DPO_LOSSES,
+    "spec.task.dpo.lossType=sigmoid": f"{DPO_ANCHOR}[sigmoid]",
+    "spec.task.dpo.lossType=sigmoidNorm": DPO_LOSSES,
+    "spec.task.dpo.lossType=sppoHard": DPO_LOSSES,
+    "spec.task.dpo.precomputeReferenceLogProbs": DPO_PRECOMPUTED,
+    "spec.task.dpo.referenceModel": DPO_REFERENCE,
     "spec.task.qa.docStride": QA_ANCHOR,  # the run's windows are the textbook's with that stride
     "spec.task.qa.maxAnswerLength": QA_SPEC,
     # Our per-step losses equal trl's with the coefficient, whose first loss differs from trl's without it.
@@ -391,7 +396,7 @@ CONSUMPTION: dict[str, str] = {
     "spec.task.rl.temperature": RL_GRPO,
     "spec.task.type=classification": f"{TASK}[classification]",
     "spec.task.type=distill": refused("task-not-supported-distill"),
-    "spec.task.type=dpo": refused("task-not-supported-dpo"),
+    "spec.task.type=dpo": f"{DPO_ANCHOR}[sigmoid]",
     "spec.task.type=pretrain": f"{TASK}[pretrain]",
     "spec.task.type=qa": QA_RUN,
     "spec.task.type=reward": REWARD_RUN,

@@ -615,12 +615,6 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "only supported for spec.task.type sft, pretrain",
     ),
     (
-        "task-not-supported-dpo",
-        {"spec.task": {"type": "dpo", "dpo": {"beta": 0.1}}, "spec.data.format": "preference"},
-        "spec.task.type",
-        "dpo is not supported yet",
-    ),
-    (
         "task-not-supported-distill",
         {"spec.task": {"type": "distill", "distill": {"teacher": "org/teacher"}}},
         "spec.task.type",

@@ -116,6 +116,7 @@ TASKS: tuple[TaskRow, ...] = (
         methods=_NO_PROMPT_METHODS,
         packing=False,
         metrics=("loss", "accuracy"),
+        recipe="dpo",
     ),
     TaskRow(
         "rl",
