@@ -220,6 +220,22 @@ def test_the_logits_of_a_large_vocabulary_dominate_the_loss() -> None:
     assert a.outer > 4 * tokens * vocab  # and the fp32 log-probabilities kept for it
 
 
+def test_dpo_counts_its_reference_model_and_both_rows_of_a_pair() -> None:
+    dpo = {"task": {"type": "dpo"}, "data__format": "preference"}
+    sft = estimate(LLAMA_2_7B, spec(method={"type": "full"}))
+    full = estimate(LLAMA_2_7B, spec(method={"type": "full"}, **dpo))
+    base = sum(b for label, b in full.lines if label.startswith("base weights"))
+    assert dict(full.lines)["DPO reference model (frozen)"] == base
+    assert full.weights == sft.weights + base
+    assert full.activation_detail.tokens == 2 * sft.activation_detail.tokens  # chosen and rejected rows
+    precomputed = {"task": {"type": "dpo", "dpo": {"precomputeReferenceLogProbs": True}}, "data__format": "preference"}
+    assert estimate(LLAMA_2_7B, spec(method={"type": "full"}, **precomputed)).weights == sft.weights
+    lora = estimate(LLAMA_2_7B, spec(**dpo))
+    assert "DPO reference model (frozen)" not in dict(lora.lines)  # the adapter is disabled instead
+    named = {"task": {"type": "dpo", "dpo": {"referenceModel": "org/ref"}}, "data__format": "preference"}
+    assert estimate(LLAMA_2_7B, spec(**named)).weights == lora.weights + base
+
+
 def test_gpu_memory_decides_the_fit() -> None:
     job = spec(method={"type": "qlora"}, training__gradientCheckpointing=True, resources={"gpuMemory": "24Gi"})
     e = estimate(LLAMA_3_8B, job)

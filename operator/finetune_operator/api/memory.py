@@ -1001,7 +1001,8 @@ def _activations(
     trains, or k-bit preparation made it so for gradient checkpointing)."""
     head = task_row(spec.task.type).head
     base = "transformer" if head == "question-answering" else "model"
-    batch = spec.training.per_device_batch_size
+    # DPO forwards a pair's chosen and rejected rows in one batch (finetune_trainer.recipes.dpo).
+    batch = spec.training.per_device_batch_size * (2 if spec.task.type == "dpo" else 1)
     seq = spec.data.max_seq_length + plan.prompt_tokens
     tokens = batch * seq
     packing = spec.data.packing
@@ -1363,6 +1364,20 @@ def estimate(
                 step_transient = 4 * math.ceil(n_trained / parts)  # fp32 gradient partition at the step
         if stage == 0:
             notes.append("ZeRO stage 0: DeepSpeed's mixed-precision optimizer, nothing partitioned")
+    dpo = spec.task.dpo
+    if (
+        spec.task.type == "dpo"
+        and (spec.method.type == "full" or (dpo is not None and dpo.reference_model is not None))
+        and not (dpo is not None and dpo.precompute_reference_log_probs)
+    ):
+        # DPO's reference model stays loaded beside the policy (finetune_trainer.recipes.dpo): a frozen
+        # copy of the base for `full`, or spec.task.dpo.referenceModel (counted at the base's size);
+        # partitioned like the policy under ZeRO-3. PEFT without one disables the adapter instead,
+        # and precomputed log-probabilities keep no reference while training.
+        reference = sum(t.nbytes for t in plan.tensors if t.role in ("base", "added"))
+        reference = math.ceil(reference / world) if stage == 3 else reference
+        lines.append(("DPO reference model (frozen)", reference))
+        weights += reference
     if plan.adalora_importance_numel:
         importance = 3 * 4 * plan.adalora_importance_numel
         lines.append(("AdaLoRA importance estimates (3 x fp32)", importance))
