@@ -34,8 +34,9 @@ Supports:
   out. Early stopping on ``accuracy`` or ``evalLoss``, with the best model loaded at the end;
 - dropout as the spec sets it (the model's, ``training.dropout``, LoRA's): trl's ``disable_dropout``
   is off;
-- DDP under torchrun and DeepSpeed ZeRO (the harness's); :func:`predict` for ``finetune predict``,
-  writing each pair's two rewards.
+- DDP under torchrun and DeepSpeed ZeRO (the harness's; tested here: ZeRO-2 on two ranks, the eval
+  pairs gathered from both, each once); :func:`predict` for ``finetune predict``, writing each
+  pair's two rewards.
 
 Everything else — data checks before the model loads, resume, checkpoints, preemption, telemetry,
 status, outputs — is the :mod:`..harness`.
@@ -166,18 +167,13 @@ class PairwiseRewardTrainer(RewardTrainer):
         super().log(logs, start_time)
 
 
-class Scorer:
-    """The Trainer's ``compute_metrics``: pairwise accuracy and mean margin of the eval pairs'
-    rewards, unless ``training.evaluation.metrics`` leaves accuracy out."""
-
-    def __init__(self, spec: FineTuneJobSpec):
-        self.report = "accuracy" in spec.eval_metrics()
-
-    def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
-        rewards = prediction.predictions
-        rewards = rewards[0] if isinstance(rewards, tuple) else rewards
-        assert isinstance(rewards, np.ndarray)
-        return pairwise_scores(rewards[:, 0], rewards[:, 1]) if self.report else {}
+def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    """The Trainer's ``compute_metrics``: :func:`pairwise_scores` of the eval pairs' rewards (the
+    predictions of :meth:`PairwiseRewardTrainer.prediction_step`)."""
+    rewards = prediction.predictions
+    rewards = rewards[0] if isinstance(rewards, tuple) else rewards
+    assert isinstance(rewards, np.ndarray)
+    return pairwise_scores(rewards[:, 0], rewards[:, 1])
 
 
 def run(config: TrainerConfig) -> dict[str, Any]:
@@ -214,7 +210,6 @@ def run(config: TrainerConfig) -> dict[str, Any]:
         ctx.new_token_ids = modeling.grow_embeddings(model, tokenizer)
         tuned = methods.apply(model, ctx)
         collator = PairCollator(tokenizer.pad_token_id, max_length)
-        report = "accuracy" in spec.eval_metrics()
 
         training = prepared.trainer(
             PairwiseRewardTrainer,
@@ -227,7 +222,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:
             eval_dataset=data.eval,
             data_collator=collator,
             processing_class=tokenizer,
-            compute_metrics=Scorer(spec) if report else None,
+            compute_metrics=compute_metrics if "accuracy" in spec.eval_metrics() else None,
         )
 
         def evaluate(trainer: Trainer) -> dict[str, Any]:
