@@ -41,6 +41,7 @@ from .reconcile import (
     observed_job,
     observed_pod,
     plan,
+    read_progress,
     read_status,
     status_json,
     to_second,
@@ -174,6 +175,7 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
         jobs=jobs,
         pods=list(State.pods.get(key, ())),
         now=datetime.now(UTC),
+        progress=read_progress(status),
     )
     p = plan(observed)
     if State.created_jobs.get(key) in {j["metadata"]["name"] for j in jobs}:

@@ -36,10 +36,14 @@ from .api.v1alpha1 import (
     CONDITION_DATA_VALID,
     CONDITION_FITS_IN_MEMORY,
     CONDITION_REASON_PATTERN,
+    CONDITION_STALLED,
     PREFLIGHT_MAX_PROBLEMS,
+    PROGRESS_REPORT_DELAY_SECONDS,
     PROVENANCE_OPERATOR_FIELDS,
     REASON_INVALID_DATA,
+    REASON_STALLED,
     REASON_WILL_NOT_FIT,
+    STALL_INTERVALS,
     Condition,
     FailureInfo,
     FineTuneJob,
@@ -48,6 +52,7 @@ from .api.v1alpha1 import (
     Phase,
     PreflightMemory,
     PreflightResult,
+    Progress,
     Provenance,
 )
 from .builders import CONTAINER, LABEL_ATTEMPT, LABEL_PREFLIGHT, job_name
@@ -100,6 +105,8 @@ class Observed:
     jobs: list[dict[str, Any]]
     pods: list[dict[str, Any]]
     now: datetime
+    #: The trainer's status.progress (read, never written: :func:`read_progress`), for stalls.
+    progress: Progress | None = None
 
 
 @dataclass
@@ -114,13 +121,19 @@ class Plan:
     delete_ftj: bool = False
     requeue_after: float | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)  #: (type, reason, message)
+    #: Why the running gang is stalled (:func:`stall_of`); None: it is not, or is not running.
+    stalled: str | None = None
 
 
 def observed_job(obj: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a Job that :func:`plan` reads: what the operator keeps of each Job it watches."""
     meta, status = obj.get("metadata") or {}, obj.get("status") or {}
     return {
-        "metadata": {"name": meta.get("name"), "labels": dict(meta.get("labels") or {})},
+        "metadata": {
+            "name": meta.get("name"),
+            "labels": dict(meta.get("labels") or {}),
+            "creationTimestamp": meta.get("creationTimestamp"),
+        },
         "spec": {"suspend": (obj.get("spec") or {}).get("suspend")},
         "status": {
             "conditions": [
@@ -227,6 +240,18 @@ def read_status(raw: Mapping[str, Any] | None) -> tuple[FineTuneJobStatus, list[
     return FineTuneJobStatus(**fields), problems
 
 
+def read_progress(raw: Mapping[str, Any] | None) -> Progress | None:
+    """The trainer's status.progress, typed, or None when there is none or it cannot be read (then no
+    stall can be told: the job is not judged on it)."""
+    value = (raw or {}).get("progress")
+    if not isinstance(value, dict):
+        return None
+    try:
+        return Progress.model_validate(value, strict=False, by_alias=True, by_name=False)
+    except ValidationError:
+        return None
+
+
 def condition_reason(text: str) -> str:
     """``text`` as a condition reason (CamelCase, CONDITION_REASON_PATTERN). Kubernetes' own reasons
     already are; another (a runtime's, with spaces or dashes) keeps its letters, digits and ``_``,
@@ -318,6 +343,33 @@ def _provenance(prev: Provenance | None, gang_pods: list[dict[str, Any]]) -> Pro
     if not nodes and image is None:
         return prev
     return Provenance(image=image, nodes=sorted(nodes)[:MAX_NODES], operator_version=__version__)
+
+
+def stall_of(obs: Observed, current: dict[str, Any], out: Plan) -> str | None:
+    """Why the current attempt's running gang is stalled (the message of condition Stalled), or None.
+
+    Stalled: the attempt has reported a step (its progress is newer than its Job: start-up is never a
+    stall) and no newer one for ``runPolicy.stallTimeoutSeconds``, and for :data:`STALL_INTERVALS`
+    times its own interval between reports. Not stalled yet: a wake-up is asked for when it would be.
+    """
+    progress, policy = obs.progress, obs.ftj.spec.run_policy
+    if progress is None or progress.updated_at is None or progress.step < 1:
+        return None
+    created = parse_time(current["metadata"].get("creationTimestamp"))
+    if created is not None and progress.updated_at < created:
+        return None  # the previous attempt's progress: this one has not reported yet
+    interval = (progress.seconds_per_step or 0.0) * obs.ftj.spec.training.log_every_steps
+    timeout = max(float(policy.stall_timeout_seconds), STALL_INTERVALS * (interval + PROGRESS_REPORT_DELAY_SECONDS))
+    quiet = (obs.now - progress.updated_at).total_seconds()
+    if quiet <= timeout:
+        wake = timeout - quiet + 1.0
+        out.requeue_after = wake if out.requeue_after is None else min(out.requeue_after, wake)
+        return None
+    return (
+        f"no progress for {quiet:.0f}s: last step {progress.step} reported at {timestamp(progress.updated_at)} "
+        f"(stalled after {timeout:.0f}s: runPolicy.stallTimeoutSeconds {policy.stall_timeout_seconds}, at least "
+        f"{STALL_INTERVALS} report intervals)"
+    )
 
 
 def _running_pods(pods: list[dict[str, Any]]) -> int:
@@ -797,7 +849,8 @@ def plan(obs: Observed) -> Plan:
             restarts=restarts,
             observed_generation=obs.generation,
             conditions=_conditions(prev.conditions, phase, reason, message, obs.generation, now, created)
-            + preflight_conditions,
+            + preflight_conditions
+            + _stalled_condition(prev.conditions, out.stalled, phase, obs.generation, now),
             start_time=to_second(start_time) if start_time else None,
             completion_time=to_second(completion_time) if completion_time else None,
             last_failure=last_failure,
@@ -813,7 +866,25 @@ def plan(obs: Observed) -> Plan:
     if phase != prev.phase:
         kind = "Warning" if phase in ("Failed", "Restarting") else "Normal"
         out.events.append((kind, reason, f"{phase}: {message}" if message else phase))
+    elif out.stalled is not None and not any(
+        c.type == CONDITION_STALLED and c.status == "True" for c in prev.conditions
+    ):
+        out.events.append(("Warning", REASON_STALLED, out.stalled))  # runPolicy.onStall none: it keeps running
     return out
+
+
+def _stalled_condition(
+    previous: list[Condition], stalled: str | None, phase: str, generation: int, now: datetime
+) -> list[Condition]:
+    """Condition Stalled: True while the running gang is stalled (:func:`stall_of`), False once it
+    reports progress again or its attempt has ended; absent until a first stall."""
+    old = next((c for c in previous if c.type == CONDITION_STALLED), None)
+    if stalled is not None:
+        return [_condition(CONDITION_STALLED, "True", "NoProgress", stalled, old, now, generation)]
+    if old is None:
+        return []
+    reason = "Progressing" if phase == "Running" else condition_reason(phase)
+    return [_condition(CONDITION_STALLED, "False", reason, "", old, now, generation)]
 
 
 def _from_job(
@@ -870,7 +941,20 @@ def _from_job(
         )
     running = _running_pods(pods)
     if running >= nodes:
-        return "Running", "AllPodsRunning", f"{running}/{nodes} pods running", None, restarts, last_failure
+        stalled = stall_of(obs, current, out)
+        out.stalled = stalled
+        if stalled is None or spec.run_policy.on_stall == "none":
+            return "Running", "AllPodsRunning", f"{running}/{nodes} pods running", None, restarts, last_failure
+        failure = FailureInfo(reason=REASON_STALLED, message=stalled, time=to_second(obs.now))
+        if spec.run_policy.on_stall == "fail":
+            return "Failed", REASON_STALLED, stalled, obs.now, restarts, failure
+        if restarts < spec.run_policy.backoff_limit:
+            out.delete_jobs.append(name)
+            message = f"attempt {restarts} stalled; restarting the gang from the newest checkpoint: {stalled}"
+            return "Restarting", REASON_STALLED, message, None, restarts + 1, failure
+        limit = spec.run_policy.backoff_limit
+        message = f"{restarts} restarts used (runPolicy.backoffLimit {limit}); last failure: {REASON_STALLED}"
+        return "Failed", "BackoffLimitExceeded", message, obs.now, restarts, failure
     phase: Phase = "Restarting" if restarts else "Pending"
     reason = (last_failure.reason if last_failure else "Restarting") if restarts else "PodsStarting"
     return phase, reason, f"{running}/{nodes} pods running", None, restarts, last_failure

@@ -58,6 +58,7 @@ PROMPT_INIT = f"{METHOD_PARAMS}::test_prompt_init_text_initialises_the_soft_prom
 QUANTIZATION = f"{METHOD_PARAMS}::test_quantization_reaches_every_4bit_layer"
 VIRTUAL_TOKENS = f"{METHOD_PARAMS}::test_virtual_tokens_are_trained_and_saved"
 DATA_OPTIONS = "tests/trainer/test_data_options.py"
+STALL_RESTART = "tests/unit/test_reconcile.py::test_a_gang_quiet_past_the_stall_timeout_restarts_from_its_checkpoint"
 PREFERENCE_COLUMNS = "tests/trainer/test_preference_data.py::test_mapped_columns_are_read"
 COLUMNS_READ = f"{DATA_OPTIONS}::test_renamed_columns_are_read"
 FILE_TYPE = f"{DATA_OPTIONS}::test_a_declared_file_type_wins_over_the_extension"
@@ -338,7 +339,11 @@ CONSUMPTION: dict[str, str] = {
     # -- spec.runPolicy: lifecycle (the operator) ---------------------------------------------------------
     "spec.runPolicy.activeDeadlineSeconds": DEADLINE,
     "spec.runPolicy.backoffLimit": "tests/unit/test_reconcile.py::test_backoff_exhausted_fails",
+    "spec.runPolicy.onStall=fail": "tests/unit/test_reconcile.py::test_on_stall_fail_or_none[fail]",
+    "spec.runPolicy.onStall=none": "tests/unit/test_reconcile.py::test_on_stall_fail_or_none[none]",
+    "spec.runPolicy.onStall=restart": STALL_RESTART,
     "spec.runPolicy.queueName": BUILDERS_SCHEDULING,
+    "spec.runPolicy.stallTimeoutSeconds": STALL_RESTART,
     "spec.runPolicy.suspend": "tests/unit/test_reconcile.py::test_suspend_and_resume",
     "spec.runPolicy.ttlSecondsAfterFinished": "tests/unit/test_reconcile.py::test_ttl_deletes_the_finished_job",
     # -- spec.task: the objective; tasks without a recipe and all their parameters are refused ------------

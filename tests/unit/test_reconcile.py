@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from finetune_operator import __version__
 from finetune_operator.api.v1alpha1 import FineTuneJobStatus
 from finetune_operator.api.validation import validate_object
@@ -16,6 +17,7 @@ from finetune_operator.reconcile import (
     observed_job,
     observed_pod,
     plan,
+    read_progress,
     read_status,
     timestamp,
 )
@@ -42,7 +44,14 @@ def ftj(**run_policy: Any) -> Any:
     )
 
 
-def job(attempt: int, *, condition: str | None = None, reason: str = "", suspend: bool = False) -> dict[str, Any]:
+def job(
+    attempt: int,
+    *,
+    condition: str | None = None,
+    reason: str = "",
+    suspend: bool = False,
+    created: datetime = NOW - timedelta(days=1),
+) -> dict[str, Any]:
     status: dict[str, Any] = {}
     if condition:
         status["conditions"] = [{"type": condition, "status": "True", "reason": reason, "message": reason}]
@@ -54,6 +63,7 @@ def job(attempt: int, *, condition: str | None = None, reason: str = "", suspend
             "name": f"llm-a{attempt}",
             "labels": {"finetune.io/attempt": str(attempt)},
             "uid": "job-uid",
+            "creationTimestamp": timestamp(created),
             "managedFields": [{"manager": "finetune-operator"}],
         },
         "spec": {"suspend": suspend, "completions": 2, "template": {"spec": {"containers": [{"name": "trainer"}]}}},
@@ -114,11 +124,13 @@ def run(
 ) -> Plan:
     previous, problems = read_status(status)
     assert problems == []
-    full = plan(Observed(ftj=spec, generation=3, status=previous, jobs=jobs, pods=pods, now=now))
+    progress = read_progress(status)
+    full = plan(Observed(ftj=spec, generation=3, status=previous, jobs=jobs, pods=pods, now=now, progress=progress))
     # The operator keeps only what observed_job/observed_pod cut out of what it watches: every plan
     # must come out the same from those as from the whole objects.
     cut = [observed_job(j) for j in jobs], [observed_pod(p) for p in pods]
-    assert plan(Observed(ftj=spec, generation=3, status=previous, jobs=cut[0], pods=cut[1], now=now)) == full
+    again = Observed(ftj=spec, generation=3, status=previous, jobs=cut[0], pods=cut[1], now=now, progress=progress)
+    assert plan(again) == full
     # The operator writes only its own fields, as the API's typed status has them; of status.provenance,
     # only what it derives from the pods, and only once there is something (never a null over the trainer's).
     assert set(full.status) - {"provenance"} == {
@@ -303,6 +315,75 @@ def test_provenance_names_the_image_by_digest_and_every_node_and_keeps_the_train
     assert again.status["provenance"]["nodes"] == ["node-0", "node-1", "node-7"]
     # Nothing scheduled yet: no provenance in the patch at all (not a null that would clear the trainer's).
     assert "provenance" not in run(ftj(), {}, [], []).status
+
+
+def progress_at(step: int, quiet: float, *, per_step: float = 1.0) -> dict[str, Any]:
+    """The trainer's status.progress, last reported ``quiet`` seconds before NOW."""
+    return {"step": step, "secondsPerStep": per_step, "updatedAt": timestamp(NOW - timedelta(seconds=quiet))}
+
+
+RUNNING = [pod(0, 0, "Running"), pod(0, 1, "Running")]
+
+
+def test_a_gang_quiet_past_the_stall_timeout_restarts_from_its_checkpoint() -> None:
+    spec = ftj(stallTimeoutSeconds=600)
+    busy = run(spec, {"phase": "Running", "progress": progress_at(40, 590)}, [job(0)], RUNNING)
+    assert busy.status["phase"] == "Running" and not busy.delete_jobs
+    assert busy.requeue_after == pytest.approx(11.0)  # woken when it would count as stalled
+    assert "Stalled" not in types(busy)
+    p = run(spec, {"phase": "Running", "progress": progress_at(40, 601)}, [job(0)], RUNNING)
+    assert (p.status["phase"], p.status["restarts"], p.delete_jobs) == ("Restarting", 1, ["llm-a0"])
+    stalled = cond(p, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "NoProgress"
+    assert (
+        "no progress for 601s: last step 40" in stalled["message"] and "stallTimeoutSeconds 600" in stalled["message"]
+    )
+    assert p.status["lastFailure"]["reason"] == "Stalled" and cond(p, "Restarting")["reason"] == "Stalled"
+    assert ("Warning", "Stalled") in [(kind, reason) for kind, reason, _ in p.events]
+    # The next attempt: the old progress is older than its Job, so starting up is not a stall...
+    status = {**p.status, "progress": progress_at(40, 3000)}
+    fresh = [pod(1, 0, "Running"), pod(1, 1, "Running")]
+    again = run(spec, status, [job(1, created=NOW - timedelta(seconds=120))], fresh)
+    assert again.status["phase"] == "Running" and cond(again, "Stalled")["status"] == "False"
+    # ...and once it reports, its progress counts.
+    status = {**again.status, "progress": progress_at(44, 30)}
+    assert cond(run(spec, status, [job(1, created=NOW - timedelta(seconds=120))], fresh), "Stalled")["reason"] == (
+        "Progressing"
+    )
+
+
+def test_the_stall_timeout_is_never_shorter_than_a_few_report_intervals() -> None:
+    # 100 steps between reports of 20 s each: a report every 2010 s at most, so 5 of them before a stall.
+    base = ftj(stallTimeoutSeconds=600)
+    training = base.spec.training.model_copy(update={"log_every_steps": 100})
+    spec = base.model_copy(update={"spec": base.spec.model_copy(update={"training": training})})
+    quiet = run(spec, {"phase": "Running", "progress": progress_at(100, 9000, per_step=20)}, [job(0)], RUNNING)
+    assert quiet.status["phase"] == "Running" and quiet.requeue_after == pytest.approx(5 * 2010 - 9000 + 1)
+    late = run(spec, {"phase": "Running", "progress": progress_at(100, 10051, per_step=20)}, [job(0)], RUNNING)
+    assert late.status["phase"] == "Restarting"
+
+
+@pytest.mark.parametrize("policy", ["fail", "none"])
+def test_on_stall_fail_or_none(policy: str) -> None:
+    spec = ftj(stallTimeoutSeconds=600, onStall=policy)
+    p = run(spec, {"phase": "Running", "progress": progress_at(7, 4000)}, [job(0)], RUNNING)
+    assert cond(p, "Stalled")["status"] == "True"
+    if policy == "fail":
+        assert (p.status["phase"], cond(p, "Failed")["reason"], p.delete_jobs) == ("Failed", "Stalled", [])
+    else:  # it keeps running, with a Warning event once
+        assert p.status["phase"] == "Running" and not p.delete_jobs and p.status["restarts"] == 0
+        assert [e[:2] for e in p.events] == [("Warning", "Stalled")]
+        status = {**p.status, "progress": progress_at(7, 4100)}
+        assert run(spec, status, [job(0)], RUNNING).events == []
+
+
+def test_stalls_use_up_the_backoff_limit() -> None:
+    spec = ftj(stallTimeoutSeconds=600, backoffLimit=1)
+    p = run(spec, {"phase": "Running", "restarts": 1, "progress": progress_at(7, 4000)}, [job(1)], RUNNING_1)
+    assert (p.status["phase"], cond(p, "Failed")["reason"]) == ("Failed", "BackoffLimitExceeded")
+
+
+RUNNING_1 = [pod(1, 0, "Running"), pod(1, 1, "Running")]
 
 
 def test_a_status_an_older_version_wrote_is_read_as_far_as_it_goes() -> None:

@@ -66,7 +66,8 @@ class ProgressReporter(TrainerCallback):
         mean = self.throughput.mean()
         tps = mean[0] * self.world.world_size if mean else 0.0  # the job's, from this rank's
         eta = elapsed / done * (self.total_steps - step) if done > 0 else None
-        return {"tokens_per_second": tps, "eta_seconds": eta, "elapsed_seconds": elapsed}
+        per_step = elapsed / done if done > 0 else None
+        return {"tokens_per_second": tps, "eta_seconds": eta, "elapsed_seconds": elapsed, "seconds_per_step": per_step}
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not self.world.is_main or not logs:

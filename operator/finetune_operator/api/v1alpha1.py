@@ -1807,8 +1807,19 @@ class MetricsSpec(SpecModel):
     )
 
 
+#: runPolicy.stallTimeoutSeconds when unset.
+DEFAULT_STALL_TIMEOUT_SECONDS = 1800
+#: A running job is stalled only once it has been quiet for this many of its own intervals between
+#: progress reports (logEverySteps x its seconds per step, plus the status reporter's delay) too.
+STALL_INTERVALS = 5
+#: The status reporter's largest delay between a logged step and its status patch (seconds).
+PROGRESS_REPORT_DELAY_SECONDS = 10
+CONDITION_STALLED = "Stalled"
+REASON_STALLED = "Stalled"
+
+
 class RunPolicy(SpecModel):
-    """Lifecycle: retries, deadline, clean-up and queueing."""
+    """Lifecycle: retries, deadline, stalls, clean-up and queueing."""
 
     backoff_limit: int = Field(
         default=3, ge=0, le=1000, description="Gang restarts after retriable failures before giving up."
@@ -1818,6 +1829,27 @@ class RunPolicy(SpecModel):
     )
     ttl_seconds_after_finished: int | None = Field(
         default=None, ge=0, description="Delete the finished FineTuneJob (and its children) after this long."
+    )
+    stall_timeout_seconds: int = Field(
+        default=DEFAULT_STALL_TIMEOUT_SECONDS,
+        ge=60,
+        le=7 * 24 * 3600,
+        description=(
+            "A running job whose status.progress has not moved (no new step reported) for this long is "
+            f"stalled: a rank stuck in a collective, a hung data loader. Counted from the current attempt's "
+            f"first reported step (model download and start-up are never a stall), and never shorter than "
+            f"{STALL_INTERVALS} times the job's own interval between progress reports (logEverySteps times "
+            f"its seconds per step, plus {PROGRESS_REPORT_DELAY_SECONDS} s). An evaluation or checkpoint save "
+            "longer than this also reads as a stall: set it above the longest one."
+        ),
+    )
+    on_stall: Literal["restart", "fail", "none"] = Field(
+        default="restart",
+        description=(
+            "What a stall does: `restart` the gang from the newest committed checkpoint (a restart with reason "
+            "`Stalled`, counted against backoffLimit), `fail` the job (reason `Stalled`), or `none` (condition "
+            "`Stalled` and a Warning event only)."
+        ),
     )
     suspend: bool = Field(default=False, description="Hold the job without pods; set false to start.")
     queue_name: str | None = Field(
@@ -2372,6 +2404,9 @@ class Progress(SpecModel):
     tokens_per_second: float | None = Field(default=None, ge=0, description="Training throughput.")
     eta_seconds: float | None = Field(default=None, ge=0, description="Estimated time to completion.")
     last_checkpoint_step: int | None = Field(default=None, ge=0, description="Step of the newest committed checkpoint.")
+    seconds_per_step: float | None = Field(
+        default=None, ge=0, description="Mean wall-clock seconds per optimizer step of this attempt so far."
+    )
     updated_at: datetime | None = Field(default=None, strict=False, description="When this progress was reported.")
 
 
