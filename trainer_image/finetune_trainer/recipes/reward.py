@@ -30,8 +30,9 @@ Supports:
   fraction of eval pairs whose chosen response gets the higher reward) and ``eval_margin`` (the mean
   of ``r_chosen - r_rejected``), exact over the whole eval set on every rank (trl's own per-batch
   means of the two give way to them), with trl's ``eval_mean_reward``, ``eval_min_reward`` and
-  ``eval_max_reward`` (per-batch); ``training.evaluation.metrics: [loss]`` leaves accuracy and margin
-  out. Early stopping on ``accuracy`` or ``evalLoss``, with the best model loaded at the end;
+  ``eval_max_reward`` (the means over the eval batches of each batch's mean, minimum and maximum
+  reward); ``training.evaluation.metrics: [loss]`` leaves accuracy and margin out. Early stopping
+  on ``accuracy`` or ``evalLoss``, with the best model loaded at the end;
 - dropout as the spec sets it (the model's, ``training.dropout``, LoRA's): trl's ``disable_dropout``
   is off;
 - DDP under torchrun and DeepSpeed ZeRO (the harness's; tested here: ZeRO-2 on two ranks, the eval
@@ -139,10 +140,10 @@ class PairwiseRewardTrainer(RewardTrainer):
     (trl's keeps only per-batch means), and whose trainable parameters keep the dtypes the method
     gave them (trl casts a 4-bit model's to bf16; QLoRA's ``computeDtype`` decides)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         model = kwargs["model"]
         dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
-        super().__init__(*args, **kwargs)
+        super().__init__(**kwargs)
         for name, param in model.named_parameters():
             if name in dtypes and param.dtype != dtypes[name]:
                 param.data = param.data.to(dtypes[name])
