@@ -6,9 +6,9 @@ the first kind 1. GRPO's per-step loss, reward and KL equal a plain trl GRPOTrai
 seed (sampling is seeded: trl reseeds every rank before training, and both runs draw the same random
 numbers in the same order), and the mean reward rises. A reward that never varies within a group gives
 every completion zero advantage: with klCoef 0 the loss and the gradients are exactly 0. RLOO trains
-on chat records against a reward model built here (a tiny LlamaForSequenceClassification with one
-output, with the policy's tokenizer) plus a verifiable reward; a reward model with another tokenizer is
-refused naming the field. Under torchrun, two ranks with ZeRO-2: a rank killed with SIGKILL, the same
+on chat records against a reward model (a ``reward`` job's merged output) plus verifiable rewards; a
+reward model with another tokenizer (a tiny LlamaForSequenceClassification built here) is refused
+naming the field. Under torchrun, two ranks with ZeRO-2: a rank killed with SIGKILL, the same
 command resumes from the last checkpoint and ends at the same step count, every step's prompts those
 the interrupted run drew for it, none repeated.
 """
@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ LR = 3e-3
 KL = 0.1  # not the default (0.04): the comparison would not notice it ignored
 TEMPERATURE = 0.9
 PATTERN = "^ is"
+FINETUNE = str(Path(sys.executable).with_name("finetune"))
 
 
 def rl_manifest(name: str, model: Path, train: Path, rl: dict[str, Any], **overrides: Any) -> dict[str, Any]:
@@ -116,6 +119,8 @@ def test_grpo_matches_plain_trl_and_the_reward_rises(
     )
     result = finetune_run(job)
     assert result.returncode == 0, result.output[-5000:]
+    # An epoch is numGenerations completions of each prompt: the data's rows (and the preflight's steps).
+    assert f"data: 96 training records, {96 * GENERATIONS} rows" in result.output, result.output[-3000:]
     ours = [m for m in read_metrics(result.workdir) if "loss" in m and "reward" in m]
     assert [m["step"] for m in ours] == list(range(1, STEPS + 1))
 
@@ -143,6 +148,26 @@ def test_grpo_matches_plain_trl_and_the_reward_rises(
     rollouts = [json.loads(line) for line in (result.workdir / "rollouts.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rollouts] == list(range(1, STEPS + 1))
     assert all(len(r["prompts"]) == BATCH // GENERATIONS for r in rollouts)
+
+    # finetune predict: greedy completions of held-out prompts, scored by the job's verifiable rewards.
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", tiny.prompt_completion_rows(12, seed=5))
+    lines = tmp_path / "predictions.jsonl"
+    argv = [FINETUNE, "predict", str(adapter.parent), "--input", str(held_out), "--predictions", str(lines)]
+    done = subprocess.run(
+        [*argv, "--max-new-tokens", str(NEW_TOKENS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    predictions = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert len(predictions) == 12 and predictions[0]["where"] == f"{held_out}:1"
+    scores = [p["rewards"]["regex"] for p in predictions]
+    assert all(s == float(p["prediction"].startswith(" is")) for s, p in zip(scores, predictions, strict=True))
+    mean = sum(scores) / len(scores)
+    assert mean > 0.5, predictions  # the trained policy starts its answers with " is"
+    assert f"rewards/regex: {mean:.4f}" in done.stderr, done.stderr[-2000:]
 
 
 def test_a_group_without_reward_spread_has_zero_advantage(
@@ -177,7 +202,20 @@ def build_reward_model(directory: Path, *, tokenizer: Any | None = None) -> Path
 def test_rloo_trains_on_chat_against_a_reward_model(
     tiny_model: Path, tmp_path: Path, finetune_run: Callable[..., RunResult]
 ) -> None:
-    reward_model = build_reward_model(tmp_path / "reward-model")
+    # The reward model is a reward job's merged output (preferences: a fruit's true color over a wrong one).
+    preferences = write_jsonl(tmp_path / "preferences.jsonl", tiny.preference_rows(64, chat=True))
+    reward_job = job_manifest(
+        "rm",
+        tiny_model,
+        preferences,
+        task={"type": "reward"},
+        data__format="preference",
+        training__maxSteps=8,
+        output={"save": "merged"},
+    )
+    trained = finetune_run(reward_job)
+    assert trained.returncode == 0, trained.output[-5000:]
+    reward_model = trained.workdir / "storage" / "local" / "rm" / "output" / "merged"
     chats = write_jsonl(tmp_path / "chat.jsonl", tiny.chat_rows(48))
     rl = {
         "algorithm": "rloo",
@@ -188,7 +226,8 @@ def test_rloo_trains_on_chat_against_a_reward_model(
             {"type": "exactMatch", "weight": 2.0},
         ],
     }
-    job = rl_manifest("rloo", tiny_model, chats, rl, data__format="chat")
+    held_out = write_jsonl(tmp_path / "chat-eval.jsonl", tiny.chat_rows(8, seed=9))
+    job = rl_manifest("rloo", tiny_model, chats, rl, data__format="chat", data__eval={"uri": str(held_out)})
     job["spec"]["training"]["maxSteps"] = 4
     result = finetune_run(job)
     assert result.returncode == 0, result.output[-5000:]
@@ -204,7 +243,11 @@ def test_rloo_trains_on_chat_against_a_reward_model(
         assert abs(m["reward"] - parts) < 1e-4, m  # the reward model weighs 1, each reward its weight
         assert m["kl"] >= 0 and m["entropy"] > 0
     assert len({round(m["rewards/reward_model/mean"], 6) for m in steps}) > 1  # the model scores each rollout
-    assert result.summary()["trainer"] == "RLOOTrainer"
+    summary = result.summary()
+    assert summary["trainer"] == "RLOOTrainer"
+    # The evaluations before and after training: the eval prompts' completions, scored.
+    for when in ("before", "after"):
+        assert {"eval_loss", "eval_reward", "eval_rewards/reward_model/mean"} <= set(summary[when]), summary[when]
 
     # A reward model whose tokenizer is another one is refused before training, naming the field.
     other = tiny.build_tokenizer()

@@ -844,7 +844,10 @@ def _tokenize_all(
         train = prompts(train_records, "train-prompts")
         lengths = _int_column(train, "length")
         truncated = 0
-        row_tokens = lengths
+        # An epoch trains on numGenerations completions of every prompt (perDeviceBatchSize counts them):
+        # a row each, of the prompt's tokens (the completions' are not known before they are sampled).
+        assert spec.task.rl is not None  # the API requires it
+        row_tokens = np.repeat(lengths, spec.task.rl.num_generations)
         out["train"] = train
         if eval_records is not None:
             out["eval"] = prompts(eval_records, "eval-prompts")
