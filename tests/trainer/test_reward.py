@@ -182,7 +182,8 @@ def test_a_base_without_pad_token_learns_the_preferences_and_its_output_scores_c
         [r["prompt"] + r[side] + tokenizer.eos_token for r in held_out] for side in ("chosen", "rejected")
     )
     # Padded in a batch or alone, a sequence gets the same reward: the head reads its last real token.
-    batched = rewards(model, tokenizer, chosen + rejected)
+    # The pairs are all 11 tokens long; a text of two of them in the batch pads each to 22.
+    batched = rewards(model, tokenizer, [*chosen, *rejected, chosen[0] + chosen[1]])[:-1]
     alone = torch.stack([rewards(model, tokenizer, [t])[0] for t in chosen + rejected])
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
     good, bad = batched.chunk(2)
