@@ -7,6 +7,8 @@
 - Every other ``lossType``: the recipe's trainer computes trl's loss of that name on the same batch
   (in process: a LoRA adapter initialised away from zero, so policy and reference differ), and the
   objectives differ from one another.
+- QLoRA, IA3 and AdaLoRA (in process, the policy as the recipe builds it): no second adapter, the
+  first loss ln 2 (plus AdaLoRA's orthogonality penalty, which peft computes and DPO's loss would drop).
 - The reference: ``full`` trains against a frozen copy; precomputed log-probabilities give the same
   training and evaluations with no reference in memory; ``referenceModel`` is the model it names
   (another model with the same tokenizer: the first loss is no longer ln 2), refused with another
@@ -31,6 +33,7 @@ import live
 import pytest
 import tiny
 import torch
+
 from runs import RunResult
 
 SEED, STEPS, LR, BATCH, MAX_LEN = 11, 20, 5e-3, 8, 64
@@ -191,6 +194,89 @@ def test_every_loss_type_reaches_trl(tiny_model: Path, pairs: Path, tmp_path: Pa
         assert abs(mine - trl_loss) < 1e-5, (value, mine, trl_loss)
         losses[value] = mine
     assert len({round(v, 5) for v in losses.values()}) == len(losses), losses
+
+
+#: The PEFT methods of the task row besides LoRA (the anchor's), as tests/trainer/test_methods.py runs them.
+PEFT_METHODS: dict[str, dict[str, Any]] = {
+    "qlora": {**tiny.QLORA},
+    "ia3": {"method": {"type": "ia3"}},
+    "adalora": {
+        "method": {
+            "type": "adalora",
+            "lora": {"alpha": 16, "dropout": 0.0},
+            "adalora": {"initR": 8, "targetR": 4, "tinit": 2, "tfinal": 2, "deltaT": 2},
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("method", list(PEFT_METHODS))
+def test_peft_methods_train_against_their_disabled_adapter(
+    method: str, tiny_model: Path, pairs: Path, tmp_path: Path
+) -> None:
+    """The policy as the recipe builds it (in process): no second adapter, the first loss is ln 2 (the
+    reference is the policy with its adapter disabled) plus, for AdaLoRA, the orthogonality penalty
+    peft computes, and it moves."""
+    from datasets import Dataset
+    from finetune_operator.api.v1alpha1 import FineTuneJobSpec
+    from finetune_trainer import methods, modeling
+    from finetune_trainer.data import preference
+    from finetune_trainer.recipes import dpo
+    from transformers import set_seed
+    from trl import DPOConfig
+
+    steps = 8
+    spec = FineTuneJobSpec.model_validate(dpo_job(method, tiny_model, pairs, **PEFT_METHODS[method])["spec"])
+    source = modeling.ModelSource(str(tiny_model), None, None, True)
+    tokenizer = modeling.load_tokenizer(source, spec.model)
+    ctx = methods.MethodContext(spec=spec, tokenizer=tokenizer, total_steps=steps)
+    set_seed(SEED)
+    model = modeling.load_causal_lm(
+        source, spec.model, dtype=modeling.model_dtype(spec.model.dtype), **methods.load_kwargs(ctx)
+    )
+    tuned = methods.apply(model, ctx)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()][: BATCH * steps]
+    tokens = preference.tokenize(
+        {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}, tokenizer, spec.data
+    )
+    collator = dpo.PreferenceCollator(tokenizer.pad_token_id, MAX_LEN)
+
+    # AdaLoRA: peft's own penalty of the first batch, its forward's loss in training mode (with the
+    # penalty) minus in eval mode (without: methods.adalora penalises training only; no dropout).
+    first = collator([{k: tokens[k][i] for k in dpo.ROW_KEYS} for i in range(BATCH)])
+    inputs = {"input_ids": first["input_ids"], "attention_mask": first["attention_mask"]}
+    labels = first["input_ids"].masked_fill(first["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        penalised = tuned.train()(**inputs, labels=labels).loss
+        plain = tuned.eval()(**inputs, labels=labels).loss
+    penalty = float(penalised - plain) if method == "adalora" else 0.0
+    assert penalty > 1e-4 or method != "adalora", penalty
+
+    args = {"per_device_train_batch_size": BATCH, "seed": SEED, "report_to": "none", "use_cpu": True, "bf16": False}
+    trainer = dpo.DPORecipeTrainer(
+        model=tuned,
+        args=DPOConfig(
+            output_dir=str(tmp_path / "out"),
+            max_steps=steps,
+            logging_steps=1,
+            learning_rate=3e-2 if method == "ia3" else LR,
+            lr_scheduler_type="constant",
+            save_strategy="no",
+            disable_tqdm=True,
+            **args,
+            **dpo.task_arguments(spec),
+        ),
+        train_dataset=Dataset.from_dict(tokens),
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=methods.callbacks(tuned, ctx),
+        report_accuracy=True,
+    )
+    assert list(tuned.peft_config) == ["default"]
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert abs(losses[0] - (math.log(2) + penalty)) < 1e-5, (losses[0], penalty)
+    assert max(abs(loss - losses[0]) for loss in losses[1:]) > 1e-3, losses  # the adapter trains
 
 
 def test_full_dpo_reference_copy_or_precomputed(

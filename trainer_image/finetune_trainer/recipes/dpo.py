@@ -42,7 +42,8 @@ Its collator keeps the start of ``prompt + response`` up to ``spec.data.maxSeqLe
 included, whatever the spec says. It is off here: ``spec.training.dropout`` sets the model's
 dropout as in every recipe, and unset it is 0 (trl's DPO default: the reference log-probabilities
 of a PEFT policy come from the same modules in training mode); ``spec.method.lora.dropout`` is the
-adapter's.
+adapter's. AdaLoRA's orthogonality penalty (``orthRegWeight``), which peft adds to a loss computed
+from labels, is added to the DPO loss of every training step (:func:`adalora_penalty`).
 
 **Metrics** (``metrics.jsonl``, the status, ``summary.json``'s before and after): trl's loss,
 ``rewards/chosen``, ``rewards/rejected`` (beta times the log-ratio of policy and reference),
@@ -70,6 +71,8 @@ import torch
 from finetune_operator.api.trainer_config import TrainerConfig
 from finetune_operator.api.v1alpha1 import DPOParams, FineTuneJobSpec
 from peft import PeftModel
+from peft.tuners.adalora import AdaLoraModel
+from peft.utils.integrations import gather_params_ctx
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, set_seed
 from trl.trainer.dpo_config import DPOConfig
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
@@ -187,6 +190,34 @@ def _without_reference_adapter(model: Any) -> Iterator[None]:
         del model.add_adapter, model.named_parameters
 
 
+def adalora_penalty(model: Any) -> torch.Tensor | None:
+    """AdaLoRA's orthogonality penalty of ``model`` times ``orthRegWeight``, computed as peft's
+    ``AdaLoraModel.forward`` computes it; None for another method or a weight of 0. peft adds it to
+    the loss the model computes from its labels, which DPO's loss does not use: the recipe adds it
+    to the DPO loss of a training step instead."""
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, AdaLoraModel):
+        return None
+    adapter = tuner.trainable_adapter_name
+    weight = float(getattr(tuner.peft_config[adapter], "orth_reg_weight", 0.0))  # an AdaLoraConfig
+    if not weight:
+        return None
+    total: torch.Tensor | None = None
+    count = 0
+    for name, p in tuner.model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and adapter in name:
+            if p.shape == torch.Size([0]):  # partitioned by ZeRO-3: gathered, as peft does
+                with gather_params_ctx(p, fwd_module=tuner):
+                    cov = p @ p.T if "lora_A" in name else p.T @ p
+            else:
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+            eye = torch.eye(*cov.size(), out=torch.empty_like(cov))
+            term = torch.norm(cov - eye, p="fro")
+            total = term if total is None else total + term
+            count += 1
+    return None if total is None else weight * total / count
+
+
 class DPORecipeTrainer(DPOTrainer):
     """trl's DPOTrainer on the pipeline's token rows (its tokenization skipped), without a reference
     adapter, dropping a precomputed-for reference, and logging ``kl`` and ``eval_accuracy``."""
@@ -201,6 +232,19 @@ class DPORecipeTrainer(DPOTrainer):
             self.accelerator._models = [m for m in self.accelerator._models if m is not self.ref_model]
             self.ref_model = None
         self._precompute_engine = None  # DeepSpeed's inference engine of a precompute, done
+
+    def compute_loss(
+        self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        result = super().compute_loss(  # type: ignore[no-untyped-call]  # trl leaves it unannotated
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        penalty = adalora_penalty(self.accelerator.unwrap_model(model)) if model.training else None
+        if penalty is None:
+            return result
+        if isinstance(result, tuple):
+            return (result[0] + penalty, *result[1:])
+        return result + penalty
 
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
         return dataset  # tokenized and filtered by the recipe (keep_learnable)
