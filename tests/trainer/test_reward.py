@@ -90,7 +90,10 @@ def plain_trl_losses(model_dir: Path, train: Path, out: Path, center: float | No
 def test_lora_reward_matches_plain_trl_reward_trainer_with_centred_rewards(
     tiny_model: Path, tmp_path: Path, finetune_run: Callable[..., RunResult]
 ) -> None:
-    train = write_jsonl(tmp_path / "train.jsonl", preference_rows(300, seed=4, chat=True))
+    records = preference_rows(300, seed=4, chat=True)
+    for i, record in enumerate(records):  # questions of three lengths: the batches are padded
+        record["prompt"][1]["content"] = "tell me " * (i % 3) + record["prompt"][1]["content"]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
     training = {
         "maxSteps": STEPS,
         "learningRate": LR,
