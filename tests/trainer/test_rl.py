@@ -5,8 +5,9 @@ The toy task: the tiny model, asked about a fruit, starts its answer with " is" 
 the first kind 1. GRPO's per-step loss, reward and KL equal a plain trl GRPOTrainer script's on the same
 seed (sampling is seeded: trl reseeds every rank before training, and both runs draw the same random
 numbers in the same order), and the mean reward rises. A reward that never varies within a group gives
-every completion zero advantage: with klCoef 0 the loss and the gradients are exactly 0. RLOO trains
-on chat records against a reward model (a ``reward`` job's merged output) plus verifiable rewards; a
+every completion zero advantage: with klCoef 0 the loss and the gradients of a full fine-tuning are
+exactly 0. RLOO trains (full fine-tuning: trl loads the reference model beside the policy) on chat
+records against a reward model (a ``reward`` job's merged output) plus verifiable rewards; a
 reward model with another tokenizer (a tiny LlamaForSequenceClassification built here) is refused
 naming the field. Under torchrun, two ranks with ZeRO-2: a rank killed with SIGKILL, the same
 command resumes from the last checkpoint and ends at the same step count, every step's prompts those
@@ -174,7 +175,9 @@ def test_a_group_without_reward_spread_has_zero_advantage(
     tiny_model: Path, fruit_prompts: Path, finetune_run: Callable[..., RunResult]
 ) -> None:
     # No completion of the fruit model is a JSON object: every reward is 0, every group without spread.
-    job = rl_manifest("flat", tiny_model, fruit_prompts, {"klCoef": 0, "rewards": [{"type": "jsonValid"}]})
+    job = rl_manifest(
+        "flat", tiny_model, fruit_prompts, {"klCoef": 0, "rewards": [{"type": "jsonValid"}]}, method={"type": "full"}
+    )
     job["spec"]["training"]["maxSteps"] = 3
     result = finetune_run(job)
     assert result.returncode == 0, result.output[-5000:]
@@ -227,7 +230,10 @@ def test_rloo_trains_on_chat_against_a_reward_model(
         ],
     }
     held_out = write_jsonl(tmp_path / "chat-eval.jsonl", tiny.chat_rows(8, seed=9))
-    job = rl_manifest("rloo", tiny_model, chats, rl, data__format="chat", data__eval={"uri": str(held_out)})
+    # Full fine-tuning: trl loads the reference model (klCoef 0.04 by default) beside the policy.
+    job = rl_manifest(
+        "rloo", tiny_model, chats, rl, data__format="chat", data__eval={"uri": str(held_out)}, method={"type": "full"}
+    )
     job["spec"]["training"]["maxSteps"] = 4
     result = finetune_run(job)
     assert result.returncode == 0, result.output[-5000:]

@@ -21,7 +21,7 @@ model; under a PEFT method the reference is the policy with its adapter disabled
 multiple of numGenerations, by the API's rules), so a step trains on perDeviceBatchSize x
 gradientAccumulationSteps x ranks / numGenerations prompts; learning rate, scheduler, optimizer,
 seed, maxSteps or epochs (over the prompts), checkpoints and resume are the harness's as for every task.
-Methods: the task's row (full/freeze, LoRA, QLoRA, IA3, AdaLoRA; the tests train LoRA). Formats:
+Methods: the task's row (full/freeze, LoRA, QLoRA, IA3, AdaLoRA; the tests train LoRA and full). Formats:
 ``promptCompletion`` and ``chat`` (:mod:`..data.rl`: the prompt, and the reference answer the
 ``exactMatch`` and ``contains`` rewards compare with). DDP and DeepSpeed ZeRO 1-3 under torchrun, as trl runs them.
 
@@ -82,12 +82,21 @@ def reward_weights(rl: RLParams) -> list[float]:
 def task_args(spec: FineTuneJobSpec) -> dict[str, Any]:
     """The GRPOConfig / RLOOConfig fields the spec sets beside the training fields (module docstring)."""
     rl = params(spec)
+    # trl loads the reference model of a full fine-tuning itself, from the policy's path: with these, as
+    # the policy was loaded (the Hub revision, a GGUF file, the model's own code).
+    reference: dict[str, Any] = {"trust_remote_code": spec.model.trust_remote_code}
+    if spec.model.revision:
+        reference["revision"] = spec.model.revision
+    if spec.model.gguf_file:
+        reference["gguf_file"] = spec.model.gguf_file
     return {
         "num_generations": rl.num_generations,
         "max_completion_length": rl.max_new_tokens,
         "temperature": rl.temperature,
         "beta": rl.kl_coef,
         "reward_weights": reward_weights(rl),
+        "trust_remote_code": spec.model.trust_remote_code,
+        "model_init_kwargs": reference,
     }
 
 
