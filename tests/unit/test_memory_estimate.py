@@ -236,6 +236,23 @@ def test_dpo_counts_its_reference_model_and_both_rows_of_a_pair() -> None:
     assert estimate(LLAMA_2_7B, spec(**named)).weights == lora.weights + base
 
 
+def test_rl_counts_its_reference_and_reward_models_and_the_generated_tokens() -> None:
+    rewards = {"type": "rl", "rl": {"rewards": [{"type": "contains"}], "maxNewTokens": 256}}
+    groups = {"training__perDeviceBatchSize": 4}  # completions: whole groups of numGenerations (4)
+    sft = estimate(LLAMA_2_7B, spec(method={"type": "full"}, **groups))
+    full = estimate(LLAMA_2_7B, spec(method={"type": "full"}, task=rewards, **groups))
+    base = sum(b for label, b in full.lines if label.startswith("base weights"))
+    assert dict(full.lines)["RL reference model (frozen)"] == base  # klCoef 0.04 by default
+    assert full.weights == sft.weights + base
+    assert full.activation_detail.tokens == 4 * (2048 + 256)  # the prompt and its completion
+    no_kl = {"type": "rl", "rl": {"rewards": [{"type": "contains"}], "klCoef": 0}}
+    assert estimate(LLAMA_2_7B, spec(method={"type": "full"}, task=no_kl, **groups)).weights == sft.weights
+    lora = estimate(LLAMA_2_7B, spec(task=rewards, **groups))
+    assert "RL reference model (frozen)" not in dict(lora.lines)  # the adapter is disabled instead
+    scored = {"type": "rl", "rl": {"rewardModel": "org/rm", "maxNewTokens": 256}}
+    assert estimate(LLAMA_2_7B, spec(task=scored, **groups)).weights == lora.weights + base
+
+
 def test_gpu_memory_decides_the_fit() -> None:
     job = spec(method={"type": "qlora"}, training__gradientCheckpointing=True, resources={"gpuMemory": "24Gi"})
     e = estimate(LLAMA_3_8B, job)

@@ -1004,6 +1004,9 @@ def _activations(
     # DPO forwards a pair's chosen and rejected rows in one batch (finetune_trainer.recipes.dpo).
     batch = spec.training.per_device_batch_size * (2 if spec.task.type == "dpo" else 1)
     seq = spec.data.max_seq_length + plan.prompt_tokens
+    if spec.task.type == "rl" and spec.task.rl is not None:
+        # Online RL trains on a prompt (at most maxSeqLength tokens) and its generated completion.
+        seq += spec.task.rl.max_new_tokens
     tokens = batch * seq
     packing = spec.data.packing
     # sdpa gets a mask from padded (batch > 1) or packed rows; a single unpadded row runs causal, maskless.
@@ -1378,6 +1381,19 @@ def estimate(
         reference = math.ceil(reference / world) if stage == 3 else reference
         lines.append(("DPO reference model (frozen)", reference))
         weights += reference
+    rl = spec.task.rl if spec.task.type == "rl" else None
+    if rl is not None:
+        # Online RL (finetune_trainer.recipes.rl): under `full` with klCoef > 0 trl keeps a frozen copy of
+        # the base as the reference (PEFT disables the adapter instead); a reward model stays loaded for
+        # scoring, counted at the base's size. Both are partitioned like the policy under ZeRO-3.
+        base_bytes = sum(t.nbytes for t in plan.tensors if t.role in ("base", "added"))
+        base_bytes = math.ceil(base_bytes / world) if stage == 3 else base_bytes
+        if spec.method.type == "full" and rl.kl_coef > 0:
+            lines.append(("RL reference model (frozen)", base_bytes))
+            weights += base_bytes
+        if rl.reward_model is not None:
+            lines.append(("RL reward model (frozen, counted at the base's size)", base_bytes))
+            weights += base_bytes
     if plan.adalora_importance_numel:
         importance = 3 * 4 * plan.adalora_importance_numel
         lines.append(("AdaLoRA importance estimates (3 x fp32)", importance))
