@@ -143,6 +143,8 @@ def test_grpo_matches_plain_trl_and_the_reward_rises(
     assert (summary["trainer"], summary["steps"]) == ("GRPOTrainer", STEPS)
     assert summary["reward_mean_second_half"] > summary["reward_mean_first_half"]
     assert summary["generation_tokens_per_second"] > 0
+    assert (summary["kl_last"], summary["entropy_last"]) == (last["kl"], last["entropy"])
+    assert summary["completion_length_mean"] == pytest.approx(sum(m["completions/mean_length"] for m in ours) / STEPS)
     # The adapter is the policy's alone (not trl's frozen reference copy).
     adapter = result.workdir / "storage" / "local" / "grpo" / "output" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "ref").exists()

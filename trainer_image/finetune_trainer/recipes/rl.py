@@ -33,7 +33,8 @@ the reference; when klCoef > 0), ``entropy``, ``completions/mean_length`` (and m
 ratio), and ``generation_tokens_per_second`` (the job's completion tokens over the time spent
 generating them). Every generation's prompts, by ``file:line``, go to ``rollouts.jsonl`` in the work
 directory (step, the prompts of its groups, each group's mean reward). The summary adds the trainer,
-the first and last steps' rewards, the mean reward of each half of the run and the generation rate.
+the first and last steps' rewards, the mean reward of each half of the run, the generation rate, the
+last step's reward spread, KL and entropy, and the mean completion length.
 With eval data, the evaluations before and after training report trl's ``eval_reward`` (completions
 of the eval prompts, sampled as in training) and ``eval_loss``.
 """
@@ -299,6 +300,13 @@ def run(config: TrainerConfig) -> dict[str, Any]:
             reward_mean_second_half=_mean([m["reward"] for m in logged[len(logged) // 2 :]]),
             generation_tokens_per_second=_mean(
                 [m["generation_tokens_per_second"] for m in logged if m.get("generation_tokens_per_second")]
+            ),
+            # The last logged step's spread, KL and entropy, and the mean completion length of the run.
+            reward_std_last=logged[-1].get("reward_std") if logged else None,
+            kl_last=logged[-1].get("kl") if logged else None,
+            entropy_last=logged[-1].get("entropy") if logged else None,
+            completion_length_mean=_mean(
+                [m["completions/mean_length"] for m in logged if m.get("completions/mean_length") is not None]
             ),
         )
         return training.save_outputs(tokenizer)
