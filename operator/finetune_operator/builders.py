@@ -21,6 +21,7 @@ Every child carries an owner reference to the FineTuneJob, so deleting the job d
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ from .api.trainer_config import (
     storage_environment,
     trainer_command,
 )
-from .api.v1alpha1 import API_VERSION, KIND, CredentialsRef, FineTuneJob
+from .api.v1alpha1 import API_VERSION, KIND, CredentialsRef, Dependency, FineTuneJob
 
 LABEL_JOB = "finetune.io/job"
 LABEL_ATTEMPT = "finetune.io/attempt"
@@ -120,8 +121,17 @@ def _meta(name: str, namespace: str, ftj: FineTuneJob, uid: str, settings: Opera
     }
 
 
-def config_map(ftj: FineTuneJob, namespace: str, uid: str, settings: OperatorSettings) -> dict[str, Any]:
-    config = build_trainer_config(ftj, namespace=namespace, base_dir=IMAGE_ROOT, work_dir=WORK_DIR)
+def config_map(
+    ftj: FineTuneJob,
+    namespace: str,
+    uid: str,
+    settings: OperatorSettings,
+    dependencies: Sequence[Dependency] = (),
+) -> dict[str, Any]:
+    """The trainer config (``dependencies``: the spec's ``ftj://`` models, resolved)."""
+    config = build_trainer_config(
+        ftj, namespace=namespace, base_dir=IMAGE_ROOT, work_dir=WORK_DIR, dependencies=dependencies
+    )
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -515,10 +525,19 @@ def preflight_job(
     }
 
 
-def children(ftj: FineTuneJob, namespace: str, uid: str, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """The children that exist for the whole life of the job (the Job itself is per attempt)."""
+def children(
+    ftj: FineTuneJob,
+    namespace: str,
+    uid: str,
+    settings: OperatorSettings,
+    dependencies: Sequence[Dependency] = (),
+) -> list[dict[str, Any]]:
+    """The children that exist for the whole life of the job (the Job itself is per attempt). The
+    trainer config's ConfigMap only once the spec's ``ftj://`` models are resolved (``dependencies``):
+    nothing that reads it starts before."""
+    resolved = {d.field for d in dependencies} >= set(ftj.spec.job_references())
     return [
-        config_map(ftj, namespace, uid, settings),
+        *([config_map(ftj, namespace, uid, settings, dependencies)] if resolved else []),
         service(ftj, namespace, uid, settings),
         service_account(ftj, namespace, uid, settings),
         role(ftj, namespace, uid, settings),

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .api import crd as crd_module
+from .api.trainer_config import EXIT_INVALID_CONFIG
 from .api.v1alpha1 import FineTuneJob
 from .api.validation import InvalidSpec, check_file, load_jobs
 
@@ -122,7 +123,7 @@ def run(manifest: Path, job_name: str | None, nproc: int | None, workdir: Path |
     plan`): bad data exits 3 before the model is opened, a configuration error 2, and a job whose
     memory estimate exceeds spec.resources.gpuMemory 5 unless spec.preflight.allowWillNotFit.
     """
-    from .local_run import run_local
+    from .local_run import LocalDependencyError, run_local
 
     job = _one_job(manifest, job_name)
     if job.spec.distributed.nodes > 1:
@@ -131,7 +132,12 @@ def run(manifest: Path, job_name: str | None, nproc: int | None, workdir: Path |
         )
     workdir = workdir or Path("runs") / job.metadata.name
     click.echo(f"finetune: running {job.metadata.name} in {workdir}", err=True)
-    sys.exit(run_local(job, manifest=manifest, workdir=workdir, nproc=nproc))
+    try:
+        code = run_local(job, manifest=manifest, workdir=workdir, nproc=nproc)
+    except LocalDependencyError as exc:
+        click.echo(f"{manifest}: {exc}", err=True)
+        code = EXIT_INVALID_CONFIG
+    sys.exit(code)
 
 
 @main.command()
@@ -156,13 +162,17 @@ def plan(manifest: Path, job_name: str | None, workdir: Path | None, output_form
     3 bad data; 5 the job cannot fit in the GPU memory (a certain OOM).
     """
     from .api.trainer_config import EXIT_INVALID_DATA
-    from .local_run import EXIT_WILL_NOT_FIT, preflight_local
+    from .local_run import EXIT_WILL_NOT_FIT, LocalDependencyError, preflight_local
     from .plan import plan_text
 
     _require_trainer("plan")
     job = _one_job(manifest, job_name)
     name = job.metadata.name
-    checked = preflight_local(job, manifest=manifest, workdir=workdir or Path("runs") / name, capture=True)
+    try:
+        checked = preflight_local(job, manifest=manifest, workdir=workdir or Path("runs") / name, capture=True)
+    except LocalDependencyError as exc:
+        click.echo(f"{manifest}: {exc}", err=True)
+        sys.exit(EXIT_INVALID_CONFIG)
     result = checked.result
     if result is None:
         click.echo(checked.stderr.rstrip(), err=True)

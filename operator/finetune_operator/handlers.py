@@ -73,7 +73,8 @@ class OperatorState:
     #: The latest body seen of each FineTuneJob (watch event or our own status write).
     bodies: dict[Key, dict[str, Any]] = field(default_factory=dict)
     #: (uid, generation) whose long-lived children were last made sure of, and when.
-    ensured: dict[Key, tuple[str, int, float]] = field(default_factory=dict)
+    #: What each job's children were last ensured for (uid, generation, resolved models), and when.
+    ensured: dict[Key, tuple[tuple[Any, ...], float]] = field(default_factory=dict)
     #: The Job this process created for each job, until the Job index shows it.
     created_jobs: dict[Key, str] = field(default_factory=dict)
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
@@ -176,6 +177,7 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
         pods=list(State.pods.get(key, ())),
         now=datetime.now(UTC),
         progress=read_progress(status),
+        neighbours=_neighbours(namespace, name) if ftj.spec.job_references() else {},
     )
     p = plan(observed)
     if State.created_jobs.get(key) in {j["metadata"]["name"] for j in jobs}:
@@ -183,12 +185,14 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
     loop = asyncio.get_running_loop()
     ensured = State.ensured.get(key)
     children: list[dict[str, Any]] = []
+    # The trainer config holds the resolved ftj:// models: what it is built from is part of what was ensured.
+    version = (uid, generation, tuple((d.field, d.uri, d.sha256) for d in p.dependencies))
     if (
         ensure_children
         and previous.phase not in TERMINAL
-        and (ensured is None or ensured[:2] != (uid, generation) or loop.time() - ensured[2] > CHILDREN_RESYNC)
+        and (ensured is None or ensured[0] != version or loop.time() - ensured[1] > CHILDREN_RESYNC)
     ):
-        children = builders.children(ftj, namespace, uid, State.settings)
+        children = builders.children(ftj, namespace, uid, State.settings, dependencies=p.dependencies)
     job = None
     if p.create_job is not None:
         job = builders.job(
@@ -213,7 +217,7 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
         _gang(key, kube, kinds("ServiceAccount", "ConfigMap"), job),
     )
     if children:
-        State.ensured[key] = (uid, generation, loop.time())
+        State.ensured[key] = (version, loop.time())
     if p.set_suspend is not None:
         await kube.set_job_suspend(namespace, *p.set_suspend)
     # A field the plan leaves unset is cleared (null in the merge patch) only if the status has it; inside
@@ -267,6 +271,11 @@ def _previous_status(key: Key, raw: Mapping[str, Any]) -> FineTuneJobStatus:
     else:
         State.unreadable.pop(key, None)
     return previous
+
+
+def _neighbours(namespace: str, name: str) -> dict[str, Mapping[str, Any]]:
+    """The other FineTuneJobs of the namespace, as watched (a job's ftj:// models come from them)."""
+    return {n: body for (ns, n), body in State.bodies.items() if ns == namespace and n != name}
 
 
 def _differs(old: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -3,6 +3,7 @@ preflight its operator would run first (``finetune plan`` runs the preflight alo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from .api.memory import fits_total, memory_breakdown
 from .api.trainer_config import build_trainer_config, preflight_command, storage_environment, trainer_command
-from .api.v1alpha1 import FineTuneJob, FineTuneJobSpec, PreflightResult
+from .api.v1alpha1 import Dependency, FineTuneJob, FineTuneJobSpec, PreflightResult
 from .plan import summary_line
 
 LOCAL_NAMESPACE = "local"
@@ -29,10 +30,42 @@ def default_nproc(job: FineTuneJob) -> int:
     return max(torch.cuda.device_count(), 1) if job.spec.resources.gpus_per_node else 1
 
 
+#: The artifact kinds an ``ftj://`` model resolves to (as the operator resolves them).
+MODEL_ARTIFACTS = ("merged", "model")
+
+
+class LocalDependencyError(ValueError):
+    """An ``ftj://`` model with no earlier local run to take it from."""
+
+
+def local_dependencies(job: FineTuneJob, workdir: Path) -> list[Dependency]:
+    """The spec's ``ftj://NAME`` models, resolved against earlier local runs: the merged model of the
+    run of NAME beside this one (``<workdir>/../NAME``, where ``finetune run`` puts it by default), from
+    its summary.json, as the operator resolves them from the job's status.artifacts."""
+    found = []
+    runs = workdir.resolve().parent
+    for field, name in sorted(job.spec.job_references().items()):
+        summary = runs / name / "summary.json"
+        if not summary.is_file():
+            raise LocalDependencyError(
+                f"{field}: ftj://{name}: no earlier local run of FineTuneJob {name} ({summary} does not exist): "
+                f"run its manifest first with finetune run (its default --workdir, {runs / name})"
+            )
+        artifacts = json.loads(summary.read_text(encoding="utf-8")).get("artifacts") or []
+        merged = next((a for a in artifacts if a.get("kind") in MODEL_ARTIFACTS), None)
+        if merged is None:
+            raise LocalDependencyError(
+                f"{field}: ftj://{name}: the run in {runs / name} wrote no merged model (its spec.output.save must "
+                "be merged or both, or its method full)"
+            )
+        found.append(Dependency(field=field, job=name, uri=merged["uri"], sha256=merged["sha256"]))
+    return found
+
+
 def write_trainer_config(job: FineTuneJob, *, manifest: Path, workdir: Path) -> Path:
     """The job's trainer config, as the operator renders it, written to ``workdir/trainer-config.json``:
     relative data paths resolve against the manifest's directory, checkpoints and outputs default to
-    ``workdir/storage``."""
+    ``workdir/storage``, ``ftj://`` models to earlier local runs (:func:`local_dependencies`)."""
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     config = build_trainer_config(
@@ -41,6 +74,7 @@ def write_trainer_config(job: FineTuneJob, *, manifest: Path, workdir: Path) -> 
         base_dir=manifest.resolve().parent,
         default_storage=str(workdir / "storage"),
         work_dir=workdir,
+        dependencies=local_dependencies(job, workdir),
     )
     config_path = workdir / "trainer-config.json"
     config_path.write_text(config.dumps(), encoding="utf-8")

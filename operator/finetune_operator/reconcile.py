@@ -34,17 +34,22 @@ from .api.trainer_config import (
 )
 from .api.v1alpha1 import (
     CONDITION_DATA_VALID,
+    CONDITION_DEPENDENCY_READY,
     CONDITION_FITS_IN_MEMORY,
     CONDITION_REASON_PATTERN,
     CONDITION_STALLED,
+    JOB_URI_SCHEME,
     PREFLIGHT_MAX_PROBLEMS,
     PROGRESS_REPORT_DELAY_SECONDS,
     PROVENANCE_OPERATOR_FIELDS,
+    REASON_DEPENDENCY_FAILED,
     REASON_INVALID_DATA,
     REASON_STALLED,
+    REASON_WAITING_FOR_JOB,
     REASON_WILL_NOT_FIT,
     STALL_INTERVALS,
     Condition,
+    Dependency,
     FailureInfo,
     FineTuneJob,
     FineTuneJobSpec,
@@ -89,6 +94,7 @@ OPERATOR_FIELDS = (
     "last_failure",
     "preflight",
     "provenance",
+    "dependencies",
 )
 #: Nodes kept in status.provenance.nodes (the API's bound).
 MAX_NODES = 256
@@ -107,6 +113,8 @@ class Observed:
     now: datetime
     #: The trainer's status.progress (read, never written: :func:`read_progress`), for stalls.
     progress: Progress | None = None
+    #: The other FineTuneJobs of the namespace (name to body: spec and status), for ``ftj://`` models.
+    neighbours: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,6 +131,8 @@ class Plan:
     events: list[tuple[str, str, str]] = field(default_factory=list)  #: (type, reason, message)
     #: Why the running gang is stalled (:func:`stall_of`); None: it is not, or is not running.
     stalled: str | None = None
+    #: The spec's ``ftj://`` models, resolved (what the trainer config is built with).
+    dependencies: list[Dependency] = field(default_factory=list)
 
 
 def observed_job(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -747,6 +757,94 @@ def _preflight_gate(obs: Observed, out: Plan) -> Gate | None:
     return "Pending", "PreflightRetrying", f"{message} at {timestamp(due)}", failure, None
 
 
+#: How often a job waiting for another FineTuneJob looks at it again (its own events do not wake this one).
+DEPENDENCY_POLL_SECONDS = 10.0
+#: The artifact kinds an ``ftj://`` model resolves to: the merged model, or a `full` job's model.
+MODEL_ARTIFACTS = ("merged", "model")
+Verdict = tuple[Literal["ready", "waiting", "failed"], str]
+
+
+def _references(spec: Mapping[str, Any]) -> list[str]:
+    """The FineTuneJobs a raw spec (another job's, unvalidated) takes models from."""
+    task = spec.get("task") or {}
+    uris = [
+        (spec.get("model") or {}).get("uri"),
+        (task.get("rl") or {}).get("rewardModel"),
+        (task.get("dpo") or {}).get("referenceModel"),
+        (task.get("distill") or {}).get("teacher"),
+    ]
+    prefix = f"{JOB_URI_SCHEME}://"
+    return [u.removeprefix(prefix) for u in uris if isinstance(u, str) and u.startswith(prefix)]
+
+
+def _cycle(name: str, start: str, neighbours: Mapping[str, Mapping[str, Any]]) -> list[str] | None:
+    """The chain of references from ``start`` back to ``name``, if there is one."""
+    path, seen = [start], {start}
+
+    def walk(job: str) -> bool:
+        for nxt in _references((neighbours.get(job) or {}).get("spec") or {}):
+            if nxt == name:
+                path.append(nxt)
+                return True
+            if nxt not in seen:
+                seen.add(nxt)
+                path.append(nxt)
+                if walk(nxt):
+                    return True
+                path.pop()
+        return False
+
+    return path if start == name or walk(start) else None
+
+
+def resolve_dependency(field_name: str, job: str, obs: Observed) -> Dependency | Verdict:
+    """The ``ftj://JOB`` model of ``field_name`` resolved from JOB's status.artifacts, or why it is not
+    (still waiting for it, or it will never be)."""
+    name = obs.ftj.metadata.name
+    cycle = _cycle(name, job, obs.neighbours)
+    if cycle is not None:
+        return "failed", f"{field_name}: ftj://{job} is a cycle of FineTuneJobs: {' -> '.join([name, *cycle])}"
+    body = obs.neighbours.get(job)
+    if body is None:
+        return "waiting", f"{field_name}: waiting for FineTuneJob {job}, which does not exist in this namespace"
+    status = body.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    if phase == "Failed":
+        why = next((c.get("reason") for c in status.get("conditions") or [] if c.get("type") == "Failed"), "")
+        return "failed", f"{field_name}: FineTuneJob {job} failed ({why or 'Failed'})"
+    if phase != "Succeeded":
+        return "waiting", f"{field_name}: waiting for FineTuneJob {job} to succeed (it is {phase})"
+    for artifact in status.get("artifacts") or []:
+        if artifact.get("kind") in MODEL_ARTIFACTS:
+            try:
+                return Dependency(field=field_name, job=job, uri=artifact["uri"], sha256=artifact["sha256"])
+            except (KeyError, ValidationError):
+                break
+    return "failed", (
+        f"{field_name}: FineTuneJob {job} succeeded without a merged model in its status.artifacts "
+        "(its spec.output.save must be merged or both, or its method full)"
+    )
+
+
+def _dependency_gate(obs: Observed, out: Plan) -> tuple[Phase, str, str] | None:
+    """Before the job starts: its ``ftj://`` models resolved (into ``out.dependencies``; None returned),
+    or the phase, reason and message of waiting for them or failing for them."""
+    resolved, waiting = [], []
+    for field_name, job in sorted(obs.ftj.spec.job_references().items()):
+        verdict = resolve_dependency(field_name, job, obs)
+        if isinstance(verdict, Dependency):
+            resolved.append(verdict)
+        elif verdict[0] == "failed":
+            return "Failed", REASON_DEPENDENCY_FAILED, verdict[1]
+        else:
+            waiting.append(verdict[1])
+    if waiting:
+        out.requeue_after = DEPENDENCY_POLL_SECONDS
+        return "Pending", REASON_WAITING_FOR_JOB, "; ".join(waiting)
+    out.dependencies = resolved
+    return None
+
+
 def plan(obs: Observed) -> Plan:
     ftj, now = obs.ftj, obs.now
     spec = ftj.spec
@@ -796,6 +894,14 @@ def plan(obs: Observed) -> Plan:
             else:
                 out.requeue_after = (due - now).total_seconds()
     else:
+        # Models from other FineTuneJobs: resolved once, before anything starts, and kept in the status
+        # (what the trainer config is built from, whatever becomes of those jobs later).
+        dependency_gate = None
+        if spec.job_references():
+            if {d.field for d in prev.dependencies} == set(spec.job_references()):
+                out.dependencies = list(prev.dependencies)
+            else:
+                dependency_gate = _dependency_gate(obs, out)
         deadline = spec.run_policy.active_deadline_seconds
         remaining = None
         if deadline is not None and start_time is not None:
@@ -812,6 +918,8 @@ def plan(obs: Observed) -> Plan:
             phase, reason = "Restarting", last_failure.reason if last_failure else "Restarting"
             message = f"waiting for {lingering} pod(s) of the previous attempt to stop"
             out.requeue_after = 2.0
+        elif current is None and not created and dependency_gate is not None:
+            phase, reason, message = dependency_gate
         elif current is None and not created and spec.preflight.mode == "auto" and (gate := _preflight_gate(obs, out)):
             phase, reason, message, last_failure, preflight = gate
             if preflight is None:
@@ -850,14 +958,18 @@ def plan(obs: Observed) -> Plan:
             observed_generation=obs.generation,
             conditions=_conditions(prev.conditions, phase, reason, message, obs.generation, now, created)
             + preflight_conditions
-            + _stalled_condition(prev.conditions, out.stalled, phase, obs.generation, now),
+            + _stalled_condition(prev.conditions, out.stalled, phase, obs.generation, now)
+            + _dependency_condition(prev.conditions, spec, out.dependencies, reason, message, obs.generation, now),
             start_time=to_second(start_time) if start_time else None,
             completion_time=to_second(completion_time) if completion_time else None,
             last_failure=last_failure,
             preflight=preflight,
             provenance=_provenance(prev.provenance, gang_pods),
+            dependencies=out.dependencies,
         )
     )
+    if not out.dependencies:
+        out.status["dependencies"] = None  # written only for a job that has some
     # Only the operator's fields of status.provenance, and never a null: the trainer's stay as they are.
     provenance = out.status.pop("provenance")
     if provenance is not None:
@@ -871,6 +983,28 @@ def plan(obs: Observed) -> Plan:
     ):
         out.events.append(("Warning", REASON_STALLED, out.stalled))  # runPolicy.onStall none: it keeps running
     return out
+
+
+def _dependency_condition(
+    previous: list[Condition],
+    spec: FineTuneJobSpec,
+    dependencies: list[Dependency],
+    reason: str,
+    message: str,
+    generation: int,
+    now: datetime,
+) -> list[Condition]:
+    """Condition DependencyReady of a job with ``ftj://`` models: True once all are resolved; False,
+    with the phase's reason (WaitingForJob, DependencyFailed) and message, until then."""
+    if not spec.job_references():
+        return []
+    old = next((c for c in previous if c.type == CONDITION_DEPENDENCY_READY), None)
+    if len(dependencies) == len(spec.job_references()):
+        done = "; ".join(f"{d.field}: ftj://{d.job} is {d.uri}" for d in dependencies)
+        return [_condition(CONDITION_DEPENDENCY_READY, "True", "Resolved", done, old, now, generation)]
+    if reason not in (REASON_WAITING_FOR_JOB, REASON_DEPENDENCY_FAILED):  # e.g. deleted before resolving
+        reason, message = REASON_WAITING_FOR_JOB, message
+    return [_condition(CONDITION_DEPENDENCY_READY, "False", reason, message, old, now, generation)]
 
 
 def _stalled_condition(

@@ -17,7 +17,7 @@ from finetune_operator.api.trainer_config import (
     storage_environment,
     trainer_command,
 )
-from finetune_operator.api.v1alpha1 import FineTuneJob
+from finetune_operator.api.v1alpha1 import Dependency, FineTuneJob
 from finetune_operator.api.validation import validate_object
 
 UID = "0f7c6a4e-1111-2222-3333-444455556666"
@@ -272,6 +272,23 @@ def test_the_pod_grace_period_is_the_checkpoint_grace_period_plus_a_margin() -> 
         config_map = builders.config_map(job, "ml", UID, SETTINGS)
         config = TrainerConfig.model_validate(json.loads(config_map["data"][builders.CONFIG_KEY]))
         assert config.spec.checkpoint.grace_period_seconds == grace
+
+
+def test_the_trainer_config_holds_the_resolved_models_of_other_jobs_and_their_digests() -> None:
+    job = ftj(model={"uri": "ftj://cpt"}, task={"type": "rl", "rl": {"rewardModel": "ftj://rm", "numGenerations": 2}})
+    # Unresolved: no trainer config yet (nothing that reads it is created before it is).
+    assert "ConfigMap" not in [c["kind"] for c in builders.children(job, "ml", UID, SETTINGS)]
+    with pytest.raises(ValueError, match=r"unresolved model references: spec\.model\.uri, spec\.task\.rl\.rewardModel"):
+        builders.config_map(job, "ml", UID, SETTINGS)
+    resolved = [
+        Dependency(field="spec.model.uri", job="cpt", uri="s3://out/cpt/merged", sha256="ab" * 32),
+        Dependency(field="spec.task.rl.rewardModel", job="rm", uri="s3://out/rm/merged", sha256="cd" * 32),
+    ]
+    [config_map] = [c for c in builders.children(job, "ml", UID, SETTINGS, resolved) if c["kind"] == "ConfigMap"]
+    config = TrainerConfig.model_validate(json.loads(config_map["data"][builders.CONFIG_KEY]))
+    assert config.spec.model.uri == "s3://out/cpt/merged"
+    assert config.spec.task.rl is not None and config.spec.task.rl.reward_model == "s3://out/rm/merged"
+    assert config.model_digests == {"s3://out/cpt/merged": "ab" * 32, "s3://out/rm/merged": "cd" * 32}
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,7 @@ def run(
         "completionTime",
         "lastFailure",
         "preflight",
+        "dependencies",
     }
     assert set(full.status.get("provenance") or {"nodes": 1}) <= {"image", "nodes", "operatorVersion"}
     FineTuneJobStatus.parse_manifest({k: v for k, v in full.status.items() if v is not None})
@@ -384,6 +385,96 @@ def test_stalls_use_up_the_backoff_limit() -> None:
 
 
 RUNNING_1 = [pod(1, 0, "Running"), pod(1, 1, "Running")]
+
+
+def dependent(**task: Any) -> Any:
+    """A job that trains on the merged model of FineTuneJob `cpt` (and ``task``'s references)."""
+    return validate_object(
+        {
+            "apiVersion": "finetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "llm"},
+            "spec": {
+                "model": {"uri": "ftj://cpt"},
+                "task": task or {"type": "sft"},
+                "data": {"train": {"uri": "t.jsonl"}},
+                "training": {"maxSteps": 10},
+                "distributed": {"nodes": 2},
+                "preflight": {"mode": "skip"},
+            },
+        }
+    )
+
+
+DIGEST = "ab" * 32
+
+
+def neighbour(phase: str, *artifacts: str, refers_to: str | None = None, reason: str = "") -> dict[str, Any]:
+    """Another FineTuneJob's body as the operator watches it."""
+    status: dict[str, Any] = {"phase": phase}
+    if reason:
+        status["conditions"] = [{"type": phase, "status": "True", "reason": reason}]
+    status["artifacts"] = [
+        {"kind": kind, "uri": f"s3://out/cpt/{kind}", "sha256": DIGEST, "bytes": 1} for kind in artifacts
+    ]
+    return {"spec": {"model": {"uri": refers_to or "org/base"}}, "status": status}
+
+
+def planned(
+    spec: Any, status: dict[str, Any], neighbours: dict[str, Any], jobs: list[dict[str, Any]] | None = None
+) -> Plan:
+    previous, problems = read_status(status)
+    assert problems == []
+    observed = Observed(
+        ftj=spec, generation=3, status=previous, jobs=jobs or [], pods=[], now=NOW, neighbours=neighbours
+    )
+    return plan(observed)
+
+
+def test_a_job_waits_for_the_job_it_takes_its_model_from_then_starts_with_its_merged_model() -> None:
+    for neighbours, why in (
+        ({}, "waiting for FineTuneJob cpt, which does not exist in this namespace"),
+        ({"cpt": neighbour("Running")}, "waiting for FineTuneJob cpt to succeed (it is Running)"),
+    ):
+        p = planned(dependent(), {}, neighbours)
+        assert (p.status["phase"], p.create_job, p.requeue_after) == ("Pending", None, 10.0)
+        ready = cond(p, "DependencyReady")
+        assert (ready["status"], ready["reason"]) == ("False", "WaitingForJob")
+        assert ready["message"] == f"spec.model.uri: {why}"
+        assert p.status["dependencies"] is None and p.dependencies == []
+    p = planned(dependent(), {}, {"cpt": neighbour("Succeeded", "adapter", "merged")})
+    assert p.create_job == 0
+    resolved = {"field": "spec.model.uri", "job": "cpt", "uri": "s3://out/cpt/merged", "sha256": DIGEST}
+    assert p.status["dependencies"] == [resolved]
+    assert cond(p, "DependencyReady")["status"] == "True"
+    # Resolved once: the job keeps what it was built from, whatever becomes of the other job.
+    again = planned(dependent(), {**p.status, "phase": "Pending"}, {}, [job(0)])
+    assert again.status["dependencies"] == [resolved] and [d.uri for d in again.dependencies] == [resolved["uri"]]
+
+
+@pytest.mark.parametrize(
+    ("neighbours", "message"),
+    [
+        ({"cpt": neighbour("Failed", reason="OOMKilled")}, "spec.model.uri: FineTuneJob cpt failed (OOMKilled)"),
+        ({"cpt": neighbour("Succeeded", "adapter")}, "succeeded without a merged model"),
+        ({"cpt": neighbour("Pending", refers_to="ftj://llm")}, "a cycle of FineTuneJobs: llm -> cpt -> llm"),
+    ],
+    ids=["failed", "adapter-only", "cycle"],
+)
+def test_a_dependency_that_cannot_serve_fails_the_job(neighbours: dict[str, Any], message: str) -> None:
+    p = planned(dependent(), {}, neighbours)
+    assert (p.status["phase"], cond(p, "Failed")["reason"], p.create_job) == ("Failed", "DependencyFailed", None)
+    assert message in cond(p, "Failed")["message"] and cond(p, "DependencyReady")["reason"] == "DependencyFailed"
+
+
+def test_every_model_field_can_name_a_job() -> None:
+    spec = dependent(type="rl", rl={"rewardModel": "ftj://rm", "numGenerations": 2})
+    assert spec.spec.job_references() == {"spec.model.uri": "cpt", "spec.task.rl.rewardModel": "rm"}
+    p = planned(spec, {}, {"cpt": neighbour("Succeeded", "merged"), "rm": neighbour("Running")})
+    assert (
+        p.status["phase"] == "Pending"
+        and "spec.task.rl.rewardModel: waiting for FineTuneJob rm" in (cond(p, "DependencyReady")["message"])
+    )
 
 
 def test_a_status_an_older_version_wrote_is_read_as_far_as_it_goes() -> None:

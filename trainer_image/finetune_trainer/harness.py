@@ -145,6 +145,11 @@ class Run:
         self.source = modeling.resolve_source(
             self.spec.model, base_dir=self.config.base_dir, cache_dir=self.work / "cache", world=self.world
         )
+        expected = self.config.model_digests.get(self.spec.model.uri)
+        if expected is not None:  # another job's output (ftj://): the very one resolved
+            modeling.verify_artifact(
+                self.source, self.spec.model.uri, expected, base_dir=self.config.base_dir, field="spec.model.uri"
+            )
         return self.source
 
     def prepare(

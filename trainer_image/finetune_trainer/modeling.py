@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, 
 from . import storage
 from .distributed import World, local_main_first
 from .errors import ConfigError
+from .file_manifest import sha256_file
 
 if TYPE_CHECKING:
     from transformers.models.auto.auto_factory import _BaseAutoModelClass
@@ -109,6 +111,32 @@ def resolve_source(model: ModelSpec, *, base_dir: str | None, cache_dir: str | P
             raise ModelSourceError(f"spec.model.uri: directory {local_path} does not exist")
         return ModelSource(local_path, None, model.gguf_file, True)
     return ModelSource(uri, model.revision, model.gguf_file, False)
+
+
+def verify_artifact(source: ModelSource, uri: str, expected: str, *, base_dir: str | None, field: str) -> None:
+    """Check a model taken from another FineTuneJob (an ``ftj://`` URI, resolved to ``uri``: a folder
+    of that job's output) against the digest it was resolved with: the output's ``manifest.json`` (the
+    folder's parent) has that SHA-256, and every file the manifest lists in the folder is in
+    ``source.path`` with its size and SHA-256. A mismatch (the output was replaced or damaged since)
+    is a ConfigError naming ``field``: the job must not train on another model than the one it named."""
+    parent, _, folder = uri.rstrip("/").rpartition("/")
+    try:
+        manifest = storage.read_bytes(f"{parent}/manifest.json", base_dir=base_dir)
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot read the manifest of {uri}: {exc}") from None
+    actual = hashlib.sha256(manifest).hexdigest()
+    if actual != expected:
+        raise ConfigError(
+            f"{field}: the output at {uri} is not the one resolved: its manifest's sha256 is {actual}, "
+            f"expected {expected}"
+        )
+    root = Path(source.path)
+    for entry in json.loads(manifest)["files"]:
+        if not entry["path"].startswith(folder + "/"):
+            continue
+        path = root / entry["path"][len(folder) + 1 :]
+        if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+            raise ConfigError(f"{field}: {uri}: {entry['path']} does not match the output's manifest")
 
 
 #: The files of a stored model that its config and tokenizer are read from: JSON (config.json,

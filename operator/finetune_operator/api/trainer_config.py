@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,7 +21,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import SpecModel
-from .v1alpha1 import GCS_URI_SCHEMES, FineTuneJob, FineTuneJobSpec, uri_scheme
+from .v1alpha1 import GCS_URI_SCHEMES, Dependency, FineTuneJob, FineTuneJobSpec, uri_scheme
 
 #: Exit codes of the trainer, shared by the trainer (which exits with them) and the operator (whose
 #: Job podFailurePolicy fails at once on the permanent ones and retries the others).
@@ -63,6 +64,13 @@ class TrainerConfig(SpecModel):
     )
     output_dir: str = Field(description="Where the results (adapter / merged model) are written.")
     work_dir: str = Field(description="Local scratch space: downloaded models and data, logs.")
+    model_digests: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "SHA-256 of the output manifest of each model taken from another FineTuneJob (an `ftj://` URI "
+            "the spec here holds resolved), by its URI: the trainer verifies it before loading."
+        ),
+    )
 
     def dumps(self) -> str:
         return json.dumps(self.model_dump(by_alias=True, exclude_none=True, mode="json"), indent=2, sort_keys=True)
@@ -93,15 +101,24 @@ def build_trainer_config(
     base_dir: str | Path | None = None,
     default_storage: str | None = None,
     work_dir: str | Path = "/tmp/finetune",
+    dependencies: Sequence[Dependency] = (),
 ) -> TrainerConfig:
     """Derive the trainer config from a FineTuneJob.
 
     ``default_storage`` is used for checkpoints and outputs when the spec names none (``finetune run``
     passes its work directory). ``base_dir`` is where relative paths resolve (the manifest's directory).
+    ``dependencies`` resolve the spec's ``ftj://`` model URIs (every one must be: ValueError otherwise):
+    the config's spec holds the models' URIs, and ``model_digests`` what the trainer verifies.
     """
     ns = namespace or job.metadata.namespace or "default"
     name = job.metadata.name
     spec = job.spec
+    resolved = {d.field: d for d in dependencies}
+    missing = sorted(set(spec.job_references()) - set(resolved))
+    if missing:
+        raise ValueError(f"unresolved model references: {', '.join(missing)}")
+    if resolved:
+        spec = spec.with_models({field: d.uri for field, d in resolved.items()})
     checkpoint_root = spec.checkpoint.uri or default_storage
     checkpoint_dir = _join(checkpoint_root, ns, name) if checkpoint_root else None
     if spec.output.uri:
@@ -117,6 +134,7 @@ def build_trainer_config(
         checkpoint_dir=checkpoint_dir,
         output_dir=output_dir,
         work_dir=str(work_dir),
+        model_digests={d.uri: d.sha256 for d in resolved.values()},
     )
 
 

@@ -59,7 +59,15 @@ STORAGE_URI_PATTERN = rf"^(({_SCHEMES})://[^\s/][^\s]*|file://[^\s]+|/[^\s]*)$"
 DATA_URI_PATTERN = rf"^(({_SCHEMES})://[^\s/][^\s]*|file://[^\s]+|/[^\s]*|\.{{0,2}}/?[A-Za-z0-9_][^\s:]*)$"
 #: A model: a storage location, a Hugging Face Hub id (``org/name`` or ``name``), a local path, or
 #: ``pkg://<python-package>`` for model files shipped inside an installed Python package.
-MODEL_URI_PATTERN = rf"^(({_SCHEMES}|pkg)://[^\s/][^\s]*|file://[^\s]+|/[^\s]*|\.{{0,2}}/?[A-Za-z0-9_][^\s:]*)$"
+#: ``ftj://NAME``: the merged model another FineTuneJob of the same namespace wrote (resolved by the
+#: operator from that job's status.artifacts when it has succeeded; by ``finetune run`` from an earlier
+#: local run of it).
+JOB_URI_SCHEME = "ftj"
+_JOB_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+MODEL_URI_PATTERN = (
+    rf"^(({_SCHEMES}|pkg)://[^\s/][^\s]*|{JOB_URI_SCHEME}://{_JOB_NAME}|file://[^\s]+|/[^\s]*"
+    rf"|\.{{0,2}}/?[A-Za-z0-9_][^\s:]*)$"
+)
 #: A positive resource quantity, by Kubernetes' grammar (``500m``, ``4``, ``16Gi``, ``1e3``): a decimal
 #: number with a non-zero digit, no minus sign, then one binary (Ki..Ei) or decimal (n..E) suffix or an
 #: exponent.
@@ -227,8 +235,9 @@ class ModelSpec(SpecModel):
     uri: ModelUri = Field(
         description=(
             "Where the base model comes from: a Hugging Face Hub id (`org/name`), an object-storage "
-            "prefix (`s3://`, `gs://`, `az://`), `file://` or a mounted path, or `pkg://<package>` for "
-            "model files shipped inside an installed Python package."
+            "prefix (`s3://`, `gs://`, `az://`), `file://` or a mounted path, `pkg://<package>` for "
+            "model files shipped inside an installed Python package, or `ftj://<name>`: the merged model "
+            "FineTuneJob <name> of this namespace writes (this job waits for it to succeed)."
         ),
     )
     revision: str | None = Field(
@@ -1815,6 +1824,10 @@ STALL_INTERVALS = 5
 #: The status reporter's largest delay between a logged step and its status patch (seconds).
 PROGRESS_REPORT_DELAY_SECONDS = 10
 CONDITION_STALLED = "Stalled"
+#: Condition of a job that takes a model from another FineTuneJob (``ftj://``), and its reasons.
+CONDITION_DEPENDENCY_READY = "DependencyReady"
+REASON_WAITING_FOR_JOB = "WaitingForJob"
+REASON_DEPENDENCY_FAILED = "DependencyFailed"
 REASON_STALLED = "Stalled"
 
 
@@ -2358,6 +2371,41 @@ class FineTuneJobSpec(SpecModel):
         chosen = self.training.evaluation.metrics
         return tuple(chosen) if chosen is not None else task_row(self.task.type).metrics
 
+    def model_uris(self) -> dict[str, str]:
+        """Every model URI of the spec, by the field that holds it (``spec.model.uri``, ...)."""
+        task = self.task
+        found = {"spec.model.uri": self.model.uri}
+        if task.rl is not None and task.rl.reward_model is not None:
+            found["spec.task.rl.rewardModel"] = task.rl.reward_model
+        if task.dpo is not None and task.dpo.reference_model is not None:
+            found["spec.task.dpo.referenceModel"] = task.dpo.reference_model
+        if task.distill is not None:
+            found["spec.task.distill.teacher"] = task.distill.teacher
+        return found
+
+    def job_references(self) -> dict[str, str]:
+        """The FineTuneJobs this spec takes models from (``ftj://NAME`` URIs): job name by field."""
+        prefix = f"{JOB_URI_SCHEME}://"
+        return {f: uri.removeprefix(prefix) for f, uri in self.model_uris().items() if uri.startswith(prefix)}
+
+    def with_models(self, uris: dict[str, str]) -> FineTuneJobSpec:
+        """This spec with the model URIs of the fields in ``uris`` replaced (keys as :meth:`model_uris`'s)."""
+        task = self.task
+        model = (
+            self.model.model_copy(update={"uri": uris["spec.model.uri"]}) if "spec.model.uri" in uris else self.model
+        )
+        if "spec.task.rl.rewardModel" in uris and task.rl is not None:
+            task = task.model_copy(
+                update={"rl": task.rl.model_copy(update={"reward_model": uris["spec.task.rl.rewardModel"]})}
+            )
+        if "spec.task.dpo.referenceModel" in uris and task.dpo is not None:
+            dpo = task.dpo.model_copy(update={"reference_model": uris["spec.task.dpo.referenceModel"]})
+            task = task.model_copy(update={"dpo": dpo})
+        if "spec.task.distill.teacher" in uris and task.distill is not None:
+            distill = task.distill.model_copy(update={"teacher": uris["spec.task.distill.teacher"]})
+            task = task.model_copy(update={"distill": distill})
+        return self.model_copy(update={"model": model, "task": task})
+
 
 # --------------------------------------------------------------------------------------------------
 # status
@@ -2496,6 +2544,17 @@ class Provenance(SpecModel):
     )
 
 
+class Dependency(SpecModel):
+    """A model this job takes from another FineTuneJob (an ``ftj://NAME`` URI), as resolved."""
+
+    field: str = Field(max_length=256, description="The spec field that names it, e.g. `spec.task.rl.rewardModel`.")
+    job: str = Field(max_length=253, description="The FineTuneJob it comes from (same namespace).")
+    uri: str = Field(max_length=4096, description="Where that job's merged model is.")
+    sha256: str = Field(
+        pattern=SHA256_PATTERN, description="SHA-256 of its output manifest, which the trainer verifies."
+    )
+
+
 class FailureInfo(SpecModel):
     """The most recent failure of a trainer container."""
 
@@ -2591,6 +2650,11 @@ class FineTuneJobStatus(SpecModel):
     )
     artifacts: list[Artifact] = Field(default_factory=list, max_length=64, description="Results written by the job.")
     provenance: Provenance | None = Field(default=None, description="What produced the job's model.")
+    dependencies: list[Dependency] = Field(
+        default_factory=list,
+        max_length=8,
+        description="The models taken from other FineTuneJobs (`ftj://` URIs), resolved when they succeeded.",
+    )
     last_failure: FailureInfo | None = Field(default=None, description="The most recent failure.")
     preflight: PreflightResult | None = Field(
         default=None, description="The preflight's findings (spec.preflight.mode auto), before the training gang."
