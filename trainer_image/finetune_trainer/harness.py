@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from finetune_operator.api.trainer_config import TrainerConfig
-from finetune_operator.api.v1alpha1 import Artifact, FineTuneJobSpec, Progress
+from finetune_operator.api.v1alpha1 import Artifact, FineTuneJobSpec, ModelSpec, Progress
 from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from . import checkpointing, distributed, modeling, provenance, storage
@@ -142,15 +142,18 @@ class Run:
     def model_source(self) -> modeling.ModelSource:
         """``spec.model`` as ``from_pretrained`` takes it (a remote model downloaded into the work
         directory's cache once per node, by its local rank 0)."""
-        self.source = modeling.resolve_source(
-            self.spec.model, base_dir=self.config.base_dir, cache_dir=self.work / "cache", world=self.world
-        )
-        expected = self.config.model_digests.get(self.spec.model.uri)
-        if expected is not None:  # another job's output (ftj://): the very one resolved
-            modeling.verify_artifact(
-                self.source, self.spec.model.uri, expected, base_dir=self.config.base_dir, field="spec.model.uri"
-            )
+        self.source = self.resolve_model(self.spec.model, field="spec.model.uri", cache_dir=self.work / "cache")
         return self.source
+
+    def resolve_model(self, model: ModelSpec, *, field: str, cache_dir: Path) -> modeling.ModelSource:
+        """Any model of the spec (``field`` names it: the base model, a reward or reference model) as
+        ``from_pretrained`` takes it; one taken from another job (``ftj://``, resolved by the operator or
+        ``finetune run``) verified to be the very output it was resolved to."""
+        source = modeling.resolve_source(model, base_dir=self.config.base_dir, cache_dir=cache_dir, world=self.world)
+        expected = self.config.model_digests.get(model.uri)
+        if expected is not None:
+            modeling.verify_artifact(source, model.uri, expected, base_dir=self.config.base_dir, field=field)
+        return source
 
     def prepare(
         self,

@@ -288,9 +288,7 @@ def load_reference(
         what = "the base model (a frozen copy)"
     else:
         model_spec = _reference_spec(spec, params.reference_model)
-        source = modeling.resolve_source(
-            model_spec, base_dir=run.config.base_dir, cache_dir=run.work / "cache", world=run.world
-        )
+        source = run.resolve_model(model_spec, field="spec.task.dpo.referenceModel", cache_dir=run.work / "cache")
         theirs = modeling.load_tokenizer(source, model_spec)
         if theirs.get_vocab() != tokenizer.get_vocab():
             raise ConfigError(

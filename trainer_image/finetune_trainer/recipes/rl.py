@@ -188,8 +188,8 @@ def load_reward_model(
     """``spec.task.rl.rewardModel`` as a sequence-classification model with one output, in eval mode,
     and its tokenizer, which must be the policy's (ConfigError naming the field otherwise)."""
     model_spec = ModelSpec(uri=uri, trust_remote_code=spec.model.trust_remote_code)
-    source = modeling.resolve_source(
-        model_spec, base_dir=run.config.base_dir, cache_dir=run.work / "cache" / "reward-model", world=run.world
+    source = run.resolve_model(
+        model_spec, field="spec.task.rl.rewardModel", cache_dir=run.work / "cache" / "reward-model"
     )
     with modeling.spec_errors(model_spec):
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=model_spec.trust_remote_code)
