@@ -38,6 +38,7 @@ from .reconcile import (
     MAX_MESSAGE,
     TERMINAL,
     Observed,
+    job_references_of,
     observed_job,
     observed_pod,
     plan,
@@ -407,6 +408,21 @@ async def on_finetunejob(event: kopf.RawEvent, namespace: str | None, name: str,
         return
     State.bodies[key] = _slim(event["object"])
     await _reconcile_guarded(key)
+    # The jobs waiting for this one's model (ftj://NAME) look at it again at once, not at their next poll.
+    for waiting in _dependents(namespace, name):
+        _schedule(waiting, CHILD_EVENT_DELAY)
+
+
+def _dependents(namespace: str, name: str) -> list[Key]:
+    """The FineTuneJobs of the namespace, not finished, whose spec takes a model from job ``name``."""
+    return [
+        (ns, other)
+        for (ns, other), body in State.bodies.items()
+        if ns == namespace
+        and other != name
+        and (body.get("status") or {}).get("phase") not in TERMINAL
+        and name in job_references_of(body.get("spec") or {})
+    ]
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)

@@ -764,7 +764,7 @@ MODEL_ARTIFACTS = ("merged", "model")
 Verdict = tuple[Literal["ready", "waiting", "failed"], str]
 
 
-def _references(spec: Mapping[str, Any]) -> list[str]:
+def job_references_of(spec: Mapping[str, Any]) -> list[str]:
     """The FineTuneJobs a raw spec (another job's, unvalidated) takes models from."""
     task = spec.get("task") or {}
     uris = [
@@ -782,7 +782,7 @@ def _cycle(name: str, start: str, neighbours: Mapping[str, Mapping[str, Any]]) -
     path, seen = [start], {start}
 
     def walk(job: str) -> bool:
-        for nxt in _references((neighbours.get(job) or {}).get("spec") or {}):
+        for nxt in job_references_of((neighbours.get(job) or {}).get("spec") or {}):
             if nxt == name:
                 path.append(nxt)
                 return True

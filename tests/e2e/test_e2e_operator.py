@@ -95,6 +95,57 @@ def test_create_run_succeed(cluster: Cluster, operator: Operator, ns: str) -> No
     assert "finetune_operator_jobs_created_total" in operator.metrics()
 
 
+def test_a_job_waits_for_the_job_whose_model_it_takes_then_trains_on_its_output(
+    cluster: Cluster, operator: Operator, ns: str
+) -> None:
+    cluster.apply(manifest("sft", model={"uri": "ftj://cpt"}), namespace=ns)
+
+    def ready_condition(name: str, status: str) -> dict[str, Any] | None:
+        conditions = cluster.ftj_status(ns, name).get("conditions") or []
+        return next((c for c in conditions if c["type"] == "DependencyReady" and c["status"] == status), None)
+
+    waiting = cluster.wait_for(
+        "sft waiting for cpt", lambda: ready_condition("sft", "False"), timeout=bounds.OPERATOR_S
+    )
+    assert waiting["reason"] == "WaitingForJob" and "FineTuneJob cpt, which does not exist" in waiting["message"]
+    assert cluster.ftj_status(ns, "sft")["phase"] == "Pending"
+    for kind, name in (("job", "sft-a0"), ("configmap", "sft-config")):
+        assert cluster.kubectl_result("get", kind, name, "-n", ns).returncode != 0, f"{kind} {name} exists already"
+
+    cluster.apply(manifest("cpt", output={"save": "merged"}), namespace=ns)
+    cluster.running_pods(ns, "cpt-a0", 2)
+    # What the trainer's status reporter writes when it has saved its outputs (kwok pods do not train).
+    merged = {"kind": "merged", "uri": f"s3://ckpt/{ns}/cpt/output/merged", "sha256": "ab" * 32, "bytes": 1234}
+    cluster.kubectl(
+        "patch", "ftj", "cpt", "-n", ns, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"artifacts": [merged]}}),
+    )  # fmt: skip
+    cluster.wait_for(
+        "sft waiting for cpt to succeed",
+        lambda: (c := ready_condition("sft", "False")) and c["message"].endswith("to succeed (it is Running)"),
+        timeout=30,  # woken by the events of the job it waits for (and polled every 10 s)
+    )
+    release(cluster, ns, "cpt-a0")
+    cluster.wait_phase(ns, "cpt", "Succeeded")
+    cluster.wait_for("the dependent job's gang", lambda: cluster.get_json("job", "sft-a0", namespace=ns), timeout=30)
+    status = cluster.ftj_status(ns, "sft")
+    assert status["dependencies"] == [
+        {"field": "spec.model.uri", "job": "cpt", "uri": merged["uri"], "sha256": merged["sha256"]}
+    ]
+    assert ready_condition("sft", "True") is not None
+    config = json.loads(cluster.get_json("configmap", "sft-config", namespace=ns)["data"]["trainer-config.json"])
+    assert config["spec"]["model"]["uri"] == merged["uri"] and config["modelDigests"] == {merged["uri"]: "ab" * 32}
+
+    # A dependency that fails fails the job that waits for it.
+    cluster.apply(manifest("dpo", model={"uri": "ftj://bad"}), namespace=ns)
+    cluster.apply(manifest("bad"), namespace=ns)
+    fail(cluster, ns, cluster.running_pods(ns, "bad-a0", 2)[0]["metadata"]["name"], 2, "Error", "bad config")
+    s = cluster.wait_phase(ns, "dpo", "Failed", timeout=30 + bounds.PHASE_S)
+    failed = next(c for c in s["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "DependencyFailed" and "FineTuneJob bad failed" in failed["message"], failed
+    assert cluster.kubectl_result("get", "job", "dpo-a0", "-n", ns).returncode != 0
+
+
 def test_retriable_failure_restarts_the_gang(cluster: Cluster, operator: Operator, ns: str) -> None:
     cluster.apply(manifest("llm", runPolicy={"backoffLimit": 2}), namespace=ns)
     first = cluster.running_pods(ns, "llm-a0", 2)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from finetune_operator import builders
 from finetune_operator.api.trainer_config import build_trainer_config
-from finetune_operator.api.v1alpha1 import TEST_HOOK_ENV_PREFIX
+from finetune_operator.api.v1alpha1 import TEST_HOOK_ENV_PREFIX, Dependency
 from finetune_operator.api.validation import InvalidSpec, validate_object
 from finetune_trainer import faults
 from test_api_validation import base_manifest
@@ -58,7 +58,13 @@ def test_nothing_derived_from_a_spec_sets_a_hook() -> None:
             pod = builders.job(job, "ml", "uid", 0, SETTINGS)["spec"]["template"]["spec"]
             names = [e["name"] for c in pod["containers"] for e in c.get("env", [])]
             assert not [n for n in names if n.startswith(TEST_HOOK_ENV_PREFIX)], (path, names)
-            config = build_trainer_config(job, namespace="ml", base_dir=path.parent, default_storage="/tmp/s")
+            models = [  # another job's model (ftj://), as the operator resolves it
+                Dependency(field=field, job=name, uri=f"s3://out/{name}/merged", sha256="ab" * 32)
+                for field, name in job.spec.job_references().items()
+            ]
+            config = build_trainer_config(
+                job, namespace="ml", base_dir=path.parent, default_storage="/tmp/s", dependencies=models
+            )
             assert TEST_HOOK_ENV_PREFIX not in config.dumps(), path
 
 
