@@ -101,6 +101,22 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ),
     ("dpo-without-preference", {"spec.task.type": "dpo"}, "spec.data.format", "preference"),
     (
+        "dpo-exo-without-smoothing",
+        {"spec.task": {"type": "dpo", "dpo": {"lossType": "exoPair"}}, "spec.data.format": "preference"},
+        "spec.task.dpo.labelSmoothing",
+        "above 0",
+    ),
+    (
+        "dpo-precomputed-on-two-nodes",
+        {
+            "spec.task": {"type": "dpo", "dpo": {"precomputeReferenceLogProbs": True}},
+            "spec.data.format": "preference",
+            "spec.distributed": {"nodes": 2},
+        },
+        "spec.task.dpo.precomputeReferenceLogProbs",
+        "one node only",
+    ),
+    (
         "reward-without-preference",
         {"spec.task.type": "reward", "spec.data.format": "chat"},
         "spec.data.format",

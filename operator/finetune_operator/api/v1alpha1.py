@@ -440,6 +440,14 @@ class DPOParams(SpecModel):
             check=lambda m: m.label_smoothing is None or m.loss_type in DPO_SMOOTHED_LOSSES,
             field=".labelSmoothing",
         ),
+        Rule(
+            cel="self.lossType != 'exoPair' || (has(self.labelSmoothing) && self.labelSmoothing > 0.0)",
+            message=(
+                "spec.task.dpo.lossType exoPair needs spec.task.dpo.labelSmoothing above 0 (EXO's epsilon, e.g. 0.001)"
+            ),
+            check=lambda m: m.loss_type != "exoPair" or (m.label_smoothing or 0) > 0,
+            field=".labelSmoothing",
+        ),
     )
 
 
@@ -2361,6 +2369,17 @@ class FineTuneJobSpec(SpecModel):
             ),
             check=lambda s: not s.preflight.allow_will_not_fit or s.resources.gpu_memory_bytes is not None,
             field=".preflight.allowWillNotFit",
+        ),
+        Rule(
+            cel="!has(self.task.dpo) || !self.task.dpo.precomputeReferenceLogProbs || self.distributed.nodes == 1",
+            message=(
+                "spec.task.dpo.precomputeReferenceLogProbs runs on one node only (the log-probabilities are "
+                "written on the first node): set spec.distributed.nodes 1, or leave it false"
+            ),
+            check=lambda s: (
+                s.task.dpo is None or not s.task.dpo.precompute_reference_log_probs or s.distributed.nodes == 1
+            ),
+            field=".task.dpo.precomputeReferenceLogProbs",
         ),
         # Last: a manifest of a task without a recipe is told about its other mistakes first.
         *TASK_SUPPORT_RULES,

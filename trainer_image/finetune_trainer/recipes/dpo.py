@@ -115,12 +115,7 @@ def params_of(spec: FineTuneJobSpec) -> DPOParams:
 def task_arguments(spec: FineTuneJobSpec) -> dict[str, Any]:
     """DPOConfig's task fields from ``spec.task.dpo`` and ``spec.data.maxSeqLength`` (see the module
     docstring for dropout)."""
-    params = params_of(spec)
-    if params.loss_type == "exoPair" and not params.label_smoothing:
-        raise ConfigError(
-            "spec.task.dpo.labelSmoothing: spec.task.dpo.lossType exoPair needs it above 0 "
-            "(EXO's target distribution divides by it; the EXO paper uses 1e-3)"
-        )
+    params = params_of(spec)  # exoPair's labelSmoothing is above 0: the API requires it (EXO divides by it)
     return {
         "beta": params.beta,
         "loss_type": [LOSS_TYPES[params.loss_type]],
@@ -318,14 +313,9 @@ def run(config: TrainerConfig) -> dict[str, Any]:
     params = params_of(spec)
     task_args = task_arguments(spec)
     max_length = spec.data.max_seq_length
+    # precomputeReferenceLogProbs is on one node only (the API refuses more): trl writes the log-probabilities
+    # into a file beside the rows on global rank 0's node, and every rank reads it back.
     with harness.Run.open(config) as run:
-        if params.precompute_reference_log_probs and run.world.world_size > run.world.local_world_size:
-            # trl writes them into a file beside the rows, on global rank 0's node only, and every rank
-            # reads it back: the other nodes read their own copy of the rows, where it is not.
-            raise ConfigError(
-                "spec.task.dpo.precomputeReferenceLogProbs is not supported on more than one node yet "
-                "(spec.distributed.nodes): leave it off, or train on one node"
-            )
         checked = run.read_data()
         prepared = run.prepare(has_eval=checked.has_eval, args_class=DPOConfig, task_args=task_args)
 
