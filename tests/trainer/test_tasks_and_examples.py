@@ -29,6 +29,7 @@ import tiny
 import yaml
 from finetune_operator.api.tasks import TASKS, TaskType, task_row
 from runs import RunResult
+from test_rl import build_reward_model
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml") if p.name != "quickstart.yaml")
@@ -105,6 +106,11 @@ def cpu_sized(example: dict[str, Any], model: Path, data_dir: Path) -> dict[str,
     spec["model"] = {"uri": str(model), "dtype": "bf16" if spec["method"]["type"] == "qlora" else "fp32"}
     if "quantization" in spec["method"]:
         spec["method"]["quantization"]["computeDtype"] = "fp32"
+    rl = spec["task"].get("rl")
+    if rl is not None:  # a tiny reward model for the example's (another job's output), short rollouts
+        if "rewardModel" in rl:
+            rl["rewardModel"] = str(build_reward_model(data_dir / "reward-model"))
+        rl.update(numGenerations=2, maxNewTokens=8)
     classification = spec["task"].get("classification")
     if classification is not None:  # the test data's classes replace the example's
         classification.update(numLabels=len(tiny.COLORS), labels=list(tiny.COLORS))

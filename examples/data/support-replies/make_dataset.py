@@ -153,7 +153,7 @@ def main() -> None:
     write(HERE / "preferences-train.jsonl", train)
     write(HERE / "preferences-eval.jsonl", held_out)
     # The tickets alone, for online RL, as chat records: the ticket, then the good reply (the reference).
-    for name, records in (("prompts-train.jsonl", train[:200]), ("prompts-eval.jsonl", held_out[:40])):
+    for name, records in (("prompts-train.jsonl", train[:200]), ("prompts-eval.jsonl", held_out[:16])):
         write(HERE / name, [{"messages": [*r["prompt"], *r["chosen"]]} for r in records])  # type: ignore[misc]
 
 
