@@ -431,3 +431,19 @@ def grow_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
 def model_dtype(requested: str) -> torch.dtype | str:
     """The dtype weights are loaded in; `auto` keeps the checkpoint's own."""
     return "auto" if requested == "auto" else DTYPES[requested]
+
+
+def greedy_completion(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The token ids a model generates greedily after ``prompt_ids`` (at most ``max_new_tokens``), as
+    ``finetune predict`` completes a record's prompt."""
+    input_ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    completion: list[int] = generated[0, len(prompt_ids) :].tolist()
+    return completion

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from finetune_operator.api.trainer_config import TrainerConfig
 from finetune_operator.api.v1alpha1 import DataSpec, FineTuneJobSpec
 from transformers import Trainer, set_seed
@@ -141,16 +140,9 @@ def predict(
     def predictions() -> Iterator[dict[str, Any]]:
         for record in records:
             ids, reference = PROMPTS[data.format](record, tokenizer, data)
-            input_ids = torch.tensor([ids])
-            with torch.no_grad():
-                generated = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            text = tokenizer.decode(generated[0, len(ids) :], skip_special_tokens=True)
+            text = tokenizer.decode(
+                modeling.greedy_completion(model, tokenizer, ids, max_new_tokens), skip_special_tokens=True
+            )
             yield {"where": record.where, "prediction": text, "reference": reference}
 
     out.write(predictions())

@@ -408,16 +408,9 @@ def predict(
                 "rejected": [record.data[columns.rejected]],
             }
             ids = preference.tokenize(one, tokenizer, data)["prompt_ids"][0]
-            input_ids = torch.tensor([ids])
-            with torch.no_grad():
-                generated = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            text = tokenizer.decode(generated[0, len(ids) :], skip_special_tokens=True)
+            text = tokenizer.decode(
+                modeling.greedy_completion(model, tokenizer, ids, max_new_tokens), skip_special_tokens=True
+            )
             yield {"where": record.where, "prediction": text, "reference": chosen_text(record)}
 
     out.write(predictions())

@@ -331,16 +331,7 @@ def predict(
     def predictions() -> Iterator[dict[str, Any]]:
         for record in records:
             ids, reference = PROMPTS[data.format](record, tokenizer, data)
-            input_ids = torch.tensor([ids])
-            with torch.no_grad():
-                generated = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            completion_ids = generated[0, len(ids) :].tolist()
+            completion_ids = modeling.greedy_completion(model, tokenizer, ids, max_new_tokens)
             text = tokenizer.decode(completion_ids, skip_special_tokens=True)
             scores = {
                 f.__name__: f(completions=[text], completion_ids=[completion_ids], reference=[reference])[0]
