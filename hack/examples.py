@@ -10,6 +10,11 @@ as written, on this machine's CPUs. What is checked, from each run's summary.jso
   queues — those holding at most 10% of the training tickets — less well than the weighted run does
   (the mean of their recalls).
 - ``company-facts-qa``: exact match and F1 rise by at least 0.3 each.
+- ``reward-model``: pairwise accuracy on the held-out pairs rises by at least 0.3, to at least 0.9.
+- ``dpo``: reward accuracy on the held-out pairs rises by at least 0.3, and the mean margin turns positive.
+- ``grpo`` (against the reward model of ``reward-model``, run first if this work directory has no run of
+  it): the mean reward of the second half of the run is above the first half's, and the reward of the
+  replies to held-out tickets rises.
 
 Prints every figure it checks and exits 1 if any check fails.
 
@@ -114,10 +119,40 @@ def company_facts_qa(manifest: Path, workdir: Path) -> list[Verdict]:
     return [rises(s, "eval_exact_match", by=0.3), rises(s, "eval_f1", by=0.3)]
 
 
+def reward_model(manifest: Path, workdir: Path) -> list[Verdict]:
+    s = run(manifest, workdir / "support-reward")  # its job name: grpo's ftj://support-reward finds it there
+    after = s["after"]["eval_accuracy"]
+    return [
+        rises(s, "eval_accuracy", by=0.3),
+        (f"eval_accuracy after {after:.3f} (must be at least 0.9)", after >= 0.9),
+        (f"eval_margin {s['before']['eval_margin']:.3f} -> {s['after']['eval_margin']:.3f}", None),
+    ]
+
+
+def dpo(manifest: Path, workdir: Path) -> list[Verdict]:
+    s = run(manifest, workdir / "support-dpo")
+    margin = s["after"]["eval_rewards/margins"]
+    return [rises(s, "eval_accuracy", by=0.3), (f"eval margin after {margin:.3f} (> 0)", margin > 0)]
+
+
+def grpo(manifest: Path, workdir: Path) -> list[Verdict]:
+    if not (workdir / "support-reward" / "summary.json").is_file():
+        reward_model(EXAMPLES / "reward-model.yaml", workdir)
+    s = run(manifest, workdir / "support-grpo")
+    first, second = s["reward_mean_first_half"], s["reward_mean_second_half"]
+    return [
+        (f"mean reward: first half {first:.3f}, second half {second:.3f} (must rise)", second > first),
+        rises(s, "eval_reward", by=0.0),
+    ]
+
+
 CHECKS: dict[str, Callable[[Path, Path], list[Verdict]]] = {
     "quickstart": quickstart,
     "ticket-routing": ticket_routing,
     "company-facts-qa": company_facts_qa,
+    "reward-model": reward_model,
+    "dpo": dpo,
+    "grpo": grpo,
 }
 
 
