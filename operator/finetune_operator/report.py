@@ -245,8 +245,8 @@ def summary(run: Run) -> str:
         )
     if run.tokens_per_second:
         lines.append(f"mean tokens/s: {run.tokens_per_second.values[-1]:.1f}")
-    lines.extend(per_class_table(run))
     lines.extend(provenance_lines(run.provenance))
+    lines.extend(per_class_table(run))  # last: `finetune report` prints the plots it drew after it
     return "\n".join(lines)
 
 

@@ -85,11 +85,18 @@ class LiveRun:
             raise AssertionError(f"finetune run did not exit within {timeout:.0f}s\n{self.output[-5000:]}") from None
 
     def kill(self) -> None:
-        """Kill the whole session (cleanup after a failed test)."""
+        """Kill the whole session and every process under it (cleanup after a failed test): torchrun
+        starts its ranks in sessions of their own, which the session's SIGKILL does not reach, and a
+        rank left behind would train on, taking a core from every later test."""
         if self.proc.poll() is None:
+            descendants = self.processes()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
+            for p in descendants:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
             self.proc.wait(timeout=30)
+            psutil.wait_procs(descendants, timeout=30)
 
 
 def start(

@@ -147,10 +147,16 @@ def test_prometheus_scrapes_every_metric_then_sigterm_commits_and_exits_85(
         selector = '{job="scraped", namespace="local", __name__=~"finetune_.+"}'
 
         def names() -> set[str] | None:
-            found = {s["metric"]["__name__"] for s in server.query(selector)}
-            return found if found >= EXPECTED else None
+            # Every metric, and both ranks scraped: Prometheus scrapes the two targets independently (some
+            # metrics, the checkpoint uploads' and the evaluation's, are rank 0's alone).
+            series = server.query(selector)
+            found = {s["metric"]["__name__"] for s in series}
+            steps = {s["metric"].get("rank") for s in series if s["metric"]["__name__"] == "finetune_global_step"}
+            return found if found >= EXPECTED and steps == {"0", "1"} else None
 
-        live.wait_for(f"Prometheus to have every metric {sorted(EXPECTED)}", names, timeout=240, interval=0.5)
+        live.wait_for(
+            f"Prometheus to have every metric {sorted(EXPECTED)}, both ranks'", names, timeout=240, interval=0.5
+        )
         ranks = {s["metric"]["rank"] for s in server.query('finetune_global_step{job="scraped"}')}
         assert ranks == {"0", "1"}
         [total] = server.query('finetune_total_steps{job="scraped", rank="0"}')
