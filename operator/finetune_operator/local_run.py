@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .api.memory import fits_total, memory_breakdown
 from .api.trainer_config import build_trainer_config, preflight_command, storage_environment, trainer_command
-from .api.v1alpha1 import Dependency, FineTuneJob, FineTuneJobSpec, PreflightResult
+from .api.v1alpha1 import MODEL_ARTIFACT_KINDS, Dependency, FineTuneJob, FineTuneJobSpec, PreflightResult
 from .plan import summary_line
 
 LOCAL_NAMESPACE = "local"
@@ -28,10 +28,6 @@ def default_nproc(job: FineTuneJob) -> int:
     except ImportError:
         return 1
     return max(torch.cuda.device_count(), 1) if job.spec.resources.gpus_per_node else 1
-
-
-#: The artifact kinds an ``ftj://`` model resolves to (as the operator resolves them).
-MODEL_ARTIFACTS = ("merged", "model")
 
 
 class LocalDependencyError(ValueError):
@@ -52,7 +48,7 @@ def local_dependencies(job: FineTuneJob, workdir: Path) -> list[Dependency]:
                 f"run its manifest first with finetune run (its default --workdir, {runs / name})"
             )
         artifacts = json.loads(summary.read_text(encoding="utf-8")).get("artifacts") or []
-        merged = next((a for a in artifacts if a.get("kind") in MODEL_ARTIFACTS), None)
+        merged = next((a for a in artifacts if a.get("kind") in MODEL_ARTIFACT_KINDS), None)
         if merged is None:
             raise LocalDependencyError(
                 f"{field}: ftj://{name}: the run in {runs / name} wrote no merged model (its spec.output.save must "

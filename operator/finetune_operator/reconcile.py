@@ -39,6 +39,7 @@ from .api.v1alpha1 import (
     CONDITION_REASON_PATTERN,
     CONDITION_STALLED,
     JOB_URI_SCHEME,
+    MODEL_ARTIFACT_KINDS,
     PREFLIGHT_MAX_PROBLEMS,
     PROGRESS_REPORT_DELAY_SECONDS,
     PROVENANCE_OPERATOR_FIELDS,
@@ -759,8 +760,6 @@ def _preflight_gate(obs: Observed, out: Plan) -> Gate | None:
 
 #: How often a job waiting for another FineTuneJob looks at it again (its own events do not wake this one).
 DEPENDENCY_POLL_SECONDS = 10.0
-#: The artifact kinds an ``ftj://`` model resolves to: the merged model, or a `full` job's model.
-MODEL_ARTIFACTS = ("merged", "model")
 Verdict = tuple[Literal["ready", "waiting", "failed"], str]
 
 
@@ -815,7 +814,7 @@ def resolve_dependency(field_name: str, job: str, obs: Observed) -> Dependency |
     if phase != "Succeeded":
         return "waiting", f"{field_name}: waiting for FineTuneJob {job} to succeed (it is {phase})"
     for artifact in status.get("artifacts") or []:
-        if artifact.get("kind") in MODEL_ARTIFACTS:
+        if artifact.get("kind") in MODEL_ARTIFACT_KINDS:
             try:
                 return Dependency(field=field_name, job=job, uri=artifact["uri"], sha256=artifact["sha256"])
             except (KeyError, ValidationError):
@@ -1003,7 +1002,7 @@ def _dependency_condition(
         done = "; ".join(f"{d.field}: ftj://{d.job} is {d.uri}" for d in dependencies)
         return [_condition(CONDITION_DEPENDENCY_READY, "True", "Resolved", done, old, now, generation)]
     if reason not in (REASON_WAITING_FOR_JOB, REASON_DEPENDENCY_FAILED):  # e.g. deleted before resolving
-        reason, message = REASON_WAITING_FOR_JOB, message
+        reason = REASON_WAITING_FOR_JOB
     return [_condition(CONDITION_DEPENDENCY_READY, "False", reason, message, old, now, generation)]
 
 

@@ -63,6 +63,8 @@ DATA_URI_PATTERN = rf"^(({_SCHEMES})://[^\s/][^\s]*|file://[^\s]+|/[^\s]*|\.{{0,
 #: operator from that job's status.artifacts when it has succeeded; by ``finetune run`` from an earlier
 #: local run of it).
 JOB_URI_SCHEME = "ftj"
+#: The status.artifacts kinds an ``ftj://`` model resolves to: the merged model, or a `full` job's model.
+MODEL_ARTIFACT_KINDS = ("merged", "model")
 _JOB_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 MODEL_URI_PATTERN = (
     rf"^(({_SCHEMES}|pkg)://[^\s/][^\s]*|{JOB_URI_SCHEME}://{_JOB_NAME}|file://[^\s]+|/[^\s]*"
