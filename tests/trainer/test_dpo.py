@@ -33,7 +33,6 @@ import live
 import pytest
 import tiny
 import torch
-
 from runs import RunResult
 
 SEED, STEPS, LR, BATCH, MAX_LEN = 11, 20, 5e-3, 8, 64
