@@ -63,6 +63,10 @@ PREFERENCE_COLUMNS = "tests/trainer/test_preference_data.py::test_mapped_columns
 COLUMNS_READ = f"{DATA_OPTIONS}::test_renamed_columns_are_read"
 FILE_TYPE = f"{DATA_OPTIONS}::test_a_declared_file_type_wins_over_the_extension"
 MAX_SAMPLES = f"{DATA_OPTIONS}::test_max_samples_limits_the_records_read"
+FORGETTING = "tests/trainer/test_forgetting.py"
+FORGETTING_SOURCES = f"{FORGETTING}::test_replay_and_fisher_sources_are_read_as_declared"
+EWC_RUN = f"{FORGETTING}::test_ewc_moves_the_parameters_less_and_forgets_less"
+REPLAY_RUN = f"{FORGETTING}::test_replay_forgets_less"
 MODEL_OPTIONS = "tests/trainer/test_model_options.py"
 ATTENTION = f"{MODEL_OPTIONS}::test_attention_is_the_loaded_models_implementation"
 DTYPE = f"{MODEL_OPTIONS}::test_dtype_is_the_loaded_weights_dtype"
@@ -426,15 +430,15 @@ CONSUMPTION: dict[str, str] = {
     "spec.training.evaluation.metrics=f1": CLS_HEAD_ONLY,  # no accuracy reported
     "spec.training.evaluation.metrics=loss": f"{EVAL_METRICS}[loss-only]",
     "spec.training.evaluation.metrics=perplexity": f"{EVAL_METRICS}[perplexity-early-stopping]",
-    "spec.training.forgetting.ewc.fisherData.fileType=auto": refused("forgetting-ewc-not-supported"),
-    "spec.training.forgetting.ewc.fisherData.fileType=csv": refused("forgetting-ewc-not-supported"),
-    "spec.training.forgetting.ewc.fisherData.fileType=json": refused("forgetting-ewc-not-supported"),
-    "spec.training.forgetting.ewc.fisherData.fileType=jsonl": refused("forgetting-ewc-not-supported"),
-    "spec.training.forgetting.ewc.fisherData.fileType=parquet": refused("forgetting-ewc-not-supported"),
-    "spec.training.forgetting.ewc.fisherData.maxSamples": refused("forgetting-ewc-not-supported"),
-    "spec.training.forgetting.ewc.fisherData.uri": refused("forgetting-ewc-not-supported"),
-    "spec.training.forgetting.ewc.fisherSamples": refused("forgetting-ewc-not-supported"),
-    "spec.training.forgetting.ewc.strength": refused("forgetting-ewc-not-supported"),
+    "spec.training.forgetting.ewc.fisherData.fileType=auto": EWC_RUN,
+    "spec.training.forgetting.ewc.fisherData.fileType=csv": f"{FORGETTING_SOURCES}[csv]",
+    "spec.training.forgetting.ewc.fisherData.fileType=json": f"{FORGETTING_SOURCES}[json]",
+    "spec.training.forgetting.ewc.fisherData.fileType=jsonl": f"{FORGETTING_SOURCES}[jsonl]",
+    "spec.training.forgetting.ewc.fisherData.fileType=parquet": f"{FORGETTING_SOURCES}[parquet]",
+    "spec.training.forgetting.ewc.fisherData.maxSamples": f"{FORGETTING_SOURCES}[jsonl]",
+    "spec.training.forgetting.ewc.fisherData.uri": EWC_RUN,
+    "spec.training.forgetting.ewc.fisherSamples": EWC_RUN,
+    "spec.training.forgetting.ewc.strength": EWC_RUN,
     "spec.training.forgetting.generalEval.fileType=auto": REPORT,
     "spec.training.forgetting.generalEval.fileType=csv": f"{FILE_TYPE}[csv]",
     "spec.training.forgetting.generalEval.fileType=json": f"{FILE_TYPE}[json]",
@@ -442,14 +446,14 @@ CONSUMPTION: dict[str, str] = {
     "spec.training.forgetting.generalEval.fileType=parquet": f"{FILE_TYPE}[parquet]",
     "spec.training.forgetting.generalEval.maxSamples": MAX_SAMPLES,
     "spec.training.forgetting.generalEval.uri": REPORT,
-    "spec.training.forgetting.replay.ratio": refused("forgetting-replay-not-supported"),
-    "spec.training.forgetting.replay.source.fileType=auto": refused("forgetting-replay-not-supported"),
-    "spec.training.forgetting.replay.source.fileType=csv": refused("forgetting-replay-not-supported"),
-    "spec.training.forgetting.replay.source.fileType=json": refused("forgetting-replay-not-supported"),
-    "spec.training.forgetting.replay.source.fileType=jsonl": refused("forgetting-replay-not-supported"),
-    "spec.training.forgetting.replay.source.fileType=parquet": refused("forgetting-replay-not-supported"),
-    "spec.training.forgetting.replay.source.maxSamples": refused("forgetting-replay-not-supported"),
-    "spec.training.forgetting.replay.source.uri": refused("forgetting-replay-not-supported"),
+    "spec.training.forgetting.replay.ratio": REPLAY_RUN,  # the steps of an epoch count its replay rows
+    "spec.training.forgetting.replay.source.fileType=auto": REPLAY_RUN,
+    "spec.training.forgetting.replay.source.fileType=csv": f"{FORGETTING_SOURCES}[csv]",
+    "spec.training.forgetting.replay.source.fileType=json": f"{FORGETTING_SOURCES}[json]",
+    "spec.training.forgetting.replay.source.fileType=jsonl": f"{FORGETTING_SOURCES}[jsonl]",
+    "spec.training.forgetting.replay.source.fileType=parquet": f"{FORGETTING_SOURCES}[parquet]",
+    "spec.training.forgetting.replay.source.maxSamples": f"{FORGETTING_SOURCES}[jsonl]",
+    "spec.training.forgetting.replay.source.uri": REPLAY_RUN,
     "spec.training.gradientAccumulationSteps": HYPERPARAMETERS,
     "spec.training.gradientCheckpointing": HYPERPARAMETERS,
     "spec.training.learningRate": HYPERPARAMETERS,

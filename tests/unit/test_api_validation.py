@@ -664,16 +664,45 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "one of spec.training.evaluation.metrics",
     ),
     (
-        "forgetting-ewc-not-supported",
-        {"spec.training.forgetting": {"ewc": {"strength": 100}}},
+        "forgetting-ewc-for-classification",
+        {
+            "spec.task": {"type": "classification", "classification": {"numLabels": 3}},
+            "spec.data.format": "classification",
+            "spec.training.forgetting": {"ewc": {"strength": 100}},
+        },
         "spec.training.forgetting.ewc",
-        "not supported yet",
+        "only supported for spec.task.type sft and pretrain",
     ),
     (
-        "forgetting-replay-not-supported",
-        {"spec.training.forgetting": {"replay": {"source": {"uri": "s3://bucket/general.jsonl"}}}},
+        "forgetting-replay-for-dpo",
+        {
+            "spec.task.type": "dpo",
+            "spec.data.format": "preference",
+            "spec.training.forgetting": {"replay": {"source": {"uri": "s3://bucket/general.jsonl"}}},
+        },
         "spec.training.forgetting.replay",
-        "not supported yet",
+        "only supported for spec.task.type sft and pretrain",
+    ),
+    (
+        "forgetting-ewc-with-deepspeed",
+        {
+            "spec.distributed.deepspeed": {"zeroStage": 2},
+            "spec.training.forgetting": {"ewc": {"strength": 100}},
+        },
+        "spec.training.forgetting.ewc",
+        "cannot be combined with spec.distributed.deepspeed",
+    ),
+    (
+        "out-of-range-replay-ratio",
+        {"spec.training.forgetting": {"replay": {"source": {"uri": "s3://bucket/general.jsonl"}, "ratio": 1.0}}},
+        "spec.training.forgetting.replay.ratio",
+        "1",
+    ),
+    (
+        "out-of-range-ewc-strength",
+        {"spec.training.forgetting": {"ewc": {"strength": 0}}},
+        "spec.training.forgetting.ewc.strength",
+        "0",
     ),
     (
         "merged-output-for-prefix",
@@ -851,6 +880,25 @@ VALID: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("forgetting-general-eval", {"spec.training.forgetting": {"generalEval": {"uri": "s3://bucket/general.jsonl"}}}),
+    (
+        "forgetting-ewc-and-replay",
+        {
+            "spec.training.forgetting": {
+                "ewc": {"strength": 100, "fisherSamples": 64, "fisherData": {"uri": "s3://bucket/fisher.jsonl"}},
+                "replay": {"source": {"uri": "s3://bucket/general.jsonl"}, "ratio": 0.25},
+                "generalEval": {"uri": "s3://bucket/held-out.jsonl"},
+            }
+        },
+    ),
+    (
+        "forgetting-replay-with-deepspeed-pretrain",
+        {
+            "spec.task.type": "pretrain",
+            "spec.data.format": "text",
+            "spec.distributed.deepspeed": {"zeroStage": 3},
+            "spec.training.forgetting": {"replay": {"source": {"uri": "s3://bucket/general.jsonl"}}},
+        },
+    ),
     ("merged-output-for-lora", {"spec.output.save": "both"}),
     ("merged-output-for-qlora", {"spec.method.type": "qlora", "spec.output.save": "merged"}),
     ("merged-output-for-ia3", {"spec.method.type": "ia3", "spec.output.save": "merged"}),

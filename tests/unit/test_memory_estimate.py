@@ -236,6 +236,18 @@ def test_dpo_counts_its_reference_model_and_both_rows_of_a_pair() -> None:
     assert estimate(LLAMA_2_7B, spec(**named)).weights == lora.weights + base
 
 
+def test_ewc_counts_two_fp32_copies_of_the_trained_parameters() -> None:
+    """EWC keeps the Fisher information and theta0 of every trained parameter (fp32) on every rank."""
+    ewc = {"training__forgetting": {"ewc": {"strength": 10}}}
+    for method in ({"type": "lora"}, {"type": "full"}):
+        plain, with_ewc = estimate(LLAMA_2_7B, spec(method=method)), estimate(LLAMA_2_7B, spec(method=method, **ewc))
+        anchor = dict(with_ewc.lines)["EWC Fisher information and theta0 (2 x fp32 of the trained parameters)"]
+        assert anchor == 8 * plain.trainable_parameters
+        assert with_ewc.weights == plain.weights + anchor and with_ewc.total > plain.total
+    replay = {"training__forgetting": {"replay": {"source": {"uri": "s3://b/general.jsonl"}}}}
+    assert estimate(LLAMA_2_7B, spec(**replay)).total == estimate(LLAMA_2_7B, spec()).total
+
+
 def test_rl_counts_its_reference_and_reward_models_and_the_generated_tokens() -> None:
     rewards = {"type": "rl", "rl": {"rewards": [{"type": "contains"}], "maxNewTokens": 256}}
     groups = {"training__perDeviceBatchSize": 4}  # completions: whole groups of numGenerations (4)

@@ -142,6 +142,15 @@ def test_general_eval_needs_a_causal_lm_head(task: str) -> None:
 
 
 @pytest.mark.parametrize("task", [row.type for row in TASKS])
+def test_forgetting_controls_need_the_causal_lm_recipe(task: str) -> None:
+    """EWC and replay train in the causal-LM recipe (sft, pretrain): any other task refuses them."""
+    supported = task_row(task).recipe == "causal_lm"
+    for control, value in (("ewc", {"strength": 10}), ("replay", {"source": {"uri": "general.jsonl"}})):
+        errors = _error_paths(_manifest(task, **{"spec.training.forgetting": {control: value}}))
+        assert (f"spec.training.forgetting.{control}" in errors) is not supported, (task, control, errors)
+
+
+@pytest.mark.parametrize("task", [row.type for row in TASKS])
 def test_evaluation_metrics_follow_the_table(task: str) -> None:
     row = task_row(task)
     for metric in get_args(tasks.EvalMetric):

@@ -143,8 +143,14 @@ class TrainingMetrics:
             "eval_accuracy": gauge("finetune_eval_accuracy", "Latest evaluation accuracy (0..1)."),
             "eval_f1": gauge("finetune_eval_f1", "Latest evaluation F1 (0..1; classification: macro F1)."),
             "eval_exact_match": gauge("finetune_eval_exact_match", "Latest evaluation exact match (0..1)."),
+            "general_perplexity": gauge(
+                "finetune_general_perplexity", "Latest perplexity on general text (forgetting.generalEval)."
+            ),
         }
         self.learning_rate = gauge("finetune_learning_rate", "Current learning rate.")
+        self.ewc_penalty = gauge(
+            "finetune_ewc_penalty", "Latest logged EWC penalty added to the loss (forgetting.ewc)."
+        )
         self.global_step = gauge("finetune_global_step", "Optimizer steps done.")
         self.total_steps = gauge("finetune_total_steps", "Optimizer steps planned.")
         self.epoch = gauge("finetune_epoch", "Fractional epoch.")
@@ -278,6 +284,8 @@ class TelemetryCallback(TrainerCallback):
             m.set(m.train_loss, float(logs["loss"]))
         if "learning_rate" in logs:
             m.set(m.learning_rate, float(logs["learning_rate"]))
+        if "ewc_penalty" in logs:
+            m.set(m.ewc_penalty, float(logs["ewc_penalty"]))
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **_: Any) -> None:
         for key, gauge in self.metrics.eval_metrics.items():

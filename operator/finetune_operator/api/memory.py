@@ -1394,6 +1394,13 @@ def estimate(
         if rl.reward_model is not None:
             lines.append(("RL reward model (frozen, counted at the base's size)", base_bytes))
             weights += base_bytes
+    forgetting = spec.training.forgetting
+    if forgetting is not None and forgetting.ewc is not None:
+        # EWC (finetune_trainer.ewc): the Fisher information and theta0 of every trained parameter, two
+        # fp32 copies on every rank for the penalty of every step (DeepSpeed is refused with it).
+        anchor = 2 * 4 * n_trained
+        lines.append(("EWC Fisher information and theta0 (2 x fp32 of the trained parameters)", anchor))
+        weights += anchor
     if plan.adalora_importance_numel:
         importance = 3 * 4 * plan.adalora_importance_numel
         lines.append(("AdaLoRA importance estimates (3 x fp32)", importance))

@@ -1143,61 +1143,89 @@ class EarlyStoppingSpec(SpecModel):
 
 
 class EWCSpec(SpecModel):
-    """Elastic weight consolidation: penalize moving weights the base model's task relied on.
+    """Elastic weight consolidation: penalize moving the trained parameters away from their values
+    before training, weighted by how much the model's loss on general data depends on each.
 
-    Not supported yet: refused at admission (a later release implements it)."""
+    Before training, the diagonal of the *empirical* Fisher information of the trainable parameters
+    is estimated on `fisherData`: the mean over `fisherSamples` samples of the squared gradient of
+    each sample's LM loss (on the data's own labels, not on tokens sampled from the model). Training
+    then minimizes loss + strength / 2 * sum(F * (theta - theta0)^2), theta0 the trainable parameters'
+    values before the first step. Under a PEFT method theta is what is trained: with LoRA the adapter
+    weights, whose theta0 is their initialization (B = 0), so the penalty pulls the adapter's update
+    toward zero, weighted by the Fisher. The Fisher and theta0 are kept beside the checkpoints
+    (`<checkpoint>/ewc-anchor/`): a resumed run reads them instead of estimating again. Not combined
+    with DeepSpeed (refused)."""
 
-    strength: float = Field(gt=0, le=1e9, description="EWC λ: weight of the Fisher-weighted penalty.")
+    strength: float = Field(
+        gt=0,
+        le=1e9,
+        description=(
+            "EWC λ: weight of the penalty λ/2 · Σ F·(θ - θ₀)² added to the loss (the term added is "
+            "logged as `ewc_penalty` with the loss, which includes it)."
+        ),
+    )
     fisher_samples: int = Field(
-        default=256, ge=1, le=1000000, description="Samples used to estimate the Fisher information."
+        default=256,
+        ge=1,
+        le=1000000,
+        description=(
+            "Samples (records) the Fisher information is averaged over: that many records of fisherData "
+            "chosen by the seed, or all of them when it has fewer. Under DDP every rank takes its share "
+            "and the sums are all-reduced: the same Fisher on every rank."
+        ),
     )
     fisher_data: DataSource | None = Field(
         default=None,
-        description="Data for the Fisher estimate (general text). Default: the replay data, else train.",
+        description=(
+            "Data for the Fisher estimate, read as plain text (records with a `text` column, loss on "
+            "every token). Default: the replay data (spec.training.forgetting.replay.source), else the "
+            "general-eval data (generalEval), else the training data (as trained: its format and labels)."
+        ),
     )
 
 
 class ReplaySpec(SpecModel):
-    """Experience replay: mix general data into training to limit forgetting.
+    """Experience replay: mix general data into training to limit forgetting."""
 
-    Not supported yet: refused at admission (a later release implements it)."""
-
-    source: DataSource = Field(description="General-domain data to replay.")
-    ratio: float = Field(default=0.1, gt=0, lt=1, description="Fraction of each batch drawn from the replay data.")
+    source: DataSource = Field(
+        description=(
+            "General-domain data to replay: plain text (records with a `text` column), tokenized as the "
+            "`text` format is (EOS appended, loss on every token; packed into blocks of maxSeqLength when "
+            "spec.data.packing, else each record cut to maxSeqLength)."
+        )
+    )
+    ratio: float = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description=(
+            "Fraction of the training rows that are replay rows. Each epoch holds every training row and "
+            "round(ratio / (1 - ratio) · training rows) replay rows (the replay data taken in shuffled "
+            "passes), shuffled together: the epoch's replay fraction is ratio up to that rounding, and "
+            "each batch's is ratio on average (its count follows the hypergeometric law). The order is "
+            "a function of the seed and the epoch only, so a resumed run trains on exactly the rows an "
+            "uninterrupted one does; the steps of an epoch count the replay rows."
+        ),
+    )
 
 
 class ForgettingSpec(SpecModel):
-    """Controls against catastrophic forgetting of the base model's abilities."""
+    """Controls against catastrophic forgetting of the base model's abilities, and its measure."""
 
     ewc: EWCSpec | None = Field(
-        default=None, description="Elastic weight consolidation. Not supported yet: refused at admission."
+        default=None,
+        description=(
+            "Elastic weight consolidation (spec.task.type sft and pretrain; not with spec.distributed.deepspeed)."
+        ),
     )
     replay: ReplaySpec | None = Field(
-        default=None, description="Replay of general data. Not supported yet: refused at admission."
+        default=None, description="Replay of general data mixed into training (spec.task.type sft and pretrain)."
     )
     general_eval: DataSource | None = Field(
         default=None,
-        description="General text whose perplexity is reported before and after training.",
-    )
-
-    rules: ClassVar[tuple[Rule, ...]] = (
-        Rule(
-            cel="!has(self.ewc)",
-            message=(
-                "spec.training.forgetting.ewc is not supported yet (a later release implements it): "
-                "remove it; spec.training.forgetting.generalEval measures forgetting"
-            ),
-            check=lambda m: m.ewc is None,
-            field=".ewc",
-        ),
-        Rule(
-            cel="!has(self.replay)",
-            message=(
-                "spec.training.forgetting.replay is not supported yet (a later release implements it): "
-                "remove it; spec.training.forgetting.generalEval measures forgetting"
-            ),
-            check=lambda m: m.replay is None,
-            field=".replay",
+        description=(
+            "General text whose perplexity is reported before and after training (the run summary, "
+            "status.progress.generalPerplexity and the finetune_general_perplexity gauge)."
         ),
     )
 
@@ -1246,7 +1274,7 @@ class TrainingSpec(SpecModel):
     )
     forgetting: ForgettingSpec | None = Field(
         default=None,
-        description="Measures of catastrophic forgetting (generalEval); EWC and replay are not supported yet.",
+        description="Catastrophic forgetting: its measure (generalEval) and controls against it (EWC, replay).",
     )
 
     rules: ClassVar[tuple[Rule, ...]] = (
@@ -2114,6 +2142,42 @@ def _general_eval_rule(tasks: tuple[str, ...]) -> Rule:
     )
 
 
+#: The tasks that train with spec.training.forgetting.ewc and .replay: the causal-LM recipe's (sft, pretrain).
+FORGETTING_CONTROL_TASKS: tuple[str, ...] = tuple(row.type for row in TASKS if row.recipe == "causal_lm")
+
+
+def _forgetting_control_rule(control: Literal["ewc", "replay"]) -> Rule:
+    tasks = FORGETTING_CONTROL_TASKS
+    return Rule(
+        cel=f"!has(self.training.forgetting) || !has(self.training.forgetting.{control}) "
+        f"|| self.task.type in [{_cel_list(tasks)}]",
+        message=f"spec.training.forgetting.{control} is only supported for spec.task.type {_and(tasks)}",
+        check=lambda s: (
+            s.training.forgetting is None or getattr(s.training.forgetting, control) is None or s.task.type in tasks
+        ),
+        field=f".training.forgetting.{control}",
+    )
+
+
+#: EWC and replay: for the causal-LM tasks; EWC without DeepSpeed (its Fisher and penalty take whole,
+#: unpartitioned parameters outside DeepSpeed's engine).
+_FORGETTING_CONTROL_RULES: tuple[Rule, ...] = (
+    _forgetting_control_rule("ewc"),
+    _forgetting_control_rule("replay"),
+    Rule(
+        cel="!has(self.training.forgetting) || !has(self.training.forgetting.ewc) || !has(self.distributed.deepspeed)",
+        message=(
+            "spec.training.forgetting.ewc cannot be combined with spec.distributed.deepspeed (the Fisher "
+            "information and the penalty take whole parameters, outside DeepSpeed's engine): use DDP"
+        ),
+        check=lambda s: (
+            s.training.forgetting is None or s.training.forgetting.ewc is None or s.distributed.deepspeed is None
+        ),
+        field=".training.forgetting.ewc",
+    ),
+)
+
+
 def _unsupported_task_rule(task: str) -> Rule:
     return Rule(
         cel=f"self.task.type != '{task}'",
@@ -2383,6 +2447,7 @@ class FineTuneJobSpec(SpecModel):
             ),
             field=".task.dpo.precomputeReferenceLogProbs",
         ),
+        *_FORGETTING_CONTROL_RULES,
         # Last: a manifest of a task without a recipe is told about its other mistakes first.
         *TASK_SUPPORT_RULES,
     )
@@ -2469,6 +2534,14 @@ class Progress(SpecModel):
         default=None, ge=0, le=1, description="Latest evaluation F1 (classification: macro F1; qa: token F1)."
     )
     eval_exact_match: float | None = Field(default=None, ge=0, le=1, description="Latest evaluation exact match (qa).")
+    general_perplexity: float | None = Field(
+        default=None, ge=0, description="Latest perplexity on general text (spec.training.forgetting.generalEval)."
+    )
+    general_perplexity_before: float | None = Field(
+        default=None,
+        ge=0,
+        description="Perplexity on general text before training (the base model's; compare generalPerplexity).",
+    )
     learning_rate: float | None = Field(default=None, ge=0, description="Current learning rate.")
     tokens_per_second: float | None = Field(default=None, ge=0, description="Training throughput.")
     eta_seconds: float | None = Field(default=None, ge=0, description="Estimated time to completion.")
@@ -2500,7 +2573,9 @@ class DataFileProvenance(SpecModel):
     """One data file a job read, and what identifies its content."""
 
     uri: str = Field(max_length=4096, description="The file (a local path, or an object-storage URI).")
-    role: Literal["train", "eval", "general"] = Field(description="What the job read it for.")
+    role: Literal["train", "eval", "general", "replay", "fisher"] = Field(
+        description="What the job read it for (replay: forgetting.replay.source; fisher: forgetting.ewc.fisherData)."
+    )
     bytes: int | None = Field(default=None, ge=0, description="Size in bytes.")
     sha256: str | None = Field(default=None, pattern=SHA256_PATTERN, description="SHA-256 of a local file's bytes.")
     etag: str | None = Field(

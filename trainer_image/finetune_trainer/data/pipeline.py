@@ -60,7 +60,7 @@ import pyarrow.compute as pc
 import torch
 from finetune_operator.api.tasks import DataFormat, task_row
 from finetune_operator.api.trainer_config import TrainerConfig
-from finetune_operator.api.v1alpha1 import DataSource, DataSpec, QAParams, TaskSpec
+from finetune_operator.api.v1alpha1 import DataSource, DataSpec, FineTuneJobSpec, QAParams, TaskSpec
 from transformers import PreTrainedTokenizerBase
 
 from .. import storage
@@ -69,6 +69,7 @@ from . import classification, examples, preference, qa
 from .examples import Example
 from .packing import iter_blocks, iter_packed
 from .records import FORMATS, DataError, Record, RecordSink, scan, split_indices
+from .replay import replay_rows_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,9 @@ class Source:
 
 
 def sources(config: TrainerConfig) -> dict[str, Source]:
-    """The run's sources by name: ``train``, ``eval`` (a file of its own) and ``general`` (general
-    text, ``training.forgetting.generalEval``)."""
+    """The run's sources by name: ``train``, ``eval`` (a file of its own), ``general`` (general
+    text, ``training.forgetting.generalEval``), ``replay`` (``forgetting.replay.source``) and
+    ``fisher`` (``forgetting.ewc.fisherData``), the last three plain text."""
     spec = config.spec
     data = spec.data
     found = {"train": Source(data.train, data.format, spec.task)}
@@ -214,6 +216,10 @@ def sources(config: TrainerConfig) -> dict[str, Source]:
     forgetting = spec.training.forgetting
     if forgetting is not None and forgetting.general_eval is not None:
         found["general"] = Source(forgetting.general_eval, "text", None)
+    if forgetting is not None and forgetting.replay is not None:
+        found["replay"] = Source(forgetting.replay.source, "text", None)
+    if forgetting is not None and forgetting.ewc is not None and forgetting.ewc.fisher_data is not None:
+        found["fisher"] = Source(forgetting.ewc.fisher_data, "text", None)
     return found
 
 
@@ -709,6 +715,45 @@ def _int_column(dataset: datasets.Dataset, column: str) -> np.ndarray[Any, Any]:
     return np.asarray(table.column(column).to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
+def _forgetting_rows(
+    spec: FineTuneJobSpec,
+    checked: Checked,
+    out: dict[str, datasets.Dataset],
+    mapper: _Mapper,
+    tokenizer: PreTrainedTokenizerBase,
+    work: Path,
+) -> None:
+    """A causal-LM run's ``replay`` rows and the EWC Fisher's ``fisher`` rows into ``out``, plain text
+    (loss on every token). Replay rows are shaped like the training rows: documents packed into blocks
+    of maxSeqLength when training packs, else each cut to it. The Fisher's samples are records, each
+    cut to maxSeqLength: fisherData's, else the replay source's (without either, :mod:`..ewc` takes the
+    general-eval or the training rows)."""
+    data = spec.data
+    plain: dict[str, Any] = {"tokenizer": tokenizer, "data": data.model_copy(update={"format": "text"})}
+    replay_records = checked.records("replay")
+    if replay_records is not None:
+        replay = mapper(
+            replay_records,
+            "replay-rows",
+            _causal_batch,
+            _CAUSAL,
+            input_columns=["record"],
+            cut=not data.packing,
+            **plain,
+        )
+        if data.packing:
+            blocks = iter_blocks((ids for (ids,) in _iter_column(replay, "input_ids")), data.max_seq_length)
+            replay = _write_rows(blocks, work / "replay-packed.arrow")
+        out["replay"] = replay
+    forgetting = spec.training.forgetting
+    fisher_records = checked.records("fisher")
+    fisher_records = fisher_records if fisher_records is not None else replay_records
+    if forgetting is not None and forgetting.ewc is not None and fisher_records is not None:
+        out["fisher"] = mapper(
+            fisher_records, "fisher-rows", _causal_batch, _CAUSAL, input_columns=["record"], cut=True, **plain
+        )
+
+
 def nearest_rank(sorted_values: np.ndarray[Any, Any], q: float) -> int:
     """The ``q`` quantile (0 < q <= 1) of sorted values by the nearest-rank definition: the smallest value
     with at least ``q`` of the values at or below it (0 for no values)."""
@@ -734,6 +779,7 @@ def _tokenize_all(
             "train": len(train_records),
             "eval": len(eval_records) if eval_records is not None else 0,
             "general": len(general_records) if general_records is not None else 0,
+            **{name: len(r) for name in ("replay", "fisher") if (r := checked.records(name)) is not None},
         },
         "allow_null": False,
     }
@@ -777,6 +823,12 @@ def _tokenize_all(
                 data=text,
                 cut=True,
             )
+        _forgetting_rows(spec, checked, out, mapper, tokenizer, work)
+        if "replay" in out:  # an epoch's rows: the training rows and the replay rows mixed in (.replay)
+            forgetting = spec.training.forgetting
+            assert forgetting is not None and forgetting.replay is not None
+            added = replay_rows_per_epoch(len(row_tokens), forgetting.replay.ratio)
+            row_tokens = np.concatenate([row_tokens, np.resize(_row_lengths(out["replay"]), added)])
     elif recipe == "classification":
         params = spec.task.classification
         assert params is not None
@@ -928,6 +980,11 @@ class PreparedData:
     stats: DataStats
     #: Where the rows were read from (the cache's local copy).
     directory: Path
+    #: Causal-LM runs with ``forgetting.replay``: the replay rows (:mod:`.replay`).
+    replay: datasets.Dataset | None = None
+    #: Causal-LM runs with ``forgetting.ewc``: the Fisher estimate's rows, when they are neither the
+    #: general-eval nor the training rows (fisherData, else the replay records; :mod:`..ewc`).
+    fisher: datasets.Dataset | None = None
 
 
 def steps_per_epoch(config: TrainerConfig, rows: int, world_size: int) -> int:
@@ -1036,6 +1093,8 @@ def _load(config: TrainerConfig, cache: _Cache, *, hit: bool, world_size: int) -
         allow_null=bool(meta["allow_null"]),
         stats=stats,
         directory=cache.local,
+        replay=split("replay"),
+        fisher=split("fisher"),
     )
 
 

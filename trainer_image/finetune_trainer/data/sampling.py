@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from .replay import ReplaySampler
+
 Resampling = Literal["oversample", "undersample"]
 
 
@@ -71,7 +73,7 @@ class EpochSetter(TrainerCallback):
     """Sets the sampler's epoch when an epoch begins: the integer part of the trainer state's epoch
     (after a resume, the epoch the checkpoint was saved in; transformers counts it the same way)."""
 
-    def __init__(self, sampler: ClassBalancedSampler):
+    def __init__(self, sampler: ClassBalancedSampler | ReplaySampler):
         self.sampler = sampler
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

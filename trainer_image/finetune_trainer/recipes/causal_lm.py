@@ -4,7 +4,8 @@ Supports every method (full/freeze, LoRA, QLoRA, prefix, prompt, IA3, AdaLoRA), 
 ``promptCompletion``, ``chat`` and ``text`` formats, packing, DDP under torchrun, DeepSpeed ZeRO 1-3,
 evaluation every N steps (the loss, and perplexity unless ``training.evaluation.metrics`` leaves it
 out), early stopping with the best model loaded at the end, perplexity on
-general text before and after training (``training.forgetting.generalEval``), and the output
+general text before and after training (``training.forgetting.generalEval``), EWC and replay against
+forgetting (:mod:`..forgetting`), and the output
 contract (adapter and/or merged model with a sha256 manifest).
 
 What is particular to the task lives here: records become token sequences (packed or not), the model
@@ -25,7 +26,7 @@ from finetune_operator.api.v1alpha1 import DataSpec, FineTuneJobSpec
 from transformers import Trainer, set_seed
 from transformers.trainer_utils import EvalLoopOutput
 
-from .. import harness, methods, modeling
+from .. import forgetting, harness, methods, modeling
 from ..data import chat, prompt_completion
 from ..data.collate import CausalLMCollator
 from ..data.pipeline import TokenRows
@@ -45,7 +46,7 @@ PROMPTS: dict[str, Callable[[Record, Any, DataSpec], tuple[list[int], str]]] = {
 }
 
 
-class CausalLMTrainer(Trainer):
+class CausalLMTrainer(forgetting.ForgettingTrainer):
     """transformers' Trainer, reporting perplexity (exp of the loss) next to the loss of the
     evaluations named ``perplexity_for``."""
 
@@ -82,10 +83,11 @@ def run(config: TrainerConfig) -> dict[str, Any]:
         # General text is plain text whatever the task's format (the pipeline tokenizes it so).
         data = run.tokenized(checked, tokenizer)
         train = TokenRows(data.train, ROW_KEYS)
+        mixed = forgetting.mix(spec, data, train, ROW_KEYS)  # with the replay rows under forgetting.replay
         held_out = TokenRows(data.eval, ROW_KEYS) if data.eval is not None else None
         general = TokenRows(data.general, ROW_KEYS) if data.general is not None else None
 
-        ctx = methods.MethodContext(spec=spec, tokenizer=tokenizer, total_steps=prepared.planned_steps(len(train)))
+        ctx = methods.MethodContext(spec=spec, tokenizer=tokenizer, total_steps=prepared.planned_steps(mixed.rows))
         set_seed(spec.training.seed)  # the same initial adapter weights on every rank and every run
         model = modeling.load_causal_lm(
             source,
@@ -103,13 +105,17 @@ def run(config: TrainerConfig) -> dict[str, Any]:
         training = prepared.trainer(
             CausalLMTrainer,
             tokens=collator,
-            callbacks=methods.callbacks(tuned, ctx),
+            callbacks=[*methods.callbacks(tuned, ctx), *mixed.callbacks],
             model=tuned,
-            train_dataset=train,
+            train_dataset=mixed.dataset,
             eval_dataset=held_out,
             data_collator=collator,
             processing_class=tokenizer,
             perplexity_for=perplexity_for(spec),
+        )
+
+        forgetting.attach(
+            training, mixed, run=run, checked=checked, data=data, general=general, train=train, keys=ROW_KEYS
         )
 
         def evaluate(trainer: Trainer) -> dict[str, float]:
@@ -118,6 +124,7 @@ def run(config: TrainerConfig) -> dict[str, Any]:
                 out.update(trainer.evaluate())
             if general is not None:
                 out.update(trainer.evaluate(eval_dataset=general, metric_key_prefix="general"))
+                forgetting.report_general(run, trainer, out)
             return {k: v for k, v in out.items() if k.endswith(("_loss", "_perplexity"))}
 
         training.train(evaluate)
