@@ -13,6 +13,11 @@ at the end of a run add what a metric line cannot hold: ``evaluation.json`` (the
 after training, with a classifier's confusion matrix) and ``trainer-config.json`` (the job's spec: the
 class names). From them come a per-class table and ``confusion_matrix.png``.
 
+With the generation metrics (``bleu``, ``rouge``), the series ``eval_bleu`` (0-100, plotted alone in
+``bleu.png``) and ``eval_rouge1``/``eval_rouge2``/``eval_rougeL`` (0..1, with the other scores) are
+summarized and plotted, and a few of the last evaluation's samples (``samples.jsonl``: prompt,
+reference, generation) are shown, for a person to judge what the numbers mean.
+
 The run may be a local directory (``finetune run --workdir``, or the job's output directory), the
 metrics.jsonl file itself, or a copy in object storage (``s3://bucket/prefix``, through fsspec;
 S3-compatible endpoints from AWS_ENDPOINT_URL, as the trainer's storage).
@@ -32,8 +37,21 @@ METRICS_FILE = "metrics.jsonl"
 EVALUATION_FILE = "evaluation.json"
 CONFIG_FILE = "trainer-config.json"
 PROVENANCE_FILE = "provenance.json"
+SAMPLES_FILE = "samples.jsonl"
 #: The task scores of an evaluation (0..1, higher is better), by their key in metrics.jsonl.
-SCORES = {"eval_accuracy": "accuracy", "eval_f1": "F1", "eval_exact_match": "exact match"}
+SCORES = {
+    "eval_accuracy": "accuracy",
+    "eval_f1": "F1",
+    "eval_exact_match": "exact match",
+    "eval_rouge1": "ROUGE-1",
+    "eval_rouge2": "ROUGE-2",
+    "eval_rougeL": "ROUGE-L",
+}
+#: Scores on another scale (higher is better), plotted on their own: sacreBLEU's 0-100.
+OWN_SCALE_SCORES = {"eval_bleu": "BLEU"}
+#: Samples of generated text the summary shows (the first of samples.jsonl), and the characters of each text.
+SHOWN_SAMPLES = 3
+SAMPLE_CHARS = 300
 
 
 class ReportError(Exception):
@@ -81,11 +99,13 @@ class Run:
     classes: list[str] | None = None
     #: provenance.json: what produced the model (None if absent: a run still training, or an older release).
     provenance: dict[str, Any] | None = None
+    #: samples.jsonl: the last evaluation's prompts, references and generations (empty if absent).
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_records(cls, source: str, records: list[dict[str, Any]]) -> Run:
         run = cls(source, records)
-        for key in SCORES:
+        for key in (*SCORES, *OWN_SCALE_SCORES):
             series = Series()
             for r in records:
                 if key in r:
@@ -200,7 +220,25 @@ def load(location: str) -> Run:
     run.evaluation = _beside(uri, EVALUATION_FILE)
     run.classes = class_names(_beside(uri, CONFIG_FILE))
     run.provenance = _beside(uri, PROVENANCE_FILE)
+    run.samples = _samples(uri)
     return run
+
+
+def _samples(uri: str) -> list[dict[str, Any]]:
+    """The JSON objects of samples.jsonl next to metrics.jsonl (none when it is absent or unreadable)."""
+    try:
+        text = read_text(uri.rsplit("/", 1)[0] + "/" + SAMPLES_FILE if "/" in uri else SAMPLES_FILE)
+    except ReportError:
+        return []
+    found = []
+    for line in text.splitlines():
+        try:
+            sample = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(sample, dict):
+            found.append(sample)
+    return found
 
 
 def _duration(seconds: float) -> str:
@@ -240,12 +278,13 @@ def summary(run: Run) -> str:
     for key, series in run.scores.items():
         best_step, best = series.best(highest=True)
         lines.append(
-            f"eval {SCORES[key]}: first {series.values[0]:.4f} (step {series.steps[0]}), "
+            f"eval {({**SCORES, **OWN_SCALE_SCORES})[key]}: first {series.values[0]:.4f} (step {series.steps[0]}), "
             f"last {series.values[-1]:.4f}, best {best:.4f} (step {best_step})"
         )
     if run.tokens_per_second:
         lines.append(f"mean tokens/s: {run.tokens_per_second.values[-1]:.1f}")
     lines.extend(provenance_lines(run.provenance))
+    lines.extend(sample_lines(run.samples))
     lines.extend(per_class_table(run))  # last: `finetune report` prints the plots it drew after it
     return "\n".join(lines)
 
@@ -275,6 +314,27 @@ def provenance_lines(provenance: dict[str, Any] | None) -> list[str]:
     libraries = provenance.get("libraries") or {}
     if libraries:
         lines.append("  libraries: " + ", ".join(f"{k} {v}" for k, v in sorted(libraries.items())))
+    return lines
+
+
+def sample_lines(samples: list[dict[str, Any]]) -> list[str]:
+    """The first :data:`SHOWN_SAMPLES` samples of generated text: prompt, reference and generation (each
+    cut at :data:`SAMPLE_CHARS` characters), with the sample's own scores."""
+    if not samples:
+        return []
+    step = samples[0].get("step")
+    at = f" at step {step}" if step is not None else ""
+    lines = [f"samples ({min(SHOWN_SAMPLES, len(samples))} of {len(samples)}{at}, {SAMPLES_FILE}):"]
+
+    def text(value: Any) -> str:
+        flat = " ".join(str(value).split()) if value is not None else ""
+        return flat if len(flat) <= SAMPLE_CHARS else flat[: SAMPLE_CHARS - 1] + "…"
+
+    for sample in samples[:SHOWN_SAMPLES]:
+        own = ", ".join(f"{k} {sample[k]:.3f}" for k in ("bleu", "rougeL") if isinstance(sample.get(k), (int, float)))
+        lines.append(f"  {sample.get('where', '?')}" + (f" ({own})" if own else ""))
+        for key in ("prompt", "reference", "generation"):
+            lines.append(f"    {key}: {text(sample.get(key))}")
     return lines
 
 
@@ -318,7 +378,8 @@ def plot(run: Run, output: Path) -> list[Path]:
             [("eval loss", run.eval_loss, "o-"), ("general loss", run.general_loss, "s--")],
         ),
         ("learning_rate.png", "Learning rate", [("learning rate", run.learning_rate, "-")]),
-        ("eval_scores.png", "Evaluation scores", [(SCORES[k], v, "o-") for k, v in run.scores.items()]),
+        ("eval_scores.png", "Evaluation scores", [(SCORES[k], v, "o-") for k, v in run.scores.items() if k in SCORES]),
+        ("bleu.png", "Evaluation BLEU (0-100)", [("BLEU", run.scores.get("eval_bleu", Series()), "o-")]),
         ("throughput.png", "Throughput (tokens/s, mean since start)", [("tokens/s", run.tokens_per_second, "-")]),
     ]
     written = []

@@ -640,7 +640,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "eval-metric-the-task-does-not-produce",
         {"spec.training.evaluation": {"everySteps": 10, "metrics": ["loss", "accuracy"]}, "spec.data.evalSplit": 0.1},
         "spec.training.evaluation.metrics",
-        "sft, pretrain or distill produces: loss and perplexity",
+        "sft produces: loss, perplexity, bleu and rouge",
     ),
     (
         # Once crashed the trainer with a KeyError at its first evaluation (exit 1, retried).
@@ -651,7 +651,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
             "spec.data.evalSplit": 0.1,
         },
         "spec.training.earlyStopping.metric",
-        "evalLoss or perplexity",
+        "evalLoss, perplexity, bleu or rouge",
     ),
     (
         "early-stopping-metric-not-evaluated",
@@ -662,6 +662,50 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         },
         "spec.training.earlyStopping.metric",
         "one of spec.training.evaluation.metrics",
+    ),
+    (
+        "bleu-on-text-format",
+        {
+            "spec.data.format": "text",
+            "spec.training.evaluation": {"metrics": ["loss", "bleu"]},
+            "spec.data.evalSplit": 0.1,
+        },
+        "spec.training.evaluation.metrics",
+        "need spec.data.format promptCompletion or chat",
+    ),
+    (
+        "rouge-without-eval-data",
+        {"spec.training.evaluation": {"metrics": ["rouge"]}},
+        "spec.training.evaluation.metrics",
+        "need eval data to generate for",
+    ),
+    (
+        "generation-without-a-generation-metric",
+        {
+            "spec.training.evaluation": {"metrics": ["loss"], "generation": {"maxNewTokens": 16}},
+            "spec.data.evalSplit": 0.1,
+        },
+        "spec.training.evaluation.generation",
+        "must name bleu or rouge",
+    ),
+    (
+        "out-of-range-generation-max-new-tokens",
+        {
+            "spec.training.evaluation": {"metrics": ["bleu"], "generation": {"maxNewTokens": 0}},
+            "spec.data.evalSplit": 0.1,
+        },
+        "spec.training.evaluation.generation.maxNewTokens",
+        "1",
+    ),
+    (
+        "early-stopping-on-rouge-not-asked-for",
+        {
+            "spec.training.evaluation": {"everySteps": 10},
+            "spec.training.earlyStopping": {"metric": "rouge"},
+            "spec.data.evalSplit": 0.1,
+        },
+        "spec.training.earlyStopping.metric",
+        "must be listed in spec.training.evaluation.metrics",
     ),
     (
         "forgetting-ewc-for-classification",
@@ -868,6 +912,19 @@ VALID: list[tuple[str, dict[str, Any]]] = [
         {
             "spec.training.evaluation": {"everySteps": 10, "metrics": ["loss"]},
             "spec.training.earlyStopping": {"metric": "evalLoss"},
+            "spec.data.evalSplit": 0.1,
+        },
+    ),
+    (
+        "early-stopping-on-rouge-of-chat-generations",
+        {
+            "spec.data.format": "chat",
+            "spec.training.evaluation": {
+                "everySteps": 10,
+                "metrics": ["loss", "bleu", "rouge"],
+                "generation": {"maxNewTokens": 32, "samples": 64},
+            },
+            "spec.training.earlyStopping": {"metric": "rouge"},
             "spec.data.evalSplit": 0.1,
         },
     ),

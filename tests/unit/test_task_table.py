@@ -163,8 +163,10 @@ def test_evaluation_metrics_follow_the_table(task: str) -> None:
 def test_early_stopping_metrics_follow_the_table(task: str) -> None:
     row = task_row(task)
     for metric in get_args(tasks.EarlyStoppingMetric):
+        # A generation metric is computed only when listed (the evaluation.metrics rules are tested above).
+        listed = {"metrics": [metric]} if metric in tasks.GENERATION_METRICS and metric in row.metrics else {}
         changes = {
-            "spec.training.evaluation": {"everySteps": 10},
+            "spec.training.evaluation": {"everySteps": 10, **listed},
             "spec.training.earlyStopping": {"metric": metric},
             "spec.data.evalSplit": 0.1,
         }
@@ -202,6 +204,8 @@ def test_generated_cel_quotes_table_values_and_its_message_names_them() -> None:
         ("accuracy", None, True),
         ("f1", None, True),
         ("exactMatch", None, True),
+        ("bleu", None, True),
+        ("rouge", None, True),
         ("evalLoss", "max", True),
         ("f1", "min", False),
     ],
@@ -211,4 +215,4 @@ def test_early_stopping_mode_defaults_to_the_metrics_sense(metric: str, mode: st
     checkpoint kept and loaded at the end is the best one; set, it decides."""
     spec = v1alpha1.EarlyStoppingSpec.model_validate({"metric": metric, "mode": mode})
     assert spec.greater_is_better is greater
-    assert (metric in tasks.HIGHER_IS_BETTER) is (metric in ("accuracy", "f1", "exactMatch"))
+    assert (metric in tasks.HIGHER_IS_BETTER) is (metric in ("accuracy", "f1", "exactMatch", "bleu", "rouge"))

@@ -40,7 +40,7 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traine
 from . import checkpointing, distributed, modeling, provenance, storage
 from .checkpoint_store import CheckpointStore, Manifest, describe
 from .data import pipeline
-from .outputs import EVALUATION_FILE, TRAINER_CONFIG_FILE, save_outputs
+from .outputs import EVALUATION_FILE, SAMPLES_FILE, TRAINER_CONFIG_FILE, save_outputs
 from .outputs import Artifact as SavedArtifact
 from .progress import ProgressReporter
 from .status import StatusReporter
@@ -379,6 +379,7 @@ class Training:
                     work / "metrics.jsonl",
                     work / TRAINER_CONFIG_FILE,
                     work / EVALUATION_FILE,
+                    work / SAMPLES_FILE,  # written by the generation metrics, when asked for
                     provenance.write(made_by, work / provenance.PROVENANCE_FILE),
                 ],
             )
@@ -438,7 +439,7 @@ def _optimizer_name(trainer: Trainer) -> str:
 def _print_summary(summary: dict[str, Any]) -> None:
     lines = [f"done: {summary['steps']} steps, train loss {summary['train_loss']:.4f}"]
     for key in sorted(k for k in summary["before"] if k in summary["after"]):
-        if key.endswith(("_perplexity", "_accuracy", "_f1", "_exact_match")):
+        if key.endswith(("_perplexity", "_accuracy", "_f1", "_exact_match", "_bleu", "_rougeL")):
             lines.append(f"{key}: {summary['before'][key]:.3f} -> {summary['after'][key]:.3f}")
     for artifact in summary.get("artifacts", []):
         lines.append(

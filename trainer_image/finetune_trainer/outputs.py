@@ -10,6 +10,8 @@ Layout under the output location::
                     where it ran (``finetune predict OUTPUT`` reads it)
     evaluation.json the evaluations before and after training, with what a metric line cannot hold
                     (a classifier's confusion matrix; ``finetune report`` reads it)
+    samples.jsonl   with the ``bleu``/``rouge`` metrics: the last evaluation's prompts, references and
+                    generations, one JSON line each, for a person to read (``finetune report`` shows a few)
 
 The artifact digest reported in status is the sha256 of ``manifest.json`` itself, so one value
 verifies every byte. Outputs go to a local staging directory first and are uploaded afterwards.
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
 ADDED_TOKENS_FILE = "added_tokens.safetensors"
 TRAINER_CONFIG_FILE = "trainer-config.json"
 EVALUATION_FILE = "evaluation.json"
+#: The generation metrics' samples (:mod:`.generation`), written in the work directory by rank 0.
+SAMPLES_FILE = "samples.jsonl"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ BEST_METRICS = {
     "accuracy": "eval_accuracy",
     "f1": "eval_f1",
     "exactMatch": "eval_exact_match",
+    "bleu": "eval_bleu",
+    "rouge": "eval_rougeL",  # ROUGE-L F-measure: the headline of the three ROUGE scores
 }
 
 

@@ -17,12 +17,18 @@ TaskType = Literal["sft", "pretrain", "classification", "qa", "reward", "dpo", "
 DataFormat = Literal["promptCompletion", "chat", "text", "classification", "qa", "preference"]
 MethodType = Literal["full", "lora", "qlora", "prefix", "prompt", "ia3", "adalora"]
 #: Metrics an evaluation can report (``spec.training.evaluation.metrics``).
-EvalMetric = Literal["loss", "perplexity", "accuracy", "f1", "exactMatch"]
+EvalMetric = Literal["loss", "perplexity", "accuracy", "f1", "exactMatch", "bleu", "rouge"]
 #: Metrics early stopping can watch (``spec.training.earlyStopping.metric``): the evaluation metrics,
 #: with ``loss`` spelt ``evalLoss``.
-EarlyStoppingMetric = Literal["evalLoss", "perplexity", "accuracy", "f1", "exactMatch"]
+EarlyStoppingMetric = Literal["evalLoss", "perplexity", "accuracy", "f1", "exactMatch", "bleu", "rouge"]
 #: The metrics where higher is better (the others are losses: lower is better).
-HIGHER_IS_BETTER: frozenset[EarlyStoppingMetric] = frozenset({"accuracy", "f1", "exactMatch"})
+HIGHER_IS_BETTER: frozenset[EarlyStoppingMetric] = frozenset({"accuracy", "f1", "exactMatch", "bleu", "rouge"})
+#: Metrics of generated text (the model completes each eval prompt; the completions are scored against
+#: the records' own): reported only when spec.training.evaluation.metrics names them (generating is
+#: costly), for the formats with a prompt (:data:`PROMPT_FORMATS`).
+GENERATION_METRICS: tuple[EvalMetric, ...] = ("bleu", "rouge")
+#: The formats whose records have a prompt to generate after and a reference to compare with.
+PROMPT_FORMATS: tuple[DataFormat, ...] = ("promptCompletion", "chat")
 #: The model head a task trains: ``causal-lm`` (next-token prediction), ``sequence-classification``
 #: (``task.classification.numLabels`` outputs), ``question-answering`` (answer-span start and end
 #: logits), ``reward`` (a sequence-classification head with one output, the scalar reward).
@@ -47,7 +53,7 @@ class TaskRow:
     #: Whether ``spec.data.packing`` applies.
     packing: bool
     #: What its evaluation reports (``spec.training.evaluation.metrics`` may name only these; unset,
-    #: the evaluation reports all of them).
+    #: the evaluation reports all of them but the :data:`GENERATION_METRICS`, :attr:`default_metrics`).
     metrics: tuple[EvalMetric, ...]
     #: The trainer's recipe (a module of ``finetune_trainer.recipes``); None: not written yet, and
     #: the task is refused at admission.
@@ -56,6 +62,12 @@ class TaskRow:
     @property
     def implemented(self) -> bool:
         return self.recipe is not None
+
+    @property
+    def default_metrics(self) -> tuple[EvalMetric, ...]:
+        """What an evaluation reports when ``spec.training.evaluation.metrics`` is unset: :attr:`metrics`
+        but the generation metrics (asked for by name only)."""
+        return tuple(m for m in self.metrics if m not in GENERATION_METRICS)
 
     @property
     def early_stopping_metrics(self) -> tuple[EarlyStoppingMetric, ...]:
@@ -70,7 +82,7 @@ TASKS: tuple[TaskRow, ...] = (
         head="causal-lm",
         methods=ALL_METHODS,
         packing=True,
-        metrics=("loss", "perplexity"),
+        metrics=("loss", "perplexity", "bleu", "rouge"),
         recipe="causal_lm",
     ),
     TaskRow(

@@ -20,8 +20,10 @@ from .base import Rule, SpecModel
 from .quantity import quantity_bytes
 from .tasks import (
     ALL_METHODS,
+    GENERATION_METRICS,
     HIGHER_IS_BETTER,
     IMPLEMENTED_TASKS,
+    PROMPT_FORMATS,
     PROMPT_METHODS,
     TASKS,
     DataFormat,
@@ -1098,6 +1100,24 @@ class DataSpec(SpecModel):
 # --------------------------------------------------------------------------------------------------
 
 
+class GenerationEvalSpec(SpecModel):
+    """How the model generates for the generation metrics (``bleu``, ``rouge``): greedily, after each
+    eval record's prompt, in batches of perDeviceBatchSize (left-padded), each rank its share."""
+
+    max_new_tokens: int = Field(
+        default=64, ge=1, le=4096, description="Most tokens generated after each prompt (stops at end of turn/text)."
+    )
+    samples: int = Field(
+        default=256,
+        ge=1,
+        le=100000,
+        description=(
+            "Eval records generated for and scored at each evaluation: the first N of the eval data (all when "
+            "it has fewer). The last evaluation's prompts, references and generations are samples.jsonl in the outputs."
+        ),
+    )
+
+
 class EvaluationSpec(SpecModel):
     """Periodic evaluation on the eval data."""
 
@@ -1111,7 +1131,28 @@ class EvaluationSpec(SpecModel):
         json_schema_extra={"x-kubernetes-list-type": "set"},
         description=(
             f"Metrics to report, among those the task produces: {_metrics_of_trained_tasks(lambda r: r.metrics)} "
-            "(the tasks this release trains). Default: every metric the task produces."
+            "(the tasks this release trains). `bleu` (sacreBLEU corpus BLEU, 0-100) and `rouge` (ROUGE-1/2/L "
+            "F-measure, 0-1; rougeL is the one early stopping watches) score text the model generates after "
+            "each eval prompt against the record's own completion: formats promptCompletion and chat only, "
+            "reported only when listed. Default: every other metric the task produces."
+        ),
+    )
+    generation: GenerationEvalSpec | None = Field(
+        default=None,
+        description="How the `bleu` and `rouge` metrics generate (one of them must be in metrics). Default: as below.",
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.generation) || (has(self.metrics) && self.metrics.exists(m, m in ["
+            + ", ".join(f"'{m}'" for m in GENERATION_METRICS)
+            + "]))",
+            message=(
+                "spec.training.evaluation.generation configures the generation metrics: "
+                "spec.training.evaluation.metrics must name bleu or rouge"
+            ),
+            check=lambda m: m.generation is None or any(x in GENERATION_METRICS for x in m.metrics or ()),
+            field=".generation",
         ),
     )
 
@@ -1308,6 +1349,22 @@ class TrainingSpec(SpecModel):
                 m.early_stopping is None
                 or m.evaluation.metrics is None
                 or eval_metric_name(m.early_stopping.metric) in m.evaluation.metrics
+            ),
+            field=".earlyStopping.metric",
+        ),
+        Rule(
+            cel="!has(self.earlyStopping) || !(self.earlyStopping.metric in ["
+            + ", ".join(f"'{m}'" for m in GENERATION_METRICS)
+            + "]) || (has(self.evaluation) && has(self.evaluation.metrics) "
+            "&& self.earlyStopping.metric in self.evaluation.metrics)",
+            message=(
+                "spec.training.earlyStopping.metric bleu or rouge must be listed in spec.training.evaluation.metrics: "
+                "generation metrics are computed only when asked for"
+            ),
+            check=lambda m: (
+                m.early_stopping is None
+                or m.early_stopping.metric not in GENERATION_METRICS
+                or (m.evaluation.metrics is not None and m.early_stopping.metric in m.evaluation.metrics)
             ),
             field=".earlyStopping.metric",
         ),
@@ -2142,6 +2199,40 @@ def _general_eval_rule(tasks: tuple[str, ...]) -> Rule:
     )
 
 
+def _generation_metrics_rules() -> tuple[Rule, ...]:
+    """``bleu``/``rouge`` (text generated after each eval prompt, scored against the record's own
+    completion) need a format with prompts and eval data to generate for."""
+    has_generation = (
+        "has(self.training.evaluation) && has(self.training.evaluation.metrics) "
+        f"&& self.training.evaluation.metrics.exists(m, m in [{_cel_list(GENERATION_METRICS)}])"
+    )
+
+    def asks(s: FineTuneJobSpec) -> bool:
+        return any(m in GENERATION_METRICS for m in s.training.evaluation.metrics or ())
+
+    return (
+        Rule(
+            cel=f"!({has_generation}) || self.data.format in [{_cel_list(PROMPT_FORMATS)}]",
+            message=(
+                f"spec.training.evaluation.metrics {_and(GENERATION_METRICS)} score text generated after each "
+                f"eval prompt: they need spec.data.format {_or(PROMPT_FORMATS)} (records with a prompt and a "
+                "reference completion)"
+            ),
+            check=lambda s: not asks(s) or s.data.format in PROMPT_FORMATS,
+            field=".training.evaluation.metrics",
+        ),
+        Rule(
+            cel=f"!({has_generation}) || has(self.data.eval) || self.data.evalSplit > 0.0",
+            message=(
+                f"spec.training.evaluation.metrics {_and(GENERATION_METRICS)} need eval data to generate for: "
+                "spec.data.eval or spec.data.evalSplit"
+            ),
+            check=lambda s: not asks(s) or s.data.eval is not None or s.data.eval_split > 0,
+            field=".training.evaluation.metrics",
+        ),
+    )
+
+
 #: The tasks that train with spec.training.forgetting.ewc and .replay: the causal-LM recipe's (sft, pretrain).
 FORGETTING_CONTROL_TASKS: tuple[str, ...] = tuple(row.type for row in TASKS if row.recipe == "causal_lm")
 
@@ -2205,6 +2296,7 @@ TASK_TABLE_RULES: tuple[Rule, ...] = (
     *(_eval_metrics_rule(metrics, tasks) for metrics, tasks in _groups(lambda row: row.metrics)),
     *(_early_stopping_rule(metrics, tasks) for metrics, tasks in _groups(lambda row: row.early_stopping_metrics)),
     _general_eval_rule(tuple(row.type for row in TASKS if row.head == "causal-lm")),
+    *_generation_metrics_rules(),
 )
 #: A task whose recipe does not exist yet is refused, naming spec.task.type.
 TASK_SUPPORT_RULES: tuple[Rule, ...] = tuple(_unsupported_task_rule(row.type) for row in TASKS if not row.implemented)
@@ -2453,9 +2545,10 @@ class FineTuneJobSpec(SpecModel):
     )
 
     def eval_metrics(self) -> tuple[EvalMetric, ...]:
-        """The metrics every evaluation reports: spec.training.evaluation.metrics, or all the task's."""
+        """The metrics every evaluation reports: spec.training.evaluation.metrics, or the task's defaults
+        (all but the generation metrics)."""
         chosen = self.training.evaluation.metrics
-        return tuple(chosen) if chosen is not None else task_row(self.task.type).metrics
+        return tuple(chosen) if chosen is not None else task_row(self.task.type).default_metrics
 
     def model_uris(self) -> dict[str, str]:
         """Every model URI of the spec, by the field that holds it (``spec.model.uri``, ...)."""

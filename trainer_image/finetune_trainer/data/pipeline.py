@@ -23,7 +23,8 @@ data files (a remote file's ETag or version and size; a local file's content sha
 (format, columns, maxSeqLength, packing, completionOnlyLoss, systemPrompt, evalSplit, sources), the
 task and its parameters and the seed, and ``<tokenizer>`` hashes the tokenizer as loaded (its whole
 serialized state: vocabulary, added tokens, normalizer, post-processor; the chat template and special
-tokens). It holds ``train/``, ``eval/``, ``general/`` (and ``eval_questions/`` for QA), ``meta.json``
+tokens). It holds ``train/``, ``eval/``, ``general/`` (``eval_questions/`` for QA, ``eval_prompts/`` for
+causal-LM prompt formats: :mod:`.eval_prompts`), ``meta.json``
 (the statistics that do not depend on the world size) and ``COMMITTED``, written last, listing every
 file with its size: a cache without it (a builder killed mid-write) is never read, and is replaced by
 the next build. Deleting a cache is always safe: the next run builds it again. Without a checkpoint
@@ -58,14 +59,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from finetune_operator.api.tasks import DataFormat, task_row
+from finetune_operator.api.tasks import PROMPT_FORMATS, DataFormat, task_row
 from finetune_operator.api.trainer_config import TrainerConfig
 from finetune_operator.api.v1alpha1 import DataSource, DataSpec, FineTuneJobSpec, QAParams, TaskSpec
 from transformers import PreTrainedTokenizerBase
 
 from .. import storage
 from ..distributed import World
-from . import classification, examples, preference, qa
+from . import classification, eval_prompts, examples, preference, qa
 from .examples import Example
 from .packing import iter_blocks, iter_packed
 from .records import FORMATS, DataError, Record, RecordSink, scan, split_indices
@@ -74,7 +75,7 @@ from .replay import replay_rows_per_epoch
 log = logging.getLogger(__name__)
 
 #: Bumped when the cache's layout or content changes: older caches are then never read.
-VERSION = 1
+VERSION = 2  # 2: eval_prompts/
 CACHE_DIR = "data-cache"
 COMMITTED = "COMMITTED"
 META = "meta.json"
@@ -811,6 +812,11 @@ def _tokenize_all(
             out["eval"] = mapper(
                 eval_records, "eval-rows", _causal_batch, _CAUSAL, input_columns=["record"], cut=True, **kw
             )
+            if data.format in PROMPT_FORMATS:  # what the generation metrics complete
+                where = ["record", "file", "line", "unit"]
+                out["eval_prompts"] = mapper(
+                    eval_records, "eval-prompts", eval_prompts.batch, eval_prompts.FEATURES, input_columns=where, **kw
+                )
         if general_records is not None:
             text = data.model_copy(update={"format": "text"})
             out["general"] = mapper(
@@ -985,6 +991,8 @@ class PreparedData:
     #: Causal-LM runs with ``forgetting.ewc``: the Fisher estimate's rows, when they are neither the
     #: general-eval nor the training rows (fisherData, else the replay records; :mod:`..ewc`).
     fisher: datasets.Dataset | None = None
+    #: A causal-LM run of a prompt format: its eval prompts and references (:mod:`.eval_prompts`).
+    eval_prompts: datasets.Dataset | None = None
 
 
 def steps_per_epoch(config: TrainerConfig, rows: int, world_size: int) -> int:
@@ -1095,6 +1103,7 @@ def _load(config: TrainerConfig, cache: _Cache, *, hit: bool, world_size: int) -
         directory=cache.local,
         replay=split("replay"),
         fisher=split("fisher"),
+        eval_prompts=split("eval_prompts"),
     )
 
 
