@@ -40,6 +40,7 @@ from .reconcile import (
     Observed,
     job_references_of,
     observed_job,
+    observed_node,
     observed_pod,
     plan,
     read_progress,
@@ -88,6 +89,8 @@ class OperatorState:
     #: kopf's indexes of Jobs and pods by owning FineTuneJob (handed to handlers; kept for wake-ups).
     jobs: Mapping[Key, Any] = field(default_factory=dict)
     pods: Mapping[Key, Any] = field(default_factory=dict)
+    #: kopf's index of Nodes by name (:func:`watch_nodes`); None: nodes are not watched.
+    nodes: Mapping[str, Any] | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     slots: asyncio.Semaphore | None = None
 
@@ -170,15 +173,17 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
         return None
     uid, generation = meta["uid"], int(meta.get("generation") or 0)
     jobs = list(State.jobs.get(key, ()))
+    observed_pods = list(State.pods.get(key, ()))
     observed = Observed(
         ftj=ftj,
         generation=generation,
         status=previous,
         jobs=jobs,
-        pods=list(State.pods.get(key, ())),
+        pods=observed_pods,
         now=datetime.now(UTC),
         progress=read_progress(status),
         neighbours=_neighbours(namespace, name) if ftj.spec.job_references() else {},
+        nodes=_nodes_of(observed_pods) if State.nodes is not None else None,
     )
     p = plan(observed)
     if State.created_jobs.get(key) in {j["metadata"]["name"] for j in jobs}:
@@ -272,6 +277,13 @@ def _previous_status(key: Key, raw: Mapping[str, Any]) -> FineTuneJobStatus:
     else:
         State.unreadable.pop(key, None)
     return previous
+
+
+def _nodes_of(pods: list[dict[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """The nodes these pods are bound to, as the node index holds them (a deleted node is absent)."""
+    assert State.nodes is not None
+    bound = {n for p in pods if (n := (p.get("spec") or {}).get("nodeName"))}
+    return {n: node for n in sorted(bound) for node in State.nodes.get(n, ())}
 
 
 def _neighbours(namespace: str, name: str) -> dict[str, Mapping[str, Any]]:
@@ -401,6 +413,7 @@ async def ftj_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.
 async def on_finetunejob(event: kopf.RawEvent, namespace: str | None, name: str, **kwargs: Any) -> None:
     assert namespace is not None  # FineTuneJobs are namespaced
     State.jobs, State.pods = kwargs["ftj_jobs"], kwargs["ftj_pods"]  # kopf hands each index by its name
+    State.nodes = kwargs.get("ftj_nodes")  # only when watched (watch_nodes)
     key = (namespace, name)
     if event["type"] == "DELETED":
         # Children go with the owner references; only the operator's memory forgets the job.
@@ -433,6 +446,29 @@ async def on_child(namespace: str | None, labels: Mapping[str, str], **_: Any) -
     owner = labels.get(builders.LABEL_JOB)
     if namespace and owner and (namespace, owner) in State.bodies:
         _schedule((namespace, owner), CHILD_EVENT_DELAY)
+
+
+async def ftj_nodes(name: str, body: kopf.Body, **_: Any) -> Any:
+    return {name: observed_node(body)}
+
+
+async def on_node(event: kopf.RawEvent, name: str, **kwargs: Any) -> None:
+    """A node was deleted or is not ready: reconcile at once every FineTuneJob with a pod bound to it
+    (its gang may have lost a rank: :func:`~finetune_operator.reconcile.node_loss`)."""
+    State.nodes = kwargs.get("ftj_nodes")
+    if event["type"] != "DELETED" and observed_node(event["object"])["ready"] == "True":
+        return
+    for key, pods in State.pods.items():
+        if key in State.bodies and any((p.get("spec") or {}).get("nodeName") == name for p in pods):
+            _schedule(key, CHILD_EVENT_DELAY)
+
+
+def watch_nodes() -> None:
+    """Watch Nodes too (an operator watching every namespace; one limited to namespaces has no
+    right to, and judges node loss by the pods' disruption reasons alone): a gang with a pod on a
+    deleted or downed node is restarted without waiting for its collectives to time out."""
+    kopf.index("", "v1", "nodes")(ftj_nodes)
+    kopf.on.event("", "v1", "nodes")(on_node)
 
 
 class NoDiffBaseStorage(kopf.DiffBaseStorage):

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
+    if not args.namespace:
+        handlers.watch_nodes()
     kube = k8s_io.Kube()
     operator_settings = builders.OperatorSettings(
         trainer_image=args.trainer_image, image_pull_policy=args.image_pull_policy

@@ -45,6 +45,7 @@ from .api.v1alpha1 import (
     PROVENANCE_OPERATOR_FIELDS,
     REASON_DEPENDENCY_FAILED,
     REASON_INVALID_DATA,
+    REASON_NODE_LOST,
     REASON_STALLED,
     REASON_WAITING_FOR_JOB,
     REASON_WILL_NOT_FIT,
@@ -71,6 +72,13 @@ EXIT_REASONS = {
     EXIT_PREEMPTED: "Preempted",
 }
 TERMINATED_FIELDS = ("exitCode", "reason", "message", "finishedAt")
+#: The taint the node lifecycle controller puts on a node whose Ready condition is False or Unknown;
+#: a pod stays bound to it for its toleration's tolerationSeconds (300 s by default, from the
+#: DefaultTolerationSeconds admission plugin), then the taint manager evicts it.
+NODE_DOWN_TAINTS = {"False": "node.kubernetes.io/not-ready", "Unknown": "node.kubernetes.io/unreachable"}
+#: DisruptionTarget reasons of a pod taken away with its node: deleted by the pod garbage collector
+#: (its node is gone) or evicted by the taint manager (its node is down past the pod's toleration).
+NODE_LOSS_DISRUPTIONS = frozenset({"DeletionByPodGC", "DeletionByTaintManager"})
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 CONDITION_TYPES = ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 MAX_MESSAGE = 4000
@@ -116,6 +124,9 @@ class Observed:
     progress: Progress | None = None
     #: The other FineTuneJobs of the namespace (name to body: spec and status), for ``ftj://`` models.
     neighbours: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: The nodes the job's pods are bound to, by name (:func:`observed_node`); a node that is not
+    #: there was deleted. None: nodes are not watched (an operator limited to namespaces cannot).
+    nodes: Mapping[str, Mapping[str, Any]] | None = None
 
 
 @dataclass
@@ -166,13 +177,21 @@ def observed_pod(obj: Mapping[str, Any]) -> dict[str, Any]:
             "labels": dict(meta.get("labels") or {}),
             "annotations": {COMPLETION_INDEX: index} if index is not None else {},
         },
-        "spec": {"nodeName": (obj.get("spec") or {}).get("nodeName")},
+        "spec": {
+            "nodeName": (obj.get("spec") or {}).get("nodeName"),
+            # What keeps the pod bound to a node that stopped reporting (see :func:`node_loss`).
+            "tolerations": [
+                {k: t.get(k) for k in ("key", "operator", "effect", "tolerationSeconds")}
+                for t in (obj.get("spec") or {}).get("tolerations") or []
+                if t.get("key") in (*NODE_DOWN_TAINTS.values(), None, "")
+            ],
+        },
         "status": {
             "phase": status.get("phase"),
             "reason": status.get("reason"),
             "message": status.get("message"),
             "conditions": [
-                {"type": c.get("type"), "status": c.get("status")}
+                {"type": c.get("type"), "status": c.get("status"), "reason": c.get("reason")}
                 for c in status.get("conditions") or []
                 if c.get("type") == "DisruptionTarget"
             ],
@@ -187,6 +206,17 @@ def observed_pod(obj: Mapping[str, Any]) -> dict[str, Any]:
                 for terminated in [(cs.get("state") or {}).get("terminated")]
             ],
         },
+    }
+
+
+def observed_node(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a Node that :func:`plan` reads: its Ready condition's status and since when."""
+    conditions: list[dict[str, Any]] = (obj.get("status") or {}).get("conditions") or []
+    ready = next((c for c in conditions if c.get("type") == "Ready"), {})
+    return {
+        "metadata": {"name": (obj.get("metadata") or {}).get("name")},
+        "ready": ready.get("status") or "Unknown",
+        "since": ready.get("lastTransitionTime"),
     }
 
 
@@ -297,9 +327,16 @@ def failure_of(pods: list[dict[str, Any]], now: datetime) -> FailureInfo | None:
     failed.sort(key=lambda p: int(p["metadata"].get("annotations", {}).get(COMPLETION_INDEX, 0)))
     for pod in failed:
         status = pod.get("status") or {}
-        disrupted = any(
-            c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in status.get("conditions") or []
+        disruption = next(
+            (
+                c.get("reason") or ""
+                for c in status.get("conditions") or []
+                if c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+            ),
+            None,
         )
+        disrupted = disruption is not None
+        disrupted_reason = REASON_NODE_LOST if disruption in NODE_LOSS_DISRUPTIONS else "Preempted"
         for cs in status.get("containerStatuses") or []:
             terminated = (cs.get("state") or {}).get("terminated")
             if not terminated:
@@ -307,7 +344,7 @@ def failure_of(pods: list[dict[str, Any]], now: datetime) -> FailureInfo | None:
             code = terminated.get("exitCode")
             reason = EXIT_REASONS.get(code) or terminated.get("reason") or "Error"
             if disrupted:
-                reason = "Preempted"
+                reason = disrupted_reason
             return FailureInfo(
                 exit_code=code,
                 reason=reason[:MAX_REASON],
@@ -316,21 +353,75 @@ def failure_of(pods: list[dict[str, Any]], now: datetime) -> FailureInfo | None:
             )
         if disrupted or status.get("reason"):
             return FailureInfo(
-                reason="Preempted" if disrupted else str(status["reason"])[:MAX_REASON],
+                reason=disrupted_reason if disrupted else str(status["reason"])[:MAX_REASON],
                 message=(status.get("message") or "")[-MAX_MESSAGE:],
                 time=to_second(now),
             )
     return None
 
 
-def _lingering_pods(pods: list[dict[str, Any]], attempt: int) -> int:
-    """Pods of earlier attempts that are still pending or running."""
+def _lingering_pods(pods: list[dict[str, Any]], attempt: int, nodes: Mapping[str, Any] | None) -> int:
+    """Pods of earlier attempts that are still pending or running — but for those bound to a node that
+    is gone: nothing runs there (the pod garbage collector removes them in its own time)."""
     return sum(
         1
         for p in pods
         if int(p["metadata"].get("labels", {}).get(LABEL_ATTEMPT, attempt)) < attempt
         and (p.get("status") or {}).get("phase") in ("Pending", "Running")
+        and not (nodes is not None and (n := (p.get("spec") or {}).get("nodeName")) and n not in nodes)
     )
+
+
+def _toleration_seconds(pod: Mapping[str, Any], taint: str) -> float | None:
+    """How long the pod stays bound to a node with this NoExecute taint: its longest matching
+    toleration's tolerationSeconds (None: forever), 0 without one (evicted at once)."""
+    seconds: list[float | None] = []
+    for t in (pod.get("spec") or {}).get("tolerations") or []:
+        if t.get("effect") not in (None, "", "NoExecute"):
+            continue
+        if t.get("key") == taint or (not t.get("key") and t.get("operator") == "Exists"):
+            value = t.get("tolerationSeconds")
+            seconds.append(None if value is None else max(float(value), 0.0))
+    if not seconds:
+        return 0.0
+    return None if None in seconds else max(s for s in seconds if s is not None)
+
+
+def node_loss(obs: Observed, pods: list[dict[str, Any]], out: Plan) -> str | None:
+    """Why the current attempt's gang has lost a node (the failure's message), or None.
+
+    Lost: a pending or running pod of the gang is bound to a node that was deleted, or to one whose
+    Ready condition has been False or Unknown for longer than the pod tolerates the taint that puts
+    on it (``node.kubernetes.io/not-ready`` / ``unreachable``, NoExecute) — the moment Kubernetes
+    would evict it. The rest of the gang would wait in its next collective until the NCCL timeout:
+    the gang is restarted at once. Not lost yet: a wake-up is asked for when it would be."""
+    if obs.nodes is None:
+        return None
+    for pod in sorted(pods, key=lambda p: str(p["metadata"].get("name"))):
+        node_name = (pod.get("spec") or {}).get("nodeName")
+        if not node_name or (pod.get("status") or {}).get("phase") not in ("Pending", "Running"):
+            continue
+        pod_name = pod["metadata"].get("name")
+        node = obs.nodes.get(node_name)
+        if node is None:
+            return f"node {node_name} of pod {pod_name} was deleted"
+        ready = str(node.get("ready") or "Unknown")
+        since = parse_time(node.get("since"))
+        if ready == "True" or since is None:
+            continue
+        tolerated = _toleration_seconds(pod, NODE_DOWN_TAINTS.get(ready, NODE_DOWN_TAINTS["Unknown"]))
+        if tolerated is None:
+            continue
+        down = (obs.now - since).total_seconds()
+        if down >= tolerated:
+            state = "not ready" if ready == "False" else "unreachable"
+            return (
+                f"node {node_name} of pod {pod_name} has been {state} for {down:.0f}s "
+                f"(since {timestamp(since)}; the pod tolerates {tolerated:.0f}s)"
+            )
+        wake = tolerated - down + 1.0
+        out.requeue_after = wake if out.requeue_after is None else min(out.requeue_after, wake)
+    return None
 
 
 def _provenance(prev: Provenance | None, gang_pods: list[dict[str, Any]]) -> Provenance | None:
@@ -911,7 +1002,7 @@ def plan(obs: Observed) -> Plan:
             completion_time = now
             if current is not None:
                 out.delete_jobs.append(current_name)
-        elif current is None and (lingering := _lingering_pods(gang_pods, restarts)):
+        elif current is None and (lingering := _lingering_pods(gang_pods, restarts, obs.nodes)):
             # The previous gang is still stopping (saving a checkpoint on SIGTERM, say): start the next
             # one only when it is gone, so it resumes from that checkpoint and does not share GPUs.
             phase, reason = "Restarting", last_failure.reason if last_failure else "Restarting"
@@ -1020,6 +1111,19 @@ def _stalled_condition(
     return [_condition(CONDITION_STALLED, "False", reason, "", old, now, generation)]
 
 
+def _restart(
+    obs: Observed, name: str, restarts: int, failure: FailureInfo, out: Plan, message: str
+) -> tuple[Phase, str, str, datetime | None, int, FailureInfo | None]:
+    """A retriable failure of attempt ``restarts`` (its Job ``name``): the next attempt, while
+    ``runPolicy.backoffLimit`` allows one; Failed (BackoffLimitExceeded) once it does not."""
+    limit = obs.ftj.spec.run_policy.backoff_limit
+    if restarts < limit:
+        out.delete_jobs.append(name)
+        return "Restarting", failure.reason, message, None, restarts + 1, failure
+    message = f"{restarts} restarts used (runPolicy.backoffLimit {limit}); last failure: {failure.reason}"
+    return "Failed", "BackoffLimitExceeded", message, obs.now, restarts, failure
+
+
 def _from_job(
     obs: Observed,
     current: dict[str, Any],
@@ -1050,13 +1154,14 @@ def _from_job(
         if failed.get("reason") == "PodFailurePolicy":
             detail = failure.message or job_message
             return "Failed", failure.reason, detail, obs.now, restarts, failure
-        if restarts < spec.run_policy.backoff_limit:
-            out.delete_jobs.append(name)
-            message = f"attempt {restarts} failed ({failure.reason}); restarting the gang"
-            return "Restarting", failure.reason, message, None, restarts + 1, failure
-        limit = spec.run_policy.backoff_limit
-        message = f"{restarts} restarts used (runPolicy.backoffLimit {limit}); last failure: {failure.reason}"
-        return "Failed", "BackoffLimitExceeded", message, obs.now, restarts, failure
+        return _restart(
+            obs, name, restarts, failure, out, f"attempt {restarts} failed ({failure.reason}); restarting the gang"
+        )
+    lost = node_loss(obs, pods, out)
+    if lost is not None:
+        failure = FailureInfo(reason=REASON_NODE_LOST, message=lost, time=to_second(obs.now))
+        message = f"attempt {restarts} lost a node; restarting the gang from the newest checkpoint: {lost}"
+        return _restart(obs, name, restarts, failure, out, message)
     job_suspended = bool((current.get("spec") or {}).get("suspend"))
     want_suspend = spec.run_policy.suspend
     if job_suspended != want_suspend and not (not want_suspend and spec.run_policy.queue_name):
@@ -1081,13 +1186,8 @@ def _from_job(
         failure = FailureInfo(reason=REASON_STALLED, message=stalled, time=to_second(obs.now))
         if spec.run_policy.on_stall == "fail":
             return "Failed", REASON_STALLED, stalled, obs.now, restarts, failure
-        if restarts < spec.run_policy.backoff_limit:
-            out.delete_jobs.append(name)
-            message = f"attempt {restarts} stalled; restarting the gang from the newest checkpoint: {stalled}"
-            return "Restarting", REASON_STALLED, message, None, restarts + 1, failure
-        limit = spec.run_policy.backoff_limit
-        message = f"{restarts} restarts used (runPolicy.backoffLimit {limit}); last failure: {REASON_STALLED}"
-        return "Failed", "BackoffLimitExceeded", message, obs.now, restarts, failure
+        message = f"attempt {restarts} stalled; restarting the gang from the newest checkpoint: {stalled}"
+        return _restart(obs, name, restarts, failure, out, message)
     phase: Phase = "Restarting" if restarts else "Pending"
     reason = (last_failure.reason if last_failure else "Restarting") if restarts else "PodsStarting"
     return phase, reason, f"{running}/{nodes} pods running", None, restarts, last_failure

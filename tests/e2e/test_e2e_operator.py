@@ -162,6 +162,47 @@ def test_retriable_failure_restarts_the_gang(cluster: Cluster, operator: Operato
     assert restarting["status"] == "False" and restarting["reason"] == "Succeeded"
 
 
+def test_a_node_lost_under_a_running_gang_restarts_it_at_once(cluster: Cluster, operator: Operator, ns: str) -> None:
+    # A node of this test's own (kwok plays its kubelet), so that deleting it takes no other test's pods.
+    node_name, pool = f"kwok-{ns}", {"testcluster.finetune.io/pool": ns}
+    gpus = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "8"}
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": node_name,
+            "labels": {"type": "kwok", "kubernetes.io/hostname": node_name, **pool},
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+        },
+        "status": {"capacity": gpus, "allocatable": gpus},
+    }
+    cluster.apply(node)
+    try:
+        cluster.apply(manifest("llm", runPolicy={"backoffLimit": 2}, resources={"nodeSelector": pool}), namespace=ns)
+        first = cluster.running_pods(ns, "llm-a0", 2)
+        assert {p["spec"]["nodeName"] for p in first} == {node_name}
+        cluster.kubectl("delete", "node", node_name, "--wait=false")
+        # The operator watches nodes: the gang restarts on the deletion, not when its ranks' collectives
+        # time out nor when the pod garbage collector gets to the orphaned pods.
+        s = cluster.wait_for(
+            "restart after the node loss",
+            lambda: (x := cluster.ftj_status(ns, "llm")).get("restarts") == 1 and x,
+            timeout=bounds.OPERATOR_S,
+        )
+        assert s["lastFailure"]["reason"] == "NodeLost", s["lastFailure"]
+        assert s["lastFailure"]["message"].startswith(f"node {node_name} of pod llm-a0-"), s["lastFailure"]
+        assert next(c for c in s["conditions"] if c["type"] == "Restarting")["reason"] == "NodeLost"
+        # Attempt 1 does not wait for the pods on the deleted node (nothing runs there): its Job is
+        # created at once, and its pods run when a node of the pool is back.
+        cluster.wait_for("Job llm-a1", lambda: cluster.kubectl_result("get", "job", "llm-a1", "-n", ns).returncode == 0)
+        cluster.apply(node)
+        cluster.running_pods(ns, "llm-a1", 2)
+        s = cluster.wait_phase(ns, "llm", "Running")
+        assert s["restarts"] == 1
+    finally:
+        cluster.kubectl("delete", "node", node_name, "--ignore-not-found", "--wait=false")
+
+
 def test_permanent_exit_code_fails_at_once(cluster: Cluster, operator: Operator, ns: str) -> None:
     cluster.apply(manifest("llm"), namespace=ns)
     first = cluster.running_pods(ns, "llm-a0", 2)

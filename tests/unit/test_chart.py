@@ -42,6 +42,9 @@ KOPF_CRD_RULE = {
     "resources": ["customresourcedefinitions"],
     "verbs": ["list", "watch"],
 }
+#: The other: nodes, watched for node loss (handlers.watch_nodes) by an operator watching every namespace.
+NODES_RULE = {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}
+CLUSTER_ONLY_RULES = [KOPF_CRD_RULE, NODES_RULE]
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +238,7 @@ def test_cluster_scope_binds_one_cluster_role(helm: Path) -> None:
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "finetune-system"}
     ]
-    assert KOPF_CRD_RULE in role["rules"]
+    assert KOPF_CRD_RULE in role["rules"] and NODES_RULE in role["rules"]
 
 
 def test_namespaces_scope_has_nothing_cluster_wide(helm: Path) -> None:
@@ -252,10 +255,10 @@ def test_namespaces_scope_has_nothing_cluster_wide(helm: Path) -> None:
             {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "finetune-system"}
         ]
     assert [f"--namespace={ns}" for ns in watched] == operator_container(docs)["args"][: len(watched)]
-    # The same rules in both scopes, from one definition; only the CRD watch is cluster-only.
+    # The same rules in both scopes, from one definition; only the CRD and node watches are cluster-only.
     (cluster_role,) = of_kind(render(helm), "ClusterRole")
     for role in roles:
-        assert role["rules"] == [r for r in cluster_role["rules"] if r != KOPF_CRD_RULE]
+        assert role["rules"] == [r for r in cluster_role["rules"] if r not in CLUSTER_ONLY_RULES]
 
 
 def test_rbac_off_renders_no_rbac(helm: Path) -> None:

@@ -15,6 +15,7 @@ from finetune_operator.reconcile import (
     Plan,
     condition_reason,
     observed_job,
+    observed_node,
     observed_pod,
     plan,
     read_progress,
@@ -80,6 +81,9 @@ def pod(
     reason: str = "Error",
     message: str = "",
     disrupted: bool = False,
+    disruption: str = "PreemptionByScheduler",
+    node: str = "node-0",
+    tolerations: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     status: dict[str, Any] = {"phase": phase}
     if exit_code is not None:
@@ -106,7 +110,7 @@ def pod(
         ]
     status["conditions"] = [{"type": "Ready", "status": "True", "lastTransitionTime": timestamp(NOW)}]
     if disrupted:
-        status["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"})
+        status["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": disruption})
     return {
         "metadata": {
             "name": f"llm-a{attempt}-{index}-x",
@@ -114,22 +118,63 @@ def pod(
             "annotations": {"batch.kubernetes.io/job-completion-index": str(index), "other": "x" * 100},
             "ownerReferences": [{"kind": "Job", "name": f"llm-a{attempt}"}],
         },
-        "spec": {"nodeName": "node-0", "containers": [{"name": "trainer", "image": "trainer:1"}]},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "trainer", "image": "trainer:1"}],
+            # What the DefaultTolerationSeconds admission plugin adds to every pod, unless told otherwise.
+            "tolerations": tolerations
+            if tolerations is not None
+            else [
+                {
+                    "key": "node.kubernetes.io/not-ready",
+                    "operator": "Exists",
+                    "effect": "NoExecute",
+                    "tolerationSeconds": 300,
+                },
+                {
+                    "key": "node.kubernetes.io/unreachable",
+                    "operator": "Exists",
+                    "effect": "NoExecute",
+                    "tolerationSeconds": 300,
+                },
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            ],
+        },
         "status": {**status, "podIP": "10.0.0.1", "hostIP": "10.0.0.2"},
     }
 
 
 def run(
-    spec: Any, status: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]], now: datetime = NOW
+    spec: Any,
+    status: dict[str, Any],
+    jobs: list[dict[str, Any]],
+    pods: list[dict[str, Any]],
+    now: datetime = NOW,
+    nodes: dict[str, dict[str, Any]] | None = None,
 ) -> Plan:
     previous, problems = read_status(status)
     assert problems == []
     progress = read_progress(status)
-    full = plan(Observed(ftj=spec, generation=3, status=previous, jobs=jobs, pods=pods, now=now, progress=progress))
+    # Nodes are always what observed_node keeps of them (the operator's index holds nothing else).
+    cut_nodes = {name: observed_node(n) for name, n in nodes.items()} if nodes is not None else None
+    full = plan(
+        Observed(
+            ftj=spec, generation=3, status=previous, jobs=jobs, pods=pods, now=now, progress=progress, nodes=cut_nodes
+        )
+    )
     # The operator keeps only what observed_job/observed_pod cut out of what it watches: every plan
     # must come out the same from those as from the whole objects.
     cut = [observed_job(j) for j in jobs], [observed_pod(p) for p in pods]
-    again = Observed(ftj=spec, generation=3, status=previous, jobs=cut[0], pods=cut[1], now=now, progress=progress)
+    again = Observed(
+        ftj=spec,
+        generation=3,
+        status=previous,
+        jobs=cut[0],
+        pods=cut[1],
+        now=now,
+        progress=progress,
+        nodes=cut_nodes,
+    )
     assert plan(again) == full
     # The operator writes only its own fields, as the API's typed status has them; of status.provenance,
     # only what it derives from the pods, and only once there is something (never a null over the trainer's).
@@ -816,3 +861,87 @@ def test_the_result_is_read_leniently_and_bounded() -> None:
     assert parsed is not None and len(parsed.problems) == 20 and parsed.fits is None  # the fit is the operator's
     assert parse_preflight_result("Traceback (most recent call last):") is None
     assert parse_preflight_result("[1, 2]") is None and parse_preflight_result(None) is None
+
+
+def node(name: str, ready: str = "True", since: datetime = NOW - timedelta(days=1)) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {"type": "kwok"}},
+        "status": {
+            "conditions": [
+                {"type": "MemoryPressure", "status": "False", "lastTransitionTime": timestamp(NOW)},
+                {"type": "Ready", "status": ready, "lastTransitionTime": timestamp(since)},
+            ]
+        },
+    }
+
+
+ON_TWO_NODES = [pod(0, 0, "Running", node="node-0"), pod(0, 1, "Running", node="node-1")]
+
+
+def test_a_gang_with_a_pod_on_a_deleted_node_restarts_at_once_as_node_lost() -> None:
+    healthy = run(
+        ftj(), {"phase": "Running"}, [job(0)], ON_TWO_NODES, nodes={"node-0": node("node-0"), "node-1": node("node-1")}
+    )
+    assert healthy.status["phase"] == "Running" and not healthy.delete_jobs
+    p = run(ftj(), {"phase": "Running"}, [job(0)], ON_TWO_NODES, nodes={"node-0": node("node-0")})
+    assert (p.status["phase"], p.status["restarts"], p.delete_jobs) == ("Restarting", 1, ["llm-a0"])
+    assert p.status["lastFailure"]["reason"] == "NodeLost" and cond(p, "Restarting")["reason"] == "NodeLost"
+    assert p.status["lastFailure"]["message"] == "node node-1 of pod llm-a0-1-x was deleted"
+    assert ("Warning", "NodeLost") in [e[:2] for e in p.events]
+    # The next attempt waits for the rank on the healthy node to stop (it saves a checkpoint on SIGTERM),
+    # not for the one on the deleted node: nothing runs there.
+    waiting = run(ftj(), p.status, [], ON_TWO_NODES, nodes={"node-0": node("node-0")})
+    assert waiting.create_job is None and "waiting for 1 pod(s)" in cond(waiting, "Restarting")["message"]
+    started = run(ftj(), p.status, [], ON_TWO_NODES[1:], nodes={"node-0": node("node-0")})
+    assert started.create_job == 1
+    # Node losses use up runPolicy.backoffLimit like any retriable failure.
+    spent = run(ftj(backoffLimit=0), {"phase": "Running"}, [job(0)], ON_TWO_NODES, nodes={"node-0": node("node-0")})
+    assert (spent.status["phase"], cond(spent, "Failed")["reason"]) == ("Failed", "BackoffLimitExceeded")
+
+
+@pytest.mark.parametrize(("ready", "state"), [("Unknown", "unreachable"), ("False", "not ready")])
+def test_a_node_down_past_the_pods_toleration_is_lost(ready: str, state: str) -> None:
+    def at(down: float) -> Plan:
+        nodes = {"node-0": node("node-0"), "node-1": node("node-1", ready, NOW - timedelta(seconds=down))}
+        return run(ftj(), {"phase": "Running"}, [job(0)], ON_TWO_NODES, nodes=nodes)
+
+    # Within the 300 s the pod tolerates the taint: it may come back; woken when it would be lost.
+    early = at(100)
+    assert early.status["phase"] == "Running" and early.requeue_after == pytest.approx(201.0)
+    late = at(301)
+    assert late.status["phase"] == "Restarting" and late.status["lastFailure"]["reason"] == "NodeLost"
+    assert f"node node-1 of pod llm-a0-1-x has been {state} for 301s" in late.status["lastFailure"]["message"]
+    assert "the pod tolerates 300s" in late.status["lastFailure"]["message"]
+
+
+def test_a_pods_own_tolerations_decide_how_long_a_down_node_is_waited_for() -> None:
+    nodes = {"node-0": node("node-0", "Unknown", NOW - timedelta(seconds=10))}
+
+    def with_tolerations(tolerations: list[dict[str, Any]]) -> Plan:
+        pods = [pod(0, 0, "Running", tolerations=tolerations), pod(0, 1, "Running", tolerations=tolerations)]
+        return run(ftj(), {"phase": "Running"}, [job(0)], pods, nodes=nodes)
+
+    # No toleration of the taint: evicted at once, so lost at once.
+    assert with_tolerations([]).status["phase"] == "Restarting"
+    # Tolerated forever (no tolerationSeconds, or every taint): never judged lost by the node's state.
+    forever = [{"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"}]
+    assert with_tolerations(forever).status["phase"] == "Running"
+    assert with_tolerations([{"operator": "Exists"}]).status["phase"] == "Running"
+    # A NoSchedule toleration of the taint does not keep a pod on a down node.
+    no_schedule = [{"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoSchedule"}]
+    assert with_tolerations(no_schedule).status["phase"] == "Restarting"
+
+
+def test_without_a_node_watch_node_loss_is_read_from_the_pods_disruption() -> None:
+    # An operator limited to namespaces cannot watch nodes: a pod on a node it cannot see is not judged...
+    assert run(ftj(), {"phase": "Running"}, [job(0)], ON_TWO_NODES, nodes=None).status["phase"] == "Running"
+    # ...and the pods Kubernetes takes away with their node say so in their DisruptionTarget reason.
+    for disruption, reason in [
+        ("DeletionByPodGC", "NodeLost"),
+        ("DeletionByTaintManager", "NodeLost"),
+        ("PreemptionByScheduler", "Preempted"),
+        ("EvictionByEvictionAPI", "Preempted"),
+    ]:
+        failed = [pod(0, 1, "Failed", exit_code=137, disrupted=True, disruption=disruption), pod(0, 0, "Running")]
+        p = run(ftj(), {"phase": "Running"}, [job(0, condition="Failed", reason="BackoffLimitExceeded")], failed)
+        assert (p.status["phase"], p.status["lastFailure"]["reason"]) == ("Restarting", reason), disruption

@@ -1924,6 +1924,8 @@ CONDITION_DEPENDENCY_READY = "DependencyReady"
 REASON_WAITING_FOR_JOB = "WaitingForJob"
 REASON_DEPENDENCY_FAILED = "DependencyFailed"
 REASON_STALLED = "Stalled"
+#: Reason of a gang restarted because a node under it was deleted or went down (status.lastFailure).
+REASON_NODE_LOST = "NodeLost"
 
 
 class RunPolicy(SpecModel):
@@ -2748,7 +2750,7 @@ class FailureInfo(SpecModel):
     """The most recent failure of a trainer container."""
 
     exit_code: int | None = Field(default=None, description="Exit code of the failing container.")
-    reason: str = Field(max_length=1024, description="Reason, e.g. OOMKilled, Preempted, InvalidData.")
+    reason: str = Field(max_length=1024, description="Reason, e.g. OOMKilled, Preempted, NodeLost, Stalled, InvalidData.")
     message: str = Field(default="", max_length=32768, description="Last message of the container.")
     time: datetime | None = Field(default=None, strict=False, description="When the failure was observed.")
 
