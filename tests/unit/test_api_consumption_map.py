@@ -58,6 +58,15 @@ PROMPT_INIT = f"{METHOD_PARAMS}::test_prompt_init_text_initialises_the_soft_prom
 QUANTIZATION = f"{METHOD_PARAMS}::test_quantization_reaches_every_4bit_layer"
 VIRTUAL_TOKENS = f"{METHOD_PARAMS}::test_virtual_tokens_are_trained_and_saved"
 DATA_OPTIONS = "tests/trainer/test_data_options.py"
+AUGMENTATION = "tests/trainer/test_augmentation.py"
+AUGMENTED_COPIES = f"{AUGMENTATION}::test_eda_copies_are_seeded_counted_tagged_and_leave_eval_and_targets_alone"
+BACK_TRANSLATION = f"{AUGMENTATION}::test_back_translation_runs_both_models"
+ALPHA = f"{AUGMENTATION}::test_alpha_sets_how_much_changes"
+MINED = "tests/trainer/test_vocabulary.py::test_mining_picks_the_frequent_words_split_into_many_pieces"
+MINED_CORPUS = "tests/trainer/test_vocabulary.py::test_a_corpus_of_its_own_is_mined_and_its_defects_named"
+MINED_FILE_TYPE = (
+    "tests/trainer/test_vocabulary.py::test_the_corpus_is_read_as_its_declared_file_type_up_to_max_samples"
+)
 STALL_RESTART = "tests/unit/test_reconcile.py::test_a_gang_quiet_past_the_stall_timeout_restarts_from_its_checkpoint"
 PREFERENCE_COLUMNS = "tests/trainer/test_preference_data.py::test_mapped_columns_are_read"
 COLUMNS_READ = f"{DATA_OPTIONS}::test_renamed_columns_are_read"
@@ -186,6 +195,19 @@ CONSUMPTION: dict[str, str] = {
     "spec.checkpoint.saveOnPreemption": "tests/trainer/test_resume.py::test_deepspeed_sigterm_then_resume_exactly",
     "spec.checkpoint.uri": RESUME,
     # -- spec.data: records, formats, tokenization --------------------------------------------------------
+    "spec.data.augmentation.backTranslation.backward": BACK_TRANSLATION,  # the copies are the two models' output
+    "spec.data.augmentation.backTranslation.batchSize": BACK_TRANSLATION,  # the translators' batch sizes
+    "spec.data.augmentation.backTranslation.copies": BACK_TRANSLATION,
+    "spec.data.augmentation.backTranslation.forward": BACK_TRANSLATION,
+    "spec.data.augmentation.backTranslation.maxNewTokens": BACK_TRANSLATION,  # equal to generating that many
+    "spec.data.augmentation.randomDeletion.alpha": f"{ALPHA}[randomDeletion]",
+    "spec.data.augmentation.randomDeletion.copies": AUGMENTED_COPIES,
+    "spec.data.augmentation.randomInsertion.alpha": f"{ALPHA}[randomInsertion]",
+    "spec.data.augmentation.randomInsertion.copies": AUGMENTED_COPIES,
+    "spec.data.augmentation.randomSwap.alpha": f"{ALPHA}[randomSwap]",
+    "spec.data.augmentation.randomSwap.copies": AUGMENTED_COPIES,
+    "spec.data.augmentation.synonymReplacement.alpha": f"{ALPHA}[synonymReplacement]",
+    "spec.data.augmentation.synonymReplacement.copies": AUGMENTED_COPIES,
     "spec.data.columns.answers": QA_RUN,  # the run's data has its own column names
     "spec.data.columns.chosen": PREFERENCE_COLUMNS,  # renamed columns read, and named in the problem
     "spec.data.columns.completion": f"{EXAMPLE}[qlora]",  # the example maps completion: output
@@ -291,6 +313,17 @@ CONSUMPTION: dict[str, str] = {
     "spec.model.dtype=fp16": f"{DTYPE}[fp16]",
     "spec.model.dtype=fp32": f"{DTYPE}[fp32]",
     "spec.model.ggufFile": "tests/trainer/test_quickstart.py::test_quickstart",
+    "spec.model.mineTokens.column": MINED_CORPUS,
+    "spec.model.mineTokens.corpus.fileType=auto": MINED_CORPUS,  # a .jsonl corpus, by its extension
+    "spec.model.mineTokens.corpus.fileType=csv": f"{MINED_FILE_TYPE}[csv]",
+    "spec.model.mineTokens.corpus.fileType=json": f"{MINED_FILE_TYPE}[json]",
+    "spec.model.mineTokens.corpus.fileType=jsonl": f"{MINED_FILE_TYPE}[jsonl]",
+    "spec.model.mineTokens.corpus.fileType=parquet": f"{MINED_FILE_TYPE}[parquet]",
+    "spec.model.mineTokens.corpus.maxSamples": f"{MINED_FILE_TYPE}[jsonl]",  # the first 10 records' words
+    "spec.model.mineTokens.corpus.uri": MINED_CORPUS,
+    "spec.model.mineTokens.maxTokens": MINED,  # 3 words, then 4 of the corpus's
+    "spec.model.mineTokens.minCount": MINED,  # a 4-piece word occurring twice is left out
+    "spec.model.mineTokens.minPieces": MINED,  # a 3-piece word occurring 5 times is left out
     "spec.model.revision": f"{MODEL_OPTIONS}::test_revision_selects_the_hub_commit[branch]",
     "spec.model.trustRemoteCode": f"{MODEL_OPTIONS}::test_trust_remote_code_runs_the_models_own_code",
     "spec.model.uri": STORAGE,

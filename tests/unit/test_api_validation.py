@@ -816,6 +816,43 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.preflight.activeDeadlineSeconds",
         "60",
     ),
+    (
+        "augmentation-of-qa",
+        {"spec.task.type": "qa", "spec.data.format": "qa", "spec.data.augmentation": {"randomSwap": {}}},
+        "spec.data.augmentation",
+        "spans",
+    ),
+    (
+        "augmentation-of-preference",
+        {"spec.task.type": "dpo", "spec.data.format": "preference", "spec.data.augmentation": {"randomSwap": {}}},
+        "spec.data.augmentation",
+        "preference",
+    ),
+    ("augmentation-of-nothing", {"spec.data.augmentation": {}}, "spec.data.augmentation", "at least one of"),
+    (
+        "augmentation-alpha-above-half",
+        {"spec.data.augmentation": {"randomDeletion": {"alpha": 0.9}}},
+        "spec.data.augmentation.randomDeletion.alpha",
+        "0.5",
+    ),
+    (
+        "back-translation-from-a-job",
+        {"spec.data.augmentation": {"backTranslation": {"forward": "ftj://other", "backward": "org/back"}}},
+        "spec.data.augmentation.backTranslation.forward",
+        "ftj://",
+    ),
+    (
+        "mine-tokens-one-piece",
+        {"spec.model.mineTokens": {"minPieces": 1}},
+        "spec.model.mineTokens.minPieces",
+        "2",
+    ),
+    (
+        "mine-tokens-too-many",
+        {"spec.model.mineTokens": {"maxTokens": 5000}},
+        "spec.model.mineTokens.maxTokens",
+        "1024",
+    ),
 ]
 
 #: Manifests both the API server and `finetune validate` accept (edges of the rules above).
@@ -899,6 +936,17 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("cuda-optimizer-with-gpus", {"spec.training.optimizer": "adamw8bit"}),
     ("fp16-with-gpus", {"spec.training.precision": "fp16"}),
     ("system-prompt-for-chat", {"spec.data.format": "chat", "spec.data.systemPrompt": "Answer briefly."}),
+    (
+        "augmentation-of-chat",
+        {
+            "spec.data.format": "chat",
+            "spec.data.augmentation": {
+                "synonymReplacement": {"alpha": 0.1, "copies": 2},
+                "backTranslation": {"forward": "Helsinki-NLP/opus-mt-en-de", "backward": "s3://models/de-en"},
+            },
+        },
+    ),
+    ("mine-tokens-from-a-corpus", {"spec.model.mineTokens": {"corpus": {"uri": "s3://bucket/corpus.jsonl"}}}),
     ("revision-of-a-hub-id", {"spec.model.revision": "v2"}),
     ("completion-only-loss-for-chat", {"spec.data.format": "chat", "spec.data.completionOnlyLoss": False}),
     ("chat-template-for-chat", {"spec.data.format": "chat", "spec.model.chatTemplate": "{{ messages }}"}),

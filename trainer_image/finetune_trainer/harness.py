@@ -116,6 +116,8 @@ class Run:
         self.status = StatusReporter.from_env() if self.world.is_main else None
         #: Where the model came from, once :meth:`model_source` resolved it (for the provenance).
         self.source: modeling.ModelSource | None = None
+        #: The words spec.model.mineTokens added to the tokenizer (:meth:`tokenized`).
+        self.mined_tokens: list[str] = []
 
     @classmethod
     @contextmanager
@@ -136,7 +138,11 @@ class Run:
 
     def tokenized(self, checked: pipeline.Checked, tokenizer: Any) -> pipeline.PreparedData:
         """The token rows of the checked data (:func:`.data.pipeline.prepare`): after :meth:`prepare`,
-        the tokenizer being a model file."""
+        the tokenizer being a model file. The words ``spec.model.mineTokens`` mines are added to the
+        tokenizer first (:mod:`.data.vocabulary`), identically on every rank."""
+        from .data import vocabulary
+
+        self.mined_tokens = vocabulary.extend(self.config, tokenizer, checked, self.world)
         return pipeline.prepare(self.config, tokenizer, world=self.world, checked=checked)
 
     def model_source(self) -> modeling.ModelSource:
@@ -302,6 +308,8 @@ class Training:
             "task": spec.task.type,
             "world_size": run.world.world_size,
         }
+        if spec.model.mine_tokens is not None:
+            self.summary["mined_tokens"] = run.mined_tokens
         before: dict[str, Any] = {}
         deepspeed = bool(self.prepared.args.deepspeed)
         if not deepspeed and run.world.world_size == 1:

@@ -10,6 +10,7 @@ trainable.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -419,13 +420,51 @@ def _plain_copy(auto_class: type[_BaseAutoModelClass], model: PreTrainedModel) -
 
 
 def grow_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Resize embeddings to the tokenizer; return the ids of the added rows (empty when none)."""
+    """Resize embeddings to the tokenizer; return the ids of the added rows (empty when none).
+
+    Each new row (input embeddings and, when untied, the output head's) starts as the mean of the rows
+    of the pieces the tokenizer splits its token into without the added tokens
+    (:func:`.data.vocabulary.base_pieces`): ``addTokens`` and mined words alike start where the model
+    read them before. A token none of whose pieces has a row keeps transformers' initialisation (the
+    mean of all rows, with noise of their covariance)."""
     old = cast(torch.Tensor, model.get_input_embeddings().weight).shape[0]  # nn.Module types it Tensor | Module
     new = len(tokenizer)
     if new <= old:
         return []
     model.resize_token_embeddings(new, mean_resizing=True)
+    _init_from_pieces(model, tokenizer, range(old, new), old)
     return list(range(old, new))
+
+
+def _init_from_pieces(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: range, old: int) -> None:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from .data.vocabulary import base_pieces
+
+    added = tokenizer.added_tokens_decoder
+    pieces = {}
+    for token_id in ids:
+        if token_id not in added:  # a vocabulary larger than the model's embeddings: no text to split
+            continue
+        found = [p for p in base_pieces(tokenizer, added[token_id].content) if p < old]
+        if found:
+            pieces[token_id] = found
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()  # type: ignore[no-untyped-call]  # unannotated in transformers
+    weights = [cast(torch.Tensor, embedding.weight)]
+    if head is not None and head.weight is not weights[0]:
+        weights.append(cast(torch.Tensor, head.weight))
+    gathered: Any = contextlib.nullcontext()
+    if is_deepspeed_zero3_enabled():  # type: ignore[no-untyped-call]  # unannotated in transformers
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+    with gathered, torch.no_grad():
+        for weight in weights:
+            if weight.numel() == 0:  # a ZeRO-3 shard on a rank that does not modify it
+                continue
+            for token_id, found in pieces.items():
+                weight[token_id] = weight[found].float().mean(dim=0).to(weight.dtype)
 
 
 def model_dtype(requested: str) -> torch.dtype | str:

@@ -215,7 +215,7 @@ SINGLE_PROCESS = World(rank=0, local_rank=0, world_size=1, local_world_size=1)
 
 def preflight(config: TrainerConfig, *, world_size: int | None = None) -> Outcome:
     """Run every check (module docstring) and return the outcome; a refusal is an outcome, not raised."""
-    from .data import pipeline
+    from .data import pipeline, vocabulary
 
     spec = config.spec
     world = world_size or memory.world_size_of(spec)
@@ -233,6 +233,7 @@ def preflight(config: TrainerConfig, *, world_size: int | None = None) -> Outcom
         elif note is not None:
             found["memory_note"] = _clip(note, MAX_NOTE_CHARS)
         try:
+            vocabulary.extend(config, tokenizer, checked, SINGLE_PROCESS)  # spec.model.mineTokens, as a run mines
             prepared = pipeline.prepare(config, tokenizer, world=SINGLE_PROCESS, checked=checked, world_size=world)
         except DataError as exc:  # a record the tokenization refuses (a QA question too long for a window)
             return _data_error(found, exc.problems, exc.total)

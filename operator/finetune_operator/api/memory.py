@@ -1239,6 +1239,7 @@ def estimate(
     ``world_size``: data-parallel ranks (default: the spec's nodes x processes per node).
     ``tokenizer_length``: ``len(tokenizer)`` after ``spec.model.addTokens`` (the trainer grows the
     embeddings to it when it exceeds the config's vocabulary); default: every added token is new.
+    ``spec.model.mineTokens`` adds up to its ``maxTokens`` more, counted in full.
     ``bf16_supported``: whether the GPU has bf16 (precision ``auto`` trains in bf16 there, else fp32).
     ``device``: ``cpu`` for a job without GPUs (``gpusPerNode: 0``): precision ``auto`` is fp32, dropout
     keeps its mask in the input's dtype, and there is no CUDA context or NCCL.
@@ -1249,10 +1250,12 @@ def estimate(
     world = world_size_of(spec) if world_size is None else world_size
     if world < 1:
         raise EstimateError(f"world_size must be at least 1, got {world}")
+    # Mined tokens are known only once the data is read: counted at spec.model.mineTokens.maxTokens.
+    mined = spec.model.mine_tokens.max_tokens if spec.model.mine_tokens is not None else 0
     vocab = (
-        arch.vocab_size + len(spec.model.add_tokens)
+        arch.vocab_size + len(spec.model.add_tokens) + mined
         if tokenizer_length is None
-        else max(arch.vocab_size, tokenizer_length)
+        else max(arch.vocab_size, tokenizer_length + mined)
     )
     added_rows = vocab - arch.vocab_size
     mixed = _mixed_precision(spec, bf16_supported and device == "cuda")

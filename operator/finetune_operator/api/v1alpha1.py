@@ -233,6 +233,36 @@ def immutable(path: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
+class MineTokensSpec(SpecModel):
+    """Domain vocabulary mined from a corpus: its frequent words that the tokenizer splits into many
+    pieces, added to the tokenizer (as spec.model.addTokens are)."""
+
+    corpus: DataSource | None = Field(
+        default=None,
+        description=(
+            "Text records to mine (their `column`); default: the training records, every text of them "
+            "(prompts, completions, messages, ...; not the records evalSplit holds out)."
+        ),
+    )
+    column: str = Field(default="text", max_length=256, description="The column of `corpus` holding the text.")
+    min_pieces: int = Field(
+        default=3,
+        ge=2,
+        le=64,
+        description="Words the tokenizer splits into at least this many tokens (alone and after a space).",
+    )
+    min_count: int = Field(default=5, ge=1, description="Words that occur at least this many times.")
+    max_tokens: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description=(
+            "At most this many words are added: the most frequent first (ties in code-point order). A word "
+            "is a run of letters, digits and underscores with at least one letter, as written (case kept)."
+        ),
+    )
+
+
 class ModelSpec(SpecModel):
     """The pretrained model to start from, and how to load it."""
 
@@ -277,7 +307,16 @@ class ModelSpec(SpecModel):
         json_schema_extra={"x-kubernetes-list-type": "set"},
         description=(
             "Tokens to add to the tokenizer. The embedding matrix is resized and the new rows are "
-            "trained, also under PEFT methods."
+            "trained, also under PEFT methods. A new row starts as the mean of the embeddings of the "
+            "pieces the tokenizer split the token into (input and, when untied, output embeddings)."
+        ),
+    )
+    mine_tokens: MineTokensSpec | None = Field(
+        default=None,
+        description=(
+            "Also add the domain's words: mined from the training data (or a corpus) before tokenization, "
+            "identically on every rank; initialised as addTokens are, listed in summary.json, saved with "
+            "the tokenizer."
         ),
     )
     chat_template: str | None = Field(
@@ -997,6 +1036,11 @@ class DataSource(SpecModel):
     max_samples: int | None = Field(default=None, ge=1, description="Use at most this many records (the first ones).")
 
 
+# spec.model.mineTokens.corpus is a DataSource, defined after spec.model: resolved now that it exists.
+MineTokensSpec.model_rebuild()
+ModelSpec.model_rebuild()
+
+
 class ColumnMapping(SpecModel):
     """Names of the dataset columns each format reads."""
 
@@ -1018,6 +1062,103 @@ class ColumnMapping(SpecModel):
     )
     chosen: str = Field(default="chosen", max_length=256, description="Preferred response (preference).")
     rejected: str = Field(default="rejected", max_length=256, description="Dispreferred response (preference).")
+
+
+#: The data formats augmentation refuses: a qa record's answer is a span of its context (offsets that
+#: edits would break), a preference record's pair is judged as written (edits could flip the judgement).
+UNAUGMENTED_FORMATS = ("qa", "preference")
+
+
+class EDAOperation(SpecModel):
+    """One operation of Easy Data Augmentation (Wei & Zou, 2019), on the words of a record's text."""
+
+    alpha: float = Field(
+        default=0.1,
+        gt=0,
+        le=0.5,
+        description=(
+            "How much of the text changes: synonymReplacement, randomInsertion and randomSwap make "
+            "max(1, alpha x words) changes; randomDeletion drops each word with probability alpha (one "
+            "word is always kept)."
+        ),
+    )
+    copies: int = Field(default=1, ge=1, le=16, description="Augmented copies of each training record.")
+
+
+class BackTranslationSpec(SpecModel):
+    """Back-translation: the text translated by one seq2seq model and back by another."""
+
+    forward: ModelUri = Field(
+        description=(
+            "The seq2seq translation model (e.g. English to German) the text is translated with, "
+            "loaded as spec.model.uri is: a Hub id, s3://, gs://, az://, file://, pkg:// or a path."
+        ),
+    )
+    backward: ModelUri = Field(description="The seq2seq model translating back into the data's language.")
+    copies: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description=(
+            "Augmented copies of each training record: one is the greedy translation, more are sampled "
+            "(seeded by spec.training.seed)."
+        ),
+    )
+    max_new_tokens: int = Field(default=256, ge=8, le=4096, description="Longest translation, in tokens.")
+    batch_size: int = Field(default=16, ge=1, le=1024, description="Texts translated at a time.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel=f"!self.forward.startsWith('{JOB_URI_SCHEME}://') && !self.backward.startsWith('{JOB_URI_SCHEME}://')",
+            message=(
+                "spec.data.augmentation.backTranslation: forward and backward cannot be ftj:// (only "
+                "spec.model takes another job's output)"
+            ),
+            check=lambda m: (
+                not (m.forward.startswith(f"{JOB_URI_SCHEME}://") or m.backward.startswith(f"{JOB_URI_SCHEME}://"))
+            ),
+            field=".forward",
+        ),
+    )
+
+
+class AugmentationSpec(SpecModel):
+    """Augmented copies of the training records (never of eval or general-eval data), made before
+    tokenization and deterministic from spec.training.seed."""
+
+    synonym_replacement: EDAOperation | None = Field(
+        default=None, description="Replace words with WordNet synonyms (English; stop words are kept)."
+    )
+    random_insertion: EDAOperation | None = Field(
+        default=None, description="Insert a WordNet synonym of a word of the text at a random place."
+    )
+    random_swap: EDAOperation | None = Field(default=None, description="Swap two random words.")
+    random_deletion: EDAOperation | None = Field(default=None, description="Delete random words.")
+    back_translation: BackTranslationSpec | None = Field(
+        default=None, description="Translate the text into another language and back."
+    )
+
+    @property
+    def copies(self) -> int:
+        """Augmented records made of each training record."""
+        ops = (self.synonym_replacement, self.random_insertion, self.random_swap, self.random_deletion)
+        return sum(op.copies for op in ops if op is not None) + (
+            self.back_translation.copies if self.back_translation is not None else 0
+        )
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel=(
+                "has(self.synonymReplacement) || has(self.randomInsertion) || has(self.randomSwap) || "
+                "has(self.randomDeletion) || has(self.backTranslation)"
+            ),
+            message=(
+                "spec.data.augmentation needs at least one of synonymReplacement, randomInsertion, randomSwap, "
+                "randomDeletion and backTranslation"
+            ),
+            check=lambda m: m.copies > 0,
+        ),
+    )
 
 
 class DataSpec(SpecModel):
@@ -1064,6 +1205,16 @@ class DataSpec(SpecModel):
             "`promptCompletion` and `chat`, the ones with prompts; default true)."
         ),
     )
+    augmentation: AugmentationSpec | None = Field(
+        default=None,
+        description=(
+            "Augmented copies of the training records (never of eval data): each record trains as written "
+            "and as its copies. What is changed is the input the model reads, never the target it learns to "
+            "write: `promptCompletion` and `rl` prompts, `chat` user messages, `classification` text (the "
+            "label stays), `text` the text. Formats `qa` (answers are spans of the context) and "
+            "`preference` (a judged pair) are refused."
+        ),
+    )
 
     @property
     def prompt_loss_masked(self) -> bool:
@@ -1091,6 +1242,17 @@ class DataSpec(SpecModel):
             message="spec.data.eval and spec.data.evalSplit are mutually exclusive",
             check=lambda m: not (m.eval is not None and m.eval_split > 0),
             field=".evalSplit",
+        ),
+        Rule(
+            cel="!has(self.augmentation) || !(self.format in ["
+            + ", ".join(f"'{f}'" for f in UNAUGMENTED_FORMATS)
+            + "])",
+            message=(
+                "spec.data.augmentation is not supported for spec.data.format qa (edits would break the "
+                "answers' spans of the context) nor preference (edits could change which response is better)"
+            ),
+            check=lambda m: m.augmentation is None or m.format not in UNAUGMENTED_FORMATS,
+            field=".augmentation",
         ),
     )
 

@@ -69,7 +69,7 @@ from ..distributed import World
 from . import classification, eval_prompts, examples, preference, qa
 from .examples import Example
 from .packing import iter_blocks, iter_packed
-from .records import FORMATS, DataError, Record, RecordSink, scan, split_indices
+from .records import FORMATS, DataError, Record, RecordSink, scan, split_indices, where_of
 from .replay import replay_rows_per_epoch
 
 log = logging.getLogger(__name__)
@@ -551,7 +551,7 @@ def _preference_batch(texts: list[str], *, tokenizer: PreTrainedTokenizerBase, d
 
 
 def _wheres(files: list[str], lines: list[int], units: list[str]) -> list[str]:
-    return [f"{f}:{u} {n}" if u else f"{f}:{n}" for f, n, u in zip(files, lines, units, strict=True)]
+    return [where_of(f, n, u) for f, n, u in zip(files, lines, units, strict=True)]
 
 
 def _qa_batch(
@@ -772,6 +772,10 @@ def _tokenize_all(
     recipe = task_row(spec.task.type).recipe
     train_records = checked.records("train")
     assert train_records is not None
+    if data.augmentation is not None:  # the training records only, before they are tokenized
+        from .augmentation import augment
+
+        train_records = augment(config, train_records, work, mapper)
     eval_records = checked.records("eval")
     general_records = checked.records("general")
     out: dict[str, datasets.Dataset] = {}

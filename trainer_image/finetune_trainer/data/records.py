@@ -60,7 +60,15 @@ class Record:
 
     @property
     def where(self) -> str:
-        return f"{self.file}:{self.unit} {self.line}" if self.unit else f"{self.file}:{self.line}"
+        return where_of(self.file, self.line, self.unit)
+
+
+def where_of(file: str, line: int, unit: str) -> str:
+    """Where a record is: ``file:line``, ``file:row 3``; an augmented copy's unit also holds its tag
+    after a ``|`` (:mod:`.augmentation`), named after its source: ``file:12 (randomSwap 1)``."""
+    unit, _, tag = unit.partition("|")
+    where = f"{file}:{unit} {line}" if unit else f"{file}:{line}"
+    return f"{where} ({tag})" if tag else where
 
 
 class DataError(ValueError):
