@@ -4,7 +4,8 @@
   with hand-checked cases (identical texts: BLEU 100, ROUGE 1; nothing in common: 0) and independent
   of the pairs' order;
 - batched generation (left-padded) gives each prompt the completion it gets alone, stopping at the end
-  of a chat turn;
+  of a chat turn; the tokenized cache holds the eval prompts (a chat record's: the conversation before
+  its last assistant turn), a long prompt keeping its end;
 - a run under torchrun with 2 ranks: the evaluation before training reports the metrics of the very
   pairs one process generates (every eval prompt once, whichever rank completed it); early stopping
   watches ``rouge``; ``samples.jsonl`` is in the outputs and their manifest, its pairs score to the
@@ -19,22 +20,26 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from finetune_operator.api.v1alpha1 import DataSource, DataSpec
+from finetune_operator.api.trainer_config import JobIdentity, TrainerConfig
+from finetune_operator.api.v1alpha1 import DataSource, DataSpec, FineTuneJobSpec
 from finetune_trainer import modeling
-from finetune_trainer.data import eval_prompts
+from finetune_trainer.data import eval_prompts, pipeline
 from finetune_trainer.data.records import Record
+from finetune_trainer.distributed import World
 from finetune_trainer.generation import complete, stop_ids
 from finetune_trainer.scoring.generation import corpus_bleu, generation_metrics, rouge, sentence_bleu
 from rouge_score import rouge_scorer  # type: ignore[import-untyped]
 from runs import RunResult
 from sacrebleu import corpus_bleu as sacrebleu_corpus_bleu
-from tiny import build_tokenizer, job_manifest, prompt_completion_rows, read_metrics, write_jsonl
+from tiny import build_tokenizer, chat_rows, job_manifest, prompt_completion_rows, read_metrics, text_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 FINETUNE = str(Path(sys.executable).with_name("finetune"))
+ALONE = World(rank=0, local_rank=0, world_size=1, local_world_size=1)
 
 PAIRS = [
     ("the cat sat on the mat", "the cat is on the mat"),
@@ -116,6 +121,52 @@ def test_a_long_prompt_keeps_its_end() -> None:
     assert len(full) > 16
     row = eval_prompts.row(Record({"prompt": text, "completion": " red"}, "e.jsonl", 3), tokenizer, data)
     assert row == {"prompt_ids": full[-16:], "reference": " red", "where": "e.jsonl:3"}
+
+
+def _config(tmp_path: Path, data: dict[str, Any], work: str) -> TrainerConfig:
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "org/model"},
+            "task": {"type": "pretrain" if data["format"] == "text" else "sft"},
+            "data": data,
+            "training": {"maxSteps": 1},
+            "metrics": {"enabled": False},
+        }
+    )
+    return TrainerConfig(
+        job=JobIdentity(namespace="local", name="gen"),
+        spec=spec,
+        output_dir=str(tmp_path / "out"),
+        work_dir=str(tmp_path / work),
+    )
+
+
+def test_the_tokenized_cache_holds_the_eval_prompts_of_a_chat_run(tmp_path: Path, tiny_model: Path) -> None:
+    """Every rank reads the eval prompts from the cache (only the builder reads the records): a chat
+    record's prompt is the conversation before its last assistant turn, its reference that turn."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    train = write_jsonl(tmp_path / "train.jsonl", chat_rows(20))
+    rows = chat_rows(5, seed=9)
+    held_out = write_jsonl(tmp_path / "eval.jsonl", rows)
+    data = {"train": {"uri": str(train)}, "eval": {"uri": str(held_out)}, "format": "chat", "maxSeqLength": 64}
+    config = _config(tmp_path, data, "work")
+    built = pipeline.prepare(config, tokenizer, world=ALONE)
+    again = pipeline.prepare(config, tokenizer, world=ALONE)
+    assert not built.stats.cache_hit and again.stats.cache_hit
+    spec = config.spec.data
+    expected = [
+        eval_prompts.chat.prompt(Record(r, str(held_out), n), tokenizer, spec) for n, r in enumerate(rows, start=1)
+    ]
+    for prepared in (built, again):
+        assert prepared.eval_prompts is not None
+        assert list(prepared.eval_prompts["prompt_ids"]) == [ids for ids, _ in expected]
+        assert list(prepared.eval_prompts["reference"]) == [ref for _, ref in expected]
+        assert list(prepared.eval_prompts["where"]) == [f"{held_out}:{n}" for n in range(1, 6)]
+    assert expected[0][1] == rows[0]["messages"][-1]["content"]
+    # Text has no prompt: no eval prompts.
+    texts = write_jsonl(tmp_path / "text.jsonl", text_rows(20))
+    plain = {"train": {"uri": str(texts)}, "eval": {"uri": str(texts)}, "format": "text", "maxSeqLength": 64}
+    assert pipeline.prepare(_config(tmp_path, plain, "text-work"), tokenizer, world=ALONE).eval_prompts is None
 
 
 def test_two_ranks_report_the_metrics_of_one_process_and_the_samples_go_with_the_outputs(
