@@ -167,6 +167,32 @@ def test_new_rows_are_the_mean_of_their_pieces(tied: bool, tiny_model: Path, tin
         torch.testing.assert_close(new[: old.shape[0]], old)  # the other rows unchanged
 
 
+def test_the_preflight_mines_as_the_run_does(tmp_path: Path, tiny_model: Path) -> None:
+    """The preflight adds the same words before it tokenizes, so the run reads the cache it built; its
+    figures count the augmented records."""
+    from finetune_trainer import preflight
+    from test_preflight import config_for as preflight_config
+
+    rows = corpus_rows()
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    manifest = job_manifest(
+        "vocab-preflight",
+        tiny_model,
+        train,
+        model__mineTokens={"minPieces": 4, "minCount": 3, "maxTokens": 3},
+        data__augmentation={"randomSwap": {"copies": 2}},
+    )
+    config = preflight_config(tmp_path, manifest)
+    outcome = preflight.preflight(config)
+    assert outcome.exit_code == 0, outcome.reason
+    assert outcome.result.train_records == len(rows) * 3
+    assert outcome.result.cache_hit is False
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    checked = pipeline.check(config, ALONE)
+    assert vocabulary.extend(config, tokenizer, checked, ALONE) == ["watermelon", "Pomegranate", "kiwi"]
+    assert pipeline.prepare(config, tokenizer, world=ALONE, checked=checked).stats.cache_hit
+
+
 def test_two_ranks_train_with_augmentation_and_mined_tokens(
     tmp_path: Path, tiny_model: Path, finetune_run: Callable[..., RunResult]
 ) -> None:

@@ -308,3 +308,16 @@ def test_an_unmodeled_architecture_or_target_is_refused() -> None:
 def test_quantities_parse_exactly(quantity: str | int, value: float) -> None:
     assert quantity_value(quantity) == value
     assert quantity_bytes(quantity) == -(-quantity_value(quantity) // 1)
+
+
+def test_mined_tokens_are_counted_at_max_tokens() -> None:
+    """spec.model.mineTokens adds up to maxTokens rows, known only once the data is read: the estimate
+    counts all of them, as that many addTokens (with the tokenizer's length before mining, too)."""
+    vocab = LLAMA_2_7B["vocab_size"]
+    listed = spec(model__addTokens=[f"<t{i}>" for i in range(512)])
+    mined = spec(model__mineTokens={"maxTokens": 512})
+    assert estimate(LLAMA_2_7B, mined) == estimate(LLAMA_2_7B, listed)
+    assert estimate(LLAMA_2_7B, mined, tokenizer_length=vocab) == estimate(
+        LLAMA_2_7B, listed, tokenizer_length=vocab + 512
+    )
+    assert estimate(LLAMA_2_7B, mined).weights > estimate(LLAMA_2_7B, spec()).weights
