@@ -42,6 +42,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "Job": ("/apis/batch/v1", "jobs"),
     "FineTuneJob": (f"/apis/{GROUP}/{VERSION}", PLURAL),
+    "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
 #: Children whose content the operator keeps in line with the spec (replaced when it differs).
 REPLACEABLE = {"ConfigMap"}
@@ -183,6 +184,37 @@ class Kube:
 
     async def delete_finetunejob(self, namespace: str, name: str) -> None:
         await self.delete("FineTuneJob", namespace, name)
+
+    # -- any object (the leader election's Lease) ----------------------------------------------------
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when absent."""
+        code, obj = await self._request(
+            "GET", self._path(kind, namespace, name), verb="get", resource=RESOURCES[kind][1], ok=(404,)
+        )
+        return obj if code < 300 else None
+
+    async def create_if_absent(self, obj: dict[str, Any]) -> bool:
+        """Create ``obj``; False when one of its name exists already (someone else created it first)."""
+        kind, meta = obj["kind"], obj["metadata"]
+        code, _ = await self._request(
+            "POST", self._path(kind, meta["namespace"]), verb="create", resource=RESOURCES[kind][1], body=obj, ok=(409,)
+        )
+        return code < 300
+
+    async def replace(self, obj: dict[str, Any]) -> bool:
+        """Replace ``obj`` if it is still at the resourceVersion in its metadata; False when it changed
+        in the meantime (409) or is gone (404)."""
+        kind, meta = obj["kind"], obj["metadata"]
+        code, _ = await self._request(
+            "PUT",
+            self._path(kind, meta["namespace"], meta["name"]),
+            verb="update",
+            resource=RESOURCES[kind][1],
+            body=obj,
+            ok=(404, 409),
+        )
+        return code < 300
 
     # -- children -----------------------------------------------------------------------------------
 

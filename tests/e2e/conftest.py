@@ -212,9 +212,10 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 
 
 class Operator:
-    def __init__(self, cluster: Cluster, log: Path):
+    def __init__(self, cluster: Cluster, log: Path, *args: str):
         self.cluster = cluster
         self.log = log
+        self.args = args  #: more arguments of finetune-operator
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_port = 0
 
@@ -233,6 +234,7 @@ class Operator:
                 str(self.metrics_port),
                 "--health-port",
                 str(health),
+                *self.args,
             ],
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,

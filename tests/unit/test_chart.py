@@ -45,6 +45,12 @@ KOPF_CRD_RULE = {
 #: The other: nodes, watched for node loss (handlers.watch_nodes) by an operator watching every namespace.
 NODES_RULE = {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}
 CLUSTER_ONLY_RULES = [KOPF_CRD_RULE, NODES_RULE]
+#: The leader election's Role: the replicas' Lease, in the release namespace, in both scopes.
+LEASE_RULES = [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}]
+
+
+def is_leader_role(doc: dict[str, Any]) -> bool:
+    return doc["kind"] in ("Role", "RoleBinding") and doc["metadata"]["name"].endswith("-leader")
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +144,12 @@ def test_deployment_defaults(helm: Path) -> None:
     docs = render(helm)
     (deployment,) = of_kind(docs, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    # Two replicas, one leading: a rolling upgrade hands the Lease over (the old leader releases it).
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    (pdb,) = of_kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"minAvailable": 1, "selector": spec["selector"]}
+    assert not of_kind(render(helm, None, "operator.replicas=1"), "PodDisruptionBudget")
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == of_kind(docs, "ServiceAccount")[0]["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -149,6 +160,9 @@ def test_deployment_defaults(helm: Path) -> None:
         "--trainer-image=ghcr.io/finetune-operator/trainer:0.1.0",
         "--metrics-port=8080",
         "--health-port=8081",
+        "--leader-elect",
+        "--leader-election-namespace=finetune-system",
+        "--leader-election-name=fto-finetune-operator",
     ]
     sc = container["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
@@ -229,7 +243,14 @@ def test_cluster_scope_binds_one_cluster_role(helm: Path) -> None:
     (role,) = of_kind(docs, "ClusterRole")
     (binding,) = of_kind(docs, "ClusterRoleBinding")
     (sa,) = of_kind(docs, "ServiceAccount")
-    assert not of_kind(docs, "Role") and not of_kind(docs, "RoleBinding")
+    # Only the leader election's Role, for the Lease in the release namespace.
+    (lease_role,) = of_kind(docs, "Role")
+    (lease_binding,) = of_kind(docs, "RoleBinding")
+    assert lease_role["metadata"]["namespace"] == "finetune-system" and lease_role["rules"] == LEASE_RULES
+    assert lease_binding["roleRef"]["name"] == lease_role["metadata"]["name"]
+    assert lease_binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "finetune-system"}
+    ]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "ClusterRole",
@@ -246,7 +267,9 @@ def test_namespaces_scope_has_nothing_cluster_wide(helm: Path) -> None:
     watched = yaml.safe_load(values.read_text())["watchNamespaces"]
     docs = render(helm, values)
     assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
-    roles, bindings = of_kind(docs, "Role"), of_kind(docs, "RoleBinding")
+    roles = [d for d in of_kind(docs, "Role") if not is_leader_role(d)]
+    bindings = [d for d in of_kind(docs, "RoleBinding") if not is_leader_role(d)]
+    assert [d["rules"] for d in of_kind(docs, "Role") if is_leader_role(d)] == [LEASE_RULES]
     assert [r["metadata"]["namespace"] for r in roles] == watched
     assert [b["metadata"]["namespace"] for b in bindings] == watched
     (sa,) = of_kind(docs, "ServiceAccount")
@@ -278,7 +301,7 @@ def test_rbac_off_renders_no_rbac(helm: Path) -> None:
     [
         ("rbac.scope=namespace", "at '/rbac/scope': value must be one of 'cluster', 'namespaces'"),
         ("operator.replica=2", "at '/operator': additional properties 'replica' not allowed"),
-        ("operator.replicas=2", "at '/operator/replicas': maximum: got 2, want 1"),
+        ("operator.replicas=-1", "at '/operator/replicas': minimum: got -1, want 0"),
         ("operator.image.pullPolicy=Sometimes", "at '/operator/image/pullPolicy': value must be one of"),
         ("trainer.pullPolicy=always", "at '/trainer/pullPolicy': value must be one of"),
         ("operator.metricsPort=80800", "at '/operator/metricsPort': maximum: got 80,800, want 65,535"),
