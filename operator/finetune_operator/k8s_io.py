@@ -185,6 +185,12 @@ class Kube:
     async def delete_finetunejob(self, namespace: str, name: str) -> None:
         await self.delete("FineTuneJob", namespace, name)
 
+    async def served_resources(self, group_version_path: str) -> list[str]:
+        """The resources (plurals) the API server serves under ``/apis/GROUP/VERSION`` (discovery);
+        empty when the group version is not served."""
+        code, body = await self._request("GET", group_version_path, verb="get", resource="discovery", ok=(404,))
+        return [r["name"] for r in body.get("resources") or [] if code < 300 and "name" in r]
+
     # -- any object (the leader election's Lease) ----------------------------------------------------
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:

@@ -308,6 +308,26 @@ def can_i(cluster: Cluster, subject: str, verb: str, resource: str, namespace: s
 # -- tests ---------------------------------------------------------------------------------------------------
 
 
+def helm_test_check(
+    cluster: Cluster, release: str, namespace: str, op: ChartOperator, *, timeout: int
+) -> subprocess.CompletedProcess[str]:
+    """The `helm test` pod's command, as the release renders it, run here as the chart's ServiceAccount
+    (kwok runs no containers). Its health URL names the operator's Service; the operator runs here, so
+    the Service's host becomes 127.0.0.1 (the port is the chart's healthPort, which the operator serves)."""
+    hooks = [d for d in yaml.safe_load_all(cluster.helm("get", "hooks", release, "-n", namespace)) if d]
+    (pod,) = [d for d in hooks if d["kind"] == "Pod" and d["metadata"]["annotations"]["helm.sh/hook"] == "test"]
+    (container,) = pod["spec"]["containers"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    args = [re.sub(r"^--timeout=.*", f"--timeout={timeout}", a) for a in container["args"]]
+    args = [re.sub(r"^(--health-url=http://)[^:/]+", r"\g<1>127.0.0.1", a) for a in args]
+    assert f"--health-url=http://127.0.0.1:{op.health_port}/healthz" in args, container["args"]
+    exe = Path(sys.executable).with_name(container["command"][0])
+    env = {**os.environ, "KUBECONFIG": str(op.kubeconfig)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=120, check=False)
+
+
 def test_cluster_scope_install_run_uninstall(cluster: Cluster, tmp_path: Path) -> None:
     release = f"fto-{uid()}"
     system = restricted_namespace(cluster, f"fto-system-{uid()}")
@@ -334,7 +354,7 @@ def test_cluster_scope_install_run_uninstall(cluster: Cluster, tmp_path: Path) -
         assert crd
         fullname = f"{release}-finetune-operator"
         deployment = cluster.get_json("deployment", fullname, namespace=system)
-        assert deployment["status"].get("availableReplicas") == 1, deployment["status"]
+        assert deployment["status"].get("availableReplicas") == 2, deployment["status"]  # a leader, a standby
         # The pod exists in a namespace enforcing the restricted Pod Security profile: it was admitted.
         assert cluster.get_json("pods", "-l", f"{INSTANCE}={release}", namespace=system)["items"]
         cluster.get_json("serviceaccount", fullname, namespace=system)
@@ -342,7 +362,7 @@ def test_cluster_scope_install_run_uninstall(cluster: Cluster, tmp_path: Path) -
         binding = cluster.get_json("clusterrolebinding", fullname)
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": fullname, "namespace": system}]
         service = cluster.get_json("service", f"{fullname}-metrics", namespace=system)
-        assert [p["name"] for p in service["spec"]["ports"]] == ["metrics"]
+        assert [p["name"] for p in service["spec"]["ports"]] == ["metrics", "health"]
 
         with chart_operator(cluster, system, fullname, tmp_path) as op:
             assert "--all-namespaces" in op.args and "--trainer-image=trainer:e2e" in op.args
@@ -350,6 +370,13 @@ def test_cluster_scope_install_run_uninstall(cluster: Cluster, tmp_path: Path) -
             assert not can_i(cluster, subject, "get", "secrets", jobs_ns), "the operator must not read Secrets"
             assert not can_i(cluster, subject, "create", "pods", jobs_ns), "the Job controller creates pods, not us"
             drive_through_a_whole_life(cluster, op, jobs_ns)
+            healthy = helm_test_check(cluster, release, system, op, timeout=60)
+            assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+            assert "ok: the operator is healthy" in healthy.stdout, healthy.stdout
+            assert "ok: the API server serves finetunejobs.finetune.io/v1alpha1" in healthy.stdout, healthy.stdout
+        # The operator stopped: the check fails, saying which part.
+        down = helm_test_check(cluster, release, system, op, timeout=1)
+        assert down.returncode == 1 and "FAIL: the operator is not healthy" in down.stdout, down.stdout
     finally:
         uninstall_leaves_only_the_crd(cluster, release, system)
         cluster.kubectl("delete", "namespace", system, jobs_ns, "--wait=false", check=False)
@@ -372,7 +399,7 @@ def test_namespaces_scope_install_run_uninstall(cluster: Cluster, tmp_path: Path
     )
     try:
         fullname = f"{release}-finetune-operator"
-        assert cluster.get_json("deployment", fullname, namespace=system)["status"].get("availableReplicas") == 1
+        assert cluster.get_json("deployment", fullname, namespace=system)["status"].get("availableReplicas") == 2
         role = cluster.get_json("role", fullname, namespace=watched)
         binding = cluster.get_json("rolebinding", fullname, namespace=watched)
         assert binding["roleRef"]["name"] == role["metadata"]["name"]

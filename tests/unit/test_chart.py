@@ -173,8 +173,32 @@ def test_deployment_defaults(helm: Path) -> None:
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     (service,) = of_kind(docs, "Service")
-    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}]
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"},
+        {"name": "health", "port": 8081, "targetPort": "health", "protocol": "TCP"},
+    ]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_helm_test_checks_the_operator_through_its_service_under_restricted_pod_security(helm: Path) -> None:
+    docs = render(helm)
+    (pod,) = [d for d in of_kind(docs, "Pod") if d["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    (service,) = of_kind(docs, "Service")
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["finetune-operator-check"]
+    assert f"--health-url=http://{service['metadata']['name']}.finetune-system.svc:8081/healthz" in container["args"]
+    assert container["image"] == operator_container(docs)["image"]
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    # The check it runs is a console script of the operator image's package.
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["finetune-operator-check"] == "finetune_operator.check:main"
+    # Without the Service there is nothing to check through.
+    assert not of_kind(render(helm, None, "metricsService.enabled=false"), "Pod")
 
 
 @pytest.mark.parametrize("values", CASES, ids=CASE_IDS)
