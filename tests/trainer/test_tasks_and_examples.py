@@ -77,7 +77,7 @@ def test_validate_accepts_a_task_iff_the_trainer_trains_it(
         "classification": {"numLabels": len(tiny.COLORS), "labels": tiny.COLORS},
         "qa": {"docStride": 16},  # windows of 64 tokens (maxSeqLength) overlap by less than that
         "rl": {"rewards": [{"type": "contains"}], "maxNewTokens": 8},
-        "distill": {"teacher": "org/t"},
+        "distill": {"teacher": str(tiny_model)},  # the model its own teacher: the same vocabulary
     }
     manifest = tiny.job_manifest(
         f"task-{task}", tiny_model, data, task={"type": task, **({task: params[task]} if task in params else {})}
@@ -111,6 +111,9 @@ def cpu_sized(example: dict[str, Any], model: Path, data_dir: Path) -> dict[str,
         if "rewardModel" in rl:
             rl["rewardModel"] = str(build_reward_model(data_dir / "reward-model"))
         rl.update(numGenerations=2, maxNewTokens=8)
+    distill = spec["task"].get("distill")
+    if distill is not None:  # the tiny model teaches itself (the example's teacher is another job's output)
+        distill["teacher"] = str(model)
     classification = spec["task"].get("classification")
     if classification is not None:  # the test data's classes replace the example's
         classification.update(numLabels=len(tiny.COLORS), labels=list(tiny.COLORS))

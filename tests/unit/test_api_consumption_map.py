@@ -169,6 +169,10 @@ DPO_ANCHOR = f"{DPO}::test_lora_dpo_matches_plain_trl"
 DPO_LOSSES = f"{DPO}::test_every_loss_type_reaches_trl"
 DPO_PRECOMPUTED = f"{DPO}::test_full_dpo_reference_copy_or_precomputed"
 DPO_REFERENCE = f"{DPO}::test_reference_model_is_the_one_named"
+DISTILL = "tests/trainer/test_distill.py"
+DISTILL_RUNS = f"{DISTILL}::test_two_ranks_bring_the_student_to_the_teacher"
+DISTILL_4BIT = f"{DISTILL}::test_a_4bit_teacher"
+DISTILL_EARLY_STOP = f"{DISTILL}::test_early_stopping_watches_agreement"
 ZERO3_PARAMS_OFFLOAD = (
     "tests/trainer/test_distributed_options.py::"
     "test_zero3_keeps_the_parameters_on_the_device_unless_their_offload_is_asked"
@@ -394,9 +398,14 @@ CONSUMPTION: dict[str, str] = {
     "spec.task.classification.resampling=none": CLS_ANCHOR,
     "spec.task.classification.resampling=oversample": CLS_RESUME,
     "spec.task.classification.resampling=undersample": f"{CLS_TWO_RANKS}[zero2-undersample]",
-    "spec.task.distill.alpha": refused("task-not-supported-distill"),
-    "spec.task.distill.teacher": refused("task-not-supported-distill"),
-    "spec.task.distill.temperature": refused("task-not-supported-distill"),
+    # The logged loss is alpha * kd_loss + (1 - alpha) * ce_loss; the held-out KL (at the temperature) is
+    # the saved student's to the named teacher, computed by hand.
+    "spec.task.distill.alpha": f"{DISTILL_RUNS}[ddp]",
+    "spec.task.distill.teacher": f"{DISTILL_RUNS}[ddp]",
+    "spec.task.distill.teacherQuantization=fp4": f"{DISTILL_4BIT}[fp4]",
+    "spec.task.distill.teacherQuantization=nf4": f"{DISTILL_4BIT}[nf4]",
+    "spec.task.distill.teacherQuantization=none": f"{DISTILL_RUNS}[ddp]",
+    "spec.task.distill.temperature": f"{DISTILL_RUNS}[ddp]",
     "spec.task.dpo.beta": DPO_LOSSES,
     "spec.task.dpo.labelSmoothing": DPO_LOSSES,
     "spec.task.dpo.lossType=apoDown": DPO_LOSSES,
@@ -437,7 +446,7 @@ CONSUMPTION: dict[str, str] = {
     "spec.task.rl.rewards[].weight": RL_RLOO,
     "spec.task.rl.temperature": RL_GRPO,
     "spec.task.type=classification": f"{TASK}[classification]",
-    "spec.task.type=distill": refused("task-not-supported-distill"),
+    "spec.task.type=distill": f"{DISTILL_RUNS}[ddp]",
     "spec.task.type=dpo": f"{DPO_ANCHOR}[sigmoid]",
     "spec.task.type=pretrain": f"{TASK}[pretrain]",
     "spec.task.type=qa": QA_RUN,
@@ -448,6 +457,7 @@ CONSUMPTION: dict[str, str] = {
     "spec.training.dropout": f"{MODEL_OPTIONS}::test_dropout_sets_the_models_dropout_probabilities",
     # accuracy and f1: classification runs that watch them; exactMatch: see the qa task.
     "spec.training.earlyStopping.metric=accuracy": f"{CLS_TWO_RANKS}[zero2-undersample]",
+    "spec.training.earlyStopping.metric=agreement": DISTILL_EARLY_STOP,
     "spec.training.earlyStopping.metric=evalLoss": EARLY_STOPPING,
     "spec.training.earlyStopping.metric=exactMatch": QA_RUN,  # the best checkpoint by exact match is loaded
     "spec.training.earlyStopping.metric=f1": CLS_HEAD_ONLY,
@@ -459,6 +469,7 @@ CONSUMPTION: dict[str, str] = {
     "spec.training.epochs": f"{TRAINING_OPTIONS}::test_epochs_set_the_length_of_training",
     "spec.training.evaluation.everySteps": HYPERPARAMETERS,
     "spec.training.evaluation.metrics=accuracy": f"{CLS_TWO_RANKS}[zero2-undersample]",  # no F1 reported
+    "spec.training.evaluation.metrics=agreement": DISTILL_EARLY_STOP,
     "spec.training.evaluation.metrics=exactMatch": QA_SPEC,  # no F1 reported
     "spec.training.evaluation.metrics=f1": CLS_HEAD_ONLY,  # no accuracy reported
     "spec.training.evaluation.metrics=loss": f"{EVAL_METRICS}[loss-only]",

@@ -631,10 +631,24 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "only supported for spec.task.type sft, pretrain",
     ),
     (
-        "task-not-supported-distill",
-        {"spec.task": {"type": "distill", "distill": {"teacher": "org/teacher"}}},
-        "spec.task.type",
-        "distill is not supported yet",
+        "distill-4bit-teacher-zero3",
+        {
+            "spec.task": {"type": "distill", "distill": {"teacher": "org/teacher", "teacherQuantization": "nf4"}},
+            "spec.distributed.deepspeed": {"zeroStage": 3},
+        },
+        "spec.task.distill.teacherQuantization",
+        "cannot be combined with spec.distributed.deepspeed.zeroStage 3",
+    ),
+    (
+        "distill-early-stopping-metric-of-another-task",
+        {
+            "spec.task": {"type": "distill", "distill": {"teacher": "org/teacher"}},
+            "spec.training.evaluation": {"everySteps": 10},
+            "spec.training.earlyStopping": {"metric": "accuracy"},
+            "spec.data.evalSplit": 0.1,
+        },
+        "spec.training.earlyStopping.metric",
+        "distill produces: evalLoss, perplexity or agreement",
     ),
     (
         "eval-metric-the-task-does-not-produce",

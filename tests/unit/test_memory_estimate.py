@@ -248,6 +248,32 @@ def test_ewc_counts_two_fp32_copies_of_the_trained_parameters() -> None:
     assert estimate(LLAMA_2_7B, spec(**replay)).total == estimate(LLAMA_2_7B, spec()).total
 
 
+def test_distill_counts_its_teacher_and_its_logits() -> None:
+    """The teacher at the base's size (bf16 weights), or by its own config; 4-bit linear layers with
+    teacherQuantization; partitioned under ZeRO-3; its logits and fp32 log-probabilities of a micro-batch."""
+    task = {"type": "distill", "distill": {"teacher": "org/teacher"}}
+    sft = estimate(LLAMA_2_7B, spec())
+    distill = estimate(LLAMA_2_7B, spec(task=task))
+    base = sum(b for label, b in distill.lines if label.startswith("base weights"))
+    lines = dict(distill.lines)
+    assert lines["distillation teacher (frozen, counted at the base's size)"] == base
+    assert distill.weights == sft.weights + base
+    tokens, vocab = 2048, LLAMA_2_7B["vocab_size"]
+    assert lines["distillation teacher logits and fp32 log-probabilities of a micro-batch"] == tokens * vocab * (2 + 4)
+    assert distill.total > sft.total + base
+    # A smaller teacher named by its config counts its own parameters.
+    small = {**LLAMA_2_7B, "num_hidden_layers": 8}
+    named = dict(estimate(LLAMA_2_7B, spec(task=task), teacher_config=small).lines)
+    assert 0 < named["distillation teacher (frozen, its config)"] < base / 3
+    quantized = {"type": "distill", "distill": {"teacher": "org/teacher", "teacherQuantization": "nf4"}}
+    four_bit = dict(estimate(LLAMA_2_7B, spec(task=quantized)).lines)[
+        "distillation teacher (frozen, nf4, counted at the base's size)"
+    ]
+    assert base / 4 < four_bit < base / 2  # linear layers in 4 bits; embeddings and head in bf16
+    zero3 = estimate(LLAMA_2_7B, spec(task=task, distributed__deepspeed={"zeroStage": 3}), world_size=4)
+    assert dict(zero3.lines)["distillation teacher (frozen, counted at the base's size)"] == -(-base // 4)
+
+
 def test_rl_counts_its_reference_and_reward_models_and_the_generated_tokens() -> None:
     rewards = {"type": "rl", "rl": {"rewards": [{"type": "contains"}], "maxNewTokens": 256}}
     groups = {"training__perDeviceBatchSize": 4}  # completions: whole groups of numGenerations (4)

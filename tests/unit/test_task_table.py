@@ -81,7 +81,7 @@ def test_rows_are_consistent() -> None:
 
 
 def test_implemented_tasks_are_those_with_a_recipe_in_the_trainer() -> None:
-    assert IMPLEMENTED_TASKS == ("sft", "pretrain", "classification", "qa", "reward", "dpo", "rl")
+    assert IMPLEMENTED_TASKS == ("sft", "pretrain", "classification", "qa", "reward", "dpo", "rl", "distill")
     for row in TASKS:
         assert row.implemented is (row.recipe is not None)
         if row.recipe is not None:

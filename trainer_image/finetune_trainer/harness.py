@@ -447,7 +447,7 @@ def _optimizer_name(trainer: Trainer) -> str:
 def _print_summary(summary: dict[str, Any]) -> None:
     lines = [f"done: {summary['steps']} steps, train loss {summary['train_loss']:.4f}"]
     for key in sorted(k for k in summary["before"] if k in summary["after"]):
-        if key.endswith(("_perplexity", "_accuracy", "_f1", "_exact_match", "_bleu", "_rougeL")):
+        if key.endswith(("_perplexity", "_accuracy", "_f1", "_exact_match", "_bleu", "_rougeL", "_agreement")):
             lines.append(f"{key}: {summary['before'][key]:.3f} -> {summary['after'][key]:.3f}")
     for artifact in summary.get("artifacts", []):
         lines.append(

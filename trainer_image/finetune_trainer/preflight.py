@@ -12,7 +12,9 @@ run it as a subprocess on this machine. In the order that keeps a refusal cheap:
    each ``file:line: reason``), before the model is touched at all.
 3. **The model's config and tokenizer only**, never its weights
    (:func:`~.modeling.resolve_config_source`): a model in object storage is copied without its weight
-   files; a Hub model's config and tokenizer loaders fetch their own files only.
+   files; a Hub model's config and tokenizer loaders fetch their own files only. A ``distill`` job's
+   teacher likewise, refused (naming ``spec.task.distill.teacher``) when its vocabulary is not the
+   student's; its config sizes its weights in the memory estimate.
 4. **The tokenized cache** built by the pipeline's second phase (:func:`~.data.pipeline.prepare`, the
    very function the recipes call, so the run that follows reads the rows and tokenizes nothing), and
    its statistics (:class:`~.data.pipeline.DataStats`): token lengths of the training records before
@@ -160,14 +162,53 @@ def load_model_config(config: TrainerConfig) -> tuple[dict[str, Any], Any]:
     return model_config, tokenizer
 
 
+def load_teacher_config(config: TrainerConfig, tokenizer: Any) -> dict[str, Any]:
+    """A ``distill`` job's teacher config (as a dict), read as the student's is (never its weights),
+    after checking that its tokenizer has the student's vocabulary: a ConfigError naming
+    ``spec.task.distill.teacher`` otherwise, as the recipe refuses it."""
+    from transformers import AutoConfig
+
+    from . import modeling
+    from .recipes import distill
+
+    spec = config.spec
+    teacher = distill.teacher_spec(spec)
+    source = modeling.resolve_config_source(
+        teacher, base_dir=config.base_dir, cache_dir=Path(config.work_dir) / "cache"
+    )
+    try:
+        with modeling.spec_errors(teacher):
+            loaded = AutoConfig.from_pretrained(source.path, **modeling._common_kwargs(source, teacher))
+        theirs = modeling.load_tokenizer(source, teacher)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"spec.task.distill.teacher: cannot read the config and tokenizer of {teacher.uri}: {exc}"
+        ) from None
+    distill.check_vocabulary(theirs, tokenizer, spec)
+    teacher_config: dict[str, Any] = loaded.to_dict()
+    return teacher_config
+
+
 def memory_estimate(
-    model_config: dict[str, Any], spec: FineTuneJobSpec, *, world_size: int, tokenizer_length: int
+    model_config: dict[str, Any],
+    spec: FineTuneJobSpec,
+    *,
+    world_size: int,
+    tokenizer_length: int,
+    teacher_config: dict[str, Any] | None = None,
 ) -> tuple[memory.MemoryEstimate | None, str | None]:
     """The per-rank estimate, or None and why (an architecture or a spec the estimator does not model)."""
     device: Literal["cuda", "cpu"] = "cpu" if spec.resources.gpus_per_node == 0 else "cuda"
     try:
         estimate = memory.estimate(
-            model_config, spec, world_size=world_size, tokenizer_length=tokenizer_length, device=device
+            model_config,
+            spec,
+            world_size=world_size,
+            tokenizer_length=tokenizer_length,
+            device=device,
+            teacher_config=teacher_config,
         )
     except (memory.UnsupportedModel, memory.EstimateError) as exc:
         return None, f"no memory estimate: {exc}"
@@ -227,7 +268,10 @@ def preflight(config: TrainerConfig, *, world_size: int | None = None) -> Outcom
         except DataError as exc:
             return _data_error(found, exc.problems, exc.total)
         model_config, tokenizer = load_model_config(config)
-        estimate, note = memory_estimate(model_config, spec, world_size=world, tokenizer_length=len(tokenizer))
+        teacher_config = load_teacher_config(config, tokenizer) if spec.task.type == "distill" else None
+        estimate, note = memory_estimate(
+            model_config, spec, world_size=world, tokenizer_length=len(tokenizer), teacher_config=teacher_config
+        )
         if estimate is not None:
             found["memory"] = PreflightMemory.model_validate(estimate.to_dict())
         elif note is not None:

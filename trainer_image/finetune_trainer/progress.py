@@ -94,7 +94,7 @@ class ProgressReporter(TrainerCallback):
             parts.append(f"loss {record['loss']:.4f}")
         if "learning_rate" in record:
             parts.append(f"lr {record['learning_rate']:.2e}")
-        for key in sorted(k for k in record if k.endswith(("_loss", "_perplexity")) and k != "loss"):
+        for key in sorted(k for k in record if k.endswith(("_loss", "_perplexity", "_agreement")) and k != "loss"):
             value = record[key]
             if isinstance(value, float) and math.isfinite(value):
                 parts.append(f"{key} {value:.4f}")

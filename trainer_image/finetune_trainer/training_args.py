@@ -35,6 +35,7 @@ BEST_METRICS = {
     "exactMatch": "eval_exact_match",
     "bleu": "eval_bleu",
     "rouge": "eval_rougeL",  # ROUGE-L F-measure: the headline of the three ROUGE scores
+    "agreement": "eval_agreement",
 }
 
 

@@ -377,6 +377,21 @@ def quantized_bytes(numel: int, *, double_quant: bool) -> int:
     return packed + 4 * blocks + _QLORA_CODE_BYTES
 
 
+def _teacher_bytes(arch: Architecture, spec: FineTuneJobSpec, *, vocab: int) -> int:
+    """Bytes of a distillation teacher's weights: in spec.model.dtype (the checkpoint's for auto), or
+    with ``teacherQuantization`` its decoder layers' linear weights in 4 bits (double-quantized, as the
+    recipe loads it; embeddings, norms and the LM head stay in that dtype, as transformers keeps them)."""
+    distill = spec.task.distill
+    quantized = distill is not None and distill.teacher_quantization != "none"
+    size = _SIZE[_weights_dtype(spec, arch)]
+    total = 0
+    for name, shape in _base_parameters(arch, "causal-lm", 2, max(arch.vocab_size, vocab)):
+        numel = math.prod(shape)
+        linear = ".layers." in f".{name}" and len(shape) == 2
+        total += quantized_bytes(numel, double_quant=True) if quantized and linear else numel * size
+    return total
+
+
 def _weights_dtype(spec: FineTuneJobSpec, arch: Architecture) -> DType:
     requested = spec.model.dtype
     if requested == "auto":
@@ -1233,6 +1248,7 @@ def estimate(
     tokenizer_length: int | None = None,
     bf16_supported: bool = True,
     device: Literal["cuda", "cpu"] = "cuda",
+    teacher_config: Mapping[str, Any] | None = None,
 ) -> MemoryEstimate:
     """The per-GPU memory of training ``spec`` on the model ``model_config`` (its config.json as a dict).
 
@@ -1243,6 +1259,8 @@ def estimate(
     ``bf16_supported``: whether the GPU has bf16 (precision ``auto`` trains in bf16 there, else fp32).
     ``device``: ``cpu`` for a job without GPUs (``gpusPerNode: 0``): precision ``auto`` is fp32, dropout
     keeps its mask in the input's dtype, and there is no CUDA context or NCCL.
+    ``teacher_config``: a ``distill`` job's teacher (its config.json as a dict); default: counted at
+    the base's size.
     Raises :class:`UnsupportedModel` for an architecture it does not model, :class:`EstimateError`
     when the spec cannot apply to the model.
     """
@@ -1397,6 +1415,24 @@ def estimate(
         if rl.reward_model is not None:
             lines.append(("RL reward model (frozen, counted at the base's size)", base_bytes))
             weights += base_bytes
+    distill = spec.task.distill if spec.task.type == "distill" else None
+    teacher_logits = 0
+    if distill is not None:
+        # Distillation (finetune_trainer.recipes.distill): the frozen teacher stays loaded beside the
+        # student, replicated on every rank (partitioned like the student under ZeRO-3), 4-bit with
+        # teacherQuantization; its logits of a micro-batch and their fp32 log-probabilities at the
+        # temperature (kept for the KL's backward) live through the student's forward and backward.
+        teacher_arch = Architecture.from_config(teacher_config) if teacher_config is not None else arch
+        teacher = _teacher_bytes(teacher_arch, spec, vocab=vocab)
+        teacher = math.ceil(teacher / world) if stage == 3 else teacher
+        what = "counted at the base's size" if teacher_config is None else "its config"
+        quantized = f", {distill.teacher_quantization}" if distill.teacher_quantization != "none" else ""
+        lines.append((f"distillation teacher (frozen{quantized}, {what})", teacher))
+        weights += teacher
+        tokens = spec.training.per_device_batch_size * spec.data.max_seq_length
+        logits_dtype = mixed or _weights_dtype(spec, teacher_arch)
+        teacher_logits = tokens * vocab * (_SIZE[logits_dtype] + 4)
+        lines.append(("distillation teacher logits and fp32 log-probabilities of a micro-batch", teacher_logits))
     forgetting = spec.training.forgetting
     if forgetting is not None and forgetting.ewc is not None:
         # EWC (finetune_trainer.ewc): the Fisher information and theta0 of every trained parameter, two
@@ -1418,7 +1454,7 @@ def estimate(
         )
     )
     accumulating = spec.training.gradient_accumulation_steps > 1
-    backward_phase = acts.peak + (gradients if accumulating else 0)
+    backward_phase = acts.peak + teacher_logits + (gradients if accumulating else 0)
     step_phase = gradients + max(step_transient, acts.at_last_block)
     allocated = weights + opt + max(backward_phase, step_phase)
     overhead = math.ceil(FRAGMENTATION * allocated)

@@ -17,12 +17,14 @@ TaskType = Literal["sft", "pretrain", "classification", "qa", "reward", "dpo", "
 DataFormat = Literal["promptCompletion", "chat", "text", "classification", "qa", "preference"]
 MethodType = Literal["full", "lora", "qlora", "prefix", "prompt", "ia3", "adalora"]
 #: Metrics an evaluation can report (``spec.training.evaluation.metrics``).
-EvalMetric = Literal["loss", "perplexity", "accuracy", "f1", "exactMatch", "bleu", "rouge"]
+EvalMetric = Literal["loss", "perplexity", "accuracy", "f1", "exactMatch", "agreement", "bleu", "rouge"]
 #: Metrics early stopping can watch (``spec.training.earlyStopping.metric``): the evaluation metrics,
 #: with ``loss`` spelt ``evalLoss``.
-EarlyStoppingMetric = Literal["evalLoss", "perplexity", "accuracy", "f1", "exactMatch", "bleu", "rouge"]
+EarlyStoppingMetric = Literal["evalLoss", "perplexity", "accuracy", "f1", "exactMatch", "agreement", "bleu", "rouge"]
 #: The metrics where higher is better (the others are losses: lower is better).
-HIGHER_IS_BETTER: frozenset[EarlyStoppingMetric] = frozenset({"accuracy", "f1", "exactMatch", "bleu", "rouge"})
+HIGHER_IS_BETTER: frozenset[EarlyStoppingMetric] = frozenset(
+    {"accuracy", "f1", "exactMatch", "agreement", "bleu", "rouge"}
+)
 #: Metrics of generated text (the model completes each eval prompt; the completions are scored against
 #: the records' own): reported only when spec.training.evaluation.metrics names them (generating is
 #: costly), for the formats with a prompt (:data:`PROMPT_FORMATS`).
@@ -145,7 +147,9 @@ TASKS: tuple[TaskRow, ...] = (
         head="causal-lm",
         methods=_NO_PROMPT_METHODS,
         packing=True,
-        metrics=("loss", "perplexity"),
+        # agreement: the fraction of trained positions where the student's top token is the teacher's.
+        metrics=("loss", "perplexity", "agreement"),
+        recipe="distill",
     ),
 )
 

@@ -684,17 +684,33 @@ class RLParams(SpecModel):
 
 
 class DistillParams(SpecModel):
-    """Parameters of knowledge distillation from a teacher model."""
+    """Parameters of logit distillation from a teacher model: the student (spec.model, trained by
+    spec.method) learns ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy`` on
+    the positions the labels train (those SFT trains on), where ``_T`` is the softmax at temperature T."""
 
-    teacher: ModelUri = Field(description="The teacher model (same tokenizer as the student).")
+    teacher: ModelUri = Field(
+        description=(
+            "The teacher model: any model URI (a Hub id, a path, object storage, `pkg://`, or `ftj://NAME`, another "
+            "job's merged output). It must have the student's vocabulary (the same tokens with the same ids); "
+            "frozen, in eval mode, loaded in spec.model.dtype with spec.model's attention and trustRemoteCode."
+        )
+    )
     temperature: float = Field(
-        default=2.0, gt=0, le=100, description="Softmax temperature of teacher and student logits."
+        default=2.0, gt=0, le=100, description="Softmax temperature T of teacher and student logits in the KL term."
     )
     alpha: float = Field(
         default=0.5,
         ge=0,
         le=1,
-        description="Weight of the distillation loss; 1 - alpha weighs the ordinary label loss.",
+        description="Weight of the distillation (KL) term; 1 - alpha weighs the cross-entropy on the labels.",
+    )
+    teacher_quantization: Literal["none", "nf4", "fp4"] = Field(
+        default="none",
+        description=(
+            "Load the teacher quantized to 4 bits by bitsandbytes (`nf4` or `fp4`, as spec.method.quantization."
+            "quantType; double quantization, matmuls in spec.model.dtype, bf16 for auto) to save memory, or "
+            "`none`. Not with spec.distributed.deepspeed.zeroStage 3 (a quantized model is not partitioned)."
+        ),
     )
 
 
@@ -726,6 +742,11 @@ def _series(values: tuple[str, ...] | list[str], last: str) -> str:
 
 #: The tasks this release trains, for the field descriptions: "`sft`, `pretrain` and `qa`".
 _TRAINED_TASKS = _series([f"`{t}`" for t in IMPLEMENTED_TASKS], "and")
+_TRAINED_SENTENCE = (
+    "This release trains every one."
+    if len(IMPLEMENTED_TASKS) == len(TASKS)
+    else f"This release trains {_TRAINED_TASKS}; the others are refused at admission until their recipes land."
+)
 
 
 def _metrics_of_trained_tasks(metrics: Callable[[TaskRow], tuple[str, ...]]) -> str:
@@ -748,8 +769,8 @@ class TaskSpec(SpecModel):
         description=(
             "Training objective: `sft` (supervised fine-tuning), `pretrain` (continual pre-training on "
             "raw text), `classification`, `qa` (extractive question answering), `reward` (reward "
-            f"model), `dpo`, `rl` (online RL against a reward model) or `distill`. This release trains "
-            f"{_TRAINED_TASKS}; the others are refused at admission until their recipes land."
+            f"model), `dpo`, `rl` (online RL against a reward model) or `distill` (logit distillation from "
+            f"spec.task.distill.teacher). {_TRAINED_SENTENCE}"
         ),
     )
     classification: ClassificationParams | None = Field(
@@ -1333,7 +1354,7 @@ class EarlyStoppingSpec(SpecModel):
         default=None,
         description=(
             "Whether lower (`min`) or higher (`max`) values are better. Default: `min` for `evalLoss` and "
-            "`perplexity`, `max` for `accuracy`, `f1` and `exactMatch`."
+            "`perplexity`, `max` for `accuracy`, `f1`, `exactMatch` and `agreement`."
         ),
     )
     patience: int = Field(default=3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
@@ -2702,6 +2723,21 @@ class FineTuneJobSpec(SpecModel):
                 s.task.dpo is None or not s.task.dpo.precompute_reference_log_probs or s.distributed.nodes == 1
             ),
             field=".task.dpo.precomputeReferenceLogProbs",
+        ),
+        Rule(
+            cel="!has(self.task.distill) || self.task.distill.teacherQuantization == 'none' "
+            "|| !has(self.distributed.deepspeed) || self.distributed.deepspeed.zeroStage < 3",
+            message=(
+                "spec.task.distill.teacherQuantization cannot be combined with spec.distributed.deepspeed.zeroStage "
+                "3 (a 4-bit teacher is not partitioned): use none, or zeroStage 2 or less"
+            ),
+            check=lambda s: (
+                s.task.distill is None
+                or s.task.distill.teacher_quantization == "none"
+                or s.distributed.deepspeed is None
+                or s.distributed.deepspeed.zero_stage < 3
+            ),
+            field=".task.distill.teacherQuantization",
         ),
         *_FORGETTING_CONTROL_RULES,
         # Last: a manifest of a task without a recipe is told about its other mistakes first.

@@ -789,7 +789,7 @@ def _tokenize_all(
         "allow_null": False,
     }
     cut_at = data.max_seq_length
-    if recipe == "causal_lm":
+    if recipe in ("causal_lm", "distill"):  # distillation trains on the causal-LM rows
         if data.format == "chat":
             from .chat import require_fast
 
