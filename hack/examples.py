@@ -15,6 +15,9 @@ as written, on this machine's CPUs. What is checked, from each run's summary.jso
 - ``grpo`` (against the reward model of ``reward-model``, run first if this work directory has no run of
   it): the mean reward of the second half of the run is above the first half's, and the reward of the
   replies to held-out tickets rises.
+- ``distill`` (from ``ftj://distill-teacher``, a copy of ``quickstart`` saving its merged model, run
+  first if this work directory has no run of it): the held-out KL to the teacher (``eval_kd_loss``)
+  falls by at least a quarter, and the student-teacher top-1 agreement rises.
 
 Prints every figure it checks and exits 1 if any check fails.
 
@@ -146,6 +149,28 @@ def grpo(manifest: Path, workdir: Path) -> list[Verdict]:
     ]
 
 
+def distill(manifest: Path, workdir: Path) -> list[Verdict]:
+    # The teacher, ftj://distill-teacher: quickstart's LoRA SFT renamed, saving its merged model (a copy
+    # whose data paths are absolute, so that it runs from here), unless this work directory has it.
+    if not (workdir / "distill-teacher" / "summary.json").is_file():
+        job = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text(encoding="utf-8"))
+        job["metadata"]["name"] = "distill-teacher"
+        job["spec"]["output"] = {"save": "merged"}
+        spec = job["spec"]
+        for source in (spec["data"]["train"], spec["data"]["eval"], spec["training"]["forgetting"]["generalEval"]):
+            source["uri"] = str((EXAMPLES / source["uri"]).resolve())
+        copy = workdir / "distill-teacher.yaml"
+        copy.write_text(yaml.safe_dump(job, sort_keys=False), encoding="utf-8")
+        run(copy, workdir / "distill-teacher")
+    s = run(manifest, workdir / "distill-student")
+    (b, a) = (s["before"]["eval_kd_loss"], s["after"]["eval_kd_loss"])
+    return [
+        (f"eval_kd_loss (T^2 KL to the teacher) {b:.3f} -> {a:.3f} (must fall by a quarter)", a <= 0.75 * b),
+        rises(s, "eval_agreement", by=0.0),
+        (f"eval_perplexity {s['before']['eval_perplexity']:.2f} -> {s['after']['eval_perplexity']:.2f}", None),
+    ]
+
+
 CHECKS: dict[str, Callable[[Path, Path], list[Verdict]]] = {
     "quickstart": quickstart,
     "ticket-routing": ticket_routing,
@@ -153,6 +178,7 @@ CHECKS: dict[str, Callable[[Path, Path], list[Verdict]]] = {
     "reward-model": reward_model,
     "dpo": dpo,
     "grpo": grpo,
+    "distill": distill,
 }
 
 
