@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .api import crd as crd_module
+from .api import sweep_crd
 from .api.trainer_config import EXIT_INVALID_CONFIG
 from .api.v1alpha1 import FineTuneJob
 from .api.validation import InvalidSpec, check_file, load_jobs
@@ -27,7 +28,7 @@ MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=True, path_type=Path))
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 def validate(files: tuple[Path, ...], quiet: bool) -> None:
-    """Check FineTuneJob manifests offline; print every error as FILE:LINE: FIELD: MESSAGE.
+    """Check FineTuneJob and FineTuneSweep manifests offline; print every error as FILE:LINE: FIELD: MESSAGE.
 
     Directories are searched for *.yaml, *.yml and *.json files. Documents of other kinds are skipped
     (and named); exit status 1 when any file or manifest is invalid, or when none was found.
@@ -55,6 +56,10 @@ def validate(files: tuple[Path, ...], quiet: bool) -> None:
                 checked += 1
                 if not quiet:
                     click.echo(f"{path}:{doc.doc.start_line}: FineTuneJob {doc.job.metadata.name} is valid")
+            elif doc.sweep is not None:
+                checked += 1
+                if not quiet:
+                    click.echo(f"{path}:{doc.doc.start_line}: FineTuneSweep {doc.sweep.metadata.name} is valid")
             elif not quiet:
                 click.echo(f"{path}:{doc.doc.start_line}: skipped {doc.skipped}: not a FineTuneJob")
     if checked == 0 and failed == 0:
@@ -72,9 +77,13 @@ def validate(files: tuple[Path, ...], quiet: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the CRD here instead of standard output.",
 )
-def crd(output: Path | None) -> None:
-    """Print the FineTuneJob CustomResourceDefinition generated from the typed API."""
-    text = crd_module.render()
+@click.option(
+    "--kind", type=click.Choice(["FineTuneJob", "FineTuneSweep"]), default="FineTuneJob", show_default=True,
+    help="The resource whose CRD to print.",
+)  # fmt: skip
+def crd(output: Path | None, kind: str) -> None:
+    """Print the FineTuneJob (or FineTuneSweep) CustomResourceDefinition generated from the typed API."""
+    text = crd_module.render() if kind == "FineTuneJob" else sweep_crd.render()
     if output is None:
         click.echo(text, nl=False)
     else:

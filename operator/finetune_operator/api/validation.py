@@ -24,6 +24,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
 from .base import RULE_ERROR_TYPE
+from .sweep import KIND as SWEEP_KIND
+from .sweep import FineTuneSweep, FineTuneSweepStatus, name_problem
 from .v1alpha1 import API_VERSION, GROUP, KIND, PATTERN_HINTS, FineTuneJob, FineTuneJobStatus
 
 PathItem = str | int
@@ -260,6 +262,37 @@ def validate_object(data: Any) -> FineTuneJob:
     return job
 
 
+def validate_sweep_object(data: Any) -> FineTuneSweep:
+    """Validate one FineTuneSweep manifest (already parsed), as :func:`validate_object` a job, and what
+    CEL cannot check (:meth:`~.sweep.FineTuneSweepSpec.problems`). Raises InvalidSpec naming every bad field."""
+    if not isinstance(data, dict):
+        raise InvalidSpec([FieldError("", f"a {SWEEP_KIND} manifest must be a mapping, not {_what(data)}")])
+    data = as_the_api_server_sees_it(data)
+    status = data.pop("status", None)
+    errors: list[FieldError] = []
+    if status is not None:
+        try:
+            FineTuneSweepStatus.parse_manifest(status)
+        except ValidationError as exc:
+            errors = [
+                FieldError(format_path(["status", *(e.loc or ())]), e.message, loc=("status", *(e.loc or ())))
+                for e in errors_from_validation(exc, status, FineTuneSweepStatus)
+                if e.message.startswith("unknown field")
+            ]
+    try:
+        sweep = FineTuneSweep.parse_manifest(data)
+    except ValidationError as exc:
+        raise InvalidSpec([*errors_from_validation(exc, data, FineTuneSweep), *errors]) from None
+    name = name_problem(sweep.metadata.name)
+    if name:
+        errors.append(FieldError("metadata.name", name, loc=("metadata", "name")))
+    for loc, message in sweep.spec.problems():
+        errors.append(FieldError(format_path(["spec", *loc]), message, loc=("spec", *loc)))
+    if errors:
+        raise InvalidSpec(errors)
+    return sweep
+
+
 def _what(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
@@ -478,6 +511,7 @@ class DocumentResult:
 
     doc: Document
     job: FineTuneJob | None = None
+    sweep: FineTuneSweep | None = None
     skipped: str | None = None
     errors: list[FieldError] = field(default_factory=list)
 
@@ -510,6 +544,12 @@ def check_document(doc: Document) -> DocumentResult:
         result.errors.append(
             doc.error(FieldError("kind", "required: every Kubernetes object names its apiVersion and kind", loc=()))
         )
+        return result
+    if kind == SWEEP_KIND:
+        try:
+            result.sweep = validate_sweep_object(data)
+        except InvalidSpec as exc:
+            result.errors.extend(doc.error(e) for e in exc.errors)
         return result
     if kind is not None and kind != KIND:
         if not isinstance(kind, str):
@@ -564,3 +604,11 @@ def load_jobs(path: str | Path) -> list[FineTuneJob]:
     if result.all_errors:
         raise InvalidSpec(result.all_errors)
     return [d.job for d in result.documents if d.job is not None]
+
+
+def load_sweeps(path: str | Path) -> list[FineTuneSweep]:
+    """Every FineTuneSweep in a YAML file (other kinds are skipped). Raises InvalidSpec on any error."""
+    result = check_file(path)
+    if result.all_errors:
+        raise InvalidSpec(result.all_errors)
+    return [d.sweep for d in result.documents if d.sweep is not None]
