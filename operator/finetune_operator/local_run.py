@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .api.memory import fits_total, memory_breakdown
-from .api.trainer_config import build_trainer_config, preflight_command, storage_environment, trainer_command
+from .api.trainer_config import (
+    EXIT_ROLLBACK,
+    build_trainer_config,
+    preflight_command,
+    storage_environment,
+    trainer_command,
+)
 from .api.v1alpha1 import MODEL_ARTIFACT_KINDS, Dependency, FineTuneJob, FineTuneJobSpec, PreflightResult
 from .plan import summary_line
 
@@ -155,4 +161,10 @@ def run_local(job: FineTuneJob, *, manifest: Path, workdir: Path, nproc: int | N
             print(f"{verdict}\nspec.preflight.allowWillNotFit: training anyway", file=sys.stderr)
     config_path = write_trainer_config(job, manifest=manifest, workdir=workdir)
     command = trainer_command(config_path, nproc_per_node=procs, python=sys.executable)
-    return subprocess.run(command, env=trainer_environment(job), check=False).returncode
+    while True:
+        code = subprocess.run(command, env=trainer_environment(job), check=False).returncode
+        if code != EXIT_ROLLBACK:
+            return code
+        # The loss diverged and spec.training.onDivergence is rollback: as the operator restarts the gang,
+        # run again; the trainer resumes before the divergence (it bounds the rollbacks: maxRollbacks).
+        print("the loss diverged: rolling back (spec.training.onDivergence rollback)", file=sys.stderr, flush=True)

@@ -26,11 +26,13 @@ from pydantic import ValidationError
 from . import __version__
 from .api.memory import fits_total
 from .api.trainer_config import (
+    EXIT_DIVERGED,
     EXIT_INVALID_CONFIG,
     EXIT_INVALID_DATA,
     EXIT_NONFINITE_LOSS,
     EXIT_OK,
     EXIT_PREEMPTED,
+    EXIT_ROLLBACK,
 )
 from .api.v1alpha1 import (
     CONDITION_DATA_VALID,
@@ -70,6 +72,8 @@ EXIT_REASONS = {
     EXIT_INVALID_DATA: "InvalidData",
     EXIT_NONFINITE_LOSS: "NonFiniteLoss",
     EXIT_PREEMPTED: "Preempted",
+    EXIT_DIVERGED: "Diverged",
+    EXIT_ROLLBACK: "Diverged",  # rolled back: the gang restarts before the divergence
 }
 TERMINATED_FIELDS = ("exitCode", "reason", "message", "finishedAt")
 #: The taint the node lifecycle controller puts on a node whose Ready condition is False or Unknown;

@@ -254,3 +254,26 @@ def test_two_ranks_report_the_metrics_of_one_process_and_the_samples_go_with_the
     scores = _libraries([p["prediction"] for p in predicted], [p["reference"] for p in predicted])
     for name, value in scores.items():
         assert f"{name}: {value:.4f}" in done.stderr or f"{name} {value:.4f}" in done.stderr, (name, done.stderr)
+
+
+@pytest.mark.parametrize(("metric", "key"), [("bleu", "eval_bleu"), ("rouge", "eval_rougeL")], ids=["bleu", "rouge"])
+def test_early_stopping_on_a_generation_metric_ranks_checkpoints_by_it_higher_is_better(
+    metric: str, key: str, tmp_path: Path
+) -> None:
+    from finetune_operator.api.validation import validate_object
+    from finetune_trainer.checkpointing import best_metric
+    from finetune_trainer.training_args import training_arguments
+
+    manifest = job_manifest(
+        "es",
+        tmp_path,
+        tmp_path / "train.jsonl",
+        data__eval={"uri": str(tmp_path / "eval.jsonl")},
+        training__evaluation={"everySteps": 5, "metrics": ["loss", metric]},
+        training__earlyStopping={"metric": metric, "patience": 2},
+    )
+    spec = validate_object(manifest).spec
+    args = training_arguments(spec, output_dir=tmp_path / "out", base_dir=None, has_eval=True)
+    assert (args.metric_for_best_model, args.greater_is_better, args.load_best_model_at_end) == (key, True, True)
+    ranking = best_metric(spec, has_eval=True)
+    assert ranking is not None and ranking.name == key and ranking.better(2.0, 1.0)

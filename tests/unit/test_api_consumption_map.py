@@ -58,6 +58,15 @@ PROMPT_INIT = f"{METHOD_PARAMS}::test_prompt_init_text_initialises_the_soft_prom
 QUANTIZATION = f"{METHOD_PARAMS}::test_quantization_reaches_every_4bit_layer"
 VIRTUAL_TOKENS = f"{METHOD_PARAMS}::test_virtual_tokens_are_trained_and_saved"
 DATA_OPTIONS = "tests/trainer/test_data_options.py"
+DIVERGENCE = "tests/trainer/test_divergence.py"
+GENERATION = "tests/trainer/test_generation_metrics.py"
+GENERATION_RUN = f"{GENERATION}::test_two_ranks_report_the_metrics_of_one_process_and_the_samples_go_with_the_outputs"
+GENERATION_EARLY_STOP = (
+    f"{GENERATION}::test_early_stopping_on_a_generation_metric_ranks_checkpoints_by_it_higher_is_better"
+)
+ROLLBACK = f"{DIVERGENCE}::test_a_loss_spike_rolls_back_to_the_checkpoint_before_it_with_half_the_learning_rate"
+DIVERGENCE_FAILS = f"{DIVERGENCE}::test_with_fail_a_spike_ends_the_job_keeping_every_checkpoint"
+ROLLBACKS_USED = f"{DIVERGENCE}::test_a_nonfinite_loss_rolls_back_until_the_rollbacks_allowed_are_used"
 AUGMENTATION = "tests/trainer/test_augmentation.py"
 AUGMENTED_COPIES = f"{AUGMENTATION}::test_eda_copies_are_seeded_counted_tagged_and_leave_eval_and_targets_alone"
 BACK_TRANSLATION = f"{AUGMENTATION}::test_back_translation_runs_both_models"
@@ -454,26 +463,36 @@ CONSUMPTION: dict[str, str] = {
     "spec.task.type=rl": RL_GRPO,
     "spec.task.type=sft": f"{TASK}[sft]",
     # -- spec.training: optimization, evaluation, early stopping, forgetting ------------------------------
+    "spec.training.divergence.consecutiveLogs": ROLLBACK,  # detected at the 3rd window above: step 13
+    "spec.training.divergence.learningRateScale": ROLLBACK,
+    "spec.training.divergence.lossFactor": DIVERGENCE_FAILS,
+    "spec.training.divergence.maxRollbacks": ROLLBACKS_USED,
     "spec.training.dropout": f"{MODEL_OPTIONS}::test_dropout_sets_the_models_dropout_probabilities",
     # accuracy and f1: classification runs that watch them; exactMatch: see the qa task.
     "spec.training.earlyStopping.metric=accuracy": f"{CLS_TWO_RANKS}[zero2-undersample]",
     "spec.training.earlyStopping.metric=agreement": DISTILL_EARLY_STOP,
+    "spec.training.earlyStopping.metric=bleu": f"{GENERATION_EARLY_STOP}[bleu]",
     "spec.training.earlyStopping.metric=evalLoss": EARLY_STOPPING,
     "spec.training.earlyStopping.metric=exactMatch": QA_RUN,  # the best checkpoint by exact match is loaded
     "spec.training.earlyStopping.metric=f1": CLS_HEAD_ONLY,
     "spec.training.earlyStopping.metric=perplexity": f"{EVAL_METRICS}[perplexity-early-stopping]",
+    "spec.training.earlyStopping.metric=rouge": GENERATION_RUN,  # checkpoint-5, the best ROUGE-L, loaded
     "spec.training.earlyStopping.mode=max": f"{EARLY_STOPPING}[max]",
     "spec.training.earlyStopping.mode=min": EARLY_STOPPING,
     "spec.training.earlyStopping.patience": EARLY_STOPPING,
     "spec.training.earlyStopping.threshold": EARLY_STOPPING,
     "spec.training.epochs": f"{TRAINING_OPTIONS}::test_epochs_set_the_length_of_training",
     "spec.training.evaluation.everySteps": HYPERPARAMETERS,
+    "spec.training.evaluation.generation.maxNewTokens": GENERATION_RUN,  # equal to 8-token generations alone
+    "spec.training.evaluation.generation.samples": GENERATION_RUN,  # 9 prompts, split 5 and 4
     "spec.training.evaluation.metrics=accuracy": f"{CLS_TWO_RANKS}[zero2-undersample]",  # no F1 reported
     "spec.training.evaluation.metrics=agreement": DISTILL_EARLY_STOP,
+    "spec.training.evaluation.metrics=bleu": GENERATION_RUN,
     "spec.training.evaluation.metrics=exactMatch": QA_SPEC,  # no F1 reported
     "spec.training.evaluation.metrics=f1": CLS_HEAD_ONLY,  # no accuracy reported
     "spec.training.evaluation.metrics=loss": f"{EVAL_METRICS}[loss-only]",
     "spec.training.evaluation.metrics=perplexity": f"{EVAL_METRICS}[perplexity-early-stopping]",
+    "spec.training.evaluation.metrics=rouge": GENERATION_RUN,
     "spec.training.forgetting.ewc.fisherData.fileType=auto": EWC_RUN,
     "spec.training.forgetting.ewc.fisherData.fileType=csv": f"{FORGETTING_SOURCES}[csv]",
     "spec.training.forgetting.ewc.fisherData.fileType=json": f"{FORGETTING_SOURCES}[json]",
@@ -504,6 +523,8 @@ CONSUMPTION: dict[str, str] = {
     "spec.training.logEverySteps": REPORT,  # every 2 steps: at least 8 of 16 logged
     "spec.training.maxGradNorm": HYPERPARAMETERS,
     "spec.training.maxSteps": HYPERPARAMETERS,
+    "spec.training.onDivergence=fail": DIVERGENCE_FAILS,
+    "spec.training.onDivergence=rollback": ROLLBACK,
     "spec.training.optimizer=adafactor": HYPERPARAMETERS,
     "spec.training.optimizer=adamw": f"{TWO_RANKS}[ddp-lora]",  # the optimizer that steps is torch's AdamW
     "spec.training.optimizer=sgd": OPTIMIZER_AND_SCHEDULER,

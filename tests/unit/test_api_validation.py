@@ -205,6 +205,18 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "greater than or equal to 1",
     ),
     ("negative-backoff", {"spec.runPolicy.backoffLimit": -1}, "spec.runPolicy.backoffLimit", "greater"),
+    (
+        "divergence-rollback-without-checkpoint-uri",
+        {"spec.training.onDivergence": "rollback"},
+        "spec.training.onDivergence",
+        "needs spec.checkpoint.uri",
+    ),
+    (
+        "out-of-range-loss-factor",
+        {"spec.training.divergence": {"lossFactor": 1.0}},
+        "spec.training.divergence.lossFactor",
+        "greater",
+    ),
     ("negative-gpus", {"spec.resources.gpusPerNode": -1}, "spec.resources.gpusPerNode", "greater"),
     ("oversized-name", {"metadata.name": "a" * 51}, "metadata.name", "50"),
     ("bad-name", {"metadata.name": "Demo_Job"}, "metadata.name", "DNS label"),
@@ -875,6 +887,14 @@ VALID: list[tuple[str, dict[str, Any]]] = [
     ("integer-for-number", {"spec.training.learningRate": 1, "spec.method.lora": {"alpha": 16}}),
     ("integral-float-for-integer", {"spec.training.maxSteps": 100.0, "spec.resources.cpu": 2.0}),
     ("int64-max", {"spec.runPolicy.activeDeadlineSeconds": 2**63 - 1}),
+    (
+        "divergence-rollback",
+        {
+            "spec.training.onDivergence": "rollback",
+            "spec.training.divergence": {"lossFactor": 4, "consecutiveLogs": 2, "learningRateScale": 1},
+            "spec.checkpoint": {"uri": "s3://ckpt"},
+        },
+    ),
     # The API server drops a created object's status: its values are not checked, only its fields.
     ("status-values-are-not-checked", {"status": {"phase": "Bogus", "restarts": -1}}),
     (

@@ -945,3 +945,14 @@ def test_without_a_node_watch_node_loss_is_read_from_the_pods_disruption() -> No
         failed = [pod(0, 1, "Failed", exit_code=137, disrupted=True, disruption=disruption), pod(0, 0, "Running")]
         p = run(ftj(), {"phase": "Running"}, [job(0, condition="Failed", reason="BackoffLimitExceeded")], failed)
         assert (p.status["phase"], p.status["lastFailure"]["reason"]) == ("Restarting", reason), disruption
+
+
+def test_a_divergence_rolls_back_as_a_restart_or_fails_the_job() -> None:
+    # Exit 86: the trainer removed the checkpoints since the divergence; the gang restarts before it.
+    rolled = [pod(0, 0, "Failed", exit_code=86, message="diverged: ... rollback 1 of 2 ..."), pod(0, 1, "Running")]
+    p = run(ftj(), {"phase": "Running"}, [job(0, condition="Failed", reason="BackoffLimitExceeded")], rolled)
+    assert (p.status["phase"], p.status["restarts"], p.status["lastFailure"]["reason"]) == ("Restarting", 1, "Diverged")
+    # Exit 6 (permanent, so the Job's podFailurePolicy failed it at once): Failed, reason Diverged.
+    failed = [pod(0, 0, "Failed", exit_code=6, message="diverged: training loss diverged: ...")]
+    p = run(ftj(), {"phase": "Running"}, [job(0, condition="Failed", reason="PodFailurePolicy")], failed)
+    assert (p.status["phase"], cond(p, "Failed")["reason"], p.status["restarts"]) == ("Failed", "Diverged", 0)

@@ -11,7 +11,11 @@ Exit codes (shared with the operator's podFailurePolicy, defined in finetune_ope
 2   invalid configuration (permanent), including a checkpoint written by a different spec
 3   invalid data (permanent): every bad record printed as file:line
 4   non-finite loss (permanent): the loss became NaN/inf; the last good checkpoint is kept
+6   diverged (permanent): the loss rose above spec.training.divergence.lossFactor times its lowest, or
+    diverged again after the last rollback allowed (maxRollbacks)
 85  preempted (retriable): SIGTERM handled, the state at the current step committed; resumes there
+86  rolled back (retriable; spec.training.onDivergence rollback): the checkpoints written since the
+    divergence began are removed; the next attempt resumes before it with a scaled learning rate
 ==  ================================================================================================
 
 The reason of a failure is printed and, when the file exists (Kubernetes' default
@@ -27,17 +31,19 @@ import os
 import sys
 
 from finetune_operator.api.trainer_config import (
+    EXIT_DIVERGED,
     EXIT_INVALID_CONFIG,
     EXIT_INVALID_DATA,
     EXIT_NONFINITE_LOSS,
     EXIT_OK,
     EXIT_PREEMPTED,
+    EXIT_ROLLBACK,
     load_trainer_config,
 )
 from pydantic import ValidationError
 
 from .data.records import DataError
-from .errors import ConfigError, NonFiniteLoss, Preempted
+from .errors import ConfigError, Diverged, NonFiniteLoss, Preempted
 
 
 def termination_message(text: str) -> None:
@@ -85,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"non-finite loss: {exc}", file=sys.stderr)
         termination_message(f"non-finite loss: {exc}")
         return EXIT_NONFINITE_LOSS
+    except Diverged as exc:
+        print(f"diverged: {exc}", file=sys.stderr)
+        termination_message(f"diverged: {exc}")
+        return EXIT_ROLLBACK if exc.rollback else EXIT_DIVERGED
     except Preempted as exc:
         termination_message(f"preempted: {exc}")
         return EXIT_PREEMPTED

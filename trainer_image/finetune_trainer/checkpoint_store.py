@@ -54,6 +54,8 @@ from .file_manifest import FileEntry, local_files, sha256_file
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+#: The record of the divergences rolled back (spec.training.onDivergence rollback), beside the checkpoints.
+ROLLBACKS = "rollbacks.json"
 PARTS_DIR = ".parts"
 FORMAT = 1
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -168,6 +170,19 @@ class CheckpointStore:
         self.remote = storage.is_remote(self.uri)
         self.is_s3 = self.uri.startswith("s3://")
         self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    # ---- rollbacks (spec.training.onDivergence rollback) -----------------------------------------
+    def read_rollbacks(self) -> list[dict[str, Any]]:
+        """The divergences rolled back so far (``rollbacks.json`` beside the checkpoints), oldest first."""
+        try:
+            raw = json.loads(self.fs.cat_file(f"{self.root}/{ROLLBACKS}"))
+        except FileNotFoundError:
+            return []
+        return [dict(r) for r in raw] if isinstance(raw, list) else []
+
+    def write_rollbacks(self, records: list[dict[str, Any]]) -> None:
+        self._write_atomic(f"{self.root}/{ROLLBACKS}", json.dumps(records, indent=2, sort_keys=True).encode())
+        self._refresh()
 
     # ---- names ---------------------------------------------------------------------------------
     def dir_path(self, step: int) -> str:

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ from .checkpoint_store import (
     step_of,
 )
 from .distributed import World
-from .errors import ConfigError, NonFiniteLoss, Preempted
+from .errors import ConfigError, Diverged, NonFiniteLoss, Preempted
 from .faults import LossFaults
 from .telemetry import TrainingMetrics
 from .training_args import BEST_METRICS
@@ -470,6 +471,86 @@ class LossWatch:
         return float(total.item())  # one device sync a step, as the running loss's
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """A loss that diverged: from ``onset`` (the first step of the first window above the factor),
+    detected at ``detected``; ``loss`` None when it was non-finite."""
+
+    onset: int
+    detected: int
+    loss: float | None
+    lowest: float | None
+
+
+class DivergenceWatch:
+    """Spike detection (``spec.training.divergence.lossFactor``): the mean loss of each logging window
+    (``logEverySteps`` optimizer steps, averaged over the ranks by the caller) against the lowest window
+    mean so far. ``consecutiveLogs`` windows in a row above ``lossFactor`` times it make a divergence,
+    which began at the first of them. Windows above it do not lower the minimum."""
+
+    def __init__(self, *, factor: float | None, consecutive: int, window: int):
+        self.factor, self.consecutive, self.window = factor, consecutive, window
+        self.lowest: float | None = None
+        self.above: list[tuple[int, float]] = []  #: (first step, mean) of the windows above, in a row
+        self.total, self.steps, self.start = 0.0, 0, 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.factor is not None
+
+    def add(self, step: int, loss: float) -> bool:
+        """This rank's loss of optimizer step ``step``; True when the step closes a window (the caller
+        then averages :meth:`window_mean` over the ranks and hands it to :meth:`judge`)."""
+        if self.steps == 0:
+            self.start = step
+        self.total += loss
+        self.steps += 1
+        return step % self.window == 0
+
+    def window_mean(self) -> float:
+        mean = self.total / max(self.steps, 1)
+        self.total, self.steps = 0.0, 0
+        return mean
+
+    def judge(self, step: int, mean: float) -> Divergence | None:
+        """The window ending at ``step`` had mean loss ``mean`` (over every rank)."""
+        assert self.factor is not None
+        if self.lowest is not None and mean > self.factor * self.lowest:
+            self.above.append((self.start, mean))
+            if len(self.above) >= self.consecutive:
+                return Divergence(onset=self.above[0][0], detected=step, loss=mean, lowest=self.lowest)
+            return None
+        self.above = []
+        self.lowest = mean if self.lowest is None else min(self.lowest, mean)
+        return None
+
+
+class LearningRateScale(TrainerCallback):
+    """After k rollbacks the learning rate is ``learningRateScale``**k of the spec's: applied once the
+    optimizer and scheduler are restored (a resumed checkpoint holds the rates it was trained with, so
+    the factor applied is the target over the one its scheduler already carries — never twice)."""
+
+    def __init__(self, scale: float, learning_rate: float):
+        self.scale, self.learning_rate = scale, learning_rate
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        optimizer, scheduler = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
+        if optimizer is None or scheduler is None:
+            return
+        present = float(scheduler.base_lrs[0]) / self.learning_rate
+        factor = self.scale / present
+        if abs(factor - 1.0) < 1e-9:
+            return
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        log.info("learning rate scaled by %g after rollbacks (now %g of the spec's)", factor, self.scale)
+
+
 class CheckpointCallback(TrainerCallback):
     """The one owner of saves: decides when the Trainer saves (transformers' own save schedule is
     overridden at every step), hands each save to the uploader (the store rotates what is kept), and
@@ -512,6 +593,12 @@ class CheckpointCallback(TrainerCallback):
         self.saved_step: int | None = resumed.step if resumed else None
         self.best_value = best.value(best_so_far) if (best and best_so_far) else None
         self.eval_metrics: dict[int, dict[str, float]] = {}
+        t = spec.training
+        self.on_divergence = t.on_divergence
+        self.divergence_spec = t.divergence
+        self.divergence = DivergenceWatch(
+            factor=t.divergence.loss_factor, consecutive=t.divergence.consecutive_logs, window=t.log_every_steps
+        )
         self.training = False
         self.preempting = False
         self.last_save = clock()
@@ -546,7 +633,14 @@ class CheckpointCallback(TrainerCallback):
             [time_due, self.preemption.requested, nonfinite], device=args.device
         )
         if nonfinite_any:
+            if self.on_divergence == "rollback":
+                self._roll_back(Divergence(onset=step, detected=step, loss=None, lowest=self.divergence.lowest))
             self._stop_nonfinite(step, value if nonfinite else None)
+        if self.divergence.enabled and value is not None and self.divergence.add(step, value):
+            mean = distributed.mean(self.divergence.window_mean(), device=args.device)
+            diverged = self.divergence.judge(step, mean)
+            if diverged is not None:
+                self._diverged(diverged)
         if preempt and not self.preempting:
             self.preempting = True
             control.should_training_stop = True
@@ -616,9 +710,82 @@ class CheckpointCallback(TrainerCallback):
                 log.warning("the preemption save took %.0fs, more than gracePeriodSeconds", elapsed)
         raise Preempted(f"preempted at step {step}", step)
 
+    def _diverged(self, d: Divergence) -> None:
+        if self.on_divergence == "rollback":
+            self._roll_back(d)
+        self._wait_uploads()
+        raise Diverged(
+            f"training loss diverged: {_window(d)}; spec.training.onDivergence fail: stopped without saving",
+            d.onset,
+            rollback=False,
+        )
+
+    def _roll_back(self, d: Divergence) -> None:
+        """Remove the checkpoints written since the divergence began and end the attempt (exit 86), or,
+        with every rollback allowed used, fail it (exit 6). Rank 0 decides; every rank raises the same."""
+        self._wait_uploads()
+        verdict: tuple[bool, str] | None = None
+        if self.world.is_main:
+            verdict = self._record_rollback(d)
+        verdict = distributed.broadcast_object(verdict)
+        assert verdict is not None
+        rollback, message = verdict
+        raise Diverged(message, d.onset, rollback=rollback)
+
+    def _record_rollback(self, d: Divergence) -> tuple[bool, str]:
+        store, spec = self.store, self.divergence_spec
+        assert store is not None  # onDivergence rollback needs spec.checkpoint.uri (admission)
+        records = store.read_rollbacks()
+        what = _window(d)
+        if len(records) >= spec.max_rollbacks:
+            return False, f"training loss diverged again after {len(records)} rollbacks (maxRollbacks): {what}"
+        removed = [m.step for m in store.committed() if m.step >= d.onset]
+        for step in removed:
+            store.delete(step)
+        scale = spec.learning_rate_scale ** (len(records) + 1)
+        records.append(
+            {
+                "step": d.onset,
+                "detected_step": d.detected,
+                "loss": d.loss,
+                "lowest_loss": d.lowest,
+                "removed_checkpoints": removed,
+                "resumed_from": -1,  # filled by the next attempt (checkpointing.note_resume)
+                "learning_rate_scale": scale,
+                "time": datetime.now(UTC).isoformat(),
+            }
+        )
+        store.write_rollbacks(records)
+        gone = f"removed checkpoints {removed}" if removed else "no checkpoint was written since"
+        return True, (
+            f"training loss diverged: {what}; rollback {len(records)} of {spec.max_rollbacks}: {gone}; the next "
+            f"attempt resumes before step {d.onset} with the learning rate at {scale:g} of the spec's"
+        )
+
     def _stop_nonfinite(self, step: int, value: float | None) -> None:
         self._wait_uploads()
         committed = self.uploader.committed if self.uploader else None
         kept = f"the last good checkpoint is {committed.uri}" if committed else "no checkpoint was committed"
         what = f"became {value}" if value is not None else "became non-finite on another rank"
         raise NonFiniteLoss(f"training loss {what} at step {step}; stopped without saving it; {kept}", step)
+
+
+def _window(d: Divergence) -> str:
+    if d.loss is None:
+        return f"the loss became non-finite at step {d.detected}"
+    return (
+        f"mean loss {d.loss:.4g} since step {d.onset} (windows above the lossFactor up to step {d.detected}; "
+        f"lowest window mean before: {d.lowest:.4g})"
+    )
+
+
+def rollbacks_after_resume(store: CheckpointStore | None, plan: ResumePlan, world: World) -> list[dict[str, Any]]:
+    """The divergences rolled back before this attempt (rank 0 reads them, every rank gets them); the
+    latest one records where this attempt resumed from, once."""
+    records: list[dict[str, Any]] = []
+    if store is not None and world.is_main:
+        records = store.read_rollbacks()
+        if records and records[-1].get("resumed_from", -1) == -1:
+            records[-1]["resumed_from"] = plan.manifest.step if plan.manifest is not None else None
+            store.write_rollbacks(records)
+    return distributed.broadcast_object(records)

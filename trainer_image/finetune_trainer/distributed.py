@@ -123,6 +123,15 @@ def agree(flags: list[bool], device: Any = "cpu") -> list[bool]:
     return [bool(v) for v in tensor.tolist()]
 
 
+def mean(value: float, device: Any = "cpu") -> float:
+    """The mean of ``value`` over every rank (one tiny all-reduce; the value itself when alone)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor.item()) / dist.get_world_size()
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
     """Rank ``src``'s object on every rank (pickled; for small decisions only)."""
     if not (dist.is_available() and dist.is_initialized()):

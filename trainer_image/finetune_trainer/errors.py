@@ -15,6 +15,17 @@ class Preempted(Exception):
         self.step = step
 
 
+class Diverged(RuntimeError):
+    """The training loss diverged (spec.training.divergence). ``rollback``: the checkpoints written
+    since it began are removed and the next attempt resumes before it (exit 86, retriable); else the
+    job fails (exit 6)."""
+
+    def __init__(self, message: str, step: int, *, rollback: bool):
+        super().__init__(message)
+        self.step = step
+        self.rollback = rollback
+
+
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; the last good checkpoint is kept. Exit 4."""
 

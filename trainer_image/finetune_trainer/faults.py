@@ -19,6 +19,10 @@ from typing import Any
 from finetune_operator.api.v1alpha1 import TEST_HOOK_ENV_PREFIX
 
 NONFINITE_LOSS_AT_STEP = f"{TEST_HOOK_ENV_PREFIX}NONFINITE_LOSS_AT_STEP"
+#: ``STEP:FACTOR``: every micro-batch loss from optimizer step STEP on is multiplied by FACTOR (its
+#: gradients too) — a loss spike, in the attempt that has rolled back nothing yet only (a transient
+#: blow-up: the spike detection and rollback path, spec.training.divergence).
+LOSS_SPIKE = f"{TEST_HOOK_ENV_PREFIX}LOSS_SPIKE"
 
 
 def nonfinite_loss_step(environ: dict[str, str] | None = None) -> int | None:
@@ -30,11 +34,19 @@ def nonfinite_loss_step(environ: dict[str, str] | None = None) -> int | None:
 class LossFaults:
     """Applies the configured fault to a training loss; a no-op unless a test switched it on."""
 
-    def __init__(self, environ: dict[str, str] | None = None):
+    def __init__(self, environ: dict[str, str] | None = None, *, rolled_back: bool = False):
+        env = os.environ if environ is None else environ
         self.nonfinite_at = nonfinite_loss_step(environ)
+        spike = env.get(LOSS_SPIKE)
+        self.spike: tuple[int, float] | None = None
+        if spike and not rolled_back:
+            at, factor = spike.split(":")
+            self.spike = (int(at), float(factor))
 
     def apply(self, loss: Any, *, step: int, training: bool) -> Any:
         """``loss`` of a micro-batch of optimizer step ``step`` (1-based); poisoned when due."""
         if training and self.nonfinite_at is not None and step == self.nonfinite_at:
             return loss * float("nan")
+        if training and self.spike is not None and step >= self.spike[0]:
+            return loss * self.spike[1]
         return loss

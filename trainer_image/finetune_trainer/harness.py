@@ -40,6 +40,7 @@ from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, Traine
 from . import checkpointing, distributed, modeling, provenance, storage
 from .checkpoint_store import CheckpointStore, Manifest, describe
 from .data import pipeline
+from .faults import LossFaults
 from .outputs import EVALUATION_FILE, SAMPLES_FILE, TRAINER_CONFIG_FILE, save_outputs
 from .outputs import Artifact as SavedArtifact
 from .progress import ProgressReporter
@@ -193,7 +194,10 @@ class Run:
             resume_dir = checkpointing.fetch(plan, store, Path(args.output_dir), self.world)
         if self.status is not None and plan.kept is not None:
             self.status.set_checkpoints(describe(plan.kept))
-        return Prepared(self, args, store, plan, resume_dir, zero_stage, has_eval)
+        rollbacks = checkpointing.rollbacks_after_resume(store, plan, self.world)
+        if self.status is not None and rollbacks:
+            self.status.set_rollbacks(rollbacks)
+        return Prepared(self, args, store, plan, resume_dir, zero_stage, has_eval, rollbacks)
 
 
 @dataclass
@@ -208,6 +212,8 @@ class Prepared:
     resume_dir: str | None
     zero_stage: int | None
     has_eval: bool
+    #: The divergences rolled back before this attempt (spec.training.onDivergence rollback), oldest first.
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
 
     def planned_steps(self, train_rows: int) -> int:
         return planned_steps(self.run.spec, train_rows, self.run.world.world_size)
@@ -251,7 +257,7 @@ class Prepared:
                 metrics=run.telemetry,
                 on_commit=on_commit if world.is_main else None,
             )
-        loss_watch = checkpointing.LossWatch()
+        loss_watch = checkpointing.LossWatch(LossFaults(rolled_back=bool(self.rollbacks)))
         checkpoints = checkpointing.CheckpointCallback(
             spec,
             world=world,
@@ -266,6 +272,9 @@ class Prepared:
             metrics=run.telemetry,
         )
         shared: list[TrainerCallback] = [throughput, reporter, checkpoints]  # throughput first: the others read it
+        if self.rollbacks:
+            scale = float(self.rollbacks[-1]["learning_rate_scale"])
+            shared.append(checkpointing.LearningRateScale(scale, spec.training.learning_rate))
         if run.telemetry is not None:
             shared.append(TelemetryCallback(run.telemetry, throughput))
         if spec.training.early_stopping is not None and self.args.load_best_model_at_end:
@@ -310,6 +319,8 @@ class Training:
         }
         if spec.model.mine_tokens is not None:
             self.summary["mined_tokens"] = run.mined_tokens
+        if self.prepared.rollbacks:
+            self.summary["rollbacks"] = self.prepared.rollbacks
         before: dict[str, Any] = {}
         deepspeed = bool(self.prepared.args.deepspeed)
         if not deepspeed and run.world.world_size == 1:

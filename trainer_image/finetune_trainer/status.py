@@ -37,6 +37,7 @@ from finetune_operator.api.v1alpha1 import (
     CheckpointRecord,
     Progress,
     Provenance,
+    RollbackRecord,
 )
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ class StatusReporter:
         self._stop = threading.Event()
         self._progress: dict[str, Any] = {}
         self._checkpoints: list[CheckpointRecord] | None = None
+        self._rollbacks: list[dict[str, Any]] | None = None
         self._outputs: dict[str, Any] | None = None
         self._dirty = False
         self._last_sent = -float("inf")
@@ -197,6 +199,26 @@ class StatusReporter:
             self._dirty = True
         self._wake.set()
 
+    def set_rollbacks(self, records: list[dict[str, Any]]) -> None:
+        """The divergences rolled back (status.rollbacks), as the checkpoint store records them."""
+        rows = [
+            RollbackRecord(
+                step=r["step"],
+                detected_step=r["detected_step"],
+                loss=r.get("loss"),
+                lowest_loss=r.get("lowest_loss"),
+                removed_checkpoints=r.get("removed_checkpoints") or [],
+                resumed_from=r["resumed_from"] if (r.get("resumed_from") or 0) >= 0 else None,
+                learning_rate_scale=r["learning_rate_scale"],
+                time=r["time"],
+            ).model_dump(by_alias=True, mode="json")
+            for r in records[-100:]
+        ]
+        with self._lock:
+            self._rollbacks = rows
+            self._dirty = True
+        self._wake.set()
+
     def set_outputs(self, artifacts: list[Artifact], provenance: Provenance) -> None:
         """What the job wrote (status.artifacts) and what produced it (the trainer's fields of
         status.provenance: those the operator sets are left out of the patch, so neither overwrites
@@ -217,6 +239,8 @@ class StatusReporter:
             status: dict[str, Any] = {"progress": progress_body(self._progress)}
             if self._checkpoints is not None:
                 status["checkpoints"] = [c.model_dump(by_alias=True, mode="json") for c in self._checkpoints]
+            if self._rollbacks is not None:
+                status["rollbacks"] = self._rollbacks
             if self._outputs is not None:
                 status.update(self._outputs)
             self._dirty = False

@@ -30,7 +30,13 @@ EXIT_INVALID_CONFIG = 2  #: bad config or data: permanent, retrying cannot help
 EXIT_INVALID_DATA = 3  #: a dataset record is malformed: permanent
 EXIT_PREEMPTED = 85  #: SIGTERM handled and full state committed: retriable, resumes from there
 EXIT_NONFINITE_LOSS = 4  #: loss became NaN/inf: permanent; the last good checkpoint is kept
-PERMANENT_EXIT_CODES = (EXIT_INVALID_CONFIG, EXIT_INVALID_DATA, EXIT_NONFINITE_LOSS)
+#: the loss diverged (above spec.training.divergence.lossFactor), or diverged again after the last rollback
+#: allowed: permanent
+EXIT_DIVERGED = 6
+#: the loss diverged and spec.training.onDivergence is rollback: the checkpoints since the divergence began
+#: are removed; retriable, the next attempt resumes before it with a lower learning rate
+EXIT_ROLLBACK = 86
+PERMANENT_EXIT_CODES = (EXIT_INVALID_CONFIG, EXIT_INVALID_DATA, EXIT_NONFINITE_LOSS, EXIT_DIVERGED)
 #: Exit codes of ``python -m finetune_trainer preflight`` (:func:`preflight_command`): 0 the data is valid,
 #: 2 the config is invalid, 3 the data is not (its result's ``problems`` say where). Any other exit (a crash,
 #: OOMKilled, a network failure) is retriable: the operator runs the preflight again.

@@ -1454,6 +1454,38 @@ class ForgettingSpec(SpecModel):
     )
 
 
+class DivergenceSpec(SpecModel):
+    """When the training loss counts as diverged, and what a rollback changes."""
+
+    loss_factor: float | None = Field(
+        default=None,
+        gt=1,
+        le=1e6,
+        description=(
+            "Diverged when the mean training loss of a logging window (logEverySteps steps, averaged over "
+            "every rank) is above this multiple of the lowest window mean so far, for consecutiveLogs windows "
+            "in a row. Unset: only a non-finite loss counts."
+        ),
+    )
+    consecutive_logs: int = Field(
+        default=3, ge=1, le=1000, description="Logging windows in a row above lossFactor that make a divergence."
+    )
+    learning_rate_scale: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description=(
+            "Each rollback multiplies the learning rate by this (1: unchanged): after k rollbacks, by its k-th power."
+        ),
+    )
+    max_rollbacks: int = Field(
+        default=2,
+        ge=1,
+        le=100,
+        description="Rollbacks allowed; a divergence after the last fails the job (reason Diverged).",
+    )
+
+
 class TrainingSpec(SpecModel):
     """Optimization hyperparameters."""
 
@@ -1499,6 +1531,19 @@ class TrainingSpec(SpecModel):
     forgetting: ForgettingSpec | None = Field(
         default=None,
         description="Catastrophic forgetting: its measure (generalEval) and controls against it (EWC, replay).",
+    )
+    on_divergence: Literal["fail", "rollback"] = Field(
+        default="fail",
+        description=(
+            "What a diverged loss (non-finite, or above divergence.lossFactor) does. `fail`: the job fails "
+            "(reason NonFiniteLoss or Diverged), the last good checkpoint kept. `rollback`: the checkpoints "
+            "written since the divergence began are removed and the gang restarts from the newest one before "
+            "it, with the learning rate scaled by divergence.learningRateScale, at most divergence.maxRollbacks "
+            "times (each listed in status.rollbacks); needs spec.checkpoint.uri."
+        ),
+    )
+    divergence: DivergenceSpec = Field(
+        default_factory=DivergenceSpec, description="What counts as a divergence, and what a rollback changes."
     )
 
     rules: ClassVar[tuple[Rule, ...]] = (
@@ -2532,6 +2577,15 @@ class FineTuneJobSpec(SpecModel):
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
+            cel="self.training.onDivergence != 'rollback' || (has(self.checkpoint) && has(self.checkpoint.uri))",
+            message=(
+                "spec.training.onDivergence rollback needs spec.checkpoint.uri (it restarts from a checkpoint "
+                "written before the divergence)"
+            ),
+            check=lambda s: s.training.on_divergence != "rollback" or s.checkpoint.uri is not None,
+            field=".training.onDivergence",
+        ),
+        Rule(
             cel="self.method.type != 'qlora' || self.model.dtype != 'fp32'",
             message=(
                 "spec.method.type qlora needs spec.model.dtype auto, bf16 or fp16 "
@@ -2845,6 +2899,30 @@ class Progress(SpecModel):
     updated_at: datetime | None = Field(default=None, strict=False, description="When this progress was reported.")
 
 
+class RollbackRecord(SpecModel):
+    """A divergence rolled back (spec.training.onDivergence rollback), as the trainer recorded it."""
+
+    step: int = Field(ge=0, description="Optimizer step where the divergence began.")
+    detected_step: int = Field(ge=0, description="Optimizer step where it was detected.")
+    loss: float | None = Field(
+        default=None, description="The diverged loss (mean of its logging window); null: non-finite."
+    )
+    lowest_loss: float | None = Field(default=None, description="The lowest window mean before it.")
+    removed_checkpoints: list[int] = Field(
+        default_factory=list, max_length=1000, description="Steps of the checkpoints written since it began, removed."
+    )
+    resumed_from: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Step of the checkpoint the next attempt resumed from; null until it resumes, or when no "
+            "checkpoint was left before the divergence (it started over)."
+        ),
+    )
+    learning_rate_scale: float = Field(gt=0, le=1, description="The learning rate's factor after this rollback.")
+    time: datetime = Field(strict=False, description="When the divergence was detected.")
+
+
 class CheckpointRecord(SpecModel):
     """A committed checkpoint."""
 
@@ -2948,7 +3026,9 @@ class FailureInfo(SpecModel):
     """The most recent failure of a trainer container."""
 
     exit_code: int | None = Field(default=None, description="Exit code of the failing container.")
-    reason: str = Field(max_length=1024, description="Reason, e.g. OOMKilled, Preempted, NodeLost, Stalled, InvalidData.")
+    reason: str = Field(
+        max_length=1024, description="Reason, e.g. OOMKilled, Preempted, NodeLost, Stalled, InvalidData."
+    )
     message: str = Field(default="", max_length=32768, description="Last message of the container.")
     time: datetime | None = Field(default=None, strict=False, description="When the failure was observed.")
 
@@ -3034,6 +3114,9 @@ class FineTuneJobStatus(SpecModel):
     completion_time: datetime | None = Field(default=None, strict=False, description="When the job finished.")
     restarts: int = Field(default=0, ge=0, description="Gang restarts so far.")
     progress: Progress | None = Field(default=None, description="Training progress.")
+    rollbacks: list[RollbackRecord] = Field(
+        default_factory=list, max_length=100, description="Divergences rolled back (written by the trainer)."
+    )
     checkpoints: list[CheckpointRecord] = Field(
         default_factory=list, max_length=1000, description="Committed checkpoints, oldest first."
     )
