@@ -151,6 +151,51 @@ def run(manifest: Path, job_name: str | None, nproc: int | None, workdir: Path |
 
 @main.command()
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the trials' runs go, one directory each (default: runs/<sweep name>).",
+)
+@click.option(
+    "--export-study",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the trials as an Optuna study in this SQLite file (optuna-dashboard sqlite:///PATH).",
+)
+def sweep(manifest: Path, workdir: Path | None, export_study: Path | None) -> None:
+    """Run a FineTuneSweep on this machine: its trials one after another, each a `finetune run` of the
+    template with the trial's parameters, chosen by the operator's study logic (Optuna).
+
+    A trial the pruner stops is stopped (its process, at an evaluation) and counted Pruned. Prints the
+    trials and the best. Exit status: 0 when a trial completed, 1 when none did, 2 an invalid manifest.
+    Run again, a sweep goes on from the trials its workdir holds.
+    """
+    from .api.validation import load_sweeps
+    from .local_sweep import export_study as export
+    from .local_sweep import observations, run_sweep, table
+
+    _require_trainer("sweep")
+    try:
+        sweeps = load_sweeps(manifest)
+    except InvalidSpec as exc:
+        for error in exc.errors:
+            click.echo(str(error), err=True)
+        sys.exit(2)
+    if len(sweeps) != 1:
+        click.echo(f"{manifest}: expected one FineTuneSweep; found {len(sweeps)}", err=True)
+        sys.exit(2)
+    (one,) = sweeps
+    workdir = workdir or Path("runs") / one.metadata.name
+    click.echo(f"finetune: sweeping {one.metadata.name} in {workdir}", err=True)
+    status = run_sweep(one, manifest=manifest, workdir=workdir, log=lambda line: click.echo(line, err=True))
+    click.echo(table(one, status))
+    if export_study is not None:
+        export(one, observations(status), export_study)
+        click.echo(f"study: {export_study} (optuna-dashboard sqlite:///{export_study})")
+    sys.exit(0 if status.best_trial is not None else 1)
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--job", "job_name", help="Name of the FineTuneJob to plan when the file holds several.")
 @click.option(
     "--workdir",

@@ -136,7 +136,12 @@ def _frozen(spec: FineTuneSweepSpec, dists: dict[str, BaseDistribution], obs: Ob
 
 
 def study(
-    spec: FineTuneSweepSpec, trials: Sequence[Observation], *, for_number: int | None = None, storage: Any = None
+    spec: FineTuneSweepSpec,
+    trials: Sequence[Observation],
+    *,
+    for_number: int | None = None,
+    storage: Any = None,
+    study_name: str | None = None,
 ) -> optuna.Study:
     """An Optuna study of ``trials`` (in number order; a missing number, e.g. a deleted trial, is a failed
     trial without parameters, so that study numbers stay trial numbers), its sampler the one of trial
@@ -145,6 +150,7 @@ def study(
     count = max(by_number, default=-1) + 1
     result = optuna.create_study(
         storage=storage,
+        study_name=study_name,
         sampler=sampler(spec, count if for_number is None else for_number),
         pruner=pruner(spec),
         direction=spec.objective.direction,
