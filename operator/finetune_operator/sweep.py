@@ -16,6 +16,7 @@ and creating decides the same trial again, and creating it by name is idempotent
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -28,6 +29,11 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState as OptunaState
 
 from .api.sweep import (
+    PARAMS_ANNOTATION,
+    PRUNED_ANNOTATION,
+    SWEEP_LABEL,
+    TRIAL_LABEL,
+    FineTuneSweep,
     FineTuneSweepSpec,
     FineTuneSweepStatus,
     IntermediateValue,
@@ -36,7 +42,8 @@ from .api.sweep import (
     TrialStatus,
     trial_spec,
 )
-from .api.v1alpha1 import FineTuneJobSpec
+from .api.tasks import EvalMetric
+from .api.v1alpha1 import FineTuneJob, FineTuneJobSpec
 
 optuna.logging.set_verbosity(logging.WARNING)
 
@@ -235,3 +242,83 @@ def decide(name: str, spec: FineTuneSweepSpec, trials: Sequence[Observation]) ->
         create.append(NewTrial(number, trial_name(name, number), params, trial_spec(spec.template, params)))
         current.append(Observation(number, params, "Running"))
     return Decision(create=create, prune=prune, status=status(name, spec, current))
+
+
+# --------------------------------------------------------------------------------------------------
+# Trials as FineTuneJobs (the operator's side, still pure: data in, data out)
+# --------------------------------------------------------------------------------------------------
+
+
+def status_value(job: FineTuneJob, metric: EvalMetric) -> float | None:
+    """The objective as a trial's FineTuneJob status reports it (status.progress: the latest evaluation's),
+    or None when the status does not carry that metric (agreement, bleu and rouge are not in it)."""
+    progress = job.status.progress if job.status is not None else None
+    if progress is None:
+        return None
+    if metric == "perplexity":
+        return math.exp(progress.eval_loss) if progress.eval_loss is not None else None
+    values = {
+        "loss": progress.eval_loss,
+        "accuracy": progress.eval_accuracy,
+        "f1": progress.eval_f1,
+        "exactMatch": progress.eval_exact_match,
+    }
+    return values.get(metric)
+
+
+def observe(job: FineTuneJob, metric: EvalMetric, previous: TrialStatus | None = None) -> Observation | None:
+    """A trial FineTuneJob (labelled with its sweep and number, its parameters in an annotation) as the
+    study logic takes it: Pruned once the sweep marked it so, Complete or Failed by its phase, else
+    Running; its intermediate values those the sweep's status recorded (``previous``) and the status's
+    latest evaluation. None for a job that is no trial."""
+    meta = job.metadata
+    number_text = meta.labels.get(TRIAL_LABEL)
+    if number_text is None or not number_text.isdigit() or PARAMS_ANNOTATION not in meta.annotations:
+        return None
+    params = json.loads(meta.annotations[PARAMS_ANNOTATION])
+    intermediate = {i.step: i.value for i in previous.intermediate} if previous is not None else {}
+    value = status_value(job, metric)
+    progress = job.status.progress if job.status is not None else None
+    last = intermediate[max(intermediate)] if intermediate else None
+    if value is not None and progress is not None and progress.step > 0 and value != last:
+        # A new evaluation's value, first seen at this step (the status holds the latest one only).
+        intermediate.setdefault(progress.step, value)
+    phase = job.status.phase if job.status is not None else None
+    number = int(number_text)
+    if meta.annotations.get(PRUNED_ANNOTATION) == "true":
+        return Observation(number, params, "Pruned", None, intermediate)
+    if phase == "Succeeded":
+        state: TrialState = "Complete" if value is not None else "Failed"
+        return Observation(number, params, state, value, intermediate)
+    if phase == "Failed":
+        return Observation(number, params, "Failed", None, intermediate)
+    return Observation(number, params, "Running", None, intermediate)
+
+
+def trial_job(sweep: FineTuneSweep, trial: NewTrial) -> dict[str, Any]:
+    """The FineTuneJob manifest of a new trial: named SWEEP-N (created by name, so creating it twice
+    is refused as AlreadyExists, never a duplicate), labelled, its parameters annotated, owned by the
+    sweep (deleting the sweep deletes its trials)."""
+    meta = sweep.metadata
+    owner = {
+        "apiVersion": "finetune.io/v1alpha1",
+        "kind": "FineTuneSweep",
+        "name": meta.name,
+        "uid": meta.uid or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    metadata: dict[str, Any] = {
+        "name": trial.name,
+        "labels": {SWEEP_LABEL: meta.name, TRIAL_LABEL: str(trial.number)},
+        "annotations": {PARAMS_ANNOTATION: json.dumps(trial.params, sort_keys=True)},
+        "ownerReferences": [owner] if meta.uid else [],
+    }
+    if meta.namespace:
+        metadata["namespace"] = meta.namespace
+    return {
+        "apiVersion": "finetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": metadata,
+        "spec": trial.spec.to_manifest(),
+    }

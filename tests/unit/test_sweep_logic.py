@@ -4,12 +4,15 @@ idempotent decisions, TPE against random, pruning and the grid."""
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from typing import Any
 
-from finetune_operator.api.sweep import FineTuneSweepSpec
-from finetune_operator.sweep import Observation, decide, should_prune, study
+from finetune_operator.api.sweep import PRUNED_ANNOTATION, FineTuneSweep, FineTuneSweepSpec
+from finetune_operator.api.v1alpha1 import FineTuneJob
+from finetune_operator.api.validation import validate_object
+from finetune_operator.sweep import Observation, decide, observe, should_prune, status, study, trial_job
 
 TEMPLATE: dict[str, Any] = {
     "model": {"uri": "org/model"},
@@ -134,3 +137,39 @@ def test_a_missing_trial_keeps_the_numbers() -> None:
     s = study(spec, trials)
     assert [t.state.name for t in s.get_trials()] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert [n.number for n in decide("s", spec, trials).create] == [3, 4, 5]
+
+
+def test_trial_jobs_round_trip_through_observe() -> None:
+    """A trial's FineTuneJob (as the operator would create it) is a valid job, owned by the sweep, and
+    its status reads back as the trial: Running with the evaluations seen, then Complete with its value,
+    or Pruned once marked so."""
+    sweep_obj = FineTuneSweep.parse_manifest(
+        {
+            "apiVersion": "finetune.io/v1alpha1",
+            "kind": "FineTuneSweep",
+            "metadata": {"name": "s", "namespace": "ml", "uid": "u-1"},
+            "spec": sweep().to_manifest(),
+        }
+    )
+    (new, *_) = decide("s", sweep_obj.spec, []).create
+    manifest = trial_job(sweep_obj, new)
+    assert manifest["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    job = validate_object(copy.deepcopy(manifest))
+    assert job.metadata.name == "s-0" and job.spec.training.learning_rate == new.params["training.learningRate"]
+
+    def at(phase: str, step: int, eval_loss: float) -> FineTuneJob:
+        status = {"phase": phase, "progress": {"step": step, "evalLoss": eval_loss}}
+        return FineTuneJob.parse_manifest({**manifest, "status": status})
+
+    first = observe(at("Running", 26, 3.0), "loss")
+    assert first is not None and (first.state, first.intermediate) == ("Running", {26: 3.0})
+    row = status("s", sweep_obj.spec, [first]).trials[0]
+    second = observe(at("Running", 51, 2.0), "loss", row)
+    assert second is not None and second.intermediate == {26: 3.0, 51: 2.0}
+    done = observe(at("Succeeded", 100, 1.5), "perplexity")
+    assert done is not None and done.state == "Complete" and done.value == math.exp(1.5)
+    marked = copy.deepcopy(manifest)
+    marked["metadata"]["annotations"][PRUNED_ANNOTATION] = "true"
+    pruned = observe(FineTuneJob.parse_manifest({**marked, "status": {"phase": "Running"}}), "loss")
+    assert pruned is not None and pruned.state == "Pruned"
+    assert observe(FineTuneJob.parse_manifest({**manifest, "metadata": {"name": "other"}}), "loss") is None
