@@ -12,6 +12,9 @@ as written, on this machine's CPUs. What is checked, from each run's summary.jso
 - ``company-facts-qa``: exact match and F1 rise by at least 0.3 each.
 - ``reward-model``: pairwise accuracy on the held-out pairs rises by at least 0.3, to at least 0.9.
 - ``dpo``: reward accuracy on the held-out pairs rises by at least 0.3, and the mean margin turns positive.
+- ``forgetting-ewc``: held-out perplexity falls; and the same manifest without ``ewc`` (run here too, from
+  a copy in the work directory) ends with a higher general-text perplexity than the EWC run (EWC keeps
+  more of the base model's general ability), both runs the same steps and seed.
 - ``grpo`` (against the reward model of ``reward-model``, run first if this work directory has no run of
   it): the mean reward of the second half of the run is above the first half's, and the reward of the
   replies to held-out tickets rises.
@@ -117,6 +120,30 @@ def ticket_routing(manifest: Path, workdir: Path) -> list[Verdict]:
     return verdicts
 
 
+def forgetting_ewc(manifest: Path, workdir: Path) -> list[Verdict]:
+    job = yaml.safe_load(manifest.read_text(encoding="utf-8"))
+    anchored = run(manifest, workdir / "forgetting-ewc")
+    # The same job without EWC: a copy whose data paths are absolute, so that it runs from here.
+    plain_job = json.loads(json.dumps(job))
+    plain_job["metadata"]["name"] += "-plain"
+    del plain_job["spec"]["training"]["forgetting"]["ewc"]
+    spec = plain_job["spec"]
+    for source in (spec["data"]["train"], spec["data"]["eval"], spec["training"]["forgetting"]["generalEval"]):
+        source["uri"] = str((manifest.parent / source["uri"]).resolve())
+    copy = workdir / "forgetting-ewc-plain.yaml"
+    copy.write_text(yaml.safe_dump(plain_job, sort_keys=False), encoding="utf-8")
+    plain = run(copy, workdir / "forgetting-ewc-plain")
+    (b, a), (gb, ga) = (
+        (anchored["before"][k], anchored["after"][k]) for k in ("eval_perplexity", "general_perplexity")
+    )
+    gp = plain["after"]["general_perplexity"]
+    return [
+        (f"eval_perplexity {b:.2f} -> {a:.2f} (must fall)", a < b),
+        (f"without EWC: eval_perplexity -> {plain['after']['eval_perplexity']:.2f}", None),
+        (f"general_perplexity {gb:.2f} -> {ga:.2f} with EWC, -> {gp:.2f} without (must be lower with)", ga < gp),
+    ]
+
+
 def company_facts_qa(manifest: Path, workdir: Path) -> list[Verdict]:
     s = run(manifest, workdir / "company-facts-qa")
     return [rises(s, "eval_exact_match", by=0.3), rises(s, "eval_f1", by=0.3)]
@@ -175,6 +202,7 @@ CHECKS: dict[str, Callable[[Path, Path], list[Verdict]]] = {
     "quickstart": quickstart,
     "ticket-routing": ticket_routing,
     "company-facts-qa": company_facts_qa,
+    "forgetting-ewc": forgetting_ewc,
     "reward-model": reward_model,
     "dpo": dpo,
     "grpo": grpo,

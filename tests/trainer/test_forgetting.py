@@ -362,3 +362,41 @@ def test_two_ranks_share_the_fisher_and_resume_exactly(
         step = int(r["step"])
         assert abs(r["loss"] - expected[step]["loss"]) < 1e-4, (step, r["loss"], expected[step]["loss"])
         assert abs(r["ewc_penalty"] - expected[step]["ewc_penalty"]) < 1e-4 * max(1.0, expected[step]["ewc_penalty"])
+
+
+# -- the preflight checks the replay and Fisher data, and counts the replay rows -------------------------
+
+
+def test_preflight_checks_the_replay_and_fisher_data(tmp_path: Path, tiny_model: Path) -> None:
+    from finetune_operator.api.trainer_config import EXIT_INVALID_DATA, EXIT_OK, build_trainer_config
+    from finetune_operator.api.v1alpha1 import FineTuneJob
+    from finetune_trainer import preflight
+
+    def outcome(name: str, forgetting: dict[str, Any]) -> preflight.Outcome:
+        train = write_jsonl(tmp_path / "train.jsonl", prompt_completion_rows(40, seed=1))
+        job = FineTuneJob.model_validate(job_manifest(name, tiny_model, train, training__forgetting=forgetting))
+        config = build_trainer_config(
+            job,
+            namespace="local",
+            base_dir=tmp_path,
+            default_storage=str(tmp_path / "storage"),
+            work_dir=tmp_path / name,
+        )
+        return preflight.preflight(config)
+
+    rows = [json.dumps(r) for r in text_rows(6, seed=2)]
+    rows[3] = json.dumps({"text": ""})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    for name, forgetting in (
+        ("bad-replay", {"replay": {"source": {"uri": str(bad)}}}),
+        ("bad-fisher", {"ewc": {"strength": 1.0, "fisherData": {"uri": str(bad)}}}),
+    ):
+        refused = outcome(name, forgetting)
+        assert refused.exit_code == EXIT_INVALID_DATA, refused
+        assert refused.result.problems is not None and refused.result.problems[0].startswith(f"{bad}:4: "), refused
+    replay = write_jsonl(tmp_path / "replay.jsonl", text_rows(10, seed=3))
+    good = outcome("good", {"replay": {"source": {"uri": str(replay)}, "ratio": 0.2}, "ewc": {"strength": 1.0}})
+    assert good.exit_code == EXIT_OK, good
+    # 40 training rows and round(0.2 / 0.8 * 40) = 10 replay rows an epoch: 7 steps of 8 rows (5 without).
+    assert good.result.steps_per_epoch == 7

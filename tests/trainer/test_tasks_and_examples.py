@@ -129,6 +129,14 @@ def cpu_sized(example: dict[str, Any], model: Path, data_dir: Path) -> dict[str,
     forgetting = spec.get("training", {}).get("forgetting", {})
     if "generalEval" in forgetting:
         forgetting["generalEval"] = {"uri": str(tiny.write_jsonl(data_dir / "general.jsonl", tiny.text_rows(16)))}
+    if "replay" in forgetting:
+        forgetting["replay"]["source"] = {
+            "uri": str(tiny.write_jsonl(data_dir / "replay.jsonl", tiny.text_rows(16, 1)))
+        }
+    if "fisherData" in forgetting.get("ewc", {}):
+        forgetting["ewc"]["fisherData"] = {
+            "uri": str(tiny.write_jsonl(data_dir / "fisher.jsonl", tiny.text_rows(8, 2)))
+        }
     data["maxSeqLength"] = 64
     training = spec["training"]
     training.pop("epochs", None)
