@@ -141,6 +141,7 @@ def test_a_valid_sweep_and_its_trial_specs() -> None:
         ({"searchSpace__0__low": 0.0}, "spec.searchSpace[0].log", "log needs low above 0"),
         ({"searchSpace__1__low": 1}, "spec.searchSpace[1].choices", "categorical takes choices only"),
         ({"searchSpace__0__choices": [1e-3]}, "spec.searchSpace[0].choices", "for type categorical"),
+        ({"searchSpace__1__choices": None}, "spec.searchSpace[1].choices", "categorical needs choices"),
         (
             {"searchSpace__1": {"path": "method.lora.r", "type": "int", "low": 2, "high": 8.5}},
             "spec.searchSpace[1].low",

@@ -106,20 +106,14 @@ class SearchParam(SpecModel):
             check=lambda p: p.type == "categorical" or (p.low is not None and p.high is not None and p.low <= p.high),
             field=".high",
         ),
+        # `choices` holds values of any type, which the API server's CEL cannot see into (nor test with
+        # has()): whether it is given, and only for categorical, is checked by FineTuneSweepSpec.problems.
         Rule(
-            cel="self.type != 'categorical' || (has(self.choices) && !has(self.low) && !has(self.high) "
-            "&& !has(self.step) && !self.log)",
+            cel="self.type != 'categorical' || (!has(self.low) && !has(self.high) && !has(self.step) && !self.log)",
             message="spec.searchSpace type categorical takes choices only (not low, high, step or log)",
             check=lambda p: (
-                p.type != "categorical"
-                or (p.choices is not None and p.low is None and p.high is None and p.step is None and not p.log)
+                p.type != "categorical" or (p.low is None and p.high is None and p.step is None and not p.log)
             ),
-            field=".choices",
-        ),
-        Rule(
-            cel="self.type == 'categorical' || !has(self.choices)",
-            message="spec.searchSpace choices are for type categorical (float and int take low and high)",
-            check=lambda p: p.type == "categorical" or p.choices is None,
             field=".choices",
         ),
         Rule(
@@ -358,6 +352,14 @@ class FineTuneSweepSpec(SpecModel):
                 found.append(((*where, "path"), f"{param.path} is searched twice"))
                 continue
             seen.add(param.path)
+            if (param.type == "categorical") != (param.choices is not None):
+                message = (
+                    "spec.searchSpace type categorical needs choices"
+                    if param.choices is None
+                    else "spec.searchSpace choices are for type categorical (float and int take low and high)"
+                )
+                found.append(((*where, "choices"), message))
+                continue
             problem = _path_problem(param)
             if problem:
                 found.append(((*where, "path"), problem))
