@@ -53,8 +53,27 @@ stamp "mypy"
 # pyproject.toml's [tool.importlinter]: what the API, the pure code and the trainer may import.
 stamp "lint-imports"
 .venv/bin/lint-imports --no-cache --no-logo
-# pytest runs tests/unit, tests/trainer, then tests/e2e (pyproject's testpaths, in that order) and
-# prints the 25 slowest tests at the end.
-stamp "pytest"
-# pytest's summary stays the last line; the EXIT trap stops a build these tests did not need.
-.venv/bin/python -m pytest "$@"
+# With arguments: one pytest run with them. Without: tests/unit, then tests/trainer and tests/e2e side by
+# side. The e2e tests mostly wait on the control plane (watch events, controllers' reactions: idle CPU),
+# the trainer tests mostly compute; beside each other they take about as long as the trainer tests
+# alone. The e2e waits are bounded for a machine that is training meanwhile (tests/e2e/bounds.py), and
+# the e2e fixture waits for the control plane's build (on its lock) if it is not done. Each run prints
+# its 25 slowest tests; the e2e run's output follows the trainer run's.
+if [[ $# -gt 0 ]]; then
+    stamp "pytest"
+    exec .venv/bin/python -m pytest "$@"
+fi
+stamp "pytest tests/unit"
+.venv/bin/python -m pytest tests/unit
+e2e_log=$(mktemp -t e2e.XXXXXX.log)
+stamp "pytest tests/e2e in the background (log: $e2e_log) and tests/trainer"
+.venv/bin/python -m pytest tests/e2e >"$e2e_log" 2>&1 &
+e2e_pid=$!
+trainer_rc=0
+.venv/bin/python -m pytest tests/trainer || trainer_rc=$?
+e2e_rc=0
+wait "$e2e_pid" || e2e_rc=$?
+stamp "pytest tests/e2e (exit $e2e_rc)"
+cat "$e2e_log"
+stamp "done: tests/trainer exit $trainer_rc, tests/e2e exit $e2e_rc"
+[[ $trainer_rc -eq 0 && $e2e_rc -eq 0 ]]
