@@ -11,6 +11,7 @@ an error, not a silent drop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -205,13 +206,14 @@ class _Converter:
         raise SchemaError(f"cannot express union {branches} in a structural schema")
 
 
-def openapi_schema() -> dict[str, Any]:
-    """The CRD's openAPIV3Schema for FineTuneJob."""
-    spec = _Converter(api.FineTuneJobSpec, defaults=True).model("FineTuneJobSpec")
-    status = _Converter(api.FineTuneJobStatus, defaults=False).model("FineTuneJobStatus")
+def resource_schema(
+    description: str, spec: dict[str, Any], status: dict[str, Any], name_validations: Sequence[dict[str, str]]
+) -> dict[str, Any]:
+    """The openAPIV3Schema of a resource of this API: apiVersion, kind, its name's rules, and the models'
+    spec and status (the FineTuneJob's and the FineTuneSweep's)."""
     return {
         "type": "object",
-        "description": (api.FineTuneJob.__doc__ or "").strip(),
+        "description": description.strip(),
         "required": ["spec"],
         "properties": {
             "apiVersion": {
@@ -224,12 +226,19 @@ def openapi_schema() -> dict[str, Any]:
             },
             "metadata": {
                 "type": "object",
-                "properties": {"name": {"type": "string", "x-kubernetes-validations": list(api.NAME_VALIDATIONS)}},
+                "properties": {"name": {"type": "string", "x-kubernetes-validations": list(name_validations)}},
             },
             "spec": spec,
             "status": status,
         },
     }
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The CRD's openAPIV3Schema for FineTuneJob."""
+    spec = _Converter(api.FineTuneJobSpec, defaults=True).model("FineTuneJobSpec")
+    status = _Converter(api.FineTuneJobStatus, defaults=False).model("FineTuneJobStatus")
+    return resource_schema(api.FineTuneJob.__doc__ or "", spec, status, api.NAME_VALIDATIONS)
 
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
@@ -262,21 +271,30 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
 ]
 
 
-def crd() -> dict[str, Any]:
-    """The complete CustomResourceDefinition object."""
+def definition(
+    *,
+    kind: str,
+    plural: str,
+    singular: str,
+    short_names: tuple[str, ...],
+    categories: tuple[str, ...],
+    schema: dict[str, Any],
+    printer_columns: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A namespaced CustomResourceDefinition of this API's group and version, with a status subresource."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "metadata": {"name": f"{plural}.{api.GROUP}"},
         "spec": {
             "group": api.GROUP,
             "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
-                "singular": api.SINGULAR,
-                "shortNames": list(api.SHORT_NAMES),
-                "categories": list(api.CATEGORIES),
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short_names),
+                "categories": list(categories),
             },
             "scope": "Namespaced",
             "versions": [
@@ -284,13 +302,26 @@ def crd() -> dict[str, Any]:
                     "name": api.VERSION,
                     "served": True,
                     "storage": True,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "schema": {"openAPIV3Schema": schema},
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "additionalPrinterColumns": printer_columns,
                 }
             ],
         },
     }
+
+
+def crd() -> dict[str, Any]:
+    """The complete CustomResourceDefinition object."""
+    return definition(
+        kind=api.KIND,
+        plural=api.PLURAL,
+        singular=api.SINGULAR,
+        short_names=tuple(api.SHORT_NAMES),
+        categories=tuple(api.CATEGORIES),
+        schema=openapi_schema(),
+        printer_columns=PRINTER_COLUMNS,
+    )
 
 
 def render() -> str:
