@@ -13,6 +13,8 @@ Both report ``message``, which names the offending field by its full path in the
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
@@ -83,3 +85,18 @@ class SpecModel(BaseModel):
     def to_manifest(self) -> dict[str, Any]:
         """The object as it is written in a manifest: camelCase keys, unset optionals left out."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def unwrap_annotation(tp: Any) -> Any:
+    """``X | None`` and ``Annotated[X, ...]`` as ``X`` (a union of several types stays as it is)."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            real = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(real) != 1:
+                return tp
+            tp = real[0]
+        else:
+            return tp

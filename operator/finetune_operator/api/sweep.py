@@ -22,7 +22,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, ValidationError, WithJsonSchema
 
-from .base import Rule, SpecModel
+from .base import Rule, SpecModel, unwrap_annotation
 from .tasks import GENERATION_METRICS, HIGHER_IS_BETTER, TASKS, EvalMetric, TaskRow, early_stopping_name
 from .v1alpha1 import MAX_NAME_LENGTH, Condition, FineTuneJobSpec, ObjectMeta
 
@@ -381,23 +381,9 @@ class FineTuneSweepSpec(SpecModel):
         return found
 
 
-def _unwrap(tp: Any) -> Any:
-    while True:
-        origin = typing.get_origin(tp)
-        if origin is typing.Annotated:
-            tp = typing.get_args(tp)[0]
-        elif origin in (typing.Union, types.UnionType):
-            real = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(real) != 1:
-                return tp
-            tp = real[0]
-        else:
-            return tp
-
-
 def _leaf_types(tp: Any) -> set[Any]:
     """The scalar types a field annotation accepts (Literal values count by their type)."""
-    tp = _unwrap(tp)
+    tp = unwrap_annotation(tp)
     origin = typing.get_origin(tp)
     if origin is Literal:
         return {type(v) for v in typing.get_args(tp)}
@@ -424,7 +410,7 @@ def field_at(path: str) -> tuple[Any, str | None]:
             return None, f"{path}: {where} has no field {part!r} ({hint})"
         annotation = by_alias[part].annotation
         walked.append(part)
-        inner = _unwrap(annotation)
+        inner = unwrap_annotation(annotation)
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             model = inner
             annotation = inner
@@ -437,7 +423,7 @@ def _path_problem(param: SearchParam) -> str | None:
     annotation, why = field_at(param.path)
     if why:
         return why
-    inner = _unwrap(annotation)
+    inner = unwrap_annotation(annotation)
     if isinstance(inner, type) and issubclass(inner, BaseModel):
         return f"{param.path} is an object: search one of its fields"
     kinds = _leaf_types(annotation)

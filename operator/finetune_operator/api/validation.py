@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
-from .base import RULE_ERROR_TYPE
+from .base import RULE_ERROR_TYPE, unwrap_annotation
 from .sweep import KIND as SWEEP_KIND
 from .sweep import FineTuneSweep, FineTuneSweepStatus, name_problem
 from .v1alpha1 import API_VERSION, GROUP, KIND, PATTERN_HINTS, FineTuneJob, FineTuneJobStatus
@@ -100,7 +99,7 @@ def _model_at(path: Sequence[PathItem], root: type[BaseModel] = FineTuneJob) -> 
     """The model class of the object at ``path`` (a mapping in the manifest), if it is one."""
     tp: Any = root
     for item in path:
-        tp = _unwrap(tp)
+        tp = unwrap_annotation(tp)
         if isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(item, str):
             by_alias = {(f.alias or name): f for name, f in tp.model_fields.items()}
             if item not in by_alias:
@@ -112,23 +111,8 @@ def _model_at(path: Sequence[PathItem], root: type[BaseModel] = FineTuneJob) -> 
             tp = typing.get_args(tp)[1]
         else:
             return None
-    tp = _unwrap(tp)
+    tp = unwrap_annotation(tp)
     return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
-
-
-def _unwrap(tp: Any) -> Any:
-    """``X | None`` and ``Annotated[X, ...]`` as ``X``."""
-    while True:
-        origin = typing.get_origin(tp)
-        if origin is typing.Annotated:
-            tp = typing.get_args(tp)[0]
-        elif origin in (typing.Union, types.UnionType):
-            real = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(real) != 1:
-                return tp
-            tp = real[0]
-        else:
-            return tp
 
 
 def _unknown_field_message(parent: Sequence[PathItem], key: str, root: type[BaseModel]) -> str:
