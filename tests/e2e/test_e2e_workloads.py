@@ -7,6 +7,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import bounds
+
 if TYPE_CHECKING:  # the fixture's type, for readers and type checkers only
     from conftest import Cluster
 
@@ -103,7 +105,9 @@ def test_deployment_gets_three_ready_pods_on_kwok_nodes(cluster: Cluster, namesp
     cluster.wait_for(
         "deployment web to have 3 ready replicas",
         lambda: cluster.get_json("deployment", "web", namespace=namespace).get("status", {}).get("readyReplicas") == 3,
-        timeout=60,
+        # deployment controller (ReplicaSet), ReplicaSet controller (pods), scheduler, kwok (Running, Ready),
+        # ReplicaSet and deployment status
+        timeout=bounds.reactions(6),
     )
     pods = cluster.get_json("pods", "-l", "app=web", namespace=namespace)["items"]
     assert len(pods) == 3
@@ -116,7 +120,7 @@ def test_deployment_gets_three_ready_pods_on_kwok_nodes(cluster: Cluster, namesp
 
     # A deleted pod goes away (pod-delete stage) and the ReplicaSet replaces it.
     victim = pods[0]["metadata"]["name"]
-    cluster.kubectl("delete", "pod", victim, "-n", namespace, "--wait=true", timeout=60)
+    cluster.kubectl("delete", "pod", victim, "-n", namespace, "--wait=true", timeout=bounds.reactions(2))
 
     def replaced() -> bool:
         items = cluster.get_json("pods", "-l", "app=web", namespace=namespace)["items"]
@@ -124,13 +128,15 @@ def test_deployment_gets_three_ready_pods_on_kwok_nodes(cluster: Cluster, namesp
         ready = [p for p in items if p.get("status", {}).get("phase") == "Running"]
         return victim not in names and len(ready) == 3
 
-    cluster.wait_for("the deleted pod to be replaced", replaced, timeout=60)
+    cluster.wait_for("the deleted pod to be replaced", replaced, timeout=bounds.reactions(4))
 
 
 def test_indexed_job_of_four_completes(cluster: Cluster, namespace: str) -> None:
     cluster.apply(_job("indexed", completions=4, parallelism=2, indexed=True), namespace)
     job = cluster.wait_for(
-        "indexed job Complete", lambda: _job_condition(cluster, namespace, "indexed", "Complete"), timeout=90
+        "indexed job Complete",
+        lambda: _job_condition(cluster, namespace, "indexed", "Complete"),
+        timeout=bounds.reactions(8),  # two waves of two pods: job controller, scheduler, kwok (Running, Succeeded)
     )
     assert job["status"]["succeeded"] == 4
     assert job["status"].get("completedIndexes") == "0-3"
@@ -143,7 +149,9 @@ def test_indexed_job_of_four_completes(cluster: Cluster, namespace: str) -> None
 
     # Deleting the Job lets the garbage collector remove its pods.
     cluster.kubectl("delete", "job", "indexed", "-n", namespace, "--cascade=background")
-    cluster.wait_for("the GC to delete the Job's pods", lambda: not _job_pods(cluster, namespace, "indexed"), 60)
+    cluster.wait_for(
+        "the GC to delete the Job's pods", lambda: not _job_pods(cluster, namespace, "indexed"), bounds.reactions(3)
+    )
 
 
 def test_pod_marked_for_failure_fails_with_exit_code_and_reason(cluster: Cluster, namespace: str) -> None:
@@ -159,7 +167,9 @@ def test_pod_marked_for_failure_fails_with_exit_code_and_reason(cluster: Cluster
         ),
         namespace,
     )
-    cluster.wait_for("pod crash Failed", lambda: _phase(cluster, namespace, "crash") == "Failed", timeout=60)
+    cluster.wait_for(
+        "pod crash Failed", lambda: _phase(cluster, namespace, "crash") == "Failed", timeout=bounds.reactions(3)
+    )
     pod = cluster.get_json("pod", "crash", namespace=namespace)
     term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     assert term["exitCode"] == 137
@@ -170,7 +180,9 @@ def test_pod_marked_for_failure_fails_with_exit_code_and_reason(cluster: Cluster
 
 def test_failure_takes_precedence_over_job_completion(cluster: Cluster, namespace: str) -> None:
     cluster.apply(_job("doomed", completions=1, annotations={A + "fail": "true", A + "exit-code": "3"}), namespace)
-    job = cluster.wait_for("job doomed Failed", lambda: _job_condition(cluster, namespace, "doomed", "Failed"), 90)
+    job = cluster.wait_for(
+        "job doomed Failed", lambda: _job_condition(cluster, namespace, "doomed", "Failed"), bounds.reactions(5)
+    )
     assert job["status"].get("succeeded", 0) == 0
     pods = _job_pods(cluster, namespace, "doomed")
     assert pods, "the Job's pod is gone"
@@ -185,10 +197,12 @@ def test_hold_keeps_job_pod_running_until_removed(cluster: Cluster, namespace: s
         pods = _job_pods(cluster, namespace, "held")
         return pods[0]["metadata"]["name"] if pods and pods[0]["status"].get("phase") == "Running" else None
 
-    pod = cluster.wait_for("held pod Running", running_pod, timeout=60)
+    pod = cluster.wait_for("held pod Running", running_pod, timeout=bounds.reactions(3))
     _stays(cluster, "the held pod to stay Running", lambda: _phase(cluster, namespace, pod) == "Running", 3)
     cluster.kubectl("annotate", "pod", pod, "-n", namespace, A + "hold-")
-    cluster.wait_for("job held Complete", lambda: _job_condition(cluster, namespace, "held", "Complete"), 60)
+    cluster.wait_for(
+        "job held Complete", lambda: _job_condition(cluster, namespace, "held", "Complete"), bounds.reactions(3)
+    )
 
 
 def test_held_pod_fails_on_demand(cluster: Cluster, namespace: str) -> None:
@@ -203,7 +217,7 @@ def test_held_pod_fails_on_demand(cluster: Cluster, namespace: str) -> None:
             ),
             None,
         ),
-        timeout=60,
+        timeout=bounds.reactions(3),  # job controller, scheduler, kwok
     )
     cluster.kubectl(
         "annotate",
@@ -217,15 +231,21 @@ def test_held_pod_fails_on_demand(cluster: Cluster, namespace: str) -> None:
         f"{A}reason=NCCLTimeout",
         f"{A}hold-",
     )
-    cluster.wait_for("pod Failed", lambda: _phase(cluster, namespace, pod) == "Failed", timeout=60)
+    cluster.wait_for("pod Failed", lambda: _phase(cluster, namespace, pod) == "Failed", timeout=bounds.reactions(2))
     term = cluster.get_json("pod", pod, namespace=namespace)["status"]["containerStatuses"][0]["state"]["terminated"]
     assert (term["exitCode"], term["reason"]) == (42, "NCCLTimeout")
-    cluster.wait_for("job rank Failed", lambda: _job_condition(cluster, namespace, "rank", "Failed"), 60)
+    cluster.wait_for(
+        "job rank Failed", lambda: _job_condition(cluster, namespace, "rank", "Failed"), bounds.reactions(2)
+    )
 
 
 def test_finish_after_delays_completion(cluster: Cluster, namespace: str) -> None:
     cluster.apply(_job("slow", completions=1, annotations={A + "finish-after": "4s"}), namespace)
-    cluster.wait_for("job slow Complete", lambda: _job_condition(cluster, namespace, "slow", "Complete"), 60)
+    cluster.wait_for(
+        "job slow Complete",
+        lambda: _job_condition(cluster, namespace, "slow", "Complete"),
+        bounds.reactions(5, periods=4),
+    )
     pod = _job_pods(cluster, namespace, "slow")[0]
     term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     started = datetime.fromisoformat(pod["status"]["startTime"].replace("Z", "+00:00"))
@@ -235,10 +255,14 @@ def test_finish_after_delays_completion(cluster: Cluster, namespace: str) -> Non
 
 def test_bare_pods_run_until_asked_to_complete(cluster: Cluster, namespace: str) -> None:
     cluster.apply(_bare_pod("worker"), namespace)
-    cluster.wait_for("pod worker Running", lambda: _phase(cluster, namespace, "worker") == "Running", timeout=60)
+    cluster.wait_for(
+        "pod worker Running", lambda: _phase(cluster, namespace, "worker") == "Running", bounds.reactions(2)
+    )
     _stays(cluster, "a bare pod to stay Running", lambda: _phase(cluster, namespace, "worker") == "Running", 2)
     cluster.kubectl("annotate", "pod", "worker", "-n", namespace, f"{A}complete=true")
-    cluster.wait_for("pod worker Succeeded", lambda: _phase(cluster, namespace, "worker") == "Succeeded", 60)
+    cluster.wait_for(
+        "pod worker Succeeded", lambda: _phase(cluster, namespace, "worker") == "Succeeded", bounds.reactions(2)
+    )
 
 
 def test_helm_installs_a_chart(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
@@ -276,7 +300,7 @@ def test_hold_cancels_a_pending_finish_after(cluster: Cluster, namespace: str) -
             ),
             None,
         ),
-        timeout=60,
+        timeout=bounds.reactions(3),  # job controller, scheduler, kwok
     )
     cluster.kubectl("annotate", "pod", pod, "-n", namespace, f"{A}hold=true")
     _stays(
@@ -286,4 +310,6 @@ def test_hold_cancels_a_pending_finish_after(cluster: Cluster, namespace: str) -
         6,
     )
     cluster.kubectl("annotate", "pod", pod, "-n", namespace, f"{A}hold-")
-    cluster.wait_for("job later Complete", lambda: _job_condition(cluster, namespace, "later", "Complete"), 60)
+    cluster.wait_for(
+        "job later Complete", lambda: _job_condition(cluster, namespace, "later", "Complete"), bounds.reactions(3)
+    )
