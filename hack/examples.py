@@ -21,6 +21,10 @@ as written, on this machine's CPUs. What is checked, from each run's summary.jso
 - ``distill`` (from ``ftj://distill-teacher``, a copy of ``quickstart`` saving its merged model, run
   first if this work directory has no run of it): the held-out KL to the teacher (``eval_kd_loss``)
   falls by at least a quarter, and the student-teacher top-1 agreement rises.
+- ``pipeline-cpt-then-sft`` (its two jobs in file order, ``--job cpt`` then ``--job sft``, side by side
+  in the work directory): the continual pre-training lowers the perplexity of held-out ticket text;
+  the SFT trains from cpt's merged model (its provenance names that artifact's URI) and at least halves
+  held-out perplexity, and general-text perplexity at most doubles over the pipeline.
 
 Prints every figure it checks and exits 1 if any check fails.
 
@@ -51,17 +55,20 @@ Summary = dict[str, Any]
 Verdict = tuple[str, bool | None]
 
 
-def run(manifest: Path, workdir: Path) -> Summary:
-    """`finetune run MANIFEST`; its summary."""
+def run(manifest: Path, workdir: Path, job: str | None = None) -> Summary:
+    """`finetune run MANIFEST` (`--job JOB`: one job of a file of several); its summary."""
     started = time.monotonic()
     log = workdir.with_suffix(".log")
+    what = f"{manifest.name} --job {job}" if job else manifest.name
     with log.open("w", encoding="utf-8") as out:
         proc = subprocess.run(
-            [str(FINETUNE), "run", str(manifest), "--workdir", str(workdir)], stdout=out, stderr=subprocess.STDOUT
+            [str(FINETUNE), "run", str(manifest), *(["--job", job] if job else []), "--workdir", str(workdir)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
-    print(f"  {manifest.name}: exit {proc.returncode} in {time.monotonic() - started:.0f} s (log: {log})", flush=True)
+    print(f"  {what}: exit {proc.returncode} in {time.monotonic() - started:.0f} s (log: {log})", flush=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{manifest.name} failed:\n" + log.read_text(encoding="utf-8")[-4000:])
+        raise SystemExit(f"{what} failed:\n" + log.read_text(encoding="utf-8")[-4000:])
     summary: Summary = json.loads((workdir / "summary.json").read_text(encoding="utf-8"))
     return summary
 
@@ -198,6 +205,22 @@ def distill(manifest: Path, workdir: Path) -> list[Verdict]:
     ]
 
 
+def pipeline_cpt_then_sft(manifest: Path, workdir: Path) -> list[Verdict]:
+    # As its header says: cpt, then sft, whose ftj://cpt is the run beside it (workdir/cpt).
+    cpt = run(manifest, workdir / "cpt", job="cpt")
+    sft = run(manifest, workdir / "sft", job="sft")
+    merged = next(a for a in cpt["artifacts"] if a["kind"] == "merged")
+    (cb, ca), (b, a) = ((s["before"]["eval_perplexity"], s["after"]["eval_perplexity"]) for s in (cpt, sft))
+    gb, ga = cpt["before"]["general_perplexity"], sft["after"]["general_perplexity"]
+    return [
+        (f"cpt: eval_perplexity (ticket text) {cb:.2f} -> {ca:.2f} (must fall)", ca < cb),
+        (f"sft: model {sft['provenance']['model']['uri']} (must be cpt's merged model)", None),
+        ("sft trained from cpt's merged model", sft["provenance"]["model"]["uri"] == merged["uri"]),
+        (f"sft: eval_perplexity {b:.2f} -> {a:.2f} (must at least halve)", a <= 0.5 * b),
+        (f"general_perplexity {gb:.2f} before cpt -> {ga:.2f} after sft (must at most double)", ga <= 2 * gb),
+    ]
+
+
 CHECKS: dict[str, Callable[[Path, Path], list[Verdict]]] = {
     "quickstart": quickstart,
     "ticket-routing": ticket_routing,
@@ -207,6 +230,7 @@ CHECKS: dict[str, Callable[[Path, Path], list[Verdict]]] = {
     "dpo": dpo,
     "grpo": grpo,
     "distill": distill,
+    "pipeline-cpt-then-sft": pipeline_cpt_then_sft,
 }
 
 

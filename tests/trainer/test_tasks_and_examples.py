@@ -10,8 +10,11 @@ cannot provide replaced: the model (a tiny one built from a config), the data (l
 example's format, with the example's column names; a classifier's classes become the test data's),
 accelerators (GPUs, bf16, CUDA-only optimizers), the size of the gang, remote storage, and the
 number of steps. Every other field — task, method and its parameters, format, packing, evaluation,
-early stopping, DeepSpeed, outputs — is the example's own. The quickstart runs as written, unchanged,
-in test_quickstart.py; hack/examples.sh runs every laptop example as written (not in CI).
+early stopping, DeepSpeed, outputs — is the example's own. An example of several FineTuneJobs (a
+pipeline) runs them in file order, each where `finetune run` would put it, so that a later job's
+`ftj://NAME` model, kept as written, resolves to the earlier run's merged output. The quickstart runs
+as written, unchanged, in test_quickstart.py; hack/examples.sh runs every laptop example as written
+(not in CI).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import pytest
 import tiny
 import yaml
 from finetune_operator.api.tasks import TASKS, TaskType, task_row
+from finetune_operator.api.trainer_config import load_trainer_config
+from finetune_operator.api.v1alpha1 import MODEL_ARTIFACT_KINDS
 from runs import RunResult
 from test_rl import build_reward_model
 
@@ -98,12 +103,19 @@ def test_validate_accepts_a_task_iff_the_trainer_trains_it(
     assert (summary["task"], summary["steps"]) == (task, 3)
 
 
-def cpu_sized(example: dict[str, Any], model: Path, data_dir: Path) -> dict[str, Any]:
-    """The example with what this machine cannot provide replaced (see the module docstring)."""
+def cpu_sized(
+    example: dict[str, Any], model: Path, data_dir: Path, earlier: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """The example with what this machine cannot provide replaced (see the module docstring).
+    ``earlier``: the jobs of the same file run before this one; an ``ftj://`` model naming one of
+    them stays as written (that run's merged model, trained from the tiny one)."""
     job = copy.deepcopy(example)
     spec = job["spec"]
+    uri = spec["model"]["uri"]
+    if not (uri.startswith("ftj://") and uri.removeprefix("ftj://") in earlier):
+        uri = str(model)
     # 16-bit weights are what QLoRA keeps unquantized (the API requires them); elsewhere fp32 on CPU.
-    spec["model"] = {"uri": str(model), "dtype": "bf16" if spec["method"]["type"] == "qlora" else "fp32"}
+    spec["model"] = {"uri": uri, "dtype": "bf16" if spec["method"]["type"] == "qlora" else "fp32"}
     if "quantization" in spec["method"]:
         spec["method"]["quantization"]["computeDtype"] = "fp32"
     rl = spec["task"].get("rl")
@@ -166,21 +178,44 @@ def test_every_example_validates_and_trains(
 ) -> None:
     checked = validate(example)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    (manifest,) = [d for d in yaml.safe_load_all(example.read_text()) if d]
-    if manifest["kind"] == "FineTuneSweep":
-        # Its template trains here as a FineTuneJob (the sweep itself runs in test_sweep.py).
-        manifest = {**manifest, "kind": "FineTuneJob", "spec": manifest["spec"]["template"]}
-    job = cpu_sized(manifest, tiny_model, tmp_path / "data")
-    resized = tiny.write_manifest(tmp_path / "job.yaml", job)
-    checked = validate(resized)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    result = finetune_run(job)
-    assert result.returncode == 0, result.output[-5000:]
-    summary = result.summary()
-    spec = manifest["spec"]
-    assert (summary["task"], summary["method"], summary["steps"]) == (
-        spec["task"]["type"],
-        spec["method"]["type"],
-        4,
-    ), json.dumps(summary)[:2000]
-    assert summary["artifacts"], summary
+    manifests = [d for d in yaml.safe_load_all(example.read_text()) if d]
+    runs: dict[str, RunResult] = {}
+    for manifest in manifests:  # in file order: a pipeline's later jobs take the earlier ones' models
+        if manifest["kind"] == "FineTuneSweep":
+            # Its template trains here as a FineTuneJob (the sweep itself runs in test_sweep.py).
+            manifest = {**manifest, "kind": "FineTuneJob", "spec": manifest["spec"]["template"]}
+        name = manifest["metadata"]["name"]
+        job = cpu_sized(manifest, tiny_model, tmp_path / "data" / name, earlier=frozenset(runs))
+        resized = tiny.write_manifest(tmp_path / f"resized-{name}.yaml", job)
+        checked = validate(resized)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        result = finetune_run(job)
+        assert result.returncode == 0, result.output[-5000:]
+        summary = result.summary()
+        spec = manifest["spec"]
+        assert (summary["task"], summary["method"], summary["steps"]) == (
+            spec["task"]["type"],
+            spec["method"]["type"],
+            4,
+        ), json.dumps(summary)[:2000]
+        assert summary["artifacts"], summary
+        if len(manifests) > 1:
+            # Where `finetune run` would have put it (runs/<name>, beside the later runs): the fixture's
+            # work directories are run-<name>, and ftj://NAME looks for <workdir>/../NAME.
+            (tmp_path / name).symlink_to(result.workdir, target_is_directory=True)
+        runs[name] = result
+    takers = {
+        d["metadata"]["name"]: d["spec"]["model"]["uri"].removeprefix("ftj://")
+        for d in manifests
+        if d["spec"].get("model", {}).get("uri", "").startswith("ftj://")
+    }
+    assert len(manifests) == 1 or takers, "a pipeline example whose jobs take no model from each other"
+    for name, earlier in takers.items():
+        result = runs[name]
+        # Trained from the earlier run's merged model, as the operator resolves ftj:// (URI and sha256).
+        artifacts = runs[earlier].summary()["artifacts"]
+        merged = next(a for a in artifacts if a["kind"] in MODEL_ARTIFACT_KINDS)
+        config = load_trainer_config(result.workdir / "trainer-config.json")
+        assert config.spec.model.uri == merged["uri"], config.spec.model
+        assert config.model_digests == {merged["uri"]: merged["sha256"]}, config.model_digests
+        assert result.summary()["provenance"]["model"]["uri"] == merged["uri"], result.summary()["provenance"]
