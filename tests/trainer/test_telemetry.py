@@ -39,11 +39,13 @@ def test_status_progress_stays_within_the_crd_bounds() -> None:
     body = progress_body(
         {"step": 7, "total_steps": 10, "loss": float("nan"), "eval_loss": -0.5, "eta_seconds": -1.0, "epoch": 0.7}
         | {"eval_f1": 1.0000001, "eval_accuracy": 0.75, "eval_exact_match": float("inf"), "eval_f1_spam": 0.5}
+        | {"general_perplexity": 12.5, "general_perplexity_before": 3.25}
     )
     assert (body["step"], body["totalSteps"], body["percent"], body["summary"]) == (7, 10, 70.0, "7/10 (70%)")
     assert "loss" not in body and body["evalLoss"] == -0.5 and body["etaSeconds"] == 0.0
     assert (body["evalF1"], body["evalAccuracy"]) == (1.0, 0.75), "scores stay within 0..1"
     assert "evalExactMatch" not in body and "evalF1Spam" not in body, "non-finite and per-class values stay out"
+    assert (body["generalPerplexity"], body["generalPerplexityBefore"]) == (12.5, 3.25), "forgetting.generalEval's"
     assert body["updatedAt"].endswith("Z")
 
 

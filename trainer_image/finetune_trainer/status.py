@@ -111,7 +111,15 @@ class KubeTarget:
 
 
 #: Progress fields that are never negative in the CRD (losses may be anything finite).
-_NON_NEGATIVE = ("epoch", "learning_rate", "tokens_per_second", "eta_seconds", "seconds_per_step")
+_NON_NEGATIVE = (
+    "epoch",
+    "general_perplexity",
+    "general_perplexity_before",
+    "learning_rate",
+    "tokens_per_second",
+    "eta_seconds",
+    "seconds_per_step",
+)
 #: Scores between 0 and 1 (status.progress bounds them; a recipe's rounding must not break the patch).
 _FRACTIONS = ("eval_accuracy", "eval_f1", "eval_exact_match")
 #: The numbers copied from the trainer's record (the rest of status.progress is derived here).
@@ -120,6 +128,8 @@ _REPORTED = (
     "loss",
     "eval_loss",
     *_FRACTIONS,
+    "general_perplexity",
+    "general_perplexity_before",
     "learning_rate",
     "tokens_per_second",
     "eta_seconds",
