@@ -27,6 +27,7 @@ import kopf
 import yaml
 
 from . import __version__, metrics
+from .api.sweep import PLURAL as SWEEP_PLURAL
 from .api.v1alpha1 import GROUP, PLURAL, VERSION
 from .builders import MANAGER
 
@@ -42,6 +43,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "Job": ("/apis/batch/v1", "jobs"),
     "FineTuneJob": (f"/apis/{GROUP}/{VERSION}", PLURAL),
+    "FineTuneSweep": (f"/apis/{GROUP}/{VERSION}", SWEEP_PLURAL),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
 }
 #: Children whose content the operator keeps in line with the spec (replaced when it differs).
@@ -162,9 +164,15 @@ class Kube:
     # -- FineTuneJobs -------------------------------------------------------------------------------
 
     async def patch_status(
-        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None
+        self,
+        namespace: str,
+        name: str,
+        status: dict[str, Any],
+        resource_version: str | None,
+        kind: str = "FineTuneJob",
     ) -> dict[str, Any] | None:
-        """Merge ``status`` into the FineTuneJob's status if it is still at ``resource_version``.
+        """Merge ``status`` into the FineTuneJob's (or FineTuneSweep's) status if it is still at
+        ``resource_version``.
 
         Returns the updated object, or None when it changed in the meantime (409) or is gone (404).
         """
@@ -173,14 +181,28 @@ class Kube:
             patch["metadata"] = {"resourceVersion": resource_version}
         code, obj = await self._request(
             "PATCH",
-            self._path("FineTuneJob", namespace, name, "status"),
+            self._path(kind, namespace, name, "status"),
             verb="patch",
-            resource=f"{PLURAL}/status",
+            resource=f"{RESOURCES[kind][1]}/status",
             body=patch,
             content_type=MERGE_PATCH,
             ok=(404, 409),
         )
         return obj if code < 300 else None
+
+    async def merge_patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        """Merge ``patch`` into the object (a sweep's mark and suspension of a pruned trial); False when
+        it is gone (404)."""
+        code, _ = await self._request(
+            "PATCH",
+            self._path(kind, namespace, name),
+            verb="patch",
+            resource=RESOURCES[kind][1],
+            body=patch,
+            content_type=MERGE_PATCH,
+            ok=(404,),
+        )
+        return code < 300
 
     async def delete_finetunejob(self, namespace: str, name: str) -> None:
         await self.delete("FineTuneJob", namespace, name)

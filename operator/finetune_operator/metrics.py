@@ -31,3 +31,14 @@ API_REQUESTS = Counter(
 API_ERRORS = Counter(
     "finetune_operator_api_errors_total", "Kubernetes API errors (other than 404/409).", ["verb", "resource", "code"]
 )
+# Per FineTuneSweep (sweep_handlers.py): its trials by state, and the best complete trial's objective.
+SWEEP_TRIALS = Gauge(
+    "finetune_operator_sweep_trials",
+    "Trials of a FineTuneSweep by state (Running, Complete, Pruned, Failed), as last reconciled.",
+    ["namespace", "sweep", "state"],
+)
+SWEEP_BEST_VALUE = Gauge(
+    "finetune_operator_sweep_best_value",
+    "The objective of a FineTuneSweep's best complete trial so far.",
+    ["namespace", "sweep"],
+)

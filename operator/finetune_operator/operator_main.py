@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from . import handlers  # registers the kopf handlers
+    from . import handlers, sweep_handlers  # registers the kopf handlers
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         settings.watching.label_selectors["batch", "v1", "jobs"] = children
         settings.watching.label_selectors["", "v1", "pods"] = children
         handlers.start(kube, operator_settings)
+        sweep_handlers.start()
 
     @kopf.on.login()
     async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
     @kopf.on.cleanup()
     async def cleanup(**_: object) -> None:
+        await sweep_handlers.stop()
         await handlers.stop()
 
     options: dict[str, Any] = {

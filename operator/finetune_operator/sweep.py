@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ from .api.sweep import (
     trial_spec,
 )
 from .api.tasks import EvalMetric
-from .api.v1alpha1 import FineTuneJob, FineTuneJobSpec
+from .api.v1alpha1 import FineTuneJob, FineTuneJobSpec, Progress
 
 optuna.logging.set_verbosity(logging.WARNING)
 
@@ -249,10 +249,9 @@ def decide(name: str, spec: FineTuneSweepSpec, trials: Sequence[Observation]) ->
 # --------------------------------------------------------------------------------------------------
 
 
-def status_value(job: FineTuneJob, metric: EvalMetric) -> float | None:
+def status_value(progress: Progress | None, metric: EvalMetric) -> float | None:
     """The objective as a trial's FineTuneJob status reports it (status.progress: the latest evaluation's),
     or None when the status does not carry that metric (agreement, bleu and rouge are not in it)."""
-    progress = job.status.progress if job.status is not None else None
     if progress is None:
         return None
     if metric == "perplexity":
@@ -267,25 +266,42 @@ def status_value(job: FineTuneJob, metric: EvalMetric) -> float | None:
 
 
 def observe(job: FineTuneJob, metric: EvalMetric, previous: TrialStatus | None = None) -> Observation | None:
-    """A trial FineTuneJob (labelled with its sweep and number, its parameters in an annotation) as the
-    study logic takes it: Pruned once the sweep marked it so, Complete or Failed by its phase, else
-    Running; its intermediate values those the sweep's status recorded (``previous``) and the status's
-    latest evaluation. None for a job that is no trial."""
-    meta = job.metadata
-    number_text = meta.labels.get(TRIAL_LABEL)
-    if number_text is None or not number_text.isdigit() or PARAMS_ANNOTATION not in meta.annotations:
+    """:func:`observe_trial` of a typed trial FineTuneJob."""
+    status = job.status
+    return observe_trial(
+        job.metadata.labels,
+        job.metadata.annotations,
+        status.phase if status is not None else None,
+        status.progress if status is not None else None,
+        metric,
+        previous,
+    )
+
+
+def observe_trial(
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+    phase: str | None,
+    progress: Progress | None,
+    metric: EvalMetric,
+    previous: TrialStatus | None = None,
+) -> Observation | None:
+    """A trial FineTuneJob (labelled with its sweep and number, its parameters in an annotation; its
+    phase and status.progress) as the study logic takes it: Pruned once the sweep marked it so, Complete
+    or Failed by its phase, else Running; its intermediate values those the sweep's status recorded
+    (``previous``) and the status's latest evaluation. None for a job that is no trial."""
+    number_text = labels.get(TRIAL_LABEL)
+    if number_text is None or not number_text.isdigit() or PARAMS_ANNOTATION not in annotations:
         return None
-    params = json.loads(meta.annotations[PARAMS_ANNOTATION])
+    params = json.loads(annotations[PARAMS_ANNOTATION])
     intermediate = {i.step: i.value for i in previous.intermediate} if previous is not None else {}
-    value = status_value(job, metric)
-    progress = job.status.progress if job.status is not None else None
+    value = status_value(progress, metric)
     last = intermediate[max(intermediate)] if intermediate else None
     if value is not None and progress is not None and progress.step > 0 and value != last:
         # A new evaluation's value, first seen at this step (the status holds the latest one only).
         intermediate.setdefault(progress.step, value)
-    phase = job.status.phase if job.status is not None else None
     number = int(number_text)
-    if meta.annotations.get(PRUNED_ANNOTATION) == "true":
+    if annotations.get(PRUNED_ANNOTATION) == "true":
         return Observation(number, params, "Pruned", None, intermediate)
     if phase == "Succeeded":
         state: TrialState = "Complete" if value is not None else "Failed"

@@ -261,6 +261,7 @@ class Operator:
 def crd_installed(cluster: Cluster) -> None:
     cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
     cluster.wait_for("FineTuneJob CRD served", lambda: cluster.kubectl_result("get", "ftj", "-A").returncode == 0)
+    cluster.wait_for("FineTuneSweep CRD served", lambda: cluster.kubectl_result("get", "fts", "-A").returncode == 0)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ import psutil
 import pytest
 import test_e2e_contract as contract
 import test_e2e_operator as operator_tests
+import test_e2e_sweep as sweep_tests
 from chart_monitoring import (
     Prometheus,
     dashboards,
@@ -243,6 +244,17 @@ def test_dashboards_and_alerts_against_a_real_training_and_operator(
             "FineTuneJobRestartingRepeatedly to resolve once broken failed",
             lambda: not [a for a in server.alerts("FineTuneJobRestartingRepeatedly") if a["labels"]["job"] == "broken"],
             timeout=SCRAPE_AND_EVALUATE_S + bounds.REACTION_S,  # the failed phase is already in status
+        )
+
+        # A sweep of one trial, which finishes: the operator dashboard's sweep panels.
+        cluster.apply(sweep_tests.sweep("tuned", max_trials=1, parallelism=1), namespace=ns)
+        cluster.running_pods(ns, "tuned-0-a0", 1)
+        sweep_tests.report(cluster, ns, "tuned-0", 100, 0.5)
+        operator_tests.release(cluster, ns, "tuned-0-a0")
+        cluster.wait_for(
+            "sweep tuned Succeeded",
+            lambda: sweep_tests.sweep_status(cluster, ns, "tuned").get("phase") == "Succeeded",
+            timeout=bounds.operator(4),
         )
 
         # The dashboards' template variables offer this job, and every panel query has data.
