@@ -4,23 +4,40 @@ A ServiceAccount with a Role that allows get/patch on ``finetunejobs/status`` fo
 (``resourceNames``) and a TokenRequest token: the reporter, run as a local process with the pod's
 environment pointed at the test cluster, fills ``status.progress`` and ``status.checkpoints`` of its
 job. Aimed at another job it is refused (403) and carries on; an unreachable API server neither.
+
+Then a real (tiny) training, `finetune run` of an SFT job with ``forgetting.generalEval``, reporting
+with the same identity: status.progress gets the general text's perplexity before training
+(``generalPerplexityBefore``) and after (``generalPerplexity``), and the ``finetune_general_perplexity``
+gauge, scraped from the trainer's /metrics while it runs, holds one of those two values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from polling import free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from conftest import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "trainer"))
+import tiny  # noqa: E402
+
 CRD_NAME = "finetunejobs.finetune.io"
+#: Optimizer steps of the real training: long enough for several scrapes of its /metrics.
+TRAINING_STEPS = 40
+TRAINING_TIMEOUT_S = 300
 
 # What the trainer's rank 0 does, compressed: progress after every logged step, the committed
 # checkpoints after an upload, a final flush at the end. Polls are bounded; nothing sleeps blindly.
@@ -72,24 +89,10 @@ def job(name: str) -> dict[str, Any]:
     }
 
 
-def run_reporter(cluster: Cluster, namespace: str, name: str, token_file: Path, api: str | None = None) -> str:
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        "FINETUNE_JOB_NAMESPACE": namespace,
-        "FINETUNE_JOB_NAME": name,
-        "FINETUNE_KUBE_API": api or cluster.server,
-        "FINETUNE_KUBE_TOKEN_FILE": str(token_file),
-        "FINETUNE_KUBE_CA_FILE": str(cluster.ca_file),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", REPORTER], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert proc.returncode == 0, f"the reporter crashed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-    return proc.stdout + proc.stderr
-
-
-def test_status_reporter_patches_its_job_only(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
-    ns = namespace
+def trainer_identity(cluster: Cluster, ns: str, reported: str, tmp_path: Path, others: tuple[str, ...] = ()) -> Path:
+    """The CRD served, the FineTuneJobs ``reported`` and ``others`` created, and the trainer pod's
+    identity: ServiceAccount ``trainer`` with a Role that allows get/patch on ``finetunejobs/status``
+    of ``reported`` only; returns the file of a TokenRequest token of it."""
     cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
     cluster.wait_for(
         f"CRD {CRD_NAME} Established",
@@ -104,19 +107,19 @@ def test_status_reporter_patches_its_job_only(cluster: Cluster, namespace: str, 
         lambda: cluster.kubectl_result("get", "finetunejobs", "-n", ns).returncode == 0,
         timeout=60,
     )
-    for name in ("reported", "other"):
+    for name in (reported, *others):
         cluster.apply(job(name), ns)
     cluster.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "trainer"}}, ns)
     cluster.apply(
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
-            "metadata": {"name": "reported-status"},
+            "metadata": {"name": f"{reported}-status"},
             "rules": [
                 {
                     "apiGroups": ["finetune.io"],
                     "resources": ["finetunejobs/status"],
-                    "resourceNames": ["reported"],
+                    "resourceNames": [reported],
                     "verbs": ["get", "patch"],
                 }
             ],
@@ -127,8 +130,8 @@ def test_status_reporter_patches_its_job_only(cluster: Cluster, namespace: str, 
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "RoleBinding",
-            "metadata": {"name": "trainer-reported-status"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reported-status"},
+            "metadata": {"name": f"trainer-{reported}-status"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": f"{reported}-status"},
             "subjects": [{"kind": "ServiceAccount", "name": "trainer", "namespace": ns}],
         },
         ns,
@@ -137,13 +140,39 @@ def test_status_reporter_patches_its_job_only(cluster: Cluster, namespace: str, 
     cluster.wait_for(
         "the Role to take effect",
         lambda: cluster.kubectl_result(
-            "auth", "can-i", "patch", "finetunejobs.finetune.io/reported", "--subresource=status", "-n", ns,
+            "auth", "can-i", "patch", f"finetunejobs.finetune.io/{reported}", "--subresource=status", "-n", ns,
             f"--as={user}",
         ).stdout.strip() == "yes",
         timeout=30,
     )  # fmt: skip
     token_file = tmp_path / "token"
     token_file.write_text(cluster.kubectl("create", "token", "trainer", "-n", ns, "--duration=10m").strip())
+    return token_file
+
+
+def pod_env(cluster: Cluster, namespace: str, name: str, token_file: Path, api: str | None = None) -> dict[str, str]:
+    """The trainer pod's status-reporting environment, pointed at the test cluster."""
+    return {
+        "FINETUNE_JOB_NAMESPACE": namespace,
+        "FINETUNE_JOB_NAME": name,
+        "FINETUNE_KUBE_API": api or cluster.server,
+        "FINETUNE_KUBE_TOKEN_FILE": str(token_file),
+        "FINETUNE_KUBE_CA_FILE": str(cluster.ca_file),
+    }
+
+
+def run_reporter(cluster: Cluster, namespace: str, name: str, token_file: Path, api: str | None = None) -> str:
+    env = {"PATH": os.environ.get("PATH", ""), **pod_env(cluster, namespace, name, token_file, api)}
+    proc = subprocess.run(
+        [sys.executable, "-c", REPORTER], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, f"the reporter crashed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def test_status_reporter_patches_its_job_only(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    ns = namespace
+    token_file = trainer_identity(cluster, ns, "reported", tmp_path, others=("other",))
 
     # What the operator derives from the pods is there already; the trainer's patch must keep it.
     operator_part = {"image": "trainer@sha256:" + "cd" * 32, "nodes": ["node-0"], "operatorVersion": "0.1.0"}
@@ -185,3 +214,87 @@ def test_status_reporter_patches_its_job_only(cluster: Cluster, namespace: str, 
     out = run_reporter(cluster, ns, "reported", token_file, api="https://127.0.0.1:1")
     assert "sent=0" in out and "last_status=None" in out and "Connection refused" in out, out
     assert cluster.get_json("finetunejob", "reported", namespace=ns)["status"]["progress"]["step"] == 5
+
+
+def general_perplexity_gauge(port: int) -> float | None:
+    """finetune_general_perplexity{rank="0"} scraped from the trainer's /metrics; None while it does not
+    answer (not serving yet, or exited) or has no such series yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "finetune_general_perplexity" and sample.labels.get("rank") == "0":
+                return float(sample.value)
+    return None
+
+
+def test_a_training_reports_general_perplexity(
+    cluster: Cluster, namespace: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """forgetting.generalEval in a real training, reporting as its pod would: status.progress has the
+    perplexity of general text before training (generalPerplexityBefore) and after, the latest
+    evaluation's (generalPerplexity); the finetune_general_perplexity gauge, scraped while the trainer
+    runs, only ever holds one of them."""
+    ns, name = namespace, "trained"
+    token_file = trainer_identity(cluster, ns, name, tmp_path)
+    general = tiny.write_jsonl(tmp_path / "general.jsonl", tiny.text_rows(48, seed=21))
+    train = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.prompt_completion_rows(400))
+    port = free_port()
+    manifest = tiny.job_manifest(
+        name,
+        tiny_model,
+        train,
+        training__maxSteps=TRAINING_STEPS,
+        training__learningRate=5e-3,
+        training__forgetting={"generalEval": {"uri": str(general)}},
+        metrics={"port": port},
+    )
+    job_file = tiny.write_manifest(tmp_path / f"{name}.yaml", manifest)
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **pod_env(cluster, ns, name, token_file)}
+    env.pop("FINETUNE_METRICS_PORT", None)  # spec.metrics.port is the port
+    log = tmp_path / "run.log"
+    started = time.monotonic()
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("finetune")), "run", str(job_file), "--workdir", str(workdir)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    seen: list[float] = []
+    try:
+        deadline = started + TRAINING_TIMEOUT_S
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, f"the training did not end within {TRAINING_TIMEOUT_S}s"
+            value = general_perplexity_gauge(port)
+            if value is not None:
+                seen.append(value)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.1)  # the next scrape, or the training's end
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    output = log.read_text(errors="replace")
+    assert proc.returncode == 0, f"finetune run exited {proc.returncode}:\n{output[-5000:]}"
+    elapsed = time.monotonic() - started
+
+    summary = json.loads((workdir / "summary.json").read_text())
+    before, after = summary["before"]["general_perplexity"], summary["after"]["general_perplexity"]
+    evaluations = [r["general_perplexity"] for r in tiny.read_metrics(workdir) if "general_perplexity" in r]
+    assert evaluations == [before, after], evaluations  # the general evaluations: before and after training
+    progress = cluster.get_json("finetunejob", name, namespace=ns)["status"]["progress"]
+    print(
+        f"general perplexity {before!r} before, {after!r} after; status.progress generalPerplexityBefore "
+        f"{progress.get('generalPerplexityBefore')!r}, generalPerplexity {progress.get('generalPerplexity')!r}; "
+        f"gauge scraped {len(seen)} times, values {sorted(set(seen))}; training {elapsed:.1f}s"
+    )
+    assert (progress["step"], progress["totalSteps"]) == (TRAINING_STEPS, TRAINING_STEPS), progress
+    assert progress["generalPerplexityBefore"] == before, progress
+    assert progress["generalPerplexity"] == after, progress
+    assert seen, f'the trainer\'s /metrics never had finetune_general_perplexity{{rank="0"}}:\n{output[-3000:]}'
+    assert set(seen) <= {before, after}, (sorted(set(seen)), before, after)
