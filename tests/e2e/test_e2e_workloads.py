@@ -102,13 +102,27 @@ def test_deployment_gets_three_ready_pods_on_kwok_nodes(cluster: Cluster, namesp
         },
         namespace,
     )
-    cluster.wait_for(
-        "deployment web to have 3 ready replicas",
-        lambda: cluster.get_json("deployment", "web", namespace=namespace).get("status", {}).get("readyReplicas") == 3,
+
+    waiting: list[tuple[str, str, str]] = []  # what each pod waits for, at the last poll
+
+    def ready() -> bool:
+        if cluster.get_json("deployment", "web", namespace=namespace).get("status", {}).get("readyReplicas") == 3:
+            return True
+        pods = cluster.get_json("pods", "-l", "app=web", namespace=namespace)["items"]
+        waiting[:] = [
+            (p["metadata"]["name"], p["status"].get("phase", ""), str(p["status"].get("conditions", ""))[:400])
+            for p in pods
+        ]
+        return False
+
+    try:
         # deployment controller (ReplicaSet), ReplicaSet controller (pods), scheduler, kwok (Running, Ready),
         # ReplicaSet and deployment status
-        timeout=bounds.reactions(6),
-    )
+        cluster.wait_for("deployment web to have 3 ready replicas", ready, timeout=bounds.reactions(6))
+    except AssertionError as exc:
+        nodes = cluster.kubectl("describe", "nodes", "-l", "type=kwok")
+        allocated = [line for line in nodes.splitlines() if "nvidia.com/gpu" in line]
+        raise AssertionError(f"{exc}; pods: {waiting}; node GPUs: {allocated}") from None
     pods = cluster.get_json("pods", "-l", "app=web", namespace=namespace)["items"]
     assert len(pods) == 3
     kwok_nodes = {n["metadata"]["name"] for n in cluster.get_json("nodes", "-l", "type=kwok")["items"]}
