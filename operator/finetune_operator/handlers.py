@@ -131,8 +131,8 @@ def _spec(body: Mapping[str, Any]) -> FineTuneJob:
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
-def _slim(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """A FineTuneJob body without what the operator never reads (managedFields, kubectl's copy of
+def slim(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A FineTuneJob's (or FineTuneSweep's) body without what the operator never reads (managedFields, kubectl's copy of
     the last applied manifest): at a thousand jobs, these are most of the memory the bodies take."""
     meta = {k: v for k, v in obj["metadata"].items() if k != "managedFields"}
     if LAST_APPLIED in (meta.get("annotations") or {}):
@@ -237,7 +237,7 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
         if updated is None:
             # Changed since we read it (or gone): its newer version's event reconciles it again.
             return 1.0
-        State.bodies[key] = _slim(updated)
+        State.bodies[key] = slim(updated)
         _count_transition(status, new_status)
         for _, reason, message in p.events:
             log.info("%s/%s: %s (%s)", namespace, name, message, reason)
@@ -333,7 +333,7 @@ async def _invalid(kube: Kube, key: Key, body: dict[str, Any], previous: FineTun
     new_status = status_json(failed, ("phase", "observed_generation", "completion_time", "conditions"))
     updated = await kube.patch_status(*key, new_status, body["metadata"].get("resourceVersion"))
     if updated is not None:
-        State.bodies[key] = _slim(updated)
+        State.bodies[key] = slim(updated)
         log.error("%s/%s: invalid spec: %s", *key, message)
         await kube.event(body, "Warning", "InvalidSpec", message)
         _record_phase(*key, "Failed")
@@ -419,7 +419,7 @@ async def on_finetunejob(event: kopf.RawEvent, namespace: str | None, name: str,
         # Children go with the owner references; only the operator's memory forgets the job.
         _forget(key)
         return
-    State.bodies[key] = _slim(event["object"])
+    State.bodies[key] = slim(event["object"])
     await _reconcile_guarded(key)
     # The jobs waiting for this one's model (ftj://NAME) look at it again at once, not at their next poll.
     for waiting in _dependents(namespace, name):

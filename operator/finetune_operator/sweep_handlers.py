@@ -50,7 +50,7 @@ from .api.sweep import (
 from .api.v1alpha1 import GROUP, VERSION, Condition
 from .api.v1alpha1 import PLURAL as JOB_PLURAL
 from .api.validation import InvalidSpec, validate_sweep_object
-from .handlers import CHILD_EVENT_DELAY, LAST_APPLIED, MAX_CONCURRENT, MIN_DELAY, RETRY_CAP, RETRY_DELAY, TIMER_INTERVAL
+from .handlers import CHILD_EVENT_DELAY, MAX_CONCURRENT, MIN_DELAY, RETRY_CAP, RETRY_DELAY, TIMER_INTERVAL, slim
 from .handlers import State as JobState
 from .k8s_io import ApiError, Kube
 from .reconcile import MAX_MESSAGE, read_progress, to_second
@@ -92,25 +92,13 @@ def _kube() -> Kube:
     return kube
 
 
-def _slim(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """A sweep's body without managedFields and kubectl's last-applied copy."""
-    meta = {k: v for k, v in obj["metadata"].items() if k != "managedFields"}
-    meta["annotations"] = {k: v for k, v in (meta.get("annotations") or {}).items() if k != LAST_APPLIED}
-    return {**obj, "metadata": meta}
-
-
 def observed_trial(body: Mapping[str, Any]) -> dict[str, Any]:
     """What the study reads of a trial FineTuneJob (its spec is the template's, substituted: not kept)."""
     meta = body["metadata"]
     status = body.get("status") or {}
     annotations = meta.get("annotations") or {}
     return {
-        "apiVersion": body.get("apiVersion"),
-        "kind": body.get("kind"),
         "metadata": {
-            "name": meta["name"],
-            "namespace": meta.get("namespace"),
-            "uid": meta.get("uid"),
             "labels": dict(meta.get("labels") or {}),
             "annotations": {k: v for k, v in annotations.items() if k in (PARAMS_ANNOTATION, PRUNED_ANNOTATION)},
         },
@@ -249,7 +237,7 @@ async def _write_status(kube: Kube, key: Key, body: dict[str, Any], status: Fine
     updated = await kube.patch_status(*key, patch, body["metadata"].get("resourceVersion"), kind="FineTuneSweep")
     if updated is None:
         return False
-    Sweeps.bodies[key] = _slim(updated)
+    Sweeps.bodies[key] = slim(updated)
     return True
 
 
@@ -279,8 +267,7 @@ def _forget(key: Key) -> None:
 async def _reconcile_guarded(key: Key) -> None:
     """One reconcile at a time per sweep, at most MAX_CONCURRENT at once; retried on API errors."""
     lock = Sweeps.locks.setdefault(key, asyncio.Lock())
-    if Sweeps.slots is None:
-        Sweeps.slots = asyncio.Semaphore(MAX_CONCURRENT)
+    assert Sweeps.slots is not None, "operator not started"
     async with lock, Sweeps.slots:
         try:
             delay = await reconcile_sweep(key)
@@ -345,7 +332,7 @@ async def on_sweep(event: kopf.RawEvent, namespace: str | None, name: str, **kwa
     if event["type"] == "DELETED":
         _forget(key)  # its trials go with their owner references
         return
-    Sweeps.bodies[key] = _slim(event["object"])
+    Sweeps.bodies[key] = slim(event["object"])
     await _reconcile_guarded(key)
 
 
