@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from . import handlers, sweep_handlers  # registers the kopf handlers
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not args.verbose:
         # kopf reports every handler run; the operator logs what matters (phase changes, errors).
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)

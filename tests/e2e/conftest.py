@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import bounds
 import polling
@@ -41,6 +41,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if E2E_DIR in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed e2e test's report ends with the log of every operator it used (its fixture's, or one it
+    started itself): what the operator did, and when, is most of what a failed wait means."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    funcargs = getattr(item, "funcargs", {})
+    used = [op for op in Operator.started if op in funcargs.values() or op.started_in == item.nodeid]
+    for op in dict.fromkeys(used):
+        lines = op.log.read_text(errors="replace").splitlines() if op.log.exists() else []
+        report.sections.append((f"operator log {op.log} (last 80 lines)", "\n".join(lines[-80:])))
 
 
 class KubectlError(AssertionError):
@@ -212,14 +227,20 @@ def namespace(cluster: Cluster) -> Iterator[str]:
 
 
 class Operator:
+    #: Every operator started in this session, for the failure reports (pytest_runtest_makereport).
+    started: ClassVar[list[Operator]] = []
+
     def __init__(self, cluster: Cluster, log: Path, *args: str):
         self.cluster = cluster
+        #: The test that made this operator (none for a fixture's, which outlives its first test).
+        self.started_in = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
         self.log = log
         self.args = args  #: more arguments of finetune-operator
         self.proc: subprocess.Popen[bytes] | None = None
         self.metrics_port = 0
 
     def start(self) -> None:
+        Operator.started.append(self)
         self.metrics_port, health = free_port(), free_port()
         exe = Path(sys.executable).with_name("finetune-operator")
         env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig)}
