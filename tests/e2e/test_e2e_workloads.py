@@ -91,11 +91,9 @@ def test_nodes_are_fake_gpu_nodes(cluster: Cluster) -> None:
 
 
 def test_deployment_gets_three_ready_pods_on_kwok_nodes(cluster: Cluster, namespace: str) -> None:
-    # No GPUs asked: this file runs last, and in a whole tests/e2e run every kwok GPU is still allocated
-    # by then (24 of 24, measured 2026-12-04) to pods of earlier tests, whose namespaces are deleted
-    # without waiting (which pods, and why they stay, is still to find). GPU scheduling is what the
-    # gangs of test_e2e_operator.py exercise.
-    tmpl = _pod_spec(restart="Always")
+    # A GPU each: this file runs last, after every earlier test's namespace was deleted, so it also
+    # proves their GPUs came back (test_a_deleted_running_job_pod_goes_and_frees_its_gpu).
+    tmpl = _pod_spec(restart="Always", gpus=1)
     tmpl["metadata"]["labels"] = {"app": "web"}
     cluster.apply(
         {
@@ -206,6 +204,36 @@ def test_failure_takes_precedence_over_job_completion(cluster: Cluster, namespac
     assert pods, "the Job's pod is gone"
     assert all(p["status"]["phase"] == "Failed" for p in pods)
     assert pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
+
+
+def test_a_deleted_running_job_pod_goes_and_frees_its_gpu(cluster: Cluster, namespace: str) -> None:
+    """A running pod of a Job with a podFailurePolicy (as every gang's) holds the Job controller's
+    job-tracking finalizer, which it removes only once the pod is terminal. Deleted with its namespace,
+    the pod must be terminated (pod-terminate), then removed (pod-delete) — it once stayed Running with
+    its GPU allocated for the rest of the run."""
+    job = _job("gang", annotations={A + "hold": "true"})
+    job["spec"]["template"]["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
+    job["spec"]["podFailurePolicy"] = {
+        "rules": [{"action": "FailJob", "onExitCodes": {"operator": "In", "values": [3]}}]
+    }
+    cluster.apply(job, namespace)
+    [pod] = cluster.wait_for(
+        "the gang's pod Running with the job-tracking finalizer",
+        lambda: [
+            p
+            for p in _job_pods(cluster, namespace, "gang")
+            if p["status"].get("phase") == "Running"
+            and "batch.kubernetes.io/job-tracking" in p["metadata"]["finalizers"]
+        ],
+        timeout=bounds.reactions(3),
+    )
+    cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    name = pod["metadata"]["name"]
+    cluster.wait_for(
+        f"pod {namespace}/{name} gone after its namespace was deleted",
+        lambda: cluster.kubectl_result("get", "pod", name, "-n", namespace).returncode != 0,
+        timeout=bounds.reactions(4),  # namespace controller, job controller (finalizer), kwok twice
+    )
 
 
 def test_hold_keeps_job_pod_running_until_removed(cluster: Cluster, namespace: str) -> None:
