@@ -44,6 +44,8 @@ LABEL_PREFLIGHT = "finetune.io/preflight-attempt"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+#: Kueue's API (Workloads: what Kueue decided about a queued gang Job).
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
 MANAGER = "finetune-operator"
 
 CONTAINER = "trainer"

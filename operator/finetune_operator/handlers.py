@@ -42,6 +42,7 @@ from .reconcile import (
     observed_job,
     observed_node,
     observed_pod,
+    observed_workload,
     plan,
     read_progress,
     read_status,
@@ -89,6 +90,9 @@ class OperatorState:
     #: kopf's indexes of Jobs and pods by owning FineTuneJob (handed to handlers; kept for wake-ups).
     jobs: Mapping[Key, Any] = field(default_factory=dict)
     pods: Mapping[Key, Any] = field(default_factory=dict)
+    #: kopf's index of Kueue Workloads by the FineTuneJob whose gang Job they were made for (empty
+    #: where Kueue is not installed: kopf watches the resource once its CRD exists).
+    workloads: Mapping[Key, Any] = field(default_factory=dict)
     #: kopf's index of Nodes by name (:func:`watch_nodes`); None: nodes are not watched.
     nodes: Mapping[str, Any] | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -184,6 +188,7 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
         progress=read_progress(status),
         neighbours=_neighbours(namespace, name) if ftj.spec.job_references() else {},
         nodes=_nodes_of(observed_pods) if State.nodes is not None else None,
+        workloads={w["job"]: w for w in State.workloads.get(key, ())} if ftj.spec.run_policy.queue_name else {},
     )
     p = plan(observed)
     if State.created_jobs.get(key) in {j["metadata"]["name"] for j in jobs}:
@@ -226,6 +231,8 @@ async def reconcile(key: Key, *, ensure_children: bool = True) -> float | None:
         State.ensured[key] = (version, loop.time())
     if p.set_suspend is not None:
         await kube.set_job_suspend(namespace, *p.set_suspend)
+    if p.set_workload_active is not None:
+        await kube.set_workload_active(namespace, *p.set_workload_active)
     # A field the plan leaves unset is cleared (null in the merge patch) only if the status has it; inside
     # status.preflight too, whose verdict (gpuMemory, fits) follows the spec's GPU memory.
     new_status = {k: v for k, v in p.status.items() if v is not None or k in status}
@@ -414,6 +421,7 @@ async def on_finetunejob(event: kopf.RawEvent, namespace: str | None, name: str,
     assert namespace is not None  # FineTuneJobs are namespaced
     State.jobs, State.pods = kwargs["ftj_jobs"], kwargs["ftj_pods"]  # kopf hands each index by its name
     State.nodes = kwargs.get("ftj_nodes")  # only when watched (watch_nodes)
+    State.workloads = kwargs["ftj_workloads"]
     key = (namespace, name)
     if event["type"] == "DELETED":
         # Children go with the owner references; only the operator's memory forgets the job.
@@ -446,6 +454,28 @@ async def on_child(namespace: str | None, labels: Mapping[str, str], **_: Any) -
     owner = labels.get(builders.LABEL_JOB)
     if namespace and owner and (namespace, owner) in State.bodies:
         _schedule((namespace, owner), CHILD_EVENT_DELAY)
+
+
+def _owner_of_gang_job(namespace: str | None, job: str | None) -> Key | None:
+    """The FineTuneJob a gang Job named ``job`` would belong to (builders.job_name: NAME-aATTEMPT)."""
+    name, sep, attempt = (job or "").rpartition("-a")
+    return (namespace, name) if namespace and sep and name and attempt.isdigit() else None
+
+
+@kopf.index(builders.KUEUE_GROUP, builders.KUEUE_VERSION, "workloads")
+async def ftj_workloads(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
+    workload = observed_workload(body)
+    key = _owner_of_gang_job(namespace, workload["job"])
+    return {key: workload} if key is not None else None
+
+
+@kopf.on.event(builders.KUEUE_GROUP, builders.KUEUE_VERSION, "workloads")
+async def on_workload(namespace: str | None, body: kopf.Body, **kwargs: Any) -> None:
+    """Kueue admitted, evicted or requeued a gang: reconcile its FineTuneJob shortly."""
+    State.workloads = kwargs["ftj_workloads"]
+    key = _owner_of_gang_job(namespace, observed_workload(body)["job"])
+    if key is not None and key in State.bodies:
+        _schedule(key, CHILD_EVENT_DELAY)
 
 
 async def ftj_nodes(name: str, body: kopf.Body, **_: Any) -> Any:

@@ -29,7 +29,7 @@ import yaml
 from . import __version__, metrics
 from .api.sweep import PLURAL as SWEEP_PLURAL
 from .api.v1alpha1 import GROUP, PLURAL, VERSION
-from .builders import MANAGER
+from .builders import KUEUE_GROUP, KUEUE_VERSION, MANAGER
 
 log = logging.getLogger("finetune_operator")
 
@@ -45,6 +45,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "FineTuneJob": (f"/apis/{GROUP}/{VERSION}", PLURAL),
     "FineTuneSweep": (f"/apis/{GROUP}/{VERSION}", SWEEP_PLURAL),
     "Lease": ("/apis/coordination.k8s.io/v1", "leases"),
+    "Workload": (f"/apis/{KUEUE_GROUP}/{KUEUE_VERSION}", "workloads"),
 }
 #: Children whose content the operator keeps in line with the spec (replaced when it differs).
 REPLACEABLE = {"ConfigMap"}
@@ -286,6 +287,18 @@ class Kube:
             resource="jobs",
             body={"spec": {"suspend": suspend}},
             content_type=MERGE_PATCH,
+        )
+
+    async def set_workload_active(self, namespace: str, name: str, active: bool) -> None:
+        """Let Kueue admit a Workload again, or evict it (how a queued job is suspended); gone is fine."""
+        await self._request(
+            "PATCH",
+            self._path("Workload", namespace, name),
+            verb="patch",
+            resource="workloads",
+            body={"spec": {"active": active}},
+            content_type=MERGE_PATCH,
+            ok=(404,),
         )
 
     async def event(self, ftj: Mapping[str, Any], kind: str, reason: str, message: str) -> None:

@@ -38,6 +38,7 @@ from .api.v1alpha1 import (
     CONDITION_DATA_VALID,
     CONDITION_DEPENDENCY_READY,
     CONDITION_FITS_IN_MEMORY,
+    CONDITION_QUEUED,
     CONDITION_REASON_PATTERN,
     CONDITION_STALLED,
     JOB_URI_SCHEME,
@@ -48,6 +49,8 @@ from .api.v1alpha1 import (
     REASON_DEPENDENCY_FAILED,
     REASON_INVALID_DATA,
     REASON_NODE_LOST,
+    REASON_PREEMPTED,
+    REASON_QUEUED,
     REASON_STALLED,
     REASON_WAITING_FOR_JOB,
     REASON_WILL_NOT_FIT,
@@ -131,6 +134,9 @@ class Observed:
     #: The nodes the job's pods are bound to, by name (:func:`observed_node`); a node that is not
     #: there was deleted. None: nodes are not watched (an operator limited to namespaces cannot).
     nodes: Mapping[str, Mapping[str, Any]] | None = None
+    #: Kueue's Workloads of the job's gang Jobs, by Job name (:func:`observed_workload`): what Kueue
+    #: decided about a queued job (``runPolicy.queueName``). Empty without Kueue.
+    workloads: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -142,6 +148,9 @@ class Plan:
     active_deadline_seconds: int | None = None  #: for the Job to create
     delete_jobs: list[str] = field(default_factory=list)
     set_suspend: tuple[str, bool] | None = None  #: (job name, suspend)
+    #: (Workload name, spec.active) of a Kueue-managed gang: how a queued job is suspended and resumed
+    #: (the operator never writes ``suspend`` of a Job that Kueue manages).
+    set_workload_active: tuple[str, bool] | None = None
     delete_ftj: bool = False
     requeue_after: float | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)  #: (type, reason, message)
@@ -211,6 +220,33 @@ def observed_pod(obj: Mapping[str, Any]) -> dict[str, Any]:
             ],
         },
     }
+
+
+def observed_workload(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a Kueue Workload that :func:`plan` reads: its name, whether it may be admitted
+    (``spec.active``), the Job it was made for and its conditions (QuotaReserved, Admitted, Evicted, …)."""
+    meta = obj.get("metadata") or {}
+    owner = next(
+        (o.get("name") for o in meta.get("ownerReferences") or [] if o.get("kind") == "Job" and o.get("controller")),
+        None,
+    )
+    return {
+        "metadata": {"name": meta.get("name")},
+        "job": owner,
+        "spec": {"active": (obj.get("spec") or {}).get("active", True)},
+        "status": {
+            "conditions": [
+                {k: c.get(k) for k in ("type", "status", "reason", "message")}
+                for c in (obj.get("status") or {}).get("conditions") or []
+            ]
+        },
+    }
+
+
+def workload_condition(workload: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
+    """The condition ``kind`` of a Workload (:func:`observed_workload`) when it is True."""
+    conditions = (workload.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == kind and c.get("status") == "True"), None)
 
 
 def observed_node(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -1018,6 +1054,11 @@ def plan(obs: Observed) -> Plan:
             phase, reason, message, last_failure, preflight = gate
             if preflight is None:
                 preflight_conditions = [_preflight_pending(prev.conditions, reason, message, obs.generation, now)]
+        elif current is None and spec.run_policy.suspend and spec.run_policy.queue_name:
+            # Kueue would admit (unsuspend) a queued Job as soon as it is created: it is created when the
+            # job is resumed.
+            phase, reason = "Suspended", "Suspended"
+            message = "runPolicy.suspend is true; the gang is submitted to Kueue when it is false"
         elif current is None:
             out.create_job = restarts
             out.active_deadline_seconds = int(remaining) if remaining is not None else deadline
@@ -1053,6 +1094,7 @@ def plan(obs: Observed) -> Plan:
             conditions=_conditions(prev.conditions, phase, reason, message, obs.generation, now, created)
             + preflight_conditions
             + _stalled_condition(prev.conditions, out.stalled, phase, obs.generation, now)
+            + _queued_condition(prev.conditions, spec, phase, reason, message, obs.generation, now)
             + _dependency_condition(prev.conditions, spec, out.dependencies, reason, message, obs.generation, now),
             start_time=to_second(start_time) if start_time else None,
             completion_time=to_second(completion_time) if completion_time else None,
@@ -1115,6 +1157,28 @@ def _stalled_condition(
     return [_condition(CONDITION_STALLED, "False", reason, "", old, now, generation)]
 
 
+def _queued_condition(
+    previous: list[Condition],
+    spec: FineTuneJobSpec,
+    phase: str,
+    reason: str,
+    message: str,
+    generation: int,
+    now: datetime,
+) -> list[Condition]:
+    """Condition Queued of a job submitted to Kueue (``runPolicy.queueName``): True while Kueue holds
+    its gang (reason Queued, or Preempted while an evicted gang stops), with Kueue's message; False
+    once admitted (reason: the phase). Absent until the job is first queued."""
+    old = next((c for c in previous if c.type == CONDITION_QUEUED), None)
+    if not spec.run_policy.queue_name:
+        return []
+    if reason in (REASON_QUEUED, REASON_PREEMPTED) and phase == "Pending":
+        return [_condition(CONDITION_QUEUED, "True", reason, message, old, now, generation)]
+    if old is None:
+        return []
+    return [_condition(CONDITION_QUEUED, "False", condition_reason(phase), "", old, now, generation)]
+
+
 def _restart(
     obs: Observed, name: str, restarts: int, failure: FailureInfo, out: Plan, message: str
 ) -> tuple[Phase, str, str, datetime | None, int, FailureInfo | None]:
@@ -1126,6 +1190,26 @@ def _restart(
         return "Restarting", failure.reason, message, None, restarts + 1, failure
     message = f"{restarts} restarts used (runPolicy.backoffLimit {limit}); last failure: {failure.reason}"
     return "Failed", "BackoffLimitExceeded", message, obs.now, restarts, failure
+
+
+def queued(queue: str, workload: Mapping[str, Any] | None, pods: list[dict[str, Any]]) -> tuple[str, str]:
+    """(reason, message) of a gang that Kueue holds suspended: ``Preempted`` while the pods of a gang
+    Kueue evicted are still stopping (saving their step), then ``Queued``, with Kueue's own words."""
+    if workload is None:
+        return REASON_QUEUED, f"waiting for Kueue to admit the gang to queue {queue} (no Workload for it yet)"
+    evicted = workload_condition(workload, "Evicted")
+    stopping = sum(1 for p in pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed"))
+    if evicted is not None and stopping:
+        why = f"{evicted.get('reason')}: {evicted.get('message')}"
+        return REASON_PREEMPTED, f"Kueue evicted the gang ({why}); {stopping} pod(s) saving and stopping"
+    conditions = (workload.get("status") or {}).get("conditions") or []
+    pending = next((c for c in conditions if c.get("type") == "QuotaReserved" and c.get("status") == "False"), None)
+    message = f"waiting for admission by queue {queue}"
+    if pending is not None and pending.get("message"):
+        message += f": {pending['message']}"
+    if evicted is not None:
+        message += f" (evicted before: {evicted.get('reason')}: {evicted.get('message')})"
+    return REASON_QUEUED, message
 
 
 def _from_job(
@@ -1168,19 +1252,20 @@ def _from_job(
         return _restart(obs, name, restarts, failure, out, message)
     job_suspended = bool((current.get("spec") or {}).get("suspend"))
     want_suspend = spec.run_policy.suspend
-    if job_suspended != want_suspend and not (not want_suspend and spec.run_policy.queue_name):
+    queue = spec.run_policy.queue_name
+    workload = obs.workloads.get(name)
+    if queue:
+        # Kueue owns a queued Job's suspend: it is suspended and resumed through its Workload.
+        if workload is not None and bool(workload["spec"]["active"]) == want_suspend:
+            out.set_workload_active = (workload["metadata"]["name"], not want_suspend)
+    elif job_suspended != want_suspend:
         out.set_suspend = (name, want_suspend)
     if want_suspend:
-        return "Suspended", "Suspended", "runPolicy.suspend is true", None, restarts, last_failure
-    if job_suspended and spec.run_policy.queue_name:
-        return (
-            "Pending",
-            "Queued",
-            f"waiting for admission by queue {spec.run_policy.queue_name}",
-            None,
-            restarts,
-            last_failure,
-        )
+        message = "runPolicy.suspend is true" + ("; its Kueue Workload is deactivated" if queue else "")
+        return "Suspended", "Suspended", message, None, restarts, last_failure
+    if job_suspended and queue:
+        reason, message = queued(queue, workload, pods)
+        return "Pending", reason, message, None, restarts, last_failure
     running = _running_pods(pods)
     if running >= nodes:
         stalled = stall_of(obs, current, out)

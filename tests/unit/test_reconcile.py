@@ -17,6 +17,7 @@ from finetune_operator.reconcile import (
     observed_job,
     observed_node,
     observed_pod,
+    observed_workload,
     plan,
     read_progress,
     read_status,
@@ -151,15 +152,26 @@ def run(
     pods: list[dict[str, Any]],
     now: datetime = NOW,
     nodes: dict[str, dict[str, Any]] | None = None,
+    workloads: tuple[dict[str, Any], ...] | list[dict[str, Any]] = (),
 ) -> Plan:
     previous, problems = read_status(status)
     assert problems == []
     progress = read_progress(status)
-    # Nodes are always what observed_node keeps of them (the operator's index holds nothing else).
+    # Nodes and Workloads are always what observed_node/observed_workload keep of them (the operator's
+    # indexes hold nothing else).
     cut_nodes = {name: observed_node(n) for name, n in nodes.items()} if nodes is not None else None
+    cut_workloads = {w["job"]: w for w in map(observed_workload, workloads)}
     full = plan(
         Observed(
-            ftj=spec, generation=3, status=previous, jobs=jobs, pods=pods, now=now, progress=progress, nodes=cut_nodes
+            ftj=spec,
+            generation=3,
+            status=previous,
+            jobs=jobs,
+            pods=pods,
+            now=now,
+            progress=progress,
+            nodes=cut_nodes,
+            workloads=cut_workloads,
         )
     )
     # The operator keeps only what observed_job/observed_pod cut out of what it watches: every plan
@@ -174,6 +186,7 @@ def run(
         now=now,
         progress=progress,
         nodes=cut_nodes,
+        workloads=cut_workloads,
     )
     assert plan(again) == full
     # The operator writes only its own fields, as the API's typed status has them; of status.provenance,
@@ -843,6 +856,94 @@ def test_a_preflight_that_cannot_succeed_fails_the_job_at_once() -> None:
     assert cond(refused, "Failed")["reason"] == "InvalidSpec" and "spec.model" in cond(refused, "Failed")["message"]
     silent = run(auto(), {"phase": "Pending"}, *succeeded("Done."))
     assert cond(silent, "Failed")["reason"] == "PreflightFailed" and silent.create_job is None
+
+
+def workload(attempt: int, *conditions: tuple[str, str, str, str], active: bool = True) -> dict[str, Any]:
+    """Kueue's Workload of gang attempt ``attempt``, with (type, status, reason, message) conditions."""
+    return {
+        "apiVersion": "kueue.x-k8s.io/v1beta2",
+        "kind": "Workload",
+        "metadata": {
+            "name": f"job-llm-a{attempt}-1f2e3",
+            "ownerReferences": [
+                {"apiVersion": "batch/v1", "kind": "Job", "name": f"llm-a{attempt}", "controller": True}
+            ],
+            "labels": {"kueue.x-k8s.io/job-uid": "job-uid"},
+        },
+        "spec": {"active": active, "queueName": "team", "podSets": [{"name": "main", "count": 2}]},
+        "status": {
+            "conditions": [
+                {"type": t, "status": st, "reason": r, "message": m, "lastTransitionTime": timestamp(NOW)}
+                for t, st, r, m in conditions
+            ]
+        },
+    }
+
+
+NO_QUOTA = ("QuotaReserved", "False", "Pending", "couldn't assign flavors to pod set main: insufficient quota")
+ADMITTED = ("QuotaReserved", "True", "QuotaReserved", "Quota reserved in ClusterQueue gpus")
+PREEMPTED = ("Evicted", "True", "Preempted", "Preempted to accommodate a workload (UID: u2) in the ClusterQueue")
+
+
+def test_a_queued_job_waits_for_kueue_with_kueues_reason_and_never_touches_suspend() -> None:
+    queued = ftj(queueName="team")
+    first = run(queued, {}, [], [])
+    assert first.create_job == 0  # created suspended, labelled (test_builders); Kueue unsuspends it
+    waiting = run(queued, first.status, [job(0, suspend=True)], [])
+    assert (waiting.status["phase"], cond(waiting, "Queued")["reason"]) == ("Pending", "Queued")
+    assert "no Workload" in cond(waiting, "Queued")["message"] and waiting.set_suspend is None
+    held = run(queued, waiting.status, [job(0, suspend=True)], [], workloads=[workload(0, NO_QUOTA)])
+    assert "queue team: couldn't assign flavors" in cond(held, "Queued")["message"]
+    assert held.set_suspend is None and held.set_workload_active is None and held.create_job is None
+    pods = [pod(0, 0, "Running"), pod(0, 1, "Running")]
+    admitted = run(queued, held.status, [job(0)], pods, workloads=[workload(0, ADMITTED)])
+    assert admitted.status["phase"] == "Running" and admitted.set_suspend is None
+    assert (cond(admitted, "Queued")["status"], cond(admitted, "Queued")["reason"]) == ("False", "Running")
+    assert "Queued" not in {c["type"] for c in run(ftj(), {}, [], []).status["conditions"]}
+
+
+def test_a_gang_kueue_preempts_is_preempted_while_it_saves_then_queued_then_resumes_in_the_same_job() -> None:
+    queued = ftj(queueName="team")
+    pods = [pod(0, 0, "Running"), pod(0, 1, "Running")]
+    running = run(queued, {"phase": "Pending"}, [job(0)], pods, workloads=[workload(0, ADMITTED)])
+    # Kueue evicts: it suspends the Job; the Job controller deletes the pods, whose trainers save on SIGTERM.
+    evicted = [workload(0, PREEMPTED, NO_QUOTA)]
+    stopping = run(queued, running.status, [job(0, suspend=True)], pods, workloads=evicted)
+    assert (stopping.status["phase"], cond(stopping, "Queued")["reason"]) == ("Pending", "Preempted")
+    assert (
+        "Preempted to accommodate" in cond(stopping, "Queued")["message"]
+        and "2 pod(s) saving" in (cond(stopping, "Queued")["message"])
+    )
+    assert stopping.events == [("Normal", "Preempted", f"Pending: {cond(stopping, 'Queued')['message']}")]
+    saved = [pod(0, i, "Failed", exit_code=85, reason="Error") for i in range(2)]
+    requeued = run(queued, stopping.status, [job(0, suspend=True)], saved, workloads=evicted)
+    assert (
+        cond(requeued, "Queued")["reason"] == "Queued"
+        and "evicted before: Preempted" in (cond(requeued, "Queued")["message"])
+    )
+    # Not a failure of the attempt: no restart, no Job deleted, nothing written to the Job.
+    for p in (stopping, requeued):
+        assert p.status["restarts"] == 0 and not p.delete_jobs and p.create_job is None and p.set_suspend is None
+        assert p.status["lastFailure"] is None
+    readmitted = run(queued, requeued.status, [job(0)], pods, workloads=[workload(0, ADMITTED)])
+    assert readmitted.status["phase"] == "Running" and cond(readmitted, "Queued")["status"] == "False"
+
+
+def test_suspending_a_queued_job_deactivates_its_workload() -> None:
+    pods = [pod(0, 0, "Running"), pod(0, 1, "Running")]
+    suspended = run(
+        ftj(queueName="team", suspend=True), {"phase": "Running"}, [job(0)], pods, workloads=[workload(0, ADMITTED)]
+    )
+    assert suspended.set_workload_active == ("job-llm-a0-1f2e3", False) and suspended.set_suspend is None
+    assert suspended.status["phase"] == "Suspended"
+    inactive = [workload(0, active=False)]
+    resumed = run(ftj(queueName="team"), suspended.status, [job(0, suspend=True)], [], workloads=inactive)
+    assert resumed.set_workload_active == ("job-llm-a0-1f2e3", True) and resumed.set_suspend is None
+    assert resumed.status["phase"] == "Pending" and cond(resumed, "Queued")["status"] == "True"
+    # Suspended before its gang exists: no Job is made (Kueue would admit it), until resumed.
+    held = run(ftj(queueName="team", suspend=True), {}, [], [])
+    assert held.create_job is None and held.status["phase"] == "Suspended"
+    assert run(ftj(queueName="team"), held.status, [], []).create_job == 0
 
 
 def test_suspend_holds_the_preflight_until_resumed() -> None:

@@ -2154,6 +2154,11 @@ REASON_DEPENDENCY_FAILED = "DependencyFailed"
 REASON_STALLED = "Stalled"
 #: Reason of a gang restarted because a node under it was deleted or went down (status.lastFailure).
 REASON_NODE_LOST = "NodeLost"
+#: Condition of a job submitted to Kueue (runPolicy.queueName): True while Kueue holds its gang, with
+#: reason Queued (waiting for quota) or Preempted (evicted; its pods are saving and stopping).
+CONDITION_QUEUED = "Queued"
+REASON_QUEUED = "Queued"
+REASON_PREEMPTED = "Preempted"
 
 
 class RunPolicy(SpecModel):
@@ -2194,7 +2199,12 @@ class RunPolicy(SpecModel):
         default=None,
         max_length=63,
         pattern=QUEUE_NAME_PATTERN,
-        description="Kueue LocalQueue to submit to (label `kueue.x-k8s.io/queue-name`).",
+        description=(
+            "Kueue LocalQueue to submit the gang to (label `kueue.x-k8s.io/queue-name` on its Job). Kueue decides "
+            "when it runs: while it waits, or after Kueue preempted it (its pods save their step on SIGTERM), "
+            "the phase is Pending with condition `Queued` (reason `Queued` or `Preempted`, Kueue's message); "
+            "readmitted, it resumes from the saved step. `suspend` then deactivates its Kueue Workload."
+        ),
     )
 
 
