@@ -32,15 +32,24 @@ E2E_DIR = Path(__file__).resolve().parent
 BUILD_TIMEOUT_S = float(os.environ.get("FINETUNE_TESTCLUSTER_BUILD_TIMEOUT", "3600"))
 UP_TIMEOUT_S = 300.0
 DOWN_TIMEOUT_S = 120.0
+KUEUE_UP_TIMEOUT_S = 420.0  # `kueue` waits up to 120 s for each of its three steps (CRDs, readyz, webhooks)
+#: What the `cluster` fixture builds (or waits for): not Kueue, which only the `kueue` fixture's tests need,
+#: nor the storage emulators, which the trainer tests start (tests/emulators.py).
+CLUSTER_COMPONENTS = ("kubectl-helm", "etcd", "kwok", "kubernetes")
 
 T = TypeVar("T")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test under tests/e2e is an `e2e` test."""
+    """Every test under tests/e2e is an `e2e` test. The tests that use the `kueue` fixture run after all the
+    others: on a cold machine Kueue is still building (last, in hack/test.sh's background build) while the
+    others run."""
     for item in items:
         if E2E_DIR in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.e2e)
+    with_kueue = [item for item in items if "kueue" in getattr(item, "fixturenames", ())]
+    if with_kueue:
+        items[:] = [item for item in items if item not in with_kueue] + with_kueue
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -185,8 +194,9 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     t0 = time.monotonic()
     # hack/test.sh starts this build in the background before the unit and trainer tests: this call
-    # then waits on the build's lock until it is done, and reuses what it built.
-    _run_testcluster("build", timeout=BUILD_TIMEOUT_S)
+    # then waits on the build's lock until it is done, and reuses what it built. Only the cluster's
+    # components: Kueue, built last, is waited for by the `kueue` fixture alone.
+    _run_testcluster("build", *CLUSTER_COMPONENTS, timeout=BUILD_TIMEOUT_S)
     sys.stderr.write(f"\n[e2e] control plane binaries ready after {time.monotonic() - t0:.1f}s\n")
     paths = json.loads(_run_testcluster("paths", timeout=60).stdout)
     d = tmp_path_factory.mktemp("testcluster")
@@ -206,6 +216,30 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
     finally:
         _run_testcluster("down", "--dir", str(d), timeout=DOWN_TIMEOUT_S)
+
+
+@dataclass
+class Kueue:
+    """Kueue (hack/testcluster.py's `kueue` subcommand) running beside the session's cluster."""
+
+    log: Path  #: Kueue's output
+    namespace: str = "kueue-system"
+    #: The label that hands a batch/v1 Job to Kueue; only Jobs with it reach Kueue's webhooks.
+    queue_label: str = "kueue.x-k8s.io/queue-name"
+
+
+@pytest.fixture(scope="session")
+def kueue(cluster: Cluster) -> Kueue:
+    """Kueue against the session's cluster: its CRDs, its webhooks for batch/v1 Jobs labelled with a queue
+    name and for its own kinds, and its controllers. Stopped with the cluster. Tests using it run last."""
+    t0 = time.monotonic()
+    # Builds Kueue if it is absent; when hack/test.sh's background build is at it, waits on its lock.
+    _run_testcluster("build", "kueue", timeout=BUILD_TIMEOUT_S)
+    sys.stderr.write(f"\n[e2e] Kueue built after {time.monotonic() - t0:.1f}s\n")
+    _run_testcluster("kueue", "--dir", str(cluster.dir), timeout=KUEUE_UP_TIMEOUT_S)
+    log = cluster.dir / "logs" / "kueue.log"
+    sys.stderr.write(f"\n[e2e] Kueue up after {time.monotonic() - t0:.1f}s; log {log}\n")
+    return Kueue(log=log)
 
 
 @pytest.fixture

@@ -20,10 +20,7 @@ in its all-reduce, its metrics server still answers) fires FineTuneJobStalled af
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -32,9 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import bounds
-import psutil
 import pytest
-import test_e2e_contract as contract
 import test_e2e_operator as operator_tests
 import test_e2e_sweep as sweep_tests
 from chart_monitoring import (
@@ -50,6 +45,7 @@ from chart_monitoring import (
     substitute,
     write_sd_file,
 )
+from pod_process import PodProcess
 from polling import free_port_pair, wait_for
 
 if TYPE_CHECKING:
@@ -75,71 +71,6 @@ SCRAPE_AND_EVALUATE_S = 2.0
 ALERT_AFTER_PHASE_S = bounds.PHASE_S + SCRAPE_AND_EVALUATE_S
 #: What Grafana substitutes for $__rate_interval at a 15 s scrape interval and a few hours' range.
 RATE_INTERVAL = "1m"
-
-
-class PodProcess:
-    """Pod 0 of a rendered Job, run as a local process tree (its own session, like a container)."""
-
-    def __init__(self, cluster: Cluster, ns: str, ftj: str, tmp_path: Path, extra_env: dict[str, str]):
-        job = cluster.wait_for(
-            f"Job {ftj}-a0", lambda: cluster.get_json("job", f"{ftj}-a0", namespace=ns), timeout=bounds.OPERATOR_S
-        )
-        config_map = cluster.get_json("configmap", f"{ftj}-config", namespace=ns)
-        [container] = job["spec"]["template"]["spec"]["containers"]
-        mounts = contract.Mounts(
-            tmp_path / "volumes",
-            [m for m in container["volumeMounts"] if m["mountPath"] not in ("/tmp", "/dev/shm")],
-        )
-        for key, text in config_map["data"].items():
-            Path(mounts("/etc/finetune"), key).write_text(json.dumps(mounts(json.loads(text))))
-        env = {"PATH": os.environ["PATH"], "JOB_COMPLETION_INDEX": "0"}
-        for var in container["env"]:
-            if "value" in var:
-                env[var["name"]] = mounts(var["value"])
-            elif var["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
-                env[var["name"]] = ns
-        env["MASTER_ADDR"] = "127.0.0.1"
-        env.update(extra_env)
-        argv = [mounts(contract.expand(a, env)) for a in container["command"]]
-        assert argv[0] == "python"
-        argv[0] = sys.executable
-        self.log_path, self.cwd = tmp_path / f"{ftj}-pod.log", tmp_path
-        with self.log_path.open("w") as log:
-            self.proc = subprocess.Popen(
-                argv, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    @property
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def rank(self, rank: int) -> psutil.Process:
-        def find() -> psutil.Process | None:
-            assert self.proc.poll() is None, f"the pod's process exited {self.proc.returncode}:\n{self.output[-4000:]}"
-            for p in psutil.Process(self.proc.pid).children(recursive=True):
-                with contextlib.suppress(psutil.Error, KeyError):
-                    if "--config" in p.cmdline() and p.environ()["RANK"] == str(rank):
-                        return p
-            return None
-
-        return wait_for(f"trainer rank {rank}", find, timeout=120)
-
-    def kill(self) -> None:
-        # Every process of this pod, stopped ones included. The ranks run in sessions of their own
-        # (torch elastic starts them so) and outlive a killed launcher: find them by the launcher's
-        # tree and by the working directory they inherited from it.
-        pids = {self.proc.pid}
-        with contextlib.suppress(psutil.Error):
-            pids |= {c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)}
-        for p in psutil.process_iter(["cwd"]):
-            if p.info["cwd"] == str(self.cwd):
-                pids.add(p.pid)
-        for pid in pids:
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                proc.resume()
-                proc.kill()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -221,7 +152,7 @@ def test_dashboards_and_alerts_against_a_real_training_and_operator(
     cluster.apply(operator_tests.manifest("broken", nodes=1, metrics={"enabled": False}), namespace=ns)
 
     # MFU needs a known peak FLOP/s: on CPU it is given, as the trainer's own metrics test does.
-    pod = PodProcess(cluster, ns, "watched", tmp_path, {"FINETUNE_PEAK_FLOPS": "1e12"})
+    pod = PodProcess(cluster, ns, "watched-a0", tmp_path, {"FINETUNE_PEAK_FLOPS": "1e12"})
     try:
         [first] = cluster.running_pods(ns, "broken-a0", 1)
         operator_tests.fail(cluster, ns, first["metadata"]["name"], 137, "OOMKilled", "CUDA out of memory")
