@@ -250,17 +250,24 @@ def decide(name: str, spec: FineTuneSweepSpec, trials: Sequence[Observation]) ->
 
 
 def status_value(progress: Progress | None, metric: EvalMetric) -> float | None:
-    """The objective as a trial's FineTuneJob status reports it (status.progress: the latest evaluation's),
-    or None when the status does not carry that metric (agreement, bleu and rouge are not in it)."""
+    """The objective as a trial's FineTuneJob status reports it (status.progress: the latest evaluation's,
+    each metric the field of its trainer key, :data:`~.api.sweep.METRIC_KEYS`), or None when the status
+    does not carry that metric (yet). Perplexity is the trainer's (distill's is of the student's
+    cross-entropy, not of evalLoss); a status without it (a trainer that did not report it) falls back
+    to exp(evalLoss), capped as the trainer caps it."""
     if progress is None:
         return None
-    if metric == "perplexity":
-        return math.exp(progress.eval_loss) if progress.eval_loss is not None else None
-    values = {
+    if metric == "perplexity" and progress.eval_perplexity is None:
+        return math.exp(min(progress.eval_loss, 50.0)) if progress.eval_loss is not None else None
+    values: dict[EvalMetric, float | None] = {
         "loss": progress.eval_loss,
+        "perplexity": progress.eval_perplexity,
         "accuracy": progress.eval_accuracy,
         "f1": progress.eval_f1,
         "exactMatch": progress.eval_exact_match,
+        "agreement": progress.eval_agreement,
+        "bleu": progress.eval_bleu,
+        "rouge": progress.eval_rougeL,
     }
     return values.get(metric)
 

@@ -200,3 +200,35 @@ def test_problems_are_empty_for_the_example(repo: Path) -> None:
     (doc,) = [d for d in yaml.safe_load_all((repo / EXAMPLE).read_text()) if d]
     spec = FineTuneSweepSpec.parse_manifest(doc["spec"])
     assert spec.problems() == []
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {
+            "template__data__format": "promptCompletion",
+            "template__training__evaluation__metrics": ["loss", "bleu"],
+            "objective": {"metric": "bleu", "direction": "maximize"},
+        },
+        {
+            "template__data__format": "chat",
+            "template__training__evaluation__metrics": ["rouge"],
+            "objective": {"metric": "rouge", "direction": "maximize"},
+        },
+        {
+            "template__task": {"type": "distill", "distill": {"teacher": "org/teacher"}},
+            "objective": {"metric": "agreement", "direction": "maximize"},
+        },
+        {
+            "template__task": {"type": "distill", "distill": {"teacher": "org/teacher"}},
+            "objective": {"metric": "perplexity", "direction": "minimize"},
+        },
+    ],
+    ids=["bleu", "rouge", "agreement", "distill-perplexity"],
+)
+def test_a_sweep_on_a_generation_or_distill_metric_is_valid(changes: dict[str, Any]) -> None:
+    """The objectives a trial's status.progress now carries (evalBleu, evalRougeL, evalAgreement,
+    evalPerplexity) are admitted where the template's evaluations report them."""
+    sweep = validate_sweep_object(with_changes(**changes))
+    assert sweep.spec.objective.metric in sweep.spec.template.eval_metrics()
+    assert sweep.spec.problems() == []

@@ -7,12 +7,24 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-from typing import Any
+from typing import Any, get_args
 
-from finetune_operator.api.sweep import PRUNED_ANNOTATION, FineTuneSweep, FineTuneSweepSpec
-from finetune_operator.api.v1alpha1 import FineTuneJob
+import pytest
+from finetune_operator.api.sweep import METRIC_KEYS, PRUNED_ANNOTATION, FineTuneSweep, FineTuneSweepSpec
+from finetune_operator.api.tasks import EvalMetric
+from finetune_operator.api.v1alpha1 import FineTuneJob, Progress
 from finetune_operator.api.validation import validate_object
-from finetune_operator.sweep import Observation, decide, observe, should_prune, status, study, trial_job
+from finetune_operator.sweep import (
+    Observation,
+    decide,
+    observe,
+    should_prune,
+    status,
+    status_value,
+    study,
+    trial_job,
+)
+from finetune_trainer.status import progress_body
 
 TEMPLATE: dict[str, Any] = {
     "model": {"uri": "org/model"},
@@ -173,3 +185,61 @@ def test_trial_jobs_round_trip_through_observe() -> None:
     pruned = observe(FineTuneJob.parse_manifest({**marked, "status": {"phase": "Running"}}), "loss")
     assert pruned is not None and pruned.state == "Pruned"
     assert observe(FineTuneJob.parse_manifest({**manifest, "metadata": {"name": "other"}}), "loss") is None
+
+
+#: A value of each objective metric as the trainer logs it, none of them derivable from another: distill's
+#: perplexity (of the student's cross-entropy) is not exp(eval_loss), and BLEU is on sacreBLEU's 0-100 scale.
+TRAINER_VALUES: dict[str, float] = {
+    "loss": 0.845,
+    "perplexity": 14.0,
+    "accuracy": 0.75,
+    "f1": 0.625,
+    "exactMatch": 0.5,
+    "agreement": 0.64,
+    "bleu": 37.5,
+    "rouge": 0.42,
+}
+
+
+@pytest.mark.parametrize("metric", get_args(EvalMetric))
+def test_every_objective_reaches_the_sweep_through_the_trial_status(metric: EvalMetric) -> None:
+    """Each objective a sweep admits, logged by the trainer under its key (METRIC_KEYS, as the local sweep
+    reads metrics.jsonl), passes the trainer's status sink and reporter into status.progress and is read
+    back by the operator's sweep: a Succeeded trial is Complete with that value, not Failed for a
+    missing objective (agreement, bleu and rouge once were)."""
+    sweep_obj = FineTuneSweep.parse_manifest(
+        {
+            "apiVersion": "finetune.io/v1alpha1",
+            "kind": "FineTuneSweep",
+            "metadata": {"name": "s", "namespace": "ml", "uid": "u-1"},
+            "spec": sweep().to_manifest(),
+        }
+    )
+    (new, *_) = decide("s", sweep_obj.spec, []).create
+    manifest = trial_job(sweep_obj, new)
+    value = TRAINER_VALUES[metric]
+    # The trainer's progress record of an evaluation (progress.ProgressReporter.on_log): its eval loss
+    # beside the metric, a sft/distill-like loss whose exp is not the perplexity.
+    record = {"time": 0.0, "step": 40, "epoch": 0.4, "total_steps": 100, "eval_loss": 0.845}
+    record[METRIC_KEYS[metric]] = value
+    # harness._status_sink: the record's keys that are status.progress fields, by their Python names.
+    sunk = {k: v for k, v in record.items() if k in Progress.model_fields}
+    assert METRIC_KEYS[metric] in sunk, f"{METRIC_KEYS[metric]} is no status.progress field"
+    progress = progress_body(sunk)
+
+    def at(phase: str) -> FineTuneJob:
+        return FineTuneJob.parse_manifest({**manifest, "status": {"phase": phase, "progress": progress}})
+
+    running = observe(at("Running"), metric)
+    assert running is not None and running.intermediate == {40: value}, (progress, running)
+    done = observe(at("Succeeded"), metric)
+    assert done is not None and (done.state, done.value) == ("Complete", value), (progress, done)
+
+
+def test_perplexity_without_the_trainers_falls_back_to_exp_eval_loss_capped() -> None:
+    """A status from a trainer that reported no evalPerplexity: exp(evalLoss), capped at exp(50) as the
+    trainer caps it (a diverged trial's huge loss must not overflow the operator's reconcile)."""
+    assert status_value(Progress(step=10, eval_loss=1.5), "perplexity") == math.exp(1.5)
+    assert status_value(Progress(step=10, eval_loss=1e6), "perplexity") == math.exp(50.0)
+    assert status_value(Progress(step=10, eval_loss=1.5, eval_perplexity=14.0), "perplexity") == 14.0
+    assert status_value(Progress(step=10), "bleu") is None

@@ -113,6 +113,7 @@ class KubeTarget:
 #: Progress fields that are never negative in the CRD (losses may be anything finite).
 _NON_NEGATIVE = (
     "epoch",
+    "eval_perplexity",
     "general_perplexity",
     "general_perplexity_before",
     "learning_rate",
@@ -121,13 +122,19 @@ _NON_NEGATIVE = (
     "seconds_per_step",
 )
 #: Scores between 0 and 1 (status.progress bounds them; a recipe's rounding must not break the patch).
-_FRACTIONS = ("eval_accuracy", "eval_f1", "eval_exact_match")
-#: The numbers copied from the trainer's record (the rest of status.progress is derived here).
+_FRACTIONS = ("eval_accuracy", "eval_f1", "eval_exact_match", "eval_agreement", "eval_rougeL")
+#: Scores between 0 and 100 (sacreBLEU's scale).
+_PERCENTAGES = ("eval_bleu",)
+#: The numbers copied from the trainer's record (the rest of status.progress is derived here). The
+#: evaluation scores are all those a FineTuneSweep's objective may name (api.sweep.METRIC_KEYS): the
+#: operator reads a trial's objective from here.
 _REPORTED = (
     "epoch",
     "loss",
     "eval_loss",
+    "eval_perplexity",
     *_FRACTIONS,
+    *_PERCENTAGES,
     "general_perplexity",
     "general_perplexity_before",
     "learning_rate",
@@ -150,6 +157,8 @@ def progress_body(latest: dict[str, Any]) -> dict[str, Any]:
                 number = max(number, 0.0)
             elif key in _FRACTIONS:
                 number = min(max(number, 0.0), 1.0)
+            elif key in _PERCENTAGES:
+                number = min(max(number, 0.0), 100.0)
             fields[key] = number
     total = latest.get("total_steps")
     if total:

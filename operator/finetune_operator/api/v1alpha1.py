@@ -2891,6 +2891,40 @@ class Progress(SpecModel):
         default=None, ge=0, le=1, description="Latest evaluation F1 (classification: macro F1; qa: token F1)."
     )
     eval_exact_match: float | None = Field(default=None, ge=0, le=1, description="Latest evaluation exact match (qa).")
+    eval_perplexity: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Latest evaluation perplexity (sft, pretrain: exp of evalLoss; distill: exp of the student's "
+            "cross-entropy on the labels, not of evalLoss)."
+        ),
+    )
+    eval_agreement: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Latest evaluation agreement (distill: the fraction of positions where the student's top token "
+        "is the teacher's).",
+    )
+    eval_bleu: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description=(
+            "Latest evaluation BLEU: sacreBLEU corpus BLEU, on a 0-100 scale (not 0-1), of the completions generated "
+            "after the eval prompts (when spec.training.evaluation.metrics lists bleu)."
+        ),
+    )
+    eval_rougeL: float | None = Field(  # the trainer's key (metrics.jsonl): ROUGE-L, capital L
+        default=None,
+        alias="evalRougeL",
+        ge=0,
+        le=1,
+        description=(
+            "Latest evaluation ROUGE-L F-measure, 0-1, of the completions generated after the eval prompts (when "
+            "spec.training.evaluation.metrics lists rouge)."
+        ),
+    )
     general_perplexity: float | None = Field(
         default=None, ge=0, description="Latest perplexity on general text (spec.training.forgetting.generalEval)."
     )
