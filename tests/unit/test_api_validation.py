@@ -290,10 +290,25 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "at least 2",
     ),
     (
-        "rl-ppo-not-available",
-        {"spec.task": {"type": "rl", "rl": {"algorithm": "ppo", "rewardModel": "org/rm"}}},
+        "rl-ppo-params-under-grpo",
+        {"spec.task": {"type": "rl", "rl": {"rewardModel": "org/rm", "ppo": {"epochs": 2}}}},
+        "spec.task.rl.ppo",
+        "only used by spec.task.rl.algorithm ppo",
+    ),
+    (
+        "rl-ppo-under-zero3",
+        {
+            "spec.task": {"type": "rl", "rl": {"algorithm": "ppo", "rewardModel": "org/rm"}},
+            "spec.distributed.deepspeed": {"zeroStage": 3},
+        },
         "spec.task.rl.algorithm",
-        "ppo is not available yet",
+        "cannot be combined with spec.distributed.deepspeed.zeroStage 3",
+    ),
+    (
+        "rl-ppo-zero-epochs",
+        {"spec.task": {"type": "rl", "rl": {"algorithm": "ppo", "rewardModel": "org/rm", "ppo": {"epochs": 0}}}},
+        "spec.task.rl.ppo.epochs",
+        "greater than or equal to 1",
     ),
     (
         "rl-without-rewards",

@@ -1404,9 +1404,10 @@ def estimate(
         weights += reference
     rl = spec.task.rl if spec.task.type == "rl" else None
     if rl is not None:
-        # Online RL (finetune_trainer.recipes.rl): under `full` with klCoef > 0 trl keeps a frozen copy of
-        # the base as the reference (PEFT disables the adapter instead); a reward model stays loaded for
-        # scoring, counted at the base's size. Both are partitioned like the policy under ZeRO-3.
+        # Online RL (finetune_trainer.recipes.rl, .ppo): under `full` with klCoef > 0 trl's trainers and our
+        # PPO keep a frozen copy of the base as the reference (PEFT disables the adapter instead); a reward
+        # model stays loaded for scoring, counted at the base's size. Both are partitioned like the policy
+        # under ZeRO-3 (which PPO refuses). PPO's value head is one hidden-size row: not counted.
         base_bytes = sum(t.nbytes for t in plan.tensors if t.role in ("base", "added"))
         base_bytes = math.ceil(base_bytes / world) if stage == 3 else base_bytes
         if spec.method.type == "full" and rl.kl_coef > 0:

@@ -605,9 +605,52 @@ class RewardSpec(SpecModel):
 RL_KL_COEF = 0.04
 
 
+class PPOParams(SpecModel):
+    """Parameters of PPO (``spec.task.rl.algorithm: ppo``), the trainer's own implementation: a value head on
+    the policy's last hidden state, generalised advantage estimation over the completion's tokens, the clipped
+    surrogate objective and a clipped value loss, several optimizer steps on each batch of rollouts. The
+    defaults are those of trl's last PPO trainer (PPOConfig of trl 0.x) and of the InstructGPT recipe."""
+
+    epochs: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description=(
+            "PPO epochs: optimizer steps taken on each batch of rollouts (a step's completions are generated "
+            "once and trained on this many times, so the run's steps count each)."
+        ),
+    )
+    clip_range: float = Field(
+        default=0.2,
+        gt=0,
+        le=10,
+        description=(
+            "epsilon of the clipped surrogate: the probability ratio to the rollout policy is clipped to 1 +- it."
+        ),
+    )
+    value_clip_range: float = Field(
+        default=0.2,
+        gt=0,
+        le=1000,
+        description="How far a value prediction may move from its rollout value before its loss is clipped.",
+    )
+    value_coef: float = Field(default=0.1, gt=0, le=100, description="Weight of the value loss beside the policy loss.")
+    gamma: float = Field(default=1.0, ge=0, le=1, description="Discount of later token rewards in the advantages.")
+    gae_lambda: float = Field(
+        default=0.95,
+        ge=0,
+        le=1,
+        description="lambda of generalised advantage estimation (1: Monte-Carlo returns; 0: one-step TD).",
+    )
+    whiten_advantages: bool = Field(
+        default=True,
+        description="Scale the advantages of each micro-batch to mean 0 and standard deviation 1 before the loss.",
+    )
+
+
 class RLParams(SpecModel):
     """Parameters of online reinforcement learning: completions sampled from the policy, scored by a reward
-    model and/or verifiable rewards, and the policy moved towards the better ones (GRPO, RLOO).
+    model and/or verifiable rewards, and the policy moved towards the better ones (GRPO, RLOO, PPO).
 
     What trl 1.16 decides and we keep: GRPO's loss is trl's default ``dapo`` (token losses summed over the
     whole accumulated batch and divided by its completion tokens: no length bias), rewards are scaled by
@@ -623,9 +666,9 @@ class RLParams(SpecModel):
         default="grpo",
         description=(
             "Online RL algorithm: `grpo` (group-relative advantages: each completion's reward less its group's "
-            "mean, over the group's standard deviation) or `rloo` (REINFORCE leave-one-out: less the mean of the "
-            "other completions of its prompt). `ppo` is not available yet (it needs a value model; trl ships "
-            "no PPO trainer) and is refused at admission."
+            "mean, over the group's standard deviation), `rloo` (REINFORCE leave-one-out: less the mean of the "
+            "other completions of its prompt) or `ppo` (a learned value head and generalised advantage "
+            "estimation per token, the KL to the reference as a per-token reward penalty, spec.task.rl.ppo)."
         ),
     )
     reward_model: ModelUri | None = Field(
@@ -657,16 +700,16 @@ class RLParams(SpecModel):
         le=100,
         description="Weight of the KL penalty to the reference policy (the starting model); 0 loads no reference.",
     )
+    ppo: PPOParams | None = Field(
+        default=None, description="PPO's parameters (algorithm ppo only; their defaults when unset)."
+    )
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(
-            cel="self.algorithm != 'ppo'",
-            message=(
-                "spec.task.rl.algorithm ppo is not available yet (it needs a value model, and trl ships no PPO "
-                "trainer): use grpo or rloo"
-            ),
-            check=lambda m: m.algorithm != "ppo",
-            field=".algorithm",
+            cel="!has(self.ppo) || self.algorithm == 'ppo'",
+            message="spec.task.rl.ppo is only used by spec.task.rl.algorithm ppo",
+            check=lambda m: m.ppo is None or m.algorithm == "ppo",
+            field=".ppo",
         ),
         Rule(
             cel="self.algorithm == 'ppo' || self.numGenerations >= 2",
@@ -2802,6 +2845,22 @@ class FineTuneJobSpec(SpecModel):
                 or s.distributed.deepspeed.zero_stage < 3
             ),
             field=".task.distill.teacherQuantization",
+        ),
+        Rule(
+            cel="self.task.type != 'rl' || !has(self.task.rl) || self.task.rl.algorithm != 'ppo' "
+            "|| !has(self.distributed.deepspeed) || self.distributed.deepspeed.zeroStage < 3",
+            message=(
+                "spec.task.rl.algorithm ppo cannot be combined with spec.distributed.deepspeed.zeroStage 3 (its "
+                "generation and value head need whole weights on every rank): use zeroStage 2 or less, or grpo/rloo"
+            ),
+            check=lambda s: (
+                s.task.type != "rl"
+                or s.task.rl is None
+                or s.task.rl.algorithm != "ppo"
+                or s.distributed.deepspeed is None
+                or s.distributed.deepspeed.zero_stage < 3
+            ),
+            field=".task.rl.algorithm",
         ),
         *_FORGETTING_CONTROL_RULES,
         # Last: a manifest of a task without a recipe is told about its other mistakes first.
