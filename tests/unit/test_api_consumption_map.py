@@ -107,6 +107,9 @@ RL_GRPO = f"{RL}::test_grpo_matches_plain_trl_and_the_reward_rises"
 RL_RLOO = f"{RL}::test_rloo_trains_on_chat_against_a_reward_model"
 RL_FLAT = f"{RL}::test_a_group_without_reward_spread_has_zero_advantage"
 RL_ZERO2 = f"{RL}::test_two_ranks_zero2_killed_then_resumed_draw_every_prompt_once"
+PPO = "tests/trainer/test_ppo.py"
+PPO_LEARNS = f"{PPO}::test_ppo_raises_the_reward_to_0_8_with_a_bounded_kl"
+PPO_KNOBS = f"{PPO}::test_every_ppo_knob_reaches_the_updates"
 RL_REWARDS = "tests/unit/test_rewards.py"
 RL_LENGTH = f"{RL_REWARDS}::test_length_counts_generated_tokens_without_the_end_of_sequence"
 RL_EXACT = f"{RL_REWARDS}::test_exact_match_and_contains_compare_with_the_reference"
@@ -438,11 +441,20 @@ CONSUMPTION: dict[str, str] = {
     # temperature, maxNewTokens and regex; RLOO's reward is the weighted sum of the reward model's and
     # the verifiable rewards'; the length, exactMatch and contains rules are the unit tests' cases.
     "spec.task.rl.algorithm=grpo": RL_GRPO,
-    "spec.task.rl.algorithm=ppo": refused("rl-ppo-not-available"),
+    "spec.task.rl.algorithm=ppo": PPO_LEARNS,
     "spec.task.rl.algorithm=rloo": RL_RLOO,
     "spec.task.rl.klCoef": RL_GRPO,
     "spec.task.rl.maxNewTokens": RL_GRPO,
     "spec.task.rl.numGenerations": RL_ZERO2,  # 2 per group: the prompts a step draws
+    # Each PPO knob set off its default is seen in what the run logs (steps per rollout, loss = policy +
+    # coef x value loss, step 1's returns and policy loss, clipping at small ranges and not at large ones).
+    "spec.task.rl.ppo.clipRange": PPO_KNOBS,
+    "spec.task.rl.ppo.epochs": PPO_KNOBS,
+    "spec.task.rl.ppo.gaeLambda": PPO_KNOBS,
+    "spec.task.rl.ppo.gamma": PPO_KNOBS,
+    "spec.task.rl.ppo.valueClipRange": PPO_KNOBS,
+    "spec.task.rl.ppo.valueCoef": PPO_KNOBS,
+    "spec.task.rl.ppo.whitenAdvantages": PPO_KNOBS,
     "spec.task.rl.rewardModel": RL_RLOO,
     "spec.task.rl.rewards[].maxTokens": RL_LENGTH,
     "spec.task.rl.rewards[].minTokens": RL_LENGTH,

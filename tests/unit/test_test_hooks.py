@@ -8,6 +8,10 @@ the operator or ``finetune run`` derives from a spec carries such a name.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +79,18 @@ def test_the_hook_is_off_unless_its_variable_is_set() -> None:
     assert hook.apply(2.0, step=2, training=True) == 2.0
     assert hook.apply(2.0, step=3, training=False) == 2.0  # evaluation losses are left alone
     assert hook.apply(2.0, step=3, training=True) != hook.apply(2.0, step=3, training=True)  # NaN
+
+
+def test_the_kill_hook_sends_sigkill_at_its_step_and_not_before() -> None:
+    script = (
+        "from finetune_trainer import faults\n"
+        "hook = faults.LossFaults()\n"
+        "for step in (1, 2, 3):\n"
+        "    hook.apply(1.0, step=step, training=False)\n"
+        "    hook.apply(1.0, step=step, training=True)\n"
+        "    print(step, flush=True)\n"
+    )
+    env = {**os.environ, faults.KILL_AT_STEP: "3"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert done.stdout.split() == ["1", "2"]

@@ -360,8 +360,10 @@ class Training:
         )
         return self.summary
 
-    def save_outputs(self, tokenizer: Any) -> dict[str, Any]:
-        """The spec's outputs (rank 0 writes; ZeRO-3 gathers the full weights first) and summary.json."""
+    def save_outputs(self, tokenizer: Any, *, model: Any = None) -> dict[str, Any]:
+        """The spec's outputs (rank 0 writes; ZeRO-3 gathers the full weights first) and summary.json.
+        ``model``: what to save when the Trainer's model is a training wrapper around it (PPO's policy
+        and value head: the policy); the Trainer's model otherwise."""
         run, trainer = self.prepared.run, self.trainer
         spec, work, config = run.spec, run.work, run.config
         if spec.distributed.deepspeed is not None and spec.distributed.deepspeed.zero_stage == 3:
@@ -378,7 +380,8 @@ class Training:
             (work / TRAINER_CONFIG_FILE).write_text(config.dumps(), encoding="utf-8")
             evaluation = {k: self.summary.get(k) for k in ("task", "steps", "before", "after")}
             (work / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2, default=float), encoding="utf-8")
-            model = trainer.accelerator.unwrap_model(trainer.model)
+            if model is None:
+                model = trainer.accelerator.unwrap_model(trainer.model)
             committed = self.uploader.committed if self.uploader is not None else None
             assert run.source is not None  # the recipe resolved it to load the model
             made_by = provenance.collect(

@@ -906,10 +906,13 @@ def _tokenize_all(
         train = prompts(train_records, "train-prompts")
         lengths = _int_column(train, "length")
         truncated = 0
-        # An epoch trains on numGenerations completions of every prompt (perDeviceBatchSize counts them):
-        # a row each, of the prompt's tokens (the completions' are not known before they are sampled).
-        assert spec.task.rl is not None  # the API requires it
-        row_tokens = np.repeat(lengths, spec.task.rl.num_generations)
+        # An epoch trains on numGenerations completions of every prompt (perDeviceBatchSize counts them),
+        # under PPO each ppo.epochs times: a row each, of the prompt's tokens (the completions' are not known
+        # before they are sampled).
+        rl_params = spec.task.rl
+        assert rl_params is not None  # the API requires it
+        updates = (rl_params.ppo.epochs if rl_params.ppo else 4) if rl_params.algorithm == "ppo" else 1
+        row_tokens = np.repeat(lengths, rl_params.num_generations * updates)
         out["train"] = train
         if eval_records is not None:
             out["eval"] = prompts(eval_records, "eval-prompts")

@@ -10,7 +10,8 @@ step on them:
   ``klCoef`` times the KL to the reference policy;
 * ``algorithm: rloo`` — the advantage is the reward (less ``klCoef`` times the sequence's KL to the
   reference) less the mean reward of the prompt's other completions;
-* ``algorithm: ppo`` is refused at admission (a later release; trl ships no PPO trainer).
+* ``algorithm: ppo`` — trained by :mod:`.ppo` (implemented there: trl ships no PPO trainer); this
+  module's :func:`run` hands it over, and :func:`predict` serves its outputs too.
 
 The knobs: ``spec.task.rl.numGenerations`` (trl's ``num_generations``), ``maxNewTokens``
 (``max_completion_length``), ``temperature`` (sampling temperature; also the temperature the
@@ -145,7 +146,7 @@ def rollout_trainer(trainer_cls: type[Trainer]) -> type[Trainer]:
 
         def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
             out: dict[str, Any] = super()._generate_and_score_completions(inputs)
-            wheres = _gathered([x["where"] for x in inputs])
+            wheres = gathered([x["where"] for x in inputs])
             if self.accelerator.is_main_process and self.model.training:
                 n = self.num_generations
                 rewards = self._logs_group_rewards(len(wheres))
@@ -172,7 +173,7 @@ def rollout_trainer(trainer_cls: type[Trainer]) -> type[Trainer]:
     return Rollouts
 
 
-def _gathered(values: list[str]) -> list[str]:
+def gathered(values: list[str]) -> list[str]:
     """Every rank's ``values``, in rank order (a collective: every rank calls it)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
@@ -226,6 +227,10 @@ def run(config: TrainerConfig) -> dict[str, Any]:
     """Train; return the run summary (also written to <work_dir>/summary.json by rank 0)."""
     spec = config.spec
     rl = params(spec)
+    if rl.algorithm == "ppo":
+        from . import ppo
+
+        return ppo.run(config)
     trainer_cls, args_class = (GRPOTrainer, GRPOConfig) if rl.algorithm == "grpo" else (RLOOTrainer, RLOOConfig)
     with harness.Run.open(config) as run:
         checked = run.read_data()
