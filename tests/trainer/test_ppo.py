@@ -22,7 +22,7 @@ import live
 import pytest
 import tiny
 import torch
-from finetune_trainer import faults
+from finetune_trainer import faults, telemetry
 from finetune_trainer.recipes import ppo
 from runs import RunResult
 from tiny import job_manifest, read_metrics, write_jsonl
@@ -203,6 +203,7 @@ def test_ppo_raises_the_reward_to_0_8_with_a_bounded_kl(
     assert sum(values[-3:]) < sum(values[:3]), values
     for m in rollouts:
         assert m["rewards/regex/mean"] == m["reward"] and m["generation_tokens_per_second"] > 0
+        assert set(telemetry.RL_LOGGED) <= set(m), set(telemetry.RL_LOGGED) - set(m)  # every RL gauge is fed
         assert m["completions/min_length"] <= m["completions/mean_length"] <= m["completions/max_length"] <= NEW_TOKENS
 
     summary = result.summary()
@@ -295,7 +296,8 @@ def test_every_ppo_knob_reaches_the_updates(
         # Step 1: the value head is 0 and the policy is the reference (no KL penalty), so a completion of L
         # tokens has returns gamma^k lam^k at the k-th token from its end (GAE): their mean over the tokens
         # is known when every completion has NEW_TOKENS tokens.
-        assert first["reward"] == 1.0 and first["completions/min_length"] == NEW_TOKENS == first["completions/max_length"]
+        assert first["reward"] == 1.0
+        assert first["completions/min_length"] == NEW_TOKENS == first["completions/max_length"]
         decay = gamma * lam
         assert first["returns"] == pytest.approx((1 - decay**NEW_TOKENS) / (NEW_TOKENS * (1 - decay)), rel=1e-5)
         # Advantages not whitened: at ratio 1 the policy loss is minus their mean (= the returns, V being 0).

@@ -66,3 +66,20 @@ def test_task_metrics_of_an_evaluation_reach_their_gauges() -> None:
         0.75,
     )
     assert value("finetune_eval_exact_match") is None, "a metric the task does not report has no series"
+
+
+def test_online_rl_logs_reach_their_gauges_and_other_logs_make_no_rl_series() -> None:
+    from finetune_trainer.throughput import Throughput
+
+    metrics = telemetry.TrainingMetrics(namespace="ns", job="j", rank=0)
+    callback = telemetry.TelemetryCallback(metrics, Throughput(SimpleNamespace(tokens=0, samples=0)))
+    labels = {"namespace": "ns", "job": "j", "rank": "0"}
+    callback.on_log(None, SimpleNamespace(global_step=1), None, logs={"loss": 0.5, "learning_rate": 1e-4})
+    for name, _ in telemetry.RL_LOGGED.values():
+        assert metrics.registry.get_sample_value(name, labels) is None, name
+    logs = {key: float(i) - 2.5 for i, key in enumerate(telemetry.RL_LOGGED)}
+    callback.on_log(None, SimpleNamespace(global_step=2), None, logs={"loss": 0.5, **logs})
+    for key, (name, _) in telemetry.RL_LOGGED.items():
+        assert metrics.registry.get_sample_value(name, labels) == logs[key], name
+    callback.on_evaluate(None, None, None, metrics={"eval_reward": -4.0, "eval_loss": 1.0})
+    assert metrics.registry.get_sample_value("finetune_eval_reward", labels) == -4.0

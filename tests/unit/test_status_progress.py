@@ -69,3 +69,10 @@ def test_the_reporter_patches_the_objective_scores() -> None:
     progress = target.bodies[-1]["status"]["progress"]
     assert (progress["evalBleu"], progress["evalRougeL"], progress["evalAgreement"]) == (37.5, 0.42, 0.64)
     assert (progress["evalPerplexity"], progress["evalLoss"], progress["step"]) == (14.0, 0.845, 40)
+
+
+def test_online_rl_reward_and_kl_reach_status_progress() -> None:
+    """A reward on a reward model's scale may be negative: passed as it is, as the KL (an estimate)."""
+    body = progress_body({"step": 8, "reward": -6.5, "kl": 0.07, "eval_reward": -5.75, "entropy": 1.2})
+    assert (body["reward"], body["kl"], body["evalReward"]) == (-6.5, 0.07, -5.75)
+    assert "entropy" not in body

@@ -15,6 +15,19 @@ finetune_eval_accuracy                           gauge      latest evaluation ac
 finetune_eval_f1                                 gauge      latest evaluation F1, 0..1 (classification:
                                                             macro F1; qa: SQuAD token F1)
 finetune_eval_exact_match                        gauge      latest evaluation exact match, 0..1 (qa)
+finetune_eval_reward                             gauge      latest evaluation mean reward of sampled
+                                                            completions (rl: ppo)
+finetune_rl_reward                               gauge      mean score of the latest logged rollouts'
+                                                            completions (rl; reward model + verifiable)
+finetune_rl_reward_std                           gauge      its standard deviation over the completions
+finetune_rl_kl                                   gauge      mean per-token KL of the policy to the
+                                                            reference (rl, klCoef > 0)
+finetune_rl_entropy                              gauge      mean per-token entropy of the sampling (rl)
+finetune_rl_completion_length_mean               gauge      mean completion length in tokens (rl)
+finetune_rl_generation_tokens_per_second         gauge      generated tokens/s of the latest rollouts (rl)
+finetune_ppo_clip_fraction                       gauge      fraction of tokens whose ratio was clipped (ppo)
+finetune_ppo_value_loss                          gauge      the value head's clipped loss (ppo)
+finetune_ppo_approx_kl                           gauge      approximate KL to the rollout policy (ppo)
 finetune_learning_rate                           gauge      current learning rate
 finetune_global_step                             gauge      optimizer steps done (goes back on resume)
 finetune_total_steps                             gauge      optimizer steps planned
@@ -61,6 +74,22 @@ from .throughput import Throughput
 log = logging.getLogger(__name__)
 
 LABELS = ("namespace", "job", "rank")
+#: Online RL's logged numbers (recipes.rl's trl trainers, recipes.ppo): the key in the logs -> the
+#: gauge and its help. A series appears with the first log that has the key (none for other tasks).
+RL_LOGGED: dict[str, tuple[str, str]] = {
+    "reward": ("finetune_rl_reward", "Mean score of the latest logged rollouts' completions."),
+    "reward_std": ("finetune_rl_reward_std", "Standard deviation of those scores."),
+    "kl": ("finetune_rl_kl", "Mean per-token KL of the policy to the reference."),
+    "entropy": ("finetune_rl_entropy", "Mean per-token entropy of the sampling distribution."),
+    "completions/mean_length": ("finetune_rl_completion_length_mean", "Mean completion length in tokens."),
+    "generation_tokens_per_second": (
+        "finetune_rl_generation_tokens_per_second",
+        "Generated tokens per second of the latest rollouts (every rank's).",
+    ),
+    "clip_fraction": ("finetune_ppo_clip_fraction", "PPO: fraction of completion tokens whose ratio was clipped."),
+    "value_loss": ("finetune_ppo_value_loss", "PPO: the value head's clipped loss."),
+    "approx_kl": ("finetune_ppo_approx_kl", "PPO: approximate KL of the policy to the rollout policy."),
+}
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 CHECKPOINT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -143,10 +172,12 @@ class TrainingMetrics:
             "eval_accuracy": gauge("finetune_eval_accuracy", "Latest evaluation accuracy (0..1)."),
             "eval_f1": gauge("finetune_eval_f1", "Latest evaluation F1 (0..1; classification: macro F1)."),
             "eval_exact_match": gauge("finetune_eval_exact_match", "Latest evaluation exact match (0..1)."),
+            "eval_reward": gauge("finetune_eval_reward", "Latest evaluation mean reward of sampled completions."),
             "general_perplexity": gauge(
                 "finetune_general_perplexity", "Latest perplexity on general text (forgetting.generalEval)."
             ),
         }
+        self.rl_logged: dict[str, Gauge] = {key: gauge(name, doc) for key, (name, doc) in RL_LOGGED.items()}
         self.learning_rate = gauge("finetune_learning_rate", "Current learning rate.")
         self.ewc_penalty = gauge(
             "finetune_ewc_penalty", "Latest logged EWC penalty added to the loss (forgetting.ewc)."
@@ -286,6 +317,9 @@ class TelemetryCallback(TrainerCallback):
             m.set(m.learning_rate, float(logs["learning_rate"]))
         if "ewc_penalty" in logs:
             m.set(m.ewc_penalty, float(logs["ewc_penalty"]))
+        for key, gauge in m.rl_logged.items():
+            if isinstance(logs.get(key), int | float):
+                m.set(gauge, float(logs[key]))
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **_: Any) -> None:
         for key, gauge in self.metrics.eval_metrics.items():

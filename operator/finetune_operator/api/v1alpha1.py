@@ -2984,6 +2984,16 @@ class Progress(SpecModel):
             "spec.training.evaluation.metrics lists rouge)."
         ),
     )
+    eval_reward: float | None = Field(
+        default=None,
+        description="Latest evaluation mean reward of completions sampled after the eval prompts (rl: ppo).",
+    )
+    reward: float | None = Field(
+        default=None, description="Mean score of the latest logged rollouts' completions (rl), the reward's scale."
+    )
+    kl: float | None = Field(
+        default=None, description="Latest mean per-token KL of the policy to its reference (rl, klCoef > 0)."
+    )
     general_perplexity: float | None = Field(
         default=None, ge=0, description="Latest perplexity on general text (spec.training.forgetting.generalEval)."
     )
