@@ -109,13 +109,17 @@ def queued_condition(cluster: Cluster, ns: str, name: str) -> dict[str, Any] | N
     return next((c for c in conditions if c["type"] == "Queued"), None)
 
 
-def wait_queued(cluster: Cluster, ns: str, name: str, reason: str) -> dict[str, Any]:
+def wait_queued(cluster: Cluster, ns: str, name: str, reason: str, *says: str) -> dict[str, Any]:
+    """The Queued condition once it has ``reason`` and its message every one of ``says`` (Kueue words its
+    Workload's message in steps: "waiting for admission" first, the quota it lacks when its scheduler has
+    tried)."""
     return cluster.wait_for(
-        f"FineTuneJob {ns}/{name} Pending with condition Queued True, reason {reason}",
+        f"FineTuneJob {ns}/{name} Pending with condition Queued True, reason {reason}, message with {says}",
         lambda: (
             (c := queued_condition(cluster, ns, name)) is not None
             and c["status"] == "True"
             and c["reason"] == reason
+            and all(text in c["message"] for text in says)
             and cluster.ftj_status(ns, name).get("phase") == "Pending"
             and c
         ),
@@ -138,9 +142,8 @@ def test_quota_for_one_gang_runs_one_and_queues_the_other_with_kueues_reason(
     cluster.apply(gang("first", tiny_model, train, tmp_path, priority="e2e-low"), namespace=ns)
     cluster.wait_phase(ns, "first", "Running", timeout=KUEUE_S)
     cluster.apply(gang("second", tiny_model, train, tmp_path, priority="e2e-low"), namespace=ns)
-    held = wait_queued(cluster, ns, "second", "Queued")
     # Kueue's own words, through its Workload: no quota left for the second gang's GPU.
-    assert "waiting for admission by queue team" in held["message"] and "nvidia.com/gpu" in held["message"], held
+    wait_queued(cluster, ns, "second", "Queued", "waiting for admission by queue team", "nvidia.com/gpu")
     job = cluster.get_json("job", "second-a0", namespace=ns)
     assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == QUEUE
     assert not cluster.job_pods(ns, "second-a0")
@@ -193,8 +196,7 @@ def test_a_higher_priority_gang_preempts_a_training_which_saves_and_resumes_from
             lambda: cluster.get_json("pod", name, namespace=ns)["metadata"].get("deletionTimestamp"),
             timeout=KUEUE_S,
         )
-        preempted = wait_queued(cluster, ns, "low", "Preempted")
-        assert "Preempted" in preempted["message"] and "saving and stopping" in preempted["message"], preempted
+        wait_queued(cluster, ns, "low", "Preempted", "Preempted", "saving and stopping")
         assert cluster.get_json("job", "low-a0", namespace=ns)["spec"]["suspend"] is True
         code = first.terminate(timeout=TRAINER_S)
         assert code == 85, f"exit {code}\n{first.output[-4000:]}"
@@ -206,8 +208,7 @@ def test_a_higher_priority_gang_preempts_a_training_which_saves_and_resumes_from
         first.kill()
     # The pod ends as the trainer did, and goes; the gang waits in the queue behind the high one.
     cluster.kubectl("annotate", "pod", name, "-n", ns, f"{A}exit-code={code}", f"{A}hold-termination-", "--overwrite")
-    requeued = wait_queued(cluster, ns, "low", "Queued")
-    assert "evicted before: Preempted" in requeued["message"], requeued
+    wait_queued(cluster, ns, "low", "Queued", "evicted before: Preempted")
     cluster.wait_phase(ns, "high", "Running", timeout=KUEUE_S)
     status = cluster.ftj_status(ns, "low")
     assert status["restarts"] == 0 and not status.get("lastFailure"), status  # a preemption is no failure
