@@ -18,6 +18,8 @@ as written, on this machine's CPUs. What is checked, from each run's summary.jso
 - ``grpo`` (against the reward model of ``reward-model``, run first if this work directory has no run of
   it): the mean reward of the second half of the run is above the first half's, and the reward of the
   replies to held-out tickets rises.
+- ``ppo`` (against the same reward model, run first if absent): as ``grpo``, and the KL to the base model
+  stays below 1.
 - ``distill`` (from ``ftj://distill-teacher``, a copy of ``quickstart`` saving its merged model, run
   first if this work directory has no run of it): the held-out KL to the teacher (``eval_kd_loss``)
   falls by at least a quarter, and the student-teacher top-1 agreement rises.
@@ -183,6 +185,19 @@ def grpo(manifest: Path, workdir: Path) -> list[Verdict]:
     ]
 
 
+def ppo(manifest: Path, workdir: Path) -> list[Verdict]:
+    if not (workdir / "support-reward" / "summary.json").is_file():
+        reward_model(EXAMPLES / "reward-model.yaml", workdir)
+    s = run(manifest, workdir / "support-ppo")
+    first, second, kl = s["reward_mean_first_half"], s["reward_mean_second_half"], s["kl_max"]
+    return [
+        (f"mean reward: first half {first:.3f}, second half {second:.3f} (must rise)", second > first),
+        rises(s, "eval_reward", by=0.0),
+        (f"largest KL to the base model {kl:.3f} (must stay below 1)", kl < 1.0),
+        (f"clip fraction {s['clip_fraction_last']:.3f}, value loss {s['value_loss_last']:.3f} (last)", None),
+    ]
+
+
 def distill(manifest: Path, workdir: Path) -> list[Verdict]:
     # The teacher, ftj://distill-teacher: quickstart's LoRA SFT renamed, saving its merged model (a copy
     # whose data paths are absolute, so that it runs from here), unless this work directory has it.
@@ -229,6 +244,7 @@ CHECKS: dict[str, Callable[[Path, Path], list[Verdict]]] = {
     "reward-model": reward_model,
     "dpo": dpo,
     "grpo": grpo,
+    "ppo": ppo,
     "distill": distill,
     "pipeline-cpt-then-sft": pipeline_cpt_then_sft,
 }
