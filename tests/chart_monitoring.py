@@ -75,14 +75,29 @@ def dashboards(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def panel_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    """(panel title, PromQL) for every query of every panel (rows included)."""
+#: The job dashboard's collapsed row of online RL's panels: data only for jobs of task.type rl.
+RL_ROW = "Online RL (task.type rl)"
+
+
+def panel_queries(dashboard: dict[str, Any], *, without_rows: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query of every panel (rows included), but those of the collapsed
+    rows titled in `without_rows` (a collapsed row holds its panels; an open row's follow it)."""
     out = []
     for panel in dashboard["panels"]:
+        if panel["title"] in without_rows:
+            assert panel["type"] == "row" and panel["collapsed"], f"{panel['title']!r} is not a collapsed row"
+            continue
         for p in [panel, *panel.get("panels", [])]:
             for target in p.get("targets", []):
                 out.append((f"{p['title']} [{target['refId']}]", target["expr"]))
     return out
+
+
+def row_queries(dashboard: dict[str, Any], title: str) -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query of the panels of the collapsed row `title`."""
+    [row] = [p for p in dashboard["panels"] if p["title"] == title]
+    assert row["type"] == "row" and row["collapsed"], f"{title!r} is not a collapsed row"
+    return panel_queries({"panels": row["panels"]})
 
 
 def substitute(expr: str, variables: dict[str, str]) -> str:

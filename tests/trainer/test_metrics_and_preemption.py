@@ -4,11 +4,14 @@ Prometheus (Debian's package; hack/test.sh installs it) scrapes both ranks every
 Its HTTP API must return every training metric for the job. Then the launcher gets SIGTERM, as a pod's
 first process does: the ranks agree on a step, commit a checkpoint within the grace period and exit
 with 85; keepLast kept the newest checkpoints and the best one. With metrics off, a rank serves nothing.
+The job dashboard's online-RL row (collapsed; the monitoring e2e watches a classifier) is queried here
+against a PPO training: every one of its queries must return finite data.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import socket
@@ -24,7 +27,9 @@ from typing import Any
 
 import live
 import pytest
+import test_ppo as ppo_tests
 import tiny
+from chart_monitoring import REPO, RL_ROW, row_queries, substitute
 from polling import free_port, free_port_pair
 from tiny import job_manifest
 
@@ -184,6 +189,43 @@ def test_prometheus_scrapes_every_metric_then_sigterm_commits_and_exits_85(
     evals = {m["step"]: m["eval_loss"] for m in tiny.read_metrics(run.workdir) if "eval_loss" in m and m["step"] > 0}
     best_step = min(evals, key=lambda s: evals[s])
     assert best_step in committed and set(committed[-2:]) | {best_step} == set(committed), (committed, evals)
+
+
+def test_the_job_dashboards_online_rl_row_has_data_from_a_ppo_training(
+    prometheus: tuple[Prometheus, int], tiny_model: Path, tmp_path: Path
+) -> None:
+    server, port = prometheus
+    board = json.loads((REPO / "charts/finetune-operator/files/dashboards/finetune-job.json").read_text())
+    queries = row_queries(board, RL_ROW)
+    assert len(queries) >= 9, queries
+    prompts = tiny.write_jsonl(tmp_path / "prompts.jsonl", tiny.prompt_completion_rows(48))
+    evals = tiny.write_jsonl(tmp_path / "eval.jsonl", tiny.prompt_completion_rows(8, seed=9))
+    job = ppo_tests.ppo_manifest("rl-watched", tiny_model, prompts)
+    job["spec"]["data"]["eval"] = {"uri": str(evals)}
+    job["spec"]["training"].update(maxSteps=100000, perDeviceBatchSize=8, evaluation={"everySteps": 4})  # until killed
+    run = live.start(tmp_path, job, env={"FINETUNE_METRICS_PORT": str(port)})
+    variables = {"namespace": "local", "job": "rl-watched", "__rate_interval": "1m"}
+    missing: list[str] = []
+
+    def complete() -> bool:
+        missing[:] = [
+            title
+            for title, expr in queries
+            if not [s for s in server.query(substitute(expr, variables)) if math.isfinite(float(s["value"][1]))]
+        ]
+        return not missing
+
+    try:
+        try:
+            live.wait_for(f"every query of the {RL_ROW!r} row to return finite data", complete, timeout=240, interval=1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; panels without data: {missing}\n{run.output[-3000:]}") from None
+        [reward] = server.query('finetune_rl_reward{job="rl-watched", rank="0"}')
+        assert 0.0 <= float(reward["value"][1]) <= 1.0  # a regex reward scores 0 or 1
+        [clipped] = server.query('finetune_ppo_clip_fraction{job="rl-watched", rank="0"}')
+        assert 0.0 <= float(clipped["value"][1]) <= 1.0
+    finally:
+        run.kill()
 
 
 def test_metrics_disabled_start_no_server(monkeypatch: pytest.MonkeyPatch) -> None:

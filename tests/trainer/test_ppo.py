@@ -238,6 +238,37 @@ def test_ppo_raises_the_reward_to_0_8_with_a_bounded_kl(
     assert sum(scores) / len(scores) > 0.5, scores
 
 
+def test_a_reward_jobs_output_is_the_ppo_reward_model(
+    tiny_model: Path, fruit_prompts: Path, tmp_path: Path, finetune_run: Callable[..., RunResult]
+) -> None:
+    # The RLHF chain: a reward job (preferences: a fruit's true color over a wrong one) saves its merged
+    # model, and PPO's rollouts are scored by it (weight 1) plus a verifiable reward at its weight.
+    preferences = write_jsonl(tmp_path / "preferences.jsonl", tiny.preference_rows(64))
+    reward_job = job_manifest(
+        "rm",
+        tiny_model,
+        preferences,
+        task={"type": "reward"},
+        data__format="preference",
+        training__maxSteps=8,
+        output={"save": "merged"},
+    )
+    trained = finetune_run(reward_job)
+    assert trained.returncode == 0, trained.output[-5000:]
+    reward_model = trained.workdir / "storage" / "local" / "rm" / "output" / "merged"
+    rl = {"rewardModel": str(reward_model), "rewards": [{"type": "regex", "pattern": PATTERN, "weight": 0.5}]}
+    job = ppo_manifest("ppo-rm", tiny_model, fruit_prompts, rl=rl)
+    job["spec"]["training"]["maxSteps"] = 4
+    result = finetune_run(job)
+    assert result.returncode == 0, result.output[-5000:]
+    rollouts = rollout_steps(result.workdir)
+    assert [m["step"] for m in rollouts] == [1, 3]
+    for m in rollouts:
+        parts = m["rewards/reward_model/mean"] + 0.5 * m["rewards/regex/mean"]
+        assert abs(m["reward"] - parts) < 1e-4, m
+    assert len({round(m["rewards/reward_model/mean"], 6) for m in rollouts}) > 1  # the model scores each rollout
+
+
 def test_full_ppo_against_a_reference_copy_with_eval_and_gradient_accumulation(
     tiny_model: Path, fruit_prompts: Path, tmp_path: Path, finetune_run: Callable[..., RunResult]
 ) -> None:
