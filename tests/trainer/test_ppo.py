@@ -25,6 +25,7 @@ import torch
 from finetune_trainer import faults, telemetry
 from finetune_trainer.recipes import ppo
 from runs import RunResult
+from test_rl import train_reward_job
 from tiny import job_manifest, read_metrics, write_jsonl
 
 SEED = 7
@@ -241,21 +242,9 @@ def test_ppo_raises_the_reward_to_0_8_with_a_bounded_kl(
 def test_a_reward_jobs_output_is_the_ppo_reward_model(
     tiny_model: Path, fruit_prompts: Path, tmp_path: Path, finetune_run: Callable[..., RunResult]
 ) -> None:
-    # The RLHF chain: a reward job (preferences: a fruit's true color over a wrong one) saves its merged
-    # model, and PPO's rollouts are scored by it (weight 1) plus a verifiable reward at its weight.
-    preferences = write_jsonl(tmp_path / "preferences.jsonl", tiny.preference_rows(64))
-    reward_job = job_manifest(
-        "rm",
-        tiny_model,
-        preferences,
-        task={"type": "reward"},
-        data__format="preference",
-        training__maxSteps=8,
-        output={"save": "merged"},
-    )
-    trained = finetune_run(reward_job)
-    assert trained.returncode == 0, trained.output[-5000:]
-    reward_model = trained.workdir / "storage" / "local" / "rm" / "output" / "merged"
+    # The RLHF chain: a reward job's merged output scores PPO's rollouts (weight 1), plus a verifiable
+    # reward at its weight.
+    reward_model = train_reward_job(tiny_model, tmp_path, finetune_run)
     rl = {"rewardModel": str(reward_model), "rewards": [{"type": "regex", "pattern": PATTERN, "weight": 0.5}]}
     job = ppo_manifest("ppo-rm", tiny_model, fruit_prompts, rl=rl)
     job["spec"]["training"]["maxSteps"] = 4

@@ -204,11 +204,12 @@ def build_reward_model(directory: Path, *, tokenizer: Any | None = None) -> Path
     return directory
 
 
-def test_rloo_trains_on_chat_against_a_reward_model(
-    tiny_model: Path, tmp_path: Path, finetune_run: Callable[..., RunResult]
-) -> None:
-    # The reward model is a reward job's merged output (preferences: a fruit's true color over a wrong one).
-    preferences = write_jsonl(tmp_path / "preferences.jsonl", tiny.preference_rows(64, chat=True))
+def train_reward_job(
+    tiny_model: Path, tmp_path: Path, finetune_run: Callable[..., RunResult], *, chat: bool = False
+) -> Path:
+    """A reward job's merged output, as an RL job names it (preferences: a fruit's true color over a
+    wrong one; 8 steps)."""
+    preferences = write_jsonl(tmp_path / "preferences.jsonl", tiny.preference_rows(64, chat=chat))
     reward_job = job_manifest(
         "rm",
         tiny_model,
@@ -220,7 +221,13 @@ def test_rloo_trains_on_chat_against_a_reward_model(
     )
     trained = finetune_run(reward_job)
     assert trained.returncode == 0, trained.output[-5000:]
-    reward_model = trained.workdir / "storage" / "local" / "rm" / "output" / "merged"
+    return trained.workdir / "storage" / "local" / "rm" / "output" / "merged"
+
+
+def test_rloo_trains_on_chat_against_a_reward_model(
+    tiny_model: Path, tmp_path: Path, finetune_run: Callable[..., RunResult]
+) -> None:
+    reward_model = train_reward_job(tiny_model, tmp_path, finetune_run, chat=True)
     chats = write_jsonl(tmp_path / "chat.jsonl", tiny.chat_rows(48))
     rl = {
         "algorithm": "rloo",
