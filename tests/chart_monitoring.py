@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from polling import free_port, wait_for
@@ -109,6 +110,21 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
         return variables[name]
 
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, expr)
+
+
+class Queryable(Protocol):
+    def query(self, promql: str) -> list[dict[str, Any]]: ...
+
+
+def finite(result: list[dict[str, Any]]) -> list[float]:
+    """The finite values of an instant query's result."""
+    return [v for v in (float(s["value"][1]) for s in result) if math.isfinite(v)]
+
+
+def queries_without_data(server: Queryable, queries: list[tuple[str, str]], variables: dict[str, str]) -> list[str]:
+    """The panel titles among `queries` (see panel_queries) whose query, with Grafana's variables
+    substituted, returns no finite value from `server` now."""
+    return [title for title, expr in queries if not finite(server.query(substitute(expr, variables)))]
 
 
 def _relabelings(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

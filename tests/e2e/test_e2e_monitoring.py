@@ -21,7 +21,6 @@ in its all-reduce, its metrics server still answers) fires FineTuneJobStalled af
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import threading
 import time
@@ -41,10 +40,10 @@ from chart_monitoring import (
     panel_queries,
     pod_sd_targets,
     podmonitor_scrape_configs,
+    queries_without_data,
     render,
     rules_file,
     servicemonitor_static_configs,
-    substitute,
     write_sd_file,
 )
 from pod_process import PodProcess
@@ -106,19 +105,6 @@ def prometheus(
     stop.set()
     discovery.join(timeout=30)
     server.stop()
-
-
-def finite(result: list[dict[str, Any]]) -> list[float]:
-    return [v for v in (float(s["value"][1]) for s in result) if math.isfinite(v)]
-
-
-def queries_without_data(server: Prometheus, board: dict[str, Any], variables: dict[str, str]) -> list[str]:
-    missing = []
-    # The watched job is a classifier: online RL's row has data in tests/trainer/test_metrics_and_preemption.
-    for title, expr in panel_queries(board, without_rows=(RL_ROW,)):
-        if not finite(server.query(substitute(expr, variables))):
-            missing.append(title)
-    return missing
 
 
 def test_dashboards_and_alerts_against_a_real_training_and_operator(
@@ -206,7 +192,10 @@ def test_dashboards_and_alerts_against_a_real_training_and_operator(
             missing: list[str] = []
 
             def complete(board: dict[str, Any] = boards[name], missing: list[str] = missing) -> bool:
-                missing[:] = queries_without_data(server, board, variables)
+                # The watched job is a classifier: the online-RL row gets its data in
+                # tests/trainer/test_metrics_and_preemption.py.
+                queries = panel_queries(board, without_rows=(RL_ROW,))
+                missing[:] = queries_without_data(server, queries, variables)
                 return not missing
 
             try:
